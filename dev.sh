@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: `./dev.sh demo` runs the engine's demo, `./dev.sh test` runs the tests.
+# Both create .venv and install the project with its extras first; re-running is cheap (a stamp file keyed on
+# pyproject.toml skips a reinstall when nothing changed).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.sa-engine-installed"
+  local want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "== installing the project into $VENV (first time: a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch first, pinned, so nothing else can pull a CUDA build.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    echo "$want" > "$stamp"
+  fi
+  export PATH="$VENV/bin:$PATH"
+  export RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=${RAY_DATA_DISABLE_PROGRESS_BARS:-0}
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)  setup; exec "$VENV/bin/sa-engine" demo "$@" ;;
+  test)  setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: ./dev.sh demo [--workdir DIR] | ./dev.sh test [pytest args] | ./dev.sh setup"; exit 2 ;;
+esac
