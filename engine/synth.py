@@ -1,0 +1,289 @@
+"""The embedded synthetic data set: scenes with exact instance ground truth.
+
+A stand-in for real photos that runs offline: a textured background with 2–12 objects of varied
+shape (ellipses, rectangles, polygons, rings, blobs) and size, textured fills, pixel noise, and
+occlusion (objects are painted in z-order; every ground-truth mask is the *visible* part). About a
+third of the objects are made of 2–3 differently textured parts, so a click on one part is
+ambiguous (part or whole object?), as in SAM: the ground truth holds the whole object and each
+part, the part pointing at its object through `parents` / the COCO field `parent_id`.
+
+Everything painted is labelled: an object that would hide too much of an earlier one is not
+placed, so no painted region is left without a mask.
+
+Scene `i` of seed `s` depends on (s, i) only, so data sets of different sizes share a prefix and a
+hold-out split is simply another seed (file names carry the seed, so splits never collide).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+SHAPES = ("ellipse", "rectangle", "polygon", "ring", "blob")
+TEXTURES = ("flat", "stripes", "checker", "noise", "gradient")
+
+MIN_OBJECTS, MAX_OBJECTS = 2, 12
+PART_PROBABILITY = 0.35  # share of objects built from 2–3 parts
+MIN_VISIBLE_FRACTION = 0.35  # a later object may hide at most 65% of an earlier segment
+PLACEMENT_TRIES = 6
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a (cells x cells) random grid upsampled bilinearly to (h, w)."""
+    cells = max(2, cells)
+    grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray, size: int) -> np.ndarray:
+    """A textured fill (h, w, 3) float32 in 0..255 around `color` (3,) RGB."""
+    kind = TEXTURES[rng.integers(len(TEXTURES))]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == "flat":
+        pattern = np.zeros((h, w), np.float32)
+    elif kind == "stripes":
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(0.02, 0.08) * size
+        pattern = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period)
+    elif kind == "checker":
+        cell = max(2.0, rng.uniform(0.015, 0.05) * size)
+        pattern = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2) * 2 - 1
+    elif kind == "noise":
+        pattern = _smooth_noise(rng, h, w, int(rng.integers(4, 16))) * 2 - 1
+    else:  # gradient: like a light falling across the object
+        theta = rng.uniform(0, 2 * np.pi)
+        ramp = xx * np.cos(theta) + yy * np.sin(theta)
+        pattern = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0) * 2 - 1
+    amplitude = rng.uniform(12, 40)
+    tint = rng.uniform(0.6, 1.0, size=3)  # the pattern is not pure grey
+    return color[None, None, :] + amplitude * pattern[..., None] * tint[None, None, :]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured background (size, size, 3) float32: two colours blended by smooth noise, plus grain."""
+    a, b = rng.uniform(30, 225, size=3), rng.uniform(30, 225, size=3)
+    blend = _smooth_noise(rng, size, size, int(rng.integers(3, 8)))[..., None]
+    grain = _smooth_noise(rng, size, size, max(8, size // 6))[..., None] * 2 - 1
+    return (a * blend + b * (1 - blend) + rng.uniform(8, 24) * grain).astype(np.float32)
+
+
+def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray | None:
+    """One random shape as a (size, size) bool mask, or None if it fell outside the image."""
+    kind = SHAPES[rng.integers(len(SHAPES))]
+    # Log-uniform radius: many small objects, some large ones (as in real photos).
+    r = float(np.exp(rng.uniform(np.log(0.05 * size), np.log(0.3 * size))))
+    cx, cy = rng.uniform(-0.1, 1.1) * size, rng.uniform(-0.1, 1.1) * size
+    if kind == "polygon":
+        n = int(rng.integers(3, 9))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = r * rng.uniform(0.5, 1.0, n)
+        pts = [(cx + rr * np.cos(a), cy + rr * np.sin(a)) for a, rr in zip(angles, radii)]
+        canvas = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(canvas).polygon(pts, fill=1)
+        mask = np.asarray(canvas, dtype=bool)
+        return mask if mask.any() else None
+    # The others are computed inside their bounding window only (fast at 1500 px).
+    x0, x1 = int(max(0, np.floor(cx - r))), int(min(size, np.ceil(cx + r) + 1))
+    y0, y1 = int(max(0, np.floor(cy - r))), int(min(size, np.ceil(cy + r) + 1))
+    if x0 >= x1 or y0 >= y1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx + 0.5 - cx, yy + 0.5 - cy
+    theta = rng.uniform(0, np.pi)
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    aspect = rng.uniform(0.4, 1.0)
+    if kind == "ellipse":
+        local = (u / r) ** 2 + (v / (r * aspect)) ** 2 <= 1
+    elif kind == "rectangle":
+        local = (np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.9 * aspect)
+    elif kind == "ring":
+        e = (u / r) ** 2 + (v / (r * aspect)) ** 2
+        local = (e <= 1) & (e >= rng.uniform(0.2, 0.5))
+    else:  # blob: a radius that wobbles with the angle
+        phi = np.arctan2(dy, dx)
+        wobble = np.ones_like(phi)
+        for k in range(2, 6):
+            wobble += rng.uniform(0, 0.25 / k * 2) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
+        local = np.hypot(dx, dy) <= r * 0.8 * wobble
+    mask = np.zeros((size, size), bool)
+    mask[y0:y1, x0:x1] = local
+    return mask if mask.any() else None
+
+
+def _split_into_parts(rng: np.random.Generator, shape: np.ndarray, size: int) -> list[np.ndarray]:
+    """Split an object into 2–3 parts: cut across its main axis, or attach a second shape to it."""
+    ys, xs = np.nonzero(shape)
+    n_parts = int(rng.integers(2, 4))
+    if rng.random() < 0.6:
+        # Bands across a random direction, cut at quantiles so every part gets a fair share.
+        theta = rng.uniform(0, np.pi)
+        proj = xs * np.cos(theta) + ys * np.sin(theta)
+        cuts = np.quantile(proj, np.sort(rng.uniform(0.25, 0.75, n_parts - 1)))
+        band = np.searchsorted(cuts, proj)
+        parts = []
+        for k in range(n_parts):
+            part = np.zeros_like(shape)
+            part[ys[band == k], xs[band == k]] = True
+            parts.append(part)
+        return parts
+    # A body with appendages: small shapes centred on the body's boundary region.
+    parts, body = [shape], shape.copy()
+    for _ in range(n_parts - 1):
+        i = int(rng.integers(len(ys)))
+        r = max(3.0, np.sqrt(len(ys) / np.pi) * rng.uniform(0.3, 0.6))
+        yy, xx = np.ogrid[0:size, 0:size]
+        cy, cx = ys[i] + rng.normal(0, r * 0.5), xs[i] + rng.normal(0, r * 0.5)
+        appendage = ((xx - cx) / r) ** 2 + ((yy - cy) / (r * rng.uniform(0.5, 1.0))) ** 2 <= 1
+        appendage &= ~body
+        if appendage.any():
+            parts.append(appendage)
+            body |= appendage
+    return parts
+
+
+def make_scene(rng: np.random.Generator, size: int = 256
+               ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+    """One synthetic scene.
+
+    Returns image (size, size, 3) uint8 RGB; masks (N, size, size) bool, the visible part of every
+    object and of every part; parents: N entries, None for an object, else the index (into masks)
+    of the object a part belongs to. Objects come in z-order (back to front), each followed by
+    its parts.
+    """
+    image = _background(rng, size)
+    owner = np.full((size, size), -1, np.int32)  # which leaf segment (part or whole object) shows
+    leaf_full_area: list[int] = []  # each leaf's area when it was painted
+    objects: list[list[int]] = []  # leaf ids of each placed object
+    min_area = max(20, int(0.0008 * size * size))
+    n_target = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    attempts = 0
+    # Keep trying past the budget until the minimum is met (a free spot always exists early on).
+    while (len(objects) < n_target and attempts < n_target * PLACEMENT_TRIES) or (
+            len(objects) < MIN_OBJECTS and attempts < 1000):
+        attempts += 1
+        shape = _shape_mask(rng, size)
+        if shape is None or shape.sum() < min_area * 2:
+            continue
+        leaves = [shape]
+        if rng.random() < PART_PROBABILITY:
+            parts = _split_into_parts(rng, shape, size)
+            if len(parts) >= 2 and all(p.sum() >= min_area for p in parts):
+                leaves = parts  # else: a part too small to click on; keep the object whole
+        union = np.logical_or.reduce(leaves)
+        # Refuse a placement that would hide too much of what is already there.
+        hidden = np.bincount(owner[union & (owner >= 0)], minlength=len(leaf_full_area))
+        if len(leaf_full_area):
+            visible = np.bincount(owner[owner >= 0], minlength=len(leaf_full_area)) - hidden
+            too_hidden = (visible < MIN_VISIBLE_FRACTION * np.array(leaf_full_area)) | (visible < min_area)
+            if np.any(too_hidden & (hidden > 0)):
+                continue
+        colors: list[np.ndarray] = []
+        ids = []
+        for leaf in leaves:
+            color = rng.uniform(20, 235, size=3)
+            for _ in range(10):  # parts of one object should differ visibly from each other
+                if all(np.linalg.norm(color - c) > 70 for c in colors):
+                    break
+                color = rng.uniform(20, 235, size=3)
+            colors.append(color)
+            ys, xs = np.nonzero(leaf)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            tex = _texture(rng, int(y1 - y0), int(x1 - x0), color, size)
+            window = leaf[y0:y1, x0:x1]
+            image[y0:y1, x0:x1][window] = tex[window]
+            leaf_id = len(leaf_full_area)
+            owner[leaf] = leaf_id
+            leaf_full_area.append(int(leaf.sum()))
+            ids.append(leaf_id)
+        objects.append(ids)
+
+    image += rng.normal(0, rng.uniform(3, 9), size=image.shape).astype(np.float32)
+    image_u8 = np.clip(image, 0, 255).astype(np.uint8)
+
+    masks: list[np.ndarray] = []
+    parents: list[int | None] = []
+    for ids in objects:
+        leaf_masks = [owner == i for i in ids]
+        masks.append(np.logical_or.reduce(leaf_masks))
+        parents.append(None)
+        if len(ids) > 1:
+            whole = len(masks) - 1
+            for m in leaf_masks:
+                masks.append(m)
+                parents.append(whole)
+    stacked = np.stack(masks) if masks else np.zeros((0, size, size), bool)
+    return image_u8, stacked, parents
+
+
+def scene_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for scene `index` of split `seed` (independent of the data set's size)."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def image_file_name(seed: int, index: int) -> str:
+    return f"synth-s{seed}-{index:05d}.png"
+
+
+def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, size: int = 256) -> dict:
+    """Write `out/images/*.png` and `out/annotations.json` (COCO; RLE counts as str; `parent_id`).
+
+    Re-running with the same arguments rewrites identical files; annotations.json is written last
+    and atomically, so a half-written data set is never taken for a finished one.
+    Returns a summary: out, images, objects, parts, annotations, seed, size.
+    """
+    if n_images < 0:
+        raise ValueError(f"synth: --images must be >= 0, got {n_images}")
+    if size < 32:
+        raise ValueError(f"synth: --size must be >= 32 pixels, got {size}")
+    out = Path(out)
+    image_dir = out / "images"
+    try:
+        image_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{image_dir}: cannot create output folder ({e.strerror})") from None
+
+    coco_images, coco_annotations = [], []
+    n_objects = n_parts = 0
+    for i in range(n_images):
+        image, masks, parents = make_scene(scene_rng(seed, i), size)
+        name = image_file_name(seed, i)
+        tmp = image_dir / f".{name}.tmp"
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, image_dir / name)
+        image_id = i + 1
+        coco_images.append({"id": image_id, "file_name": name, "height": size, "width": size})
+        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        areas = mask_utils.area(rles)
+        boxes = mask_utils.toBbox(rles)
+        first_ann_id = len(coco_annotations) + 1
+        for k, (rle, parent) in enumerate(zip(rles, parents)):
+            coco_annotations.append({
+                "id": first_ann_id + k,
+                "image_id": image_id,
+                "category_id": 1,
+                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
+                "area": int(areas[k]),
+                "bbox": [float(v) for v in boxes[k]],
+                "iscrowd": 0,
+                "parent_id": None if parent is None else first_ann_id + parent,
+            })
+            n_objects += parent is None
+            n_parts += parent is not None
+
+    coco = {
+        "info": {"description": "sa-engine synthetic scenes", "seed": seed, "size": size,
+                 "generator": "engine.synth.make_scene"},
+        "images": coco_images,
+        "annotations": coco_annotations,
+        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
+    }
+    tmp = out / ".annotations.json.tmp"
+    tmp.write_text(json.dumps(coco))
+    os.replace(tmp, out / "annotations.json")
+    return {"out": str(out), "images": n_images, "objects": n_objects, "parts": n_parts,
+            "annotations": len(coco_annotations), "seed": seed, "size": size}
