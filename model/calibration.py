@@ -1,0 +1,200 @@
+"""Calibrated prefill thresholds: which automatic masks are confident enough to pre-fill a task.
+
+The semi-automatic stage pre-fills each task with the automatic generator's masks whose predicted IoU and
+stability score clear two thresholds. The thresholds are not guessed: they are chosen from human-verified
+history so that the prefilled masks reach a target precision (e.g. 90 % of them with IoU >= 0.9 to a human
+mask).
+
+How the history is built (`stages/semi.py` does this at the start of each semi round):
+  1. Take the images of earlier rounds (manual or semi) that carry verified masks in the store, newest
+     round first, up to a cap.
+  2. Run the *current* round's model through the automatic generator on those images with loose filters
+     (so the history spans the scores below any threshold we may pick) and no small-region cleanup changes
+     beyond the stage's own.
+  3. Match every generated mask to the verified masks of its image: its `best_iou` is the largest IoU to
+     any of them (0 when the image has none that overlap).
+  4. The samples are (predicted_iou, stability_score, best_iou) triples: `CalibrationSamples`.
+Using the current model (not the scores saved at the time) matters: the model is retrained between rounds
+and its scores shift. A generated mask of an object no annotator drew counts as a miss, so the measured
+precision is a lower estimate (annotators of earlier rounds may have left objects out).
+
+How thresholds are chosen (`choose_thresholds`): over candidate (pred_iou_thresh,
+stability_thresh) pairs taken from the history's own values (every distinct predicted IoU; distinct
+stability scores, thinned to quantiles on large histories), a pair *reaches* the target when the
+one-sided Wilson lower confidence bound of its precision (share of kept samples with best_iou >=
+precision_iou) is >= target_precision and it keeps at least `min_kept` samples. Among pairs that reach it,
+the loosest wins: the one keeping the most samples (ties: the lower thresholds). The Wilson bound keeps a
+handful of lucky samples from passing (5/5 correct has a 90 %-bound of only ~0.75). With fewer than
+`min_samples` history samples the stated defaults are used; when no pair reaches the target, the pair with
+the highest lower bound is used and the result says so (`reached=False`), so the stage's audit can show it.
+Pure numpy (plus pycocotools for IoU); no model, no I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+@dataclass(frozen=True)
+class CalibrationSamples:
+    """History for calibration: one entry per generated mask of a verified image.
+
+    pred_iou: (N,) float, the generator's predicted IoU; stability: (N,) float, its stability score;
+    best_iou: (N,) float in [0, 1], IoU to the best-matching human-verified mask of the same image.
+    """
+
+    pred_iou: np.ndarray
+    stability: np.ndarray
+    best_iou: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = {len(self.pred_iou), len(self.stability), len(self.best_iou)}
+        if len(n) != 1:
+            raise ValueError(f"calibration samples: arrays differ in length ({sorted(n)})")
+
+    def __len__(self) -> int:
+        return len(self.pred_iou)
+
+    @classmethod
+    def empty(cls) -> "CalibrationSamples":
+        z = np.zeros(0, np.float64)
+        return cls(z, z, z)
+
+    @classmethod
+    def concat(cls, parts: list["CalibrationSamples"]) -> "CalibrationSamples":
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]).astype(np.float64)
+                     for f in ("pred_iou", "stability", "best_iou")))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The chosen prefill thresholds and why.
+
+    source: "calibrated" (reached the target), "unreachable" (no pair reached it; best lower bound used),
+    "default" (too little history). precision / precision_lower_bound: on the history kept by these
+    thresholds (None for defaults). n_history: samples seen; n_kept: samples these thresholds keep.
+    """
+
+    pred_iou_thresh: float
+    stability_thresh: float
+    source: str
+    reached: bool
+    n_history: int
+    n_kept: int
+    precision: float | None
+    precision_lower_bound: float | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def best_match_iou(pred_rles: list[dict], truth_rles: list[dict]) -> np.ndarray:
+    """IoU of each predicted mask to its best-matching truth mask of the same image.
+
+    pred_rles, truth_rles: COCO RLE dicts of one image (same size). Returns (N_pred,) float64;
+    0 where there is no truth mask.
+    """
+    if not pred_rles:
+        return np.zeros(0, np.float64)
+    if not truth_rles:
+        return np.zeros(len(pred_rles), np.float64)
+    ious = np.asarray(mask_utils.iou(list(pred_rles), list(truth_rles), [0] * len(truth_rles)))
+    return ious.reshape(len(pred_rles), len(truth_rles)).max(axis=1).astype(np.float64)
+
+
+def wilson_lower_bound(successes: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Wilson score lower bound of a binomial proportion.
+
+    successes, n: arrays of counts (broadcast); confidence in (0.5, 1). Returns floats in [0, 1]; 0 where n == 0.
+    """
+    z = NormalDist().inv_cdf(confidence)
+    k = np.asarray(successes, np.float64)
+    m = np.asarray(n, np.float64)
+    safe = np.maximum(m, 1.0)
+    p = k / safe
+    centre = p + z * z / (2 * safe)
+    spread = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe))
+    bound = (centre - spread) / (1 + z * z / safe)
+    return np.where(m > 0, np.clip(bound, 0.0, 1.0), 0.0)
+
+
+def _stability_grid(values: np.ndarray, max_candidates: int) -> np.ndarray:
+    """Candidate stability thresholds (ascending): the distinct values, thinned to quantiles if too many."""
+    distinct = np.unique(values)
+    if len(distinct) <= max_candidates:
+        return distinct
+    return np.unique(np.quantile(values, np.linspace(0.0, 1.0, max_candidates), method="lower"))
+
+
+def _pred_iou_cuts(pred: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct predicted-IoU threshold with its counts, exactly (sort + cumulative sums).
+
+    pred: (M,) float; good: (M,) bool. Returns (thresholds (T,), kept (T,), good (T,)) where thresholds
+    are the distinct values of `pred`, kept[t] = #(pred >= thresholds[t]), good[t] = # of those that are good.
+    """
+    order = np.argsort(-pred, kind="stable")
+    p, g = pred[order], good[order]
+    run_end = np.r_[p[1:] != p[:-1], True]  # a cut keeps a whole run of equal scores or none of it
+    kept = np.arange(1, len(p) + 1)[run_end]
+    return p[run_end], kept, np.cumsum(g)[run_end]
+
+
+def choose_thresholds(samples: CalibrationSamples, target_precision: float, precision_iou: float,
+                      default_pred_iou: float, default_stability: float, min_samples: int = 50,
+                      min_kept: int = 20, confidence: float = 0.9,
+                      max_stability_candidates: int = 64) -> Thresholds:
+    """Choose (pred_iou_thresh, stability_thresh) reaching `target_precision` on the history (rule: module doc).
+
+    A mask is kept when predicted_iou >= pred_iou_thresh and stability_score >= stability_thresh.
+    Every distinct predicted IoU of the history is a candidate; stability candidates are its distinct
+    values, thinned to `max_stability_candidates` quantiles on large histories.
+    """
+    if not 0.0 < target_precision <= 1.0:
+        raise ValueError(f"target_precision: must be in (0, 1], got {target_precision}")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence: must be in (0.5, 1), got {confidence}")
+    n = len(samples)
+    finite = np.isfinite(samples.pred_iou) & np.isfinite(samples.stability) & np.isfinite(samples.best_iou)
+    pred, stab = samples.pred_iou[finite], samples.stability[finite]
+    good = samples.best_iou[finite] >= precision_iou
+    if len(pred) < min_samples:
+        why = "no verified history" if n == 0 else f"too little verified history ({len(pred)} < {min_samples} samples)"
+        return Thresholds(float(default_pred_iou), float(default_stability), "default", False, n, 0,
+                          None, None, f"{why}: stated defaults")
+
+    cols: list[tuple[np.ndarray, ...]] = []  # per stability candidate: (pred_thr, stab_thr, kept, good)
+    for b in _stability_grid(stab, max_stability_candidates):
+        sel = stab >= b
+        thr, kept, good_kept = _pred_iou_cuts(pred[sel], good[sel])
+        cols.append((thr, np.full(len(thr), b), kept, good_kept))
+    pred_thr, stab_thr, kept, good_kept = (np.concatenate(c) for c in zip(*cols))
+    lower = wilson_lower_bound(good_kept, kept, confidence)
+    eligible = kept >= min_kept
+    feasible = eligible & (lower >= target_precision)
+
+    if feasible.any():
+        # Loosest: most kept; among equals, the lower thresholds.
+        idx = np.flatnonzero(feasible)
+        best = idx[np.lexsort((stab_thr[idx], pred_thr[idx], -kept[idx]))[0]]
+        source, reached = "calibrated", True
+        reason = (f"loosest thresholds whose {confidence:.0%} lower bound of precision@IoU{precision_iou:g} "
+                  f"reaches {target_precision:g}")
+    elif eligible.any():
+        # The highest lower bound; among equals, the one keeping most.
+        idx = np.flatnonzero(eligible)
+        best = idx[np.lexsort((stab_thr[idx], pred_thr[idx], -kept[idx], -lower[idx]))[0]]
+        source, reached = "unreachable", False
+        reason = (f"no thresholds reach precision {target_precision:g} (best {confidence:.0%} lower bound "
+                  f"{lower[best]:.3f}); using the best")
+    else:
+        return Thresholds(float(default_pred_iou), float(default_stability), "default", False, n, 0,
+                          None, None, f"no thresholds keep {min_kept} history samples: stated defaults")
+    k, m = int(good_kept[best]), int(kept[best])
+    return Thresholds(float(pred_thr[best]), float(stab_thr[best]), source, reached, n, m,
+                      k / m, float(lower[best]), reason)
