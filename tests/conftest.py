@@ -25,3 +25,46 @@ def ray_cluster():
     init_ray("local", num_cpus=2, object_store_mb=256)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- S3: moto's server on loopback (storage)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API server on 127.0.0.1 (a free port), with dummy credentials; yields the endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+            mp.setenv(name, value)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the moto server: an object with .name, .uri (s3://name), .endpoint_url, .client."""
+    import uuid
+    from types import SimpleNamespace
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield SimpleNamespace(name=name, uri=f"s3://{name}", endpoint_url=s3_server, client=client)
+
