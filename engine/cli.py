@@ -35,6 +35,75 @@ def synth(out: Path = typer.Option(..., help="Output folder (images/ and annotat
     console.print(summary)
 
 
+@app.command("config")
+def config_cmd(config: Optional[Path] = typer.Option(None, "--config", help="A YAML config to check."),
+               print_defaults: bool = typer.Option(False, "--print-defaults",
+                                                   help="Print every key with its default, as YAML."),
+               reference: bool = typer.Option(False, "--reference", help="Print the key table of docs/config.md."),
+               check: bool = typer.Option(False, "--check", help="Also check paths, S3, Label Studio and Ray."),
+               address: Optional[str] = typer.Option(None, help="The Ray address the run will use.")) -> None:
+    """Print the defaults, or validate a config file (one line per problem)."""
+    from engine.config import ConfigError, config_reference_markdown, defaults_yaml, load_config, validate_for_run
+
+    if print_defaults:
+        sys.stdout.write(defaults_yaml())
+        return
+    if reference:
+        sys.stdout.write(config_reference_markdown())
+        return
+    try:
+        cfg = load_config(config)
+        if check:
+            validate_for_run(cfg, address=address)
+    except ConfigError as e:
+        fail(str(e))
+    console.print(f"{config or '<defaults>'}: ok" + ("" if check else " (types only; --check for the rest)"))
+
+
+@app.command()
+def run(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+        address: Optional[str] = typer.Option(None, help="Ray address: local, auto, ray://host:port "
+                                                         "(default: ray.address from the config).")) -> None:
+    """Run the data engine (manual rounds, semi rounds, automatic stage), resuming from its ledger."""
+    from engine.cluster import init_ray
+    from engine.config import ConfigError, load_config, validate_for_run
+    from engine.rounds import LedgerError, StepFailed, run_rounds
+
+    try:
+        cfg = load_config(config)
+        validate_for_run(cfg, address=address)
+    except ConfigError as e:
+        fail(str(e))
+    init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    try:
+        summary = run_rounds(cfg, progress=lambda msg: console.print(f"[cyan]engine[/cyan] {msg}", highlight=False))
+    except (StepFailed, LedgerError) as e:
+        fail(f"{e} (rerun the same command to resume)", code=1)
+    except KeyboardInterrupt:
+        fail("interrupted; the ledger keeps every finished step (rerun the same command to resume)", code=130)
+    for r in summary["rounds"]:
+        d = r.get("decision") or {}
+        console.print(f"round {r['round']} ({r['stage']}): {r['images']} images; {d.get('reason', r.get('note', ''))}",
+                      highlight=False)
+    console.print(f"final model: {summary['final_checkpoint']}\nledger: {summary['ledger']}", highlight=False)
+
+
+@app.command()
+def report(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+           out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/report)."),
+           gallery: int = typer.Option(8, help="Images in the overlay gallery.")) -> None:
+    """Write the report (Markdown + PNG plots) from the ledger and the shards."""
+    from engine.config import ConfigError, load_config
+    from engine.report import ReportError, write_report
+
+    try:
+        cfg = load_config(config)
+        path = write_report(cfg, out_dir=str(out) if out else None, gallery_images=gallery)
+    except (ConfigError, ReportError) as e:
+        fail(str(e))
+    console.print(f"report: {path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 

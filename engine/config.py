@@ -5,6 +5,9 @@ never silently falls back to a default. Paths that are relative are taken relati
 """
 from __future__ import annotations
 
+import difflib
+import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,28 +22,32 @@ class _Section(BaseModel):
 class ImagesConfig(_Section):
     source: str = "synth/images"  # local folder or s3://bucket/prefix
     max_side: int = 1500  # larger images are handled per `large_images`
-    large_images: Literal["downscale", "quarantine"] = "downscale"
+    large_images: Literal["downscale", "quarantine"] = "downscale"  # model sees max_side, masks keep full size
     ground_truth: str | None = "synth/annotations.json"  # COCO JSON; drives simulated annotators
     holdout_source: str | None = "synth-holdout/images"  # frozen holdout, never annotated
-    holdout_ground_truth: str | None = "synth-holdout/annotations.json"
+    holdout_ground_truth: str | None = "synth-holdout/annotations.json"  # COCO JSON; gates promotion
 
 
 class StorageConfig(_Section):
     root: str = "store"  # local folder or s3://bucket/prefix
-    shard_target_mb: float = 64.0
+    shard_target_mb: float = 64.0  # Parquet shard size to aim for
     s3_endpoint_url: str | None = None  # e.g. a MinIO/moto server; None = AWS
-    s3_region: str | None = None
+    s3_region: str | None = None  # None = the standard AWS chain
 
 
 class ModelConfig(_Section):
-    preset: Literal["compact", "sam-vit-b", "sam-vit-l", "sam-vit-h"] = "compact"
+    preset: Literal["compact", "sam-vit-b", "sam-vit-l", "sam-vit-h"] = "compact"  # a fresh model when no checkpoint
     checkpoint: str | None = None  # a local directory (HF format) or a Meta .pth file
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available
+    bootstrap_minutes: float = 0.0  # round 0: train on a separate labelled synthetic set first; 0 = off
+    bootstrap_images: int = 64  # size of that synthetic set
+    bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
+    bootstrap_image_size: int = 256  # its image side in pixels
 
 
 class ManualStageConfig(_Section):
-    rounds: int = 2
-    images_per_round: int = 8
+    rounds: int = 2  # N1: assisted-manual rounds
+    images_per_round: int = 8  # images annotated per manual round
     max_clicks: int = 10  # per object
     iou_target: float = 0.9  # the simulated annotator stops clicking at this IoU
     seconds_per_click: float = 1.5  # lead time charged per simulated click
@@ -49,33 +56,35 @@ class ManualStageConfig(_Section):
 
 
 class SemiStageConfig(_Section):
-    rounds: int = 1
-    images_per_round: int = 8
+    rounds: int = 1  # N2: semi-automatic rounds (after the manual ones)
+    images_per_round: int = 8  # images annotated per semi-automatic round
     target_precision: float = 0.9  # share of prefills with IoU >= precision_iou to a human mask
-    precision_iou: float = 0.9
+    precision_iou: float = 0.9  # IoU to a human mask at which a prefill counts as correct
     default_pred_iou_thresh: float = 0.92  # used when there is no verified history to calibrate on
-    default_stability_thresh: float = 0.95
-    audit_fraction: float = 0.2
+    default_stability_thresh: float = 0.95  # used when there is no verified history to calibrate on
+    audit_fraction: float = 0.2  # share of accepted prefills checked against the truth
     max_prefill_per_task: int = 40  # Label Studio slows down with many brush regions
 
 
 class AutoStageConfig(_Section):
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 100
-    num_actors: int = 2
-    images_per_commit: int = 16
+    points_per_side: int = 32  # point grid of the full image (SAM: 32)
+    points_per_batch: int = 64  # prompts decoded at once
+    pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU is at least this
+    stability_score_thresh: float = 0.95  # keep masks whose stability score is at least this
+    stability_score_offset: float = 1.0  # logit offset of the stability score
+    box_nms_thresh: float = 0.7  # box IoU for non-maximum suppression within a crop
+    crop_n_layers: int = 0  # crop layers: layer i has (2^i)^2 crops (SA-1B: 2)
+    crop_nms_thresh: float = 0.7  # box IoU for suppression across crops
+    crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, as a share of the crop side
+    crop_n_points_downscale_factor: int = 1  # points per side shrink by this per crop layer
+    min_mask_region_area: int = 100  # remove islands and fill holes smaller than this (pixels)
+    num_actors: int = 2  # Ray Data actors (model copies) generating masks
+    images_per_commit: int = 16  # images per shard commit (the unit of resume)
 
 
 class StagesConfig(_Section):
+    simulate: bool = True  # simulated annotators (need images.ground_truth); False = people in Label Studio
+    final_auto: Literal["remaining", "all", "none"] = "remaining"  # images for the last, automatic stage
     manual: ManualStageConfig = Field(default_factory=ManualStageConfig)
     semi: SemiStageConfig = Field(default_factory=SemiStageConfig)
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
@@ -83,40 +92,42 @@ class StagesConfig(_Section):
 
 class LabelStudioConfig(_Section):
     managed: bool = True  # start our own server; False = use `url` + `token`
-    url: str | None = None
+    url: str | None = None  # an existing server when managed is false
     token: str | None = None  # env SA_ENGINE_LS_TOKEN overrides
-    port: int = 8089
-    username: str = "admin@sa-engine.local"
+    port: int = 8089  # port of the managed server (127.0.0.1)
+    username: str = "admin@sa-engine.local"  # admin user of the managed server
     password: str | None = None  # env SA_ENGINE_LS_PASSWORD overrides; generated if unset
-    ml_backend_port: int = 9099
+    ml_backend_port: int = 9099  # port of our ML backend
     ml_backend_token: str | None = None  # generated if unset
 
 
 class RayConfig(_Section):
     address: str = "local"  # "local", "auto", or ray://host:port
     num_cpus: int | None = None  # local cluster only
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.5  # CPUs per stage actor (<= 0.5 on small machines)
+    gpus_per_actor: float = 0.0  # GPUs per stage actor (fractions share a GPU)
 
 
 class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
-    batch_size: int = 16
-    lr: float = 3e-4
+    batch_size: int = 16  # objects per step per worker
+    lr: float = 3e-4  # AdamW learning rate
     manual_weight: float = 2.0  # manual masks count this much more than automatic ones
-    num_workers: int = 1
-    use_gpu: bool = False
-    use_ray: bool = True
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per Ray Train worker
+    use_ray: bool = True  # False: train in-process (no Ray Train)
 
 
 class EvalConfig(_Section):
-    clicks: list[int] = Field(default_factory=lambda: [1, 3, 5])
-    max_objects: int = 200
+    clicks: list[int] = Field(default_factory=lambda: [1, 3, 5])  # holdout mIoU after these many clicks
+    max_objects: int = 200  # at most this many holdout objects are evaluated
+    promote_metric: str = "miou@1"  # holdout metric a retrained model must beat to be promoted
+    promote_min_delta: float = 0.0  # by more than this
 
 
 class EngineConfig(_Section):
-    workdir: str = "runs/default"
-    seed: int = 0
+    workdir: str = "runs/default"  # all a run writes (ledger, models, LS data); other relative paths are under it
+    seed: int = 0  # seeds image selection and the fresh model
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -159,9 +170,283 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Engin
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{path or '<defaults>'}: {loc}: {msg}")
+        lines = [f"{path or '<defaults>'}: {_describe_error(err)}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """The field names of the section that `loc` (a pydantic error location) points into."""
+    model: type[BaseModel] = EngineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe_error(err: dict) -> str:
+    """One pydantic error as `key: reason`, with a close spelling for unknown keys and the bad value."""
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][-1]), _section_fields(err["loc"]), n=1)
+        return f"{loc}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if err["type"] == "missing":
+        return f"{loc}: required"
+    value = err.get("input")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"{loc}: {err['msg']} (got {shown})"
+
+
+# --- checks beyond types: the things a run needs from the outside world -------------------------
+
+def _local_problem(key: str, value: str | None, cfg: EngineConfig, want: str) -> str | None:
+    """`key: reason` if the configured local path is not there as `want` ("dir" or "file")."""
+    p = Path(cfg.path(value))
+    if not p.exists():
+        return f"{key}: {p}: not found"
+    if want == "dir" and not p.is_dir():
+        return f"{key}: {p}: not a folder"
+    if want == "file" and not p.is_file():
+        return f"{key}: {p}: not a file"
+    return None
+
+
+def _s3_problem(key: str, uri: str, cfg: EngineConfig) -> str | None:
+    """`key: reason` if the bucket of `uri` can't be reached (short timeouts, no retries)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    client = boto3.client("s3", endpoint_url=cfg.storage.s3_endpoint_url, region_name=cfg.storage.s3_region,
+                          config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1}))
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "?")
+        reason = {"404": "bucket does not exist", "NoSuchBucket": "bucket does not exist",
+                  "403": "access denied"}.get(code, f"error {code}")
+        return f"{key}: {uri}: {reason}"
+    except (BotoCoreError, OSError) as e:
+        return f"{key}: {uri}: unreachable ({' '.join(str(e).split())})"
+    return None
+
+
+def _http_problem(key: str, url: str, timeout_s: float = 3.0) -> str | None:
+    """`key: reason` if GET `url` does not answer 2xx within `timeout_s`."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            if r.status >= 300:
+                return f"{key}: {url}: answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"{key}: {url}: answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return f"{key}: {url}: unreachable ({' '.join(str(reason).split())})"
+    return None
+
+
+def _tcp_problem(key: str, shown: str, host: str, port: int, timeout_s: float = 3.0) -> str | None:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"{key}: {shown}: unreachable ({e.strerror or e})"
+
+
+def ray_address_problem(address: str, key: str = "ray.address") -> str | None:
+    """`key: reason` if a Ray address can't be used: 'local' always can; 'auto' needs a cluster on
+    this node (or RAY_ADDRESS); 'ray://host:port' (client, default port 10001) and 'host:port' (GCS)
+    need the port to accept a connection."""
+    if address in ("", "local"):
+        return None
+    if address == "auto":
+        if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
+            return None
+        return (f"{key}: 'auto' but no Ray cluster runs on this node "
+                "(start one with `ray start --head`, or use 'local')")
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in hostport:
+        return f"{key}: {address}: expected 'local', 'auto', 'ray://host:port' or 'host:port'"
+    host, _, port = hostport.rpartition(":")
+    if not host:
+        host, port = hostport, "10001" if address.startswith("ray://") else "6379"
+    if not port.isdigit():
+        return f"{key}: {address}: port '{port}' is not a number"
+    return _tcp_problem(key, address, host, int(port))
+
+
+def check_config(cfg: EngineConfig, address: str | None = None, network: bool = True) -> list[str]:
+    """What a run needs beyond valid types, one `key: reason` line per problem (empty: all good).
+
+    address: the Ray address the run will use (None: `ray.address`). network=False skips the
+    reachability checks (S3 buckets, Label Studio, Ray) and keeps the local ones.
+    """
+    problems: list[str | None] = []
+    rounds = cfg.stages.manual.rounds + cfg.stages.semi.rounds
+
+    def where(key: str, value: str | None, want: str) -> None:
+        if value is None:
+            return
+        if value.startswith("s3://"):
+            if network:
+                problems.append(_s3_problem(key, value, cfg))
+        elif "://" in value:
+            problems.append(f"{key}: {value}: only local paths and s3:// URIs are supported")
+        else:
+            problems.append(_local_problem(key, value, cfg, want))
+
+    # numbers the types allow but a run can't use
+    for key, value, low in [("stages.manual.rounds", cfg.stages.manual.rounds, 0),
+                            ("stages.semi.rounds", cfg.stages.semi.rounds, 0),
+                            ("stages.manual.images_per_round", cfg.stages.manual.images_per_round, 1),
+                            ("stages.semi.images_per_round", cfg.stages.semi.images_per_round, 1),
+                            ("images.max_side", cfg.images.max_side, 32),
+                            ("train.batch_size", cfg.train.batch_size, 1),
+                            ("train.num_workers", cfg.train.num_workers, 1),
+                            ("model.bootstrap_images", cfg.model.bootstrap_images, 1)]:
+        if value < low:
+            problems.append(f"{key}: must be >= {low}, got {value}")
+    for key, value in [("train.minutes", cfg.train.minutes), ("storage.shard_target_mb", cfg.storage.shard_target_mb)]:
+        if not value > 0:
+            problems.append(f"{key}: must be > 0, got {value}")
+    if cfg.model.bootstrap_minutes < 0:
+        problems.append(f"model.bootstrap_minutes: must be >= 0 (0 = off), got {cfg.model.bootstrap_minutes}")
+    if not cfg.eval.clicks or min(cfg.eval.clicks) < 1:
+        problems.append(f"eval.clicks: needs one or more click counts >= 1, got {cfg.eval.clicks}")
+    metric = cfg.eval.promote_metric
+    if metric.startswith("miou@") and (not metric[5:].isdigit() or int(metric[5:]) not in cfg.eval.clicks):
+        problems.append(f"eval.promote_metric: {metric!r} is not measured (eval.clicks is {cfg.eval.clicks})")
+
+    # where the data comes from and goes to
+    if not cfg.images.source:
+        problems.append("images.source: required (a local folder or s3://bucket/prefix)")
+    else:
+        where("images.source", cfg.images.source, "dir")
+    if rounds > 0 and cfg.stages.simulate and not cfg.images.ground_truth:
+        problems.append("images.ground_truth: required when stages.simulate is true (simulated annotators)")
+    if rounds > 0 or cfg.model.bootstrap_minutes > 0:
+        for key in ("holdout_source", "holdout_ground_truth"):
+            if not getattr(cfg.images, key):
+                problems.append(f"images.{key}: required: promotion between rounds is gated on the holdout")
+    if rounds > 0 and cfg.stages.simulate:
+        where("images.ground_truth", cfg.images.ground_truth, "file")
+    if rounds > 0 or cfg.model.bootstrap_minutes > 0:
+        where("images.holdout_source", cfg.images.holdout_source, "dir")
+        where("images.holdout_ground_truth", cfg.images.holdout_ground_truth, "file")
+    if cfg.model.checkpoint:
+        where("model.checkpoint", cfg.model.checkpoint, "any")
+    if cfg.storage.root.startswith("s3://"):
+        if network:
+            problems.append(_s3_problem("storage.root", cfg.storage.root, cfg))
+    else:
+        root = Path(cfg.path(cfg.storage.root))
+        existing = next((p for p in [root, *root.parents] if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK):
+            problems.append(f"storage.root: {root}: not writable ({existing} is read-only)")
+
+    # services
+    if rounds > 0 and not cfg.labelstudio.managed:
+        token = os.environ.get("SA_ENGINE_LS_TOKEN") or cfg.labelstudio.token
+        if not cfg.labelstudio.url:
+            problems.append("labelstudio.url: required when labelstudio.managed is false")
+        elif network:
+            problems.append(_http_problem("labelstudio.url", cfg.labelstudio.url.rstrip("/") + "/health"))
+        if not token:
+            problems.append("labelstudio.token: required when labelstudio.managed is false "
+                            "(or set SA_ENGINE_LS_TOKEN)")
+    if network:
+        problems.append(ray_address_problem(address if address is not None else cfg.ray.address,
+                                            "--address" if address is not None else "ray.address"))
+    return [p for p in problems if p]
+
+
+def validate_for_run(cfg: EngineConfig, address: str | None = None, network: bool = True) -> None:
+    """Raise ConfigError listing every problem `check_config` finds (one line each)."""
+    problems = check_config(cfg, address=address, network=network)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+# --- the reference: every key, its type, default and meaning, generated from the classes above ---
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """{(class name, field name): trailing comment} read from this file's source."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    if item.end_lineno in comments:
+                        found[(node.name, item.target.id)] = comments[item.end_lineno]
+    return found
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def config_reference() -> list[dict]:
+    """One row per leaf key: {key, type, default, doc}, in the order of the classes."""
+    comments = _field_comments()
+    rows: list[dict] = []
+
+    def walk(model: type[BaseModel], prefix: str, instance: BaseModel) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            value = getattr(instance, name)
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.", value)
+                continue
+            rows.append({"key": f"{prefix}{name}", "type": _type_name(ann), "default": value,
+                         "doc": comments.get((model.__name__, name), "")})
+
+    walk(EngineConfig, "", EngineConfig())
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The key table of docs/config.md (tests check the doc holds exactly this)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for row in config_reference():
+        default = json.dumps(row["default"])
+        typ = row["type"].replace("|", "\\|")
+        lines.append(f"| `{row['key']}` | `{typ}` | `{default}` | {row['doc'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def defaults_yaml() -> str:
+    """All defaults as a YAML config file, each key with its meaning as a comment."""
+    comments = {r["key"]: r["doc"] for r in config_reference()}
+    out: list[str] = ["# sa-engine configuration: every key with its default (docs/config.md)."]
+
+    def emit(data: dict, prefix: str, indent: int) -> None:
+        for key, value in data.items():
+            full = f"{prefix}{key}"
+            pad = "  " * indent
+            if isinstance(value, dict):
+                out.append(f"{pad}{key}:")
+                emit(value, f"{full}.", indent + 1)
+            else:
+                line = f"{pad}{key}: {json.dumps(value)}"
+                note = comments.get(full)
+                out.append(f"{line}  # {note}" if note else line)
+
+    emit(EngineConfig().model_dump(), "", 0)
+    return "\n".join(out) + "\n"

@@ -1,0 +1,494 @@
+"""The data engine's round loop and its ledger.
+
+Rounds as SA-1B ran them: the assisted-manual stage for `stages.manual.rounds` rounds, the
+semi-automatic stage for `stages.semi.rounds` rounds, then the fully automatic stage over the
+remaining (or all) images with the final model. After every manual/semi round the model is
+retrained from the current checkpoint on all verified masks so far, evaluated on the frozen
+holdout, and promoted only if it beats the current model on the primary metric
+(`eval.promote_metric`, holdout 1-click mIoU by default); otherwise the current model is kept and
+the ledger says why.
+
+The ledger (`<workdir>/ledger.jsonl`) holds one JSON line per step: its inputs, outputs, timing
+and status. It is rewritten atomically (temp + fsync + rename) after every change, so a crash,
+Ctrl-C or SIGKILL leaves either the old or the new ledger, never a torn one. A rerun walks the
+same plan, takes the outputs of every `done` step from the ledger, and resumes at the first step
+that is not done; a committed step is never run twice.
+
+The loop takes its step functions as parameters (`Steps`); the defaults call the real stages,
+trainer and evaluator, and tests pass cheap real functions.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.config import EngineConfig
+
+LEDGER_FILE = "ledger.jsonl"
+LEDGER_VERSION = 1
+DONE, STARTED, FAILED, INTERRUPTED = "done", "started", "failed", "interrupted"
+
+
+class LedgerError(RuntimeError):
+    """The ledger can't be used as it is (corrupt, locked, or disagrees with the plan); one line."""
+
+
+class StepFailed(RuntimeError):
+    """A step raised; the message is one line naming the step and the reason."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _jsonable(obj: Any) -> Any:
+    """`obj` with numpy scalars/arrays, paths, sets and tuples turned into plain JSON types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_jsonable(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None  # JSON has no NaN/inf; the report shows a missing value
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if not isinstance(e, (ValueError, RuntimeError, OSError)) else text
+
+
+class Ledger:
+    """The round ledger: an ordered list of step records kept in one JSON-lines file.
+
+    Record fields: step (id, e.g. "r2.train"), kind (select|manual|semi|auto|train|eval|promote|
+    init|bootstrap), round, status (started|done|failed|interrupted), inputs, outputs, error,
+    attempts, started_at, finished_at (ISO UTC), seconds (wall time of the last attempt).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._records: dict[str, dict] = {}
+        if self.path.exists():
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LedgerError(f"{self.path}:{n}: not valid JSON ({e.msg})") from None
+                if "step" not in rec or "status" not in rec:
+                    raise LedgerError(f"{self.path}:{n}: a ledger line needs 'step' and 'status'")
+                self._records[rec["step"]] = rec
+
+    def entries(self) -> list[dict]:
+        return list(self._records.values())
+
+    def get(self, step: str) -> dict | None:
+        return self._records.get(step)
+
+    def is_done(self, step: str) -> bool:
+        rec = self._records.get(step)
+        return rec is not None and rec["status"] == DONE
+
+    def begin(self, step: str, kind: str, round: int, inputs: dict) -> None:
+        prev = self._records.get(step, {})
+        self._records[step] = {
+            "step": step, "kind": kind, "round": round, "status": STARTED,
+            "inputs": _jsonable(inputs), "outputs": None, "error": None,
+            "attempts": prev.get("attempts", 0) + 1, "started_at": _now(), "finished_at": None,
+            "seconds": None,
+        }
+        self._write()
+
+    def finish(self, step: str, outputs: dict, seconds: float) -> dict:
+        """Commit a step; returns the outputs as stored (JSON round-tripped)."""
+        stored = json.loads(json.dumps(_jsonable(outputs)))
+        self._records[step].update(status=DONE, outputs=stored, finished_at=_now(),
+                                   seconds=round(seconds, 3))
+        self._write()
+        return stored
+
+    def fail(self, step: str, error: str, seconds: float, status: str = FAILED) -> None:
+        self._records[step].update(status=status, error=error, finished_at=_now(),
+                                   seconds=round(seconds, 3))
+        self._write()
+
+    def _write(self) -> None:
+        """Replace the file atomically: write a temp file beside it, fsync, rename, fsync the folder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self._records.values())
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class WorkdirLock:
+    """An exclusive lock on a work dir, so two runs never write one ledger (released by the OS on kill)."""
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / ".sa-engine.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LedgerError(f"{self.path.parent}: another sa-engine run is using this work dir "
+                              f"(pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# --- the real step functions (defaults) -------------------------------------------------------
+
+def default_list_images(cfg: EngineConfig) -> list[str]:
+    """The image ids of the configured source, sorted (the holdout is a separate source)."""
+    from storage.images import ImageSource
+
+    src = ImageSource(cfg.path(cfg.images.source), max_side=cfg.images.max_side,
+                      large_images=cfg.images.large_images,
+                      s3_endpoint_url=cfg.storage.s3_endpoint_url)
+    return sorted(ref.image_id for ref in src.list())
+
+
+def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
+    """The starting model: the configured checkpoint as it is, else a fresh seeded preset saved once.
+
+    Saving the fresh model makes every later step (stage, eval, training) see the same weights.
+    """
+    if cfg.model.checkpoint:
+        return {"checkpoint": cfg.path(cfg.model.checkpoint), "source": "config"}
+    import torch
+
+    from model.segmenter import Segmenter
+
+    torch.manual_seed(cfg.seed)
+    seg = Segmenter.new(preset=cfg.model.preset)
+    seg.save(out_dir, metadata={"round": 0, "source": f"fresh {cfg.model.preset}", "seed": cfg.seed})
+    return {"checkpoint": out_dir, "source": f"fresh {cfg.model.preset}"}
+
+
+def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -> dict:
+    """Round 0: train the starting model for `model.bootstrap_minutes` on a separate labelled
+    synthetic set (its own seed, never the run's images or holdout), as SAM started from a model
+    trained on public data. The set's ground truth goes into its own shard store, and training
+    uses the same `train_round` as later rounds. Returns train_round's summary.
+    """
+    from engine.synth import write_synthetic_dataset
+    from model.train import train_round
+    from storage.images import ImageSource
+    from storage.records import MaskRecord, make_mask_id
+    from storage.shards import MaskStore
+
+    root = Path(cfg.path("bootstrap"))
+    data = root / "data"
+    if not (data / "annotations.json").exists():
+        write_synthetic_dataset(data, n_images=cfg.model.bootstrap_images, seed=cfg.model.bootstrap_seed,
+                                size=cfg.model.bootstrap_image_size)
+    store_uri = str(root / "store")
+    store = MaskStore(store_uri)
+    if not store.images_done("manual", round=0):
+        coco = json.loads((data / "annotations.json").read_text())
+        ids = {ref.key.rsplit("/", 1)[-1]: ref.image_id
+               for ref in ImageSource(str(data / "images")).list()}
+        files = {im["id"]: im for im in coco["images"]}
+        by_image: dict[int, list[dict]] = {}
+        for ann in coco["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        with store.writer(stage="manual", round=0, model_version=None) as w:
+            for coco_id, im in files.items():
+                image_id = ids[im["file_name"]]
+                anns = by_image.get(coco_id, [])
+                w.add([MaskRecord(
+                    image_id=image_id, mask_id=make_mask_id(image_id, "bootstrap", a["id"]),
+                    height=im["height"], width=im["width"],
+                    rle={"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()},
+                    area=int(a["area"]), bbox=[float(v) for v in a["bbox"]], stage="manual", round=0,
+                    origin="manual", annotator="bootstrap-ground-truth", verified=True) for a in anns])
+                w.image_done(image_id, len(anns))
+            w.commit()
+    boot_cfg = cfg.model_copy(deep=True)
+    boot_cfg.images.source = str(data / "images")
+    boot_cfg.images.ground_truth = str(data / "annotations.json")
+    boot_cfg.storage.root = store_uri
+    boot_cfg.storage.s3_endpoint_url = None
+    boot_cfg.train.minutes = cfg.model.bootstrap_minutes
+    return train_round(boot_cfg, checkpoint, out_dir, 0)
+
+
+def default_manual(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
+    from stages.manual import run_manual_stage
+
+    return run_manual_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate)
+
+
+def default_semi(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
+    from stages.semi import run_semi_stage
+
+    return run_semi_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate)
+
+
+def default_auto(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
+    from stages.auto import run_auto_stage
+
+    return run_auto_stage(cfg, round, checkpoint, image_ids=image_ids)
+
+
+def default_train(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str, round: int) -> dict:
+    from model.train import train_round
+
+    return train_round(cfg, init_checkpoint, out_dir, round)
+
+
+def default_evaluate(cfg: EngineConfig, checkpoint: str | None) -> dict:
+    from model.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, cfg.path(cfg.images.holdout_source),
+                               cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks))
+
+
+@dataclass
+class Steps:
+    """What the loop calls. Signatures:
+    list_images(cfg) -> [image_id];  init_model(cfg, out_dir) -> {checkpoint};
+    bootstrap(cfg, checkpoint, out_dir) -> {checkpoint, metrics, minutes};
+    manual/semi/auto(cfg, round, checkpoint, image_ids) -> stage summary;
+    train(cfg, init_checkpoint, out_dir, round) -> {checkpoint, metrics, minutes};
+    evaluate(cfg, checkpoint) -> {"miou@1": …, …}.
+    """
+
+    list_images: Callable[[EngineConfig], list[str]] = default_list_images
+    init_model: Callable[[EngineConfig, str], dict] = default_init_model
+    bootstrap: Callable[[EngineConfig, str | None, str], dict] = default_bootstrap
+    manual: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_manual
+    semi: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_semi
+    auto: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_auto
+    train: Callable[[EngineConfig, str | None, str, int], dict] = default_train
+    evaluate: Callable[[EngineConfig, str | None], dict] = default_evaluate
+
+
+# --- the plan and the loop --------------------------------------------------------------------
+
+def stage_of_round(cfg: EngineConfig, round: int) -> str:
+    """Rounds 1..N1 are manual, N1+1..N1+N2 semi, N1+N2+1 is the automatic stage."""
+    n1, n2 = cfg.stages.manual.rounds, cfg.stages.semi.rounds
+    return "manual" if round <= n1 else "semi" if round <= n1 + n2 else "auto"
+
+
+def select_images(candidates: list[str], used: set[str], count: int | None, seed: int, round: int) -> list[str]:
+    """Pick `count` (None: all) unused ids, deterministic: a seeded shuffle of the sorted candidates,
+    so consecutive rounds don't take alphabetically adjacent (often similar) images. Sorted result."""
+    pool = [i for i in sorted(set(candidates)) if i not in used]
+    if count is None:
+        return pool
+    order = np.random.default_rng([seed, round]).permutation(len(pool))
+    return sorted(pool[i] for i in order[:count])
+
+
+def promotion_decision(metric: str, candidate: dict, current: dict | None, min_delta: float) -> dict:
+    """Promote only if the candidate beats the current model by more than `min_delta` on `metric`.
+
+    Returns {promoted, metric, candidate, current, reason}; `current` None (no score yet) promotes.
+    """
+    cand = candidate.get(metric)
+    if cand is None:
+        raise StepFailed(f"promote: the evaluation has no '{metric}' (has: {', '.join(sorted(candidate))})")
+    cur = None if current is None else current.get(metric)
+    if cur is None:
+        return {"promoted": True, "metric": metric, "candidate": cand, "current": None,
+                "reason": f"no score for the current model; candidate {metric} {cand:.4f}"}
+    delta = cand - cur
+    if delta > min_delta:
+        reason = f"candidate {metric} {cand:.4f} beats current {cur:.4f} ({delta:+.4f})"
+    else:
+        reason = (f"kept current model: candidate {metric} {cand:.4f} does not beat current {cur:.4f} "
+                  f"by more than {min_delta:g} ({delta:+.4f})")
+    return {"promoted": delta > min_delta, "metric": metric, "candidate": cand, "current": cur,
+            "delta": delta, "reason": reason}
+
+
+def _promote(metric: str, candidate: str, candidate_eval: dict, current: str,
+             current_eval: dict | None, min_delta: float) -> dict:
+    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta)
+    return {**decision, "checkpoint": candidate if decision["promoted"] else current}
+
+
+class _Runner:
+    def __init__(self, ledger: Ledger, progress: Callable[[str], None]):
+        self.ledger = ledger
+        self.progress = progress
+
+    def step(self, step: str, kind: str, round: int, inputs: dict, fn: Callable[[], dict]) -> dict:
+        """Run `fn` as ledger step `step` unless the ledger already has it done (then its outputs)."""
+        inputs = json.loads(json.dumps(_jsonable(inputs)))
+        rec = self.ledger.get(step)
+        if rec is not None and rec["status"] == DONE:
+            if rec["inputs"] != inputs:
+                diff = sorted(k for k in set(rec["inputs"]) | set(inputs)
+                              if rec["inputs"].get(k) != inputs.get(k))
+                raise LedgerError(f"{self.ledger.path}: step {step} was committed with other inputs "
+                                  f"({', '.join(diff)}); use a new workdir to start over")
+            self.progress(f"{step}: done earlier ({rec['seconds']:.1f} s), skipped")
+            return rec["outputs"]
+        if rec is not None:
+            self.progress(f"{step}: resuming ({rec['status']} before)")
+        else:
+            self.progress(f"{step}: started")
+        self.ledger.begin(step, kind, round, inputs)
+        t0 = time.monotonic()
+        try:
+            out = fn()
+        except KeyboardInterrupt:
+            self.ledger.fail(step, "interrupted", time.monotonic() - t0, status=INTERRUPTED)
+            raise
+        except Exception as e:
+            self.ledger.fail(step, _one_line(e), time.monotonic() - t0)
+            raise StepFailed(f"{step}: {_one_line(e)}") from e
+        if not isinstance(out, dict):
+            self.ledger.fail(step, f"returned {type(out).__name__}, expected a dict", time.monotonic() - t0)
+            raise StepFailed(f"{step}: returned {type(out).__name__}, expected a dict")
+        seconds = time.monotonic() - t0
+        stored = self.ledger.finish(step, out, seconds)
+        self.progress(f"{step}: done in {seconds:.1f} s")
+        return stored
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM (e.g. `ray job stop`) ends a run like Ctrl-C
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_rounds(cfg: EngineConfig, steps: Steps | None = None,
+               progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Run (or resume) the whole engine for `cfg`; returns a summary.
+
+    Summary: {ledger, rounds: [{round, stage, images, decision, checkpoint}], final_checkpoint,
+    auto: stage summary | None}. Raises StepFailed (one line naming the step) when a step fails;
+    the ledger keeps everything committed before it, so a rerun continues from there.
+    """
+    steps = steps or Steps()
+    workdir = Path(cfg.workdir).resolve()
+    models = workdir / "models"
+    with WorkdirLock(workdir):
+        ledger = Ledger(workdir / LEDGER_FILE)
+        run = _Runner(ledger, progress)
+        old_term = None
+        if threading.current_thread() is threading.main_thread():
+            old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return _run(cfg, steps, run, ledger, models)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+
+
+def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: Path) -> dict:
+    n_rounds = cfg.stages.manual.rounds + cfg.stages.semi.rounds
+    metric, min_delta = cfg.eval.promote_metric, cfg.eval.promote_min_delta
+
+    init = run.step("r0.init", "init", 0, {"checkpoint": cfg.model.checkpoint, "preset": cfg.model.preset},
+                    lambda: steps.init_model(cfg, str(models / "r0-init")))
+    current = init["checkpoint"]
+    if cfg.model.bootstrap_minutes > 0:
+        boot = run.step("r0.bootstrap", "bootstrap", 0,
+                        {"checkpoint": current, "minutes": cfg.model.bootstrap_minutes},
+                        lambda: steps.bootstrap(cfg, current, str(models / "r0-bootstrap")))
+        current = boot["checkpoint"]
+    current_eval = None
+    if n_rounds > 0:
+        cur = current
+        current_eval = run.step("r0.eval", "eval", 0, {"checkpoint": cur},
+                                lambda: steps.evaluate(cfg, cur))
+
+    candidates: list[str] | None = None
+    used: set[str] = set()
+    rounds: list[dict] = []
+    for r in range(1, n_rounds + 1):
+        stage = stage_of_round(cfg, r)
+        per_round = getattr(cfg.stages, stage).images_per_round
+        if candidates is None and not ledger.is_done(f"r{r}.select"):
+            candidates = steps.list_images(cfg)
+        cands, taken = candidates, sorted(used)
+        sel = run.step(f"r{r}.select", "select", r, {"stage": stage, "count": per_round, "excluded": len(taken)},
+                       lambda: {"image_ids": select_images(cands, set(taken), per_round, cfg.seed, r),
+                                "candidates": len(cands)})
+        image_ids = sel["image_ids"]
+        used.update(image_ids)
+        if not image_ids:
+            note = f"r{r}: no unannotated images left for the {stage} stage; round skipped"
+            run.progress(note)
+            rounds.append({"round": r, "stage": stage, "images": 0, "decision": None, "checkpoint": current,
+                           "note": note})
+            continue
+        cur = current
+        summary = run.step(f"r{r}.{stage}", stage, r, {"checkpoint": cur, "image_ids": image_ids},
+                           lambda: getattr(steps, stage)(cfg, r, cur, image_ids))
+        out_dir = str(models / f"r{r}")
+        trained = run.step(f"r{r}.train", "train", r, {"init_checkpoint": cur, "out_dir": out_dir},
+                           lambda: steps.train(cfg, cur, out_dir, r))
+        cand = trained["checkpoint"]
+        cand_eval = run.step(f"r{r}.eval", "eval", r, {"checkpoint": cand}, lambda: steps.evaluate(cfg, cand))
+        decision = run.step(f"r{r}.promote", "promote", r,
+                            {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
+                            lambda: _promote(metric, cand, cand_eval, cur, current_eval, min_delta))
+        if decision["promoted"]:
+            current, current_eval = cand, cand_eval
+        rounds.append({"round": r, "stage": stage, "images": len(image_ids), "summary": summary,
+                       "decision": decision, "checkpoint": current})
+
+    auto_summary = None
+    if cfg.stages.final_auto != "none":
+        r = n_rounds + 1
+        if candidates is None and not ledger.is_done(f"r{r}.select"):
+            candidates = steps.list_images(cfg)
+        cands, taken = candidates, sorted(used) if cfg.stages.final_auto == "remaining" else []
+        sel = run.step(f"r{r}.select", "select", r, {"stage": "auto", "scope": cfg.stages.final_auto,
+                                                     "excluded": len(taken)},
+                       lambda: {"image_ids": select_images(cands, set(taken), None, cfg.seed, r),
+                                "candidates": len(cands)})
+        if sel["image_ids"]:
+            cur, ids = current, sel["image_ids"]
+            auto_summary = run.step(f"r{r}.auto", "auto", r, {"checkpoint": cur, "image_ids": ids},
+                                    lambda: steps.auto(cfg, r, cur, ids))
+        else:
+            run.progress(f"r{r}: no images left for the automatic stage")
+    return {"ledger": str(ledger.path), "rounds": rounds, "final_checkpoint": current, "auto": auto_summary}

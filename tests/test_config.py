@@ -1,0 +1,257 @@
+"""The config: the documented reference can't drift, and bad configs give one clear line per problem."""
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.config import (ConfigError, EngineConfig, check_config, config_reference, config_reference_markdown,
+                           defaults_yaml, load_config, ray_address_problem)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "engine.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _ready_workdir(tmp_path: Path) -> dict:
+    """A config whose images, ground truth and holdout exist (tiny files are enough for the checks)."""
+    for d in ("imgs", "holdout"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "gt.json").write_text("{}")
+    (tmp_path / "holdout.json").write_text("{}")
+    return {"workdir": str(tmp_path), "images": {"source": "imgs", "ground_truth": "gt.json",
+                                                 "holdout_source": "holdout", "holdout_ground_truth": "holdout.json"}}
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+def test_docs_config_md_holds_the_generated_reference():
+    doc = (REPO / "docs" / "config.md").read_text()
+    block = re.search(r"<!-- BEGIN GENERATED[^>]*-->\n(.*?)<!-- END GENERATED -->", doc, re.S)
+    assert block, "docs/config.md lost its generated block"
+    assert block.group(1) == config_reference_markdown(), (
+        "docs/config.md is out of date: regenerate the table with `sa-engine config --reference`")
+
+
+def test_every_key_is_documented_with_its_default():
+    rows = config_reference()
+    undocumented = [r["key"] for r in rows if not r["doc"]]
+    assert not undocumented, f"add a trailing `# meaning` comment in engine/config.py for: {undocumented}"
+    keys = {r["key"] for r in rows}
+    assert {"images.source", "stages.manual.rounds", "model.bootstrap_minutes", "eval.promote_metric",
+            "labelstudio.managed", "ray.address"} <= keys
+    defaults = EngineConfig().model_dump()
+    for r in rows:
+        node = defaults
+        for part in r["key"].split("."):
+            node = node[part]
+        assert node == r["default"], r["key"]
+
+
+def test_printed_defaults_are_a_valid_config_equal_to_the_defaults(tmp_path):
+    text = defaults_yaml()
+    assert "# local folder or s3://bucket/prefix" in text
+    assert load_config(_write(tmp_path, yaml.safe_load(text))) == EngineConfig()
+    result = CliRunner().invoke(app, ["config", "--print-defaults"])
+    assert result.exit_code == 0 and result.stdout == text
+
+
+# --- type-level errors -----------------------------------------------------------------------
+
+def test_unknown_key_names_the_key_and_suggests_the_spelling(tmp_path):
+    p = _write(tmp_path, {"stages": {"manual": {"image_per_round": 4}}, "trian": {}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2
+    assert f"{p}: stages.manual.image_per_round: unknown key (did you mean 'images_per_round'?)" in lines
+    assert f"{p}: trian: unknown key (did you mean 'train'?)" in lines
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    p = _write(tmp_path, {"train": {"minutes": "ten"}, "stages": {"final_auto": "some"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    minutes, final = sorted(str(e.value).splitlines(), key=lambda line: "train.minutes" not in line)
+    assert minutes.startswith(f"{p}: train.minutes: ") and minutes.endswith("(got 'ten')")
+    assert final.startswith(f"{p}: stages.final_auto: ") and "'remaining'" in final
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(p)
+    p.write_text("images: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# --- checks beyond types ---------------------------------------------------------------------
+
+def test_a_complete_local_config_has_no_problems(tmp_path):
+    cfg = load_config(_write(tmp_path, _ready_workdir(tmp_path)))
+    assert check_config(cfg) == []
+
+
+def test_missing_image_source_and_holdout(tmp_path):
+    data = _ready_workdir(tmp_path)
+    data["images"]["source"] = "nowhere"
+    data["images"]["holdout_source"] = None
+    problems = check_config(load_config(_write(tmp_path, data)), network=False)
+    assert f"images.source: {tmp_path / 'nowhere'}: not found" in problems
+    assert any(p.startswith("images.holdout_source: required") for p in problems)
+    assert len(problems) == 2
+
+
+def test_numbers_a_run_cannot_use(tmp_path):
+    data = _ready_workdir(tmp_path)
+    data["stages"] = {"manual": {"images_per_round": 0}}
+    data["eval"] = {"clicks": [1, 3], "promote_metric": "miou@5"}
+    problems = check_config(load_config(_write(tmp_path, data)), network=False)
+    assert "stages.manual.images_per_round: must be >= 1, got 0" in problems
+    assert any(p.startswith("eval.promote_metric: 'miou@5' is not measured") for p in problems)
+
+
+def test_ground_truth_needed_only_for_simulated_annotators(tmp_path):
+    data = _ready_workdir(tmp_path)
+    data["images"]["ground_truth"] = None
+    problems = check_config(load_config(_write(tmp_path, data)), network=False)
+    assert problems == ["images.ground_truth: required when stages.simulate is true (simulated annotators)"]
+    data["stages"] = {"simulate": False}
+    assert check_config(load_config(_write(tmp_path, data)), network=False) == []
+
+
+def test_unreachable_label_studio_and_missing_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("SA_ENGINE_LS_TOKEN", raising=False)
+    data = _ready_workdir(tmp_path)
+    url = f"http://127.0.0.1:{_free_port()}"
+    data["labelstudio"] = {"managed": False, "url": url}
+    problems = check_config(load_config(_write(tmp_path, data)))
+    assert len(problems) == 2
+    assert problems[0].startswith(f"labelstudio.url: {url}/health: unreachable (")
+    assert problems[1].startswith("labelstudio.token: required when labelstudio.managed is false")
+    data["labelstudio"] = {"managed": False}
+    assert "labelstudio.url: required when labelstudio.managed is false" in check_config(
+        load_config(_write(tmp_path, data)), network=False)
+
+
+def test_reachable_label_studio_passes_and_an_error_status_is_named(tmp_path):
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(json.dumps({"status": "UP"}).encode() if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        data = _ready_workdir(tmp_path)
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        data["labelstudio"] = {"managed": False, "url": base, "token": "t" * 40}
+        assert check_config(load_config(_write(tmp_path, data))) == []
+        data["labelstudio"]["url"] = base + "/sub"
+        assert check_config(load_config(_write(tmp_path, data))) == [
+            f"labelstudio.url: {base}/sub/health: answered HTTP 404"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_ray_address_names_the_key(tmp_path):
+    cfg = load_config(_write(tmp_path, {**_ready_workdir(tmp_path), "ray": {"address": f"ray://127.0.0.1:{_free_port()}"}}))
+    problems = check_config(cfg)
+    assert len(problems) == 1 and problems[0].startswith("ray.address: ray://127.0.0.1:") and "unreachable" in problems[0]
+    other = f"127.0.0.1:{_free_port()}"
+    problems = check_config(cfg, address=other)
+    assert len(problems) == 1 and problems[0].startswith(f"--address: {other}: unreachable")
+    assert ray_address_problem("local") is None
+    assert "port 'x' is not a number" in ray_address_problem("ray://h:x")
+    assert "expected 'local'" in ray_address_problem("http://h:1")
+
+
+def test_ray_auto_without_a_cluster(monkeypatch):
+    if Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster was started on this node")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address_problem("auto").startswith("ray.address: 'auto' but no Ray cluster runs on this node")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # what `ray job submit` sets for the entrypoint
+    assert ray_address_problem("auto") is None
+
+
+def test_missing_s3_bucket_is_named(tmp_path, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        import boto3
+
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="there")
+        data = _ready_workdir(tmp_path)
+        data["storage"] = {"root": "s3://nope/store", "s3_endpoint_url": endpoint, "s3_region": "us-east-1"}
+        assert check_config(load_config(_write(tmp_path, data))) == [
+            "storage.root: s3://nope/store: bucket does not exist"]
+        data["storage"]["root"] = "s3://there/store"
+        assert check_config(load_config(_write(tmp_path, data))) == []
+    finally:
+        server.stop()
+
+
+def test_cli_check_prints_one_line_per_problem_and_exits_2(tmp_path):
+    data = _ready_workdir(tmp_path)
+    data["images"]["source"] = "nowhere"
+    data["ray"] = {"address": f"ray://127.0.0.1:{_free_port()}"}
+    p = _write(tmp_path, data)
+    result = CliRunner().invoke(app, ["config", "--config", str(p), "--check"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "images.source:" in text and "not found" in text and "ray.address: ray://127.0.0.1:" in text
+    result = CliRunner().invoke(app, ["run", "--config", str(p)])
+    assert result.exit_code == 2 and "images.source:" in result.output
+
+
+def test_docker_engine_config_is_valid():
+    p = REPO / "docker" / "engine.yaml"
+    cfg = load_config(p)
+    assert cfg.storage.root.startswith("s3://") and not cfg.labelstudio.managed and cfg.ray.address == "auto"
+
+
+def test_compose_file_has_the_services_and_the_dockerfile_the_targets():
+    compose = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"ray-head", "ray-worker", "ray-gpu-worker", "ml-backend", "postgres", "label-studio", "minio"} <= set(services)
+    assert services["label-studio"]["environment"]["DJANGO_DB"] == "default"
+    assert services["label-studio"]["environment"]["POSTGRE_HOST"] == "postgres"
+    targets = re.findall(r"^FROM \S+ AS (\w+)$", (REPO / "docker" / "Dockerfile").read_text(), re.M)
+    assert {"cpu", "cuda"} <= set(targets)
+    assert services["ray-gpu-worker"]["build"]["target"] == "cuda"
