@@ -1,0 +1,279 @@
+"""The promptable segmenter: embed an image once, then decode many prompts against the embedding.
+
+SAM's pre-processing (resize the longest side to S, normalise, pad to S×S) and post-processing
+(upsample the low-res logits to S×S, crop the padding, resize to the original size) in plain torch.
+Prompts are pixels of the original image; they are rescaled to the encoder input here.
+All outputs are CPU torch tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.checkpoints import CheckpointError, build_net, compact_arch, load_checkpoint, save_checkpoint, \
+    state_digest, vit_arch
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+LOW_RES = 256  # side of the low-res logits in the API (SAM's), whatever the network's native size
+PROMPT_CHUNK = 64  # prompts decoded at once (bounds memory for big prompt sets)
+
+__all__ = ["Segmenter", "ImageEmbedding", "Prediction", "PromptError", "CheckpointError"]
+
+
+class PromptError(ValueError):
+    """Prompts or images that can't be used; the message is one line naming the input and the reason."""
+
+
+@dataclass
+class ImageEmbedding:
+    """features: (C, h, w); original_size: (H, W) of the image; input_size: (h', w') after resize to S."""
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+@dataclass
+class Prediction:
+    """masks: (N, M, H, W) bool or None; iou_pred: (N, M) float; low_res_logits: (N, M, 256, 256).
+
+    M = 3 with multimask, else 1.
+    """
+
+    masks: torch.Tensor | None
+    iou_pred: torch.Tensor
+    low_res_logits: torch.Tensor
+
+
+def resized_shape(h: int, w: int, side: int) -> tuple[int, int]:
+    """(h', w') with the longest side = `side`, rounded as SAM does."""
+    scale = side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def check_image(image: object, name: str = "image") -> np.ndarray:
+    """Return `image` as (H, W, 3) uint8 or raise PromptError."""
+    if not isinstance(image, np.ndarray):
+        raise PromptError(f"{name}: expected a numpy array (H, W, 3) uint8, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise PromptError(f"{name}: expected shape (H, W, 3), got {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        raise PromptError(f"{name}: expected dtype uint8, got {image.dtype}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise PromptError(f"{name}: empty image {tuple(image.shape)}")
+    return image
+
+
+def preprocess(images: list[np.ndarray], side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(H, W, 3) uint8 images -> (B, 3, S, S) normalised, zero-padded batch and the resized (h', w')."""
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    out = torch.zeros((len(images), 3, side, side))
+    sizes = []
+    for i, img in enumerate(images):
+        h, w = resized_shape(img.shape[0], img.shape[1], side)
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+        if (h, w) != img.shape[:2]:
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            x = x.round().clamp(0, 255)  # the reference resizes uint8 images; keep the same quantisation
+        out[i, :, :h, :w] = (x[0] - mean) / std
+        sizes.append((h, w))
+    return out, sizes
+
+
+def _as_array(x: object, name: str, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise PromptError(f"{name}: not array-like ({e})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise PromptError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    return arr.astype(dtype)
+
+
+class Segmenter:
+    """A SAM-architecture model: `embed` images once, `predict` masks for many prompts."""
+
+    def __init__(self, net, arch: dict, model_version: str, device: str = "cpu", metadata: dict | None = None):
+        self.net = net.to(device).eval()
+        self.arch = arch
+        self.model_version = model_version
+        self.device = torch.device(device)
+        self.metadata = dict(metadata or {})
+        self.image_size = int(net.image_size)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def new(cls, preset: str = "compact", device: str = "cpu", seed: int | None = 0, **overrides) -> "Segmenter":
+        """An untrained model: preset "compact" (overrides change COMPACT_DEFAULT) or "sam-vit-b/l/h"."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        arch = compact_arch(**overrides) if preset == "compact" else vit_arch(preset)
+        net = build_net(arch)
+        return cls(net, arch, f"{arch['preset']}-init-{state_digest(net.state_dict())}", device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Segmenter":
+        """Our checkpoint dir, a transformers SAM dir, or a Meta `.pth`. Raises CheckpointError."""
+        net, arch, version, meta = load_checkpoint(path)
+        return cls(net, arch, version, device, meta)
+
+    def save(self, directory: str | Path, metadata: dict | None = None) -> str:
+        """Write safetensors + JSON (round, data fingerprint, metrics… go in metadata). Returns model_version."""
+        meta = dict(metadata or {})
+        self.model_version = save_checkpoint(self.net, self.arch, directory, meta)
+        self.metadata = meta
+        return self.model_version
+
+    # ---- images --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, images: list[np.ndarray], batch_size: int = 4) -> list[ImageEmbedding]:
+        """(H, W, 3) uint8 RGB images -> one ImageEmbedding each (features (C, h, w))."""
+        if isinstance(images, np.ndarray):
+            raise PromptError("images: expected a list of (H, W, 3) arrays, got one array; wrap it in a list")
+        images = [check_image(im, f"images[{i}]") for i, im in enumerate(images)]
+        self.net.eval()
+        out: list[ImageEmbedding] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            pixels, sizes = preprocess(chunk, self.image_size)
+            feats = self.net.image_encoder(pixels.to(self.device))
+            for img, f, s in zip(chunk, feats, sizes):
+                out.append(ImageEmbedding(f.clone(), (int(img.shape[0]), int(img.shape[1])), s))
+        return out
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def _check_prompts(self, emb: ImageEmbedding, points, labels, boxes, mask_input):
+        if not isinstance(emb, ImageEmbedding):
+            raise PromptError(f"emb: expected an ImageEmbedding from Segmenter.embed, got {type(emb).__name__}")
+        H, W = emb.original_size
+        n = None
+        if points is None and boxes is None and mask_input is None:
+            raise PromptError("prompts: none given (need points, boxes or mask_input)")
+        if points is not None:
+            pts = _as_array(points, "points", np.float64)
+            if pts.ndim != 3 or pts.shape[2] != 2:
+                raise PromptError(f"points: expected shape (N, K, 2), got {pts.shape}")
+            if labels is None:
+                raise PromptError("labels: required with points (1 positive, 0 negative, -1 padding)")
+            lab = _as_array(labels, "labels", np.float64)
+            if lab.shape != pts.shape[:2]:
+                raise PromptError(f"labels: expected shape {pts.shape[:2]} to match points, got {lab.shape}")
+            if not np.isfinite(pts).all():
+                raise PromptError("points: contain NaN or inf")
+            if not np.isin(lab, (-1, 0, 1)).all():
+                raise PromptError(f"labels: must be 1, 0 or -1, got {sorted(set(np.unique(lab).tolist()))[:5]}")
+            real = lab != -1
+            if real.any():
+                xs, ys = pts[..., 0][real], pts[..., 1][real]
+                if xs.min() < 0 or ys.min() < 0 or xs.max() > W or ys.max() > H:
+                    raise PromptError(f"points: outside the {W}x{H} image (x in [{xs.min():.1f}, {xs.max():.1f}], "
+                                      f"y in [{ys.min():.1f}, {ys.max():.1f}])")
+            n = pts.shape[0]
+            points, labels = pts, lab.astype(np.int64)
+        elif labels is not None:
+            raise PromptError("labels: given without points")
+        if boxes is not None:
+            bx = _as_array(boxes, "boxes", np.float64)
+            if bx.ndim != 2 or bx.shape[1] != 4:
+                raise PromptError(f"boxes: expected shape (N, 4) XYXY pixels, got {bx.shape}")
+            if not np.isfinite(bx).all():
+                raise PromptError("boxes: contain NaN or inf")
+            if bx.size and ((bx[:, 2] < bx[:, 0]).any() or (bx[:, 3] < bx[:, 1]).any()):
+                raise PromptError("boxes: expected XYXY with x1 >= x0 and y1 >= y0")
+            if bx.size and (bx[:, [0, 2]].min() < 0 or bx[:, [1, 3]].min() < 0
+                            or bx[:, [0, 2]].max() > W or bx[:, [1, 3]].max() > H):
+                raise PromptError(f"boxes: outside the {W}x{H} image")
+            if n is not None and bx.shape[0] != n:
+                raise PromptError(f"boxes: {bx.shape[0]} boxes for {n} point sets")
+            n = bx.shape[0]
+            boxes = bx
+        if mask_input is not None:
+            mi = _as_array(mask_input, "mask_input", np.float32)
+            if mi.ndim != 4 or mi.shape[1:] != (1, LOW_RES, LOW_RES):
+                raise PromptError(f"mask_input: expected shape (N, 1, {LOW_RES}, {LOW_RES}) logits, got {mi.shape}")
+            if not np.isfinite(mi).all():
+                raise PromptError("mask_input: contains NaN or inf")
+            if n is not None and mi.shape[0] != n:
+                raise PromptError(f"mask_input: {mi.shape[0]} masks for {n} prompts")
+            n = mi.shape[0]
+            mask_input = mi
+        if n == 0:
+            raise PromptError("prompts: empty prompt set (N = 0)")
+        return n, points, labels, boxes, mask_input
+
+    def prompt_tensors(self, emb: ImageEmbedding, points, labels, boxes, mask_input):
+        """Validated prompts in the encoder-input frame, as float tensors (see `predict` for shapes)."""
+        n, points, labels, boxes, mask_input = self._check_prompts(emb, points, labels, boxes, mask_input)
+        (H, W), (h, w) = emb.original_size, emb.input_size
+        scale = np.array([w / W, h / H])
+        pt = lb = bx = mi = None
+        if points is not None:
+            pt = torch.as_tensor(points * scale, dtype=torch.float32)
+            lb = torch.as_tensor(labels, dtype=torch.int64)
+        if boxes is not None:
+            bx = torch.as_tensor(boxes * np.tile(scale, 2), dtype=torch.float32)
+        if mask_input is not None:
+            mi = torch.as_tensor(mask_input, dtype=torch.float32)
+        return n, pt, lb, bx, mi
+
+    @torch.no_grad()
+    def predict(self, emb: ImageEmbedding, points=None, labels=None, boxes=None, mask_input=None,
+                multimask: bool = True, upsample: bool = True) -> Prediction:
+        """Masks for N prompts against one embedding.
+
+        points: (N, K, 2) XY pixels of the original image; labels: (N, K) 1/0/-1 (-1 = padding);
+        boxes: (N, 4) XYXY pixels; mask_input: (N, 1, 256, 256) logits (a previous low_res_logits).
+        Returns masks (N, M, H, W) bool (None if not upsample), iou_pred (N, M), low_res_logits
+        (N, M, 256, 256); M = 3 if multimask else 1. Raises PromptError on bad prompts.
+        """
+        n, pt, lb, bx, mi = self.prompt_tensors(emb, points, labels, boxes, mask_input)
+        self.net.eval()
+        masks, ious, lows = [], [], []
+        for s in range(0, n, PROMPT_CHUNK):
+            sl = slice(s, s + PROMPT_CHUNK)
+            native, iou = self.decode(emb.features, None if pt is None else pt[sl], None if lb is None else lb[sl],
+                                      None if bx is None else bx[sl], None if mi is None else mi[sl], multimask)
+            ious.append(iou)
+            lows.append(native if native.shape[-1] == LOW_RES else
+                        F.interpolate(native, (LOW_RES, LOW_RES), mode="bilinear", align_corners=False))
+            if upsample:
+                masks.append(self._postprocess(native, emb) > 0)
+        return Prediction(torch.cat(masks) if upsample else None, torch.cat(ious), torch.cat(lows))
+
+    def decode(self, features: torch.Tensor, points, labels, boxes, mask_input, multimask: bool):
+        """Network call (gradients flow if enabled): features (C, h, w) or (P, C, h, w); prompts in the
+        input frame. Returns native low-res logits (P, M, 4h, 4w) and IoU predictions (P, M)."""
+        n = next(x.shape[0] for x in (points, boxes, mask_input) if x is not None)
+        feats = features[None].expand(n, -1, -1, -1) if features.dim() == 3 else features
+        if mask_input is not None:
+            side = 4 * self.net.embed_size
+            if mask_input.shape[-1] != side:
+                mask_input = F.interpolate(mask_input, (side, side), mode="bilinear", align_corners=False)
+            mask_input = mask_input.to(self.device)
+        dev = self.device
+        return self.net.decode(feats.to(dev), None if points is None else points.to(dev),
+                               None if labels is None else labels.to(dev),
+                               None if boxes is None else boxes.to(dev), mask_input, multimask)
+
+    def _postprocess(self, low: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
+        """(N, M, n, n) logits in the padded input frame -> (N, M, H, W) logits of the original image."""
+        S = self.image_size
+        h, w = emb.input_size
+        x = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)[..., :h, :w]
+        return F.interpolate(x, emb.original_size, mode="bilinear", align_corners=False).cpu()
+
+    @torch.no_grad()
+    def upsample_logits(self, low_res: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
+        """low_res: (N, 256, 256) logits (from Prediction.low_res_logits) -> (N, H, W) float logits."""
+        low = torch.as_tensor(low_res, dtype=torch.float32)
+        if low.dim() != 3 or tuple(low.shape[1:]) != (LOW_RES, LOW_RES):
+            raise PromptError(f"low_res: expected shape (N, {LOW_RES}, {LOW_RES}), got {tuple(low.shape)}")
+        return self._postprocess(low[:, None], emb)[:, 0]

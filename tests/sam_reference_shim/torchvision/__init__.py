@@ -1,0 +1,1 @@
+"""Test-only torchvision shim for Meta's segment-anything (see ../README.md)."""

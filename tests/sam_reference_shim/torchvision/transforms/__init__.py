@@ -1,0 +1,1 @@
+"""Test-only torchvision.transforms shim (see ../../README.md)."""
