@@ -1,0 +1,558 @@
+"""The mask store: Parquet shards of `MaskRecord`s under one manifest.
+
+Layout under the store's root (a local folder or s3://bucket/prefix):
+
+    manifest.json           the commit point: every visible shard with rows, bytes, sha256, schema version
+    shards/<uuid>.parquet   one row per mask (`MASK_SCHEMA`), sorted by image_id, zstd
+    images/<uuid>.parquet   per commit: which images a stage finished (`IMAGES_SCHEMA`)
+
+A writer puts its shard files first and then swaps in a new manifest that lists them; a shard the
+manifest doesn't list is invisible, so a crash at any point leaves the store as it was before the
+commit (plus unreferenced files that `collect_garbage` removes). The manifest is read-modify-written
+with a compare-and-swap (`Store.write_if_version`): conditional PUT on S3, flock + compare locally;
+a committer that loses the race re-reads and re-applies its change.
+
+Every shard of one commit holds one (stage, round); so stage/round filters and image-id filters
+prune whole shards from the manifest without opening them, and the other filters are pushed down
+to Parquet row groups by pyarrow. The files are plain Parquet: `shard_paths()` can be handed to
+pandas, pyarrow or DuckDB as they are.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Iterable, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from storage.backend import ConflictError, LocalStore, ObjectNotFound, Store, StoreError, open_store
+from storage.records import MASK_SCHEMA, SCHEMA_VERSION, STAGES, MaskRecord, records_to_table
+
+MANIFEST_KEY = "manifest.json"
+MANIFEST_FORMAT = "sa-engine-mask-store"
+MANIFEST_VERSION = 1  # the layout of manifest.json itself
+SHARDS_DIR, IMAGES_DIR = "shards", "images"
+ROW_GROUP_ROWS = 8192  # the unit predicate pushdown can skip
+COMMIT_RETRIES = 50
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("stage", pa.string()),
+        ("round", pa.int32()),
+        ("model_version", pa.string()),
+        ("n_masks", pa.int32()),
+        ("commit", pa.string()),
+        ("done_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={b"sa_engine_schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+
+class CorruptShardError(StoreError):
+    """A shard (or the manifest) disagrees with what the manifest promises; the message names it."""
+
+
+class SchemaVersionError(StoreError):
+    """A shard or manifest written by a newer sa-engine than this one."""
+
+
+@dataclass
+class ShardInfo:
+    """One committed file. `path` is the key under the store's root (see `MaskStore.url`)."""
+
+    path: str
+    rows: int
+    sha256: str
+    bytes: int
+    stage: str
+    round: int
+    model_version: str | None
+    schema_version: int = SCHEMA_VERSION
+    min_image_id: str | None = None
+    max_image_id: str | None = None
+    commit: str | None = None
+    created_at: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardInfo":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo] = field(default_factory=list)
+    image_indexes: list[ShardInfo] = field(default_factory=list)
+    generation: int = 0
+    last_commit: dict | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({
+            "format": MANIFEST_FORMAT,
+            "manifest_version": MANIFEST_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "generation": self.generation,
+            "updated_at": datetime.now(timezone.utc).isoformat(),
+            "last_commit": self.last_commit,
+            "shards": [asdict(s) for s in self.shards],
+            "image_indexes": [asdict(s) for s in self.image_indexes],
+        }, indent=1).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            d = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptShardError(f"{where}: manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise CorruptShardError(f"{where}: not an sa-engine mask store manifest")
+        if int(d.get("manifest_version", 0)) > MANIFEST_VERSION:
+            raise SchemaVersionError(f"{where}: manifest version {d['manifest_version']} is newer than this "
+                                     f"sa-engine reads ({MANIFEST_VERSION}); upgrade sa-engine")
+        try:
+            return cls(shards=[ShardInfo.from_json(s) for s in d.get("shards", [])],
+                       image_indexes=[ShardInfo.from_json(s) for s in d.get("image_indexes", [])],
+                       generation=int(d.get("generation", 0)), last_commit=d.get("last_commit"))
+        except (TypeError, ValueError) as e:
+            raise CorruptShardError(f"{where}: malformed shard entry in manifest ({e})") from None
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True,
+                   use_dictionary=["image_id", "stage", "origin", "model_version", "annotator"]
+                   if "origin" in table.column_names else ["image_id", "stage", "model_version"])
+    return sink.getvalue().to_pybytes()
+
+
+def _as_list(v) -> list:
+    return [v] if isinstance(v, str) else list(v)
+
+
+class MaskStore:
+    """Parquet mask shards + manifest at `uri` (local folder or s3://bucket/prefix)."""
+
+    def __init__(self, uri: str, s3_endpoint_url: str | None = None, shard_target_mb: float = 64,
+                 s3_region: str | None = None, store: Store | None = None):
+        self.uri = uri
+        self.store = store or open_store(uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
+        self.shard_target_bytes = max(1, int(shard_target_mb * 1024 * 1024))
+
+    def __repr__(self) -> str:
+        return f"MaskStore({self.store.uri!r})"
+
+    # ------------------------------------------------------------ manifest
+
+    def manifest(self) -> Manifest:
+        data, _ = self.store.read_versioned(MANIFEST_KEY)
+        return Manifest() if data is None else Manifest.parse(data, self.store.url(MANIFEST_KEY))
+
+    def shards(self) -> list[ShardInfo]:
+        return self.manifest().shards
+
+    def shard_paths(self) -> list[str]:
+        """Local paths or s3:// URIs of the committed mask shards (for pandas / pyarrow / DuckDB)."""
+        return [self.store.url(s.path) for s in self.shards()]
+
+    def url(self, info: ShardInfo | str) -> str:
+        return self.store.url(info if isinstance(info, str) else info.path)
+
+    def _swap_manifest(self, add_shards: Sequence[ShardInfo], add_indexes: Sequence[ShardInfo],
+                       commit: dict, remove: Sequence[str] = (), expect: int | None = None) -> Manifest:
+        """Compare-and-swap the manifest: current + added - removed. With `expect` (a generation), raise
+        ConflictError instead of retrying when someone else committed in between (upsert must redo)."""
+        for attempt in range(COMMIT_RETRIES):
+            data, version = self.store.read_versioned(MANIFEST_KEY)
+            current = Manifest() if data is None else Manifest.parse(data, self.store.url(MANIFEST_KEY))
+            if expect is not None and current.generation != expect:
+                raise ConflictError(f"{self.store.url(MANIFEST_KEY)}: changed by another writer during upsert")
+            gone = set(remove)
+            new = Manifest(shards=[s for s in current.shards if s.path not in gone] + list(add_shards),
+                           image_indexes=current.image_indexes + list(add_indexes),
+                           generation=current.generation + 1, last_commit=commit)
+            try:
+                self.store.write_if_version(MANIFEST_KEY, new.to_bytes(), version)
+                return new
+            except ConflictError:
+                if expect is not None:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))
+        raise ConflictError(f"{self.store.url(MANIFEST_KEY)}: gave up after {COMMIT_RETRIES} concurrent commits")
+
+    # ------------------------------------------------------------ writing
+
+    def writer(self, stage: str, round: int, model_version: str | None) -> "MaskShardWriter":
+        return MaskShardWriter(self, stage, round, model_version)
+
+    def _write_table(self, table: pa.Table, folder: str, stage: str, round: int,
+                     model_version: str | None, commit: str) -> ShardInfo:
+        """Sort by image_id, write one Parquet file (atomically) and describe it."""
+        table = table.sort_by([("image_id", "ascending")] + (
+            [("mask_id", "ascending")] if "mask_id" in table.column_names else []))
+        data = _parquet_bytes(table)
+        key = f"{folder}/{uuid.uuid4().hex}.parquet"
+        self.store.write_bytes(key, data)
+        ids = table.column("image_id")
+        return ShardInfo(path=key, rows=table.num_rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                         stage=stage, round=int(round), model_version=model_version,
+                         min_image_id=ids[0].as_py() if len(ids) else None,
+                         max_image_id=ids[-1].as_py() if len(ids) else None,
+                         commit=commit, created_at=_now_iso())
+
+    def upsert(self, records: Sequence[MaskRecord], stage: str, round: int,
+               model_version: str | None) -> list[ShardInfo]:
+        """Add or replace masks by mask_id (latest wins). Shards holding an older version are rewritten
+        without it; the replaced versions are summarised in the new record's `history` (JSON list).
+        Returns the shards written (rewritten ones and the new one)."""
+        _check_stage_round(records, stage, round)
+        latest = {r.mask_id: r for r in records}  # within one call, the last one wins too
+        for _ in range(COMMIT_RETRIES):
+            manifest = self.manifest()
+            wanted = pa.array(sorted(latest), pa.string())
+            image_ids = sorted({r.image_id for r in latest.values()})
+            commit = uuid.uuid4().hex
+            written: list[ShardInfo] = []
+            replaced: list[ShardInfo] = []
+            history: dict[str, list] = {}
+            try:
+                for info in self._prune(manifest.shards, image_ids=image_ids):
+                    table = self._read_shard(info, None, None)
+                    hit = pc.is_in(table.column("mask_id"), value_set=wanted)
+                    if not pc.any(hit).as_py():
+                        continue
+                    replaced.append(info)
+                    for row in table.filter(hit).to_pylist():
+                        history.setdefault(row["mask_id"], []).extend(_history_entries(row, info))
+                    kept = table.filter(pc.invert(hit))
+                    if kept.num_rows:
+                        written.append(self._write_table(kept, SHARDS_DIR, info.stage, info.round,
+                                                         info.model_version, commit))
+                new_records = []
+                for r in latest.values():
+                    if r.mask_id in history:
+                        r = _with_history(r, history[r.mask_id])
+                    new_records.append(r)
+                written.append(self._write_table(records_to_table(new_records), SHARDS_DIR, stage, round,
+                                                 model_version, commit))
+                self._swap_manifest(written, [], {"id": commit, "kind": "upsert", "time": _now_iso(),
+                                                  "stage": stage, "round": int(round),
+                                                  "model_version": model_version, "rows": len(new_records),
+                                                  "replaced_shards": [s.path for s in replaced]},
+                                    remove=[s.path for s in replaced], expect=manifest.generation)
+            except ConflictError:
+                for info in written:
+                    self.store.delete(info.path)
+                time.sleep(random.uniform(0.01, 0.1))
+                continue
+            except BaseException:
+                for info in written:
+                    self.store.delete(info.path)
+                raise
+            for info in replaced:  # no longer referenced; readers holding the old manifest re-read
+                self.store.delete(info.path)
+            return written
+        raise ConflictError(f"{self.store.url(MANIFEST_KEY)}: upsert gave up after {COMMIT_RETRIES} conflicts")
+
+    def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
+        """Delete shard/index files no manifest lists (left by crashed writers) older than `min_age_s`.
+        Younger ones may belong to a writer that is about to commit. Returns the deleted keys."""
+        manifest = self.manifest()
+        live = {s.path for s in manifest.shards} | {s.path for s in manifest.image_indexes}
+        deleted = []
+        now = time.time()
+        for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR):
+            if key in live:
+                continue
+            if isinstance(self.store, LocalStore):
+                import os
+
+                age = now - os.stat(self.store.url(key)).st_mtime
+            else:
+                head = self.store.client.head_object(Bucket=self.store.bucket, Key=self.store._key(key))
+                age = now - head["LastModified"].timestamp()
+            if age >= min_age_s:
+                self.store.delete(key)
+                deleted.append(key)
+        return deleted
+
+    # ------------------------------------------------------------ reading
+
+    def _prune(self, shards: Iterable[ShardInfo], stage=None, round=None, image_ids=None) -> list[ShardInfo]:
+        """Shards that can hold matching rows, judged from the manifest alone."""
+        stages = None if stage is None else set(_as_list(stage))
+        lo, hi = _round_range(round)
+        ids = None if image_ids is None else sorted(set(image_ids))
+        out = []
+        for s in shards:
+            if stages is not None and s.stage not in stages:
+                continue
+            if lo is not None and not (lo <= s.round <= hi):
+                continue
+            if ids is not None:
+                if s.min_image_id is None or not ids:
+                    continue
+                i = bisect.bisect_left(ids, s.min_image_id)
+                if i == len(ids) or ids[i] > s.max_image_id:
+                    continue
+            out.append(s)
+        return out
+
+    def _source(self, info: ShardInfo):
+        """What pyarrow opens: the local path, or a ranged-read file over the S3 object."""
+        url = self.store.url(info.path)
+        try:
+            size = self.store.size(info.path)
+        except ObjectNotFound:
+            raise CorruptShardError(f"{url}: listed in the manifest but missing") from None
+        if size != info.bytes:
+            raise CorruptShardError(f"{url}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
+        if isinstance(self.store, LocalStore):
+            return url, pafs.LocalFileSystem()
+        return self.store.open_read(info.path), None
+
+    def _fragment(self, info: ShardInfo):
+        url = self.store.url(info.path)
+        if info.schema_version > SCHEMA_VERSION:
+            raise SchemaVersionError(f"{url}: written with schema version {info.schema_version}, this "
+                                     f"sa-engine reads up to {SCHEMA_VERSION}; upgrade sa-engine")
+        source, filesystem = self._source(info)
+        try:
+            fragment = ds.ParquetFileFormat().make_fragment(source, filesystem=filesystem)
+            meta = fragment.physical_schema.metadata or {}
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorruptShardError(f"{url}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        version = int(meta.get(b"sa_engine_schema_version", b"0"))
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(f"{url}: written with schema version {version}, this sa-engine reads "
+                                     f"up to {SCHEMA_VERSION}; upgrade sa-engine")
+        return fragment
+
+    def _read_shard(self, info: ShardInfo, columns, expr, schema: pa.Schema = MASK_SCHEMA) -> pa.Table:
+        fragment = self._fragment(info)
+        try:
+            return fragment.to_table(schema=schema, columns=columns, filter=expr)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CorruptShardError(f"{self.store.url(info.path)}: cannot decode ({str(e).splitlines()[0]})") from None
+
+    def iter_batches(self, columns: list[str] | None = None, stage: str | list[str] | None = None,
+                     round: int | tuple[int, int] | None = None, verified: bool | None = None,
+                     min_predicted_iou: float | None = None, min_stability_score: float | None = None,
+                     image_ids: Iterable[str] | None = None, model_version: str | None = None,
+                     origin: str | list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream matching rows shard by shard (memory: one row group at a time)."""
+        image_ids = None if image_ids is None else sorted(set(image_ids))
+        expr = _filter_expr(stage, round, verified, min_predicted_iou, min_stability_score, image_ids,
+                            model_version, origin)
+        for info in self._prune(self.shards(), stage, round, image_ids):
+            fragment = self._fragment(info)
+            try:
+                for batch in fragment.to_batches(schema=MASK_SCHEMA, columns=columns, filter=expr):
+                    if batch.num_rows:
+                        yield batch
+            except (pa.ArrowInvalid, OSError) as e:
+                raise CorruptShardError(
+                    f"{self.store.url(info.path)}: cannot decode ({str(e).splitlines()[0]})") from None
+
+    def read_table(self, columns: list[str] | None = None, **filters) -> pa.Table:
+        """All matching rows as one table (filters as in `iter_batches`)."""
+        schema = MASK_SCHEMA if columns is None else pa.schema([MASK_SCHEMA.field(c) for c in columns])
+        batches = list(self.iter_batches(columns=columns, **filters))
+        return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+    def iter_records(self, **filters) -> Iterator[MaskRecord]:
+        for batch in self.iter_batches(**filters):
+            for row in batch.to_pylist():
+                yield MaskRecord.from_row(row)
+
+    def images_table(self, stage: str | list[str] | None = None, model_version: str | None = None,
+                     round: int | tuple[int, int] | None = None) -> pa.Table:
+        """Rows of the per-commit image indexes (`IMAGES_SCHEMA`) matching the filters."""
+        expr = None
+        if model_version is not None:
+            expr = pc.field("model_version") == model_version
+        tables = [self._read_shard(info, None, expr, IMAGES_SCHEMA)
+                  for info in self._prune(self.manifest().image_indexes, stage, round)]
+        return pa.concat_tables(tables) if tables else IMAGES_SCHEMA.empty_table()
+
+    def images_done(self, stage: str, model_version: str | None = None,
+                    round: int | tuple[int, int] | None = None) -> set[str]:
+        """Image ids a committed `stage` run finished (optionally only for one model version / round)."""
+        return set(self.images_table(stage, model_version, round).column("image_id").to_pylist())
+
+    def verify(self) -> None:
+        """Re-hash every committed file; raise CorruptShardError naming the first that disagrees."""
+        manifest = self.manifest()
+        for info in manifest.shards + manifest.image_indexes:
+            url = self.store.url(info.path)
+            try:
+                data = self.store.read_bytes(info.path)
+            except ObjectNotFound:
+                raise CorruptShardError(f"{url}: listed in the manifest but missing") from None
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != info.sha256:
+                raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's "
+                                        f"{info.sha256[:12]}… (corrupted or replaced)")
+            self._fragment(info)  # schema version of the file itself
+
+
+class MaskShardWriter:
+    """Buffers records of one (stage, round, model_version), writes shards of about the target size,
+    and makes them visible on `commit()`. Use as a context manager: leaving the block by an
+    exception discards what was not committed; leaving it normally commits what is pending."""
+
+    def __init__(self, mask_store: MaskStore, stage: str, round: int, model_version: str | None):
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r}: not one of {STAGES}")
+        self.mask_store = mask_store
+        self.stage, self.round, self.model_version = stage, int(round), model_version
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
+        self._written: list[ShardInfo] = []
+        self._images: list[dict] = []
+        self._bytes_ratio = 0.5  # Parquet bytes per in-memory Arrow byte, learnt from each shard written
+        self._commit = uuid.uuid4().hex
+
+    def __enter__(self) -> "MaskShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._pending or self._written or self._images:
+            self.commit()
+
+    def add(self, records: Sequence[MaskRecord]) -> None:
+        if not records:
+            return
+        _check_stage_round(records, self.stage, self.round)
+        table = records_to_table(list(records))
+        self._pending.append(table)
+        self._pending_bytes += table.nbytes
+        if self._pending_bytes * self._bytes_ratio >= self.mask_store.shard_target_bytes:
+            self._flush()
+
+    def image_done(self, image_id: str, n_masks: int) -> None:
+        """Record that this stage finished `image_id` (visible after commit, for resuming runs)."""
+        self._images.append({"image_id": image_id, "stage": self.stage, "round": self.round,
+                             "model_version": self.model_version, "n_masks": int(n_masks),
+                             "commit": self._commit, "done_at": datetime.now(timezone.utc)})
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        info = self.mask_store._write_table(table, SHARDS_DIR, self.stage, self.round, self.model_version,
+                                            self._commit)
+        self._bytes_ratio = max(0.05, info.bytes / max(1, table.nbytes))
+        self._written.append(info)
+        self._pending, self._pending_bytes = [], 0
+
+    def commit(self) -> list[ShardInfo]:
+        """Write what is buffered, then the image index, then the manifest (the commit point)."""
+        try:
+            self._flush()
+            indexes = []
+            if self._images:
+                indexes.append(self.mask_store._write_table(
+                    pa.Table.from_pylist(self._images, schema=IMAGES_SCHEMA), IMAGES_DIR, self.stage,
+                    self.round, self.model_version, self._commit))
+            rows = sum(s.rows for s in self._written)
+            self.mask_store._swap_manifest(self._written, indexes, {
+                "id": self._commit, "kind": "append", "time": _now_iso(), "stage": self.stage,
+                "round": self.round, "model_version": self.model_version, "rows": rows,
+                "images": len(self._images)})
+        except BaseException:
+            self.abort()
+            raise
+        committed = self._written
+        self._written, self._images = [], []
+        self._commit = uuid.uuid4().hex
+        return committed
+
+    def abort(self) -> None:
+        """Drop everything not yet committed (written shard files are deleted; none was visible)."""
+        for info in self._written:
+            try:
+                self.mask_store.store.delete(info.path)
+            except StoreError:
+                pass  # an unreferenced file is invisible; collect_garbage removes it later
+        self._pending, self._pending_bytes, self._written, self._images = [], 0, [], []
+
+
+def _check_stage_round(records: Sequence[MaskRecord], stage: str, round: int) -> None:
+    for r in records:
+        if r.stage != stage or int(r.round) != int(round):
+            raise ValueError(f"mask {r.mask_id} of image {r.image_id}: stage/round {r.stage}/{r.round} "
+                             f"differs from the writer's {stage}/{round}")
+
+
+def _round_range(round) -> tuple[int | None, int | None]:
+    if round is None:
+        return None, None
+    if isinstance(round, (tuple, list)):
+        return int(round[0]), int(round[1])
+    return int(round), int(round)
+
+
+def _filter_expr(stage, round, verified, min_predicted_iou, min_stability_score, image_ids,
+                 model_version, origin) -> ds.Expression | None:
+    """The row-level filter pyarrow pushes down to row groups (statistics) and then applies."""
+    parts = []
+    if stage is not None:
+        parts.append(pc.field("stage").isin(_as_list(stage)))
+    lo, hi = _round_range(round)
+    if lo is not None:
+        parts.append((pc.field("round") >= lo) & (pc.field("round") <= hi))
+    if verified is not None:
+        parts.append(pc.field("verified") == bool(verified))
+    if min_predicted_iou is not None:
+        parts.append(pc.field("predicted_iou") >= float(min_predicted_iou))
+    if min_stability_score is not None:
+        parts.append(pc.field("stability_score") >= float(min_stability_score))
+    if image_ids is not None:
+        parts.append(pc.field("image_id").isin(list(image_ids)))
+    if model_version is not None:
+        parts.append(pc.field("model_version") == model_version)
+    if origin is not None:
+        parts.append(pc.field("origin").isin(_as_list(origin)))
+    expr = None
+    for p in parts:
+        expr = p if expr is None else expr & p
+    return expr
+
+
+def _history_entries(row: dict, shard: ShardInfo) -> list:
+    """What survives of a replaced version: its own history plus one summary of itself."""
+    earlier = json.loads(row["history"]) if row.get("history") else []
+    created = row["created_at"]
+    return earlier + [{
+        "version": f"{shard.path}#{created.isoformat() if created else ''}",
+        "stage": row["stage"], "round": row["round"], "model_version": row["model_version"],
+        "origin": row["origin"], "annotator": row["annotator"], "verified": row["verified"],
+        "area": row["area"], "predicted_iou": row["predicted_iou"],
+        "rle_sha1": hashlib.sha1(row["rle"]).hexdigest()[:16],
+        "created_at": created.isoformat() if created else None,
+        "replaced_at": _now_iso(),
+    }]
+
+
+def _with_history(record: MaskRecord, replaced: list) -> MaskRecord:
+    from dataclasses import replace
+
+    # A caller that read the record back may pass its old history along: don't repeat it.
+    return replace(record, history=replaced + [h for h in (record.history or []) if h not in replaced])
