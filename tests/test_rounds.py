@@ -1,0 +1,347 @@
+"""The round loop and its ledger: the SA-1B plan, gated promotion, and resume after a crash, Ctrl-C or SIGKILL.
+
+The loop runs here with cheap real step functions (they write small files and keep a trace of every call);
+the real stages are exercised by their own tests and by the end-to-end demo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.config import EngineConfig, load_config
+from engine.rounds import (LEDGER_FILE, Ledger, LedgerError, StepFailed, Steps, WorkdirLock, promotion_decision,
+                           run_rounds, select_images)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Holdout 1-click mIoU each round's retraining adds to its starting model: round 2 regresses (so it must be
+# kept out), round 3 improves on round 1's model.
+GAIN = {0: 0.2, 1: 0.15, 2: -0.05, 3: 0.1}
+
+
+# --- cheap real step functions ------------------------------------------------------------------
+
+def _trace(cfg: EngineConfig, *event) -> None:
+    """Append one line per call (fsync'd, so a SIGKILL right after still leaves it)."""
+    with open(Path(cfg.workdir) / "trace.log", "a") as f:
+        f.write(json.dumps(event) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _hang_if_asked(cfg: EngineConfig, what: str) -> None:
+    """Block once at step `what` when SA_TEST_HANG_AT names it (the parent kills us there)."""
+    if os.environ.get("SA_TEST_HANG_AT") != what:
+        return
+    marker = Path(cfg.workdir) / f"hung-{what}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _fail_once_if_asked(cfg: EngineConfig, what: str) -> None:
+    if os.environ.get("SA_TEST_FAIL_AT") != what:
+        return
+    marker = Path(cfg.workdir) / f"failed-{what}"
+    if not marker.exists():
+        marker.write_text("1")
+        raise OSError(f"{what}: disk full (test)")
+
+
+def _write_model(out_dir: str, quality: float, parent: str | None) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "model.json").write_text(json.dumps({"quality": quality, "parent": parent}))
+
+
+def _quality(checkpoint: str) -> float:
+    return json.loads((Path(checkpoint) / "model.json").read_text())["quality"]
+
+
+def list_images(cfg):
+    _trace(cfg, "list")
+    return sorted(p.stem for p in Path(cfg.path(cfg.images.source)).iterdir())
+
+
+def init_model(cfg, out_dir):
+    _trace(cfg, "init", out_dir)
+    _write_model(out_dir, 0.1, None)
+    return {"checkpoint": out_dir, "source": "fresh"}
+
+
+def bootstrap(cfg, checkpoint, out_dir):
+    _trace(cfg, "bootstrap", checkpoint, out_dir)
+    _write_model(out_dir, _quality(checkpoint) + GAIN[0], checkpoint)
+    return {"checkpoint": out_dir, "metrics": {"loss": 1.0}, "minutes": cfg.model.bootstrap_minutes}
+
+
+def _stage(name):
+    def run(cfg, round, checkpoint, image_ids):
+        _trace(cfg, name, round, checkpoint, image_ids)
+        _hang_if_asked(cfg, f"{name}:{round}")
+        _fail_once_if_asked(cfg, f"{name}:{round}")
+        q = _quality(checkpoint)
+        masks = {i: 10 + round * 5 for i in image_ids}
+        out = Path(cfg.workdir) / "masks" / f"{name}-r{round}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(masks))
+        return {"images": len(image_ids), "masks": sum(masks.values()),
+                "masks_per_image": sum(masks.values()) / len(image_ids),
+                "clicks_per_mask": round_clicks(q), "seconds_per_mask": 3 + 1.5 * round_clicks(q)}
+    return run
+
+
+def round_clicks(quality: float) -> float:
+    return round(10 * (1 - quality), 3)
+
+
+def train(cfg, init_checkpoint, out_dir, round):
+    _trace(cfg, "train", round, init_checkpoint, out_dir)
+    _hang_if_asked(cfg, f"train:{round}")
+    _write_model(out_dir, _quality(init_checkpoint) + GAIN[round], init_checkpoint)
+    return {"checkpoint": out_dir, "metrics": {"loss": 1.0 / round}, "minutes": 0.01}
+
+
+def evaluate(cfg, checkpoint):
+    _trace(cfg, "eval", checkpoint)
+    q = _quality(checkpoint)
+    return {"miou@1": q, "miou@3": q + 0.1, "miou@5": q + 0.15, "box_miou": q + 0.2}
+
+
+CHEAP = Steps(list_images=list_images, init_model=init_model, bootstrap=bootstrap, manual=_stage("manual"),
+              semi=_stage("semi"), auto=_stage("auto"), train=train, evaluate=evaluate)
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    images = tmp_path / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(20):
+        (images / f"img-{i:03d}.png").write_bytes(b"")
+    data = {"workdir": str(tmp_path / "run"), "images": {"source": str(images)},
+            "stages": {"manual": {"rounds": 2, "images_per_round": 4}, "semi": {"rounds": 1, "images_per_round": 5}}}
+    for key, value in extra.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    p = tmp_path / "engine.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _trace_lines(cfg: EngineConfig) -> list[list]:
+    p = Path(cfg.workdir) / "trace.log"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def _child(config_path: str) -> None:
+    """Subprocess entry: run the loop with the cheap steps (signals and kills come from the parent)."""
+    run_rounds(load_config(config_path), CHEAP)
+
+
+def _spawn(config_path: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"from tests.test_rounds import _child; _child({str(config_path)!r})"],
+                            cwd=REPO, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited ({proc.returncode}) before {path.name}: {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+def test_rounds_follow_the_sa1b_plan_and_promotion_is_gated(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    summary = run_rounds(cfg, CHEAP)
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    assert [e["step"] for e in ledger.entries()] == [
+        "r0.init", "r0.eval",
+        "r1.select", "r1.manual", "r1.train", "r1.eval", "r1.promote",
+        "r2.select", "r2.manual", "r2.train", "r2.eval", "r2.promote",
+        "r3.select", "r3.semi", "r3.train", "r3.eval", "r3.promote",
+        "r4.select", "r4.auto"]
+    assert all(e["status"] == "done" and e["attempts"] == 1 and e["seconds"] >= 0 for e in ledger.entries())
+
+    models = Path(cfg.workdir).resolve() / "models"
+    r1, r2, r3 = (ledger.get(f"r{r}.promote")["outputs"] for r in (1, 2, 3))
+    assert r1["promoted"] and r1["checkpoint"] == str(models / "r1")
+    # round 2's model is worse on the holdout: kept out, and the ledger says why
+    assert not r2["promoted"] and r2["checkpoint"] == str(models / "r1")
+    assert r2["reason"].startswith("kept current model: candidate miou@1 0.2000 does not beat current 0.2500")
+    # round 3 trains from round 1's model (the promoted one), not from round 2's
+    assert ledger.get("r3.train")["inputs"]["init_checkpoint"] == str(models / "r1")
+    assert ledger.get("r3.semi")["inputs"]["checkpoint"] == str(models / "r1")
+    assert r3["promoted"] and summary["final_checkpoint"] == str(models / "r3")
+    assert ledger.get("r4.auto")["inputs"]["checkpoint"] == str(models / "r3")
+
+    # disjoint selections; the automatic stage takes the rest
+    picked = [ledger.get(f"r{r}.select")["outputs"]["image_ids"] for r in (1, 2, 3, 4)]
+    assert [len(p) for p in picked] == [4, 4, 5, 7]
+    assert len(set().union(*picked)) == 20
+    assert [r["decision"]["promoted"] for r in summary["rounds"]] == [True, False, True]
+
+
+def test_final_auto_over_all_images_and_bootstrap_round(tmp_path):
+    cfg = load_config(_config(tmp_path, **{"stages.final_auto": "all", "model.bootstrap_minutes": 1.0}))
+    run_rounds(cfg, CHEAP)
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    steps = [e["step"] for e in ledger.entries()]
+    assert steps[:3] == ["r0.init", "r0.bootstrap", "r0.eval"]
+    # the baseline is the bootstrapped model, so round 1 must beat it
+    assert ledger.get("r0.eval")["inputs"]["checkpoint"].endswith("r0-bootstrap")
+    assert ledger.get("r0.eval")["outputs"]["miou@1"] == pytest.approx(0.3)
+    assert len(ledger.get("r4.select")["outputs"]["image_ids"]) == 20
+
+
+def test_no_rounds_runs_only_the_automatic_stage(tmp_path):
+    cfg = load_config(_config(tmp_path, **{"stages.manual.rounds": 0, "stages.semi.rounds": 0}))
+    run_rounds(cfg, CHEAP)
+    assert [e["step"] for e in Ledger(Path(cfg.workdir) / LEDGER_FILE).entries()] == [
+        "r0.init", "r1.select", "r1.auto"]
+
+
+def test_rounds_without_images_left_are_skipped(tmp_path):
+    cfg = load_config(_config(tmp_path, **{"stages.manual.images_per_round": 15}))
+    summary = run_rounds(cfg, CHEAP)
+    assert [r["images"] for r in summary["rounds"]] == [15, 5, 0]
+    assert "no unannotated images left" in summary["rounds"][2]["note"]
+    assert summary["auto"] is None
+
+
+def test_selection_is_deterministic_and_disjoint():
+    ids = [f"i{k:02d}" for k in range(30)]
+    a = select_images(ids, set(), 5, seed=0, round=1)
+    assert a == select_images(list(reversed(ids)), set(), 5, seed=0, round=1) == sorted(a)
+    b = select_images(ids, set(a), 5, seed=0, round=2)
+    assert not set(a) & set(b)
+    assert select_images(ids, set(a) | set(b), None, seed=0, round=3) == sorted(set(ids) - set(a) - set(b))
+
+
+def test_promotion_decision_edges():
+    assert promotion_decision("miou@1", {"miou@1": 0.5}, None, 0.0)["promoted"]
+    tie = promotion_decision("miou@1", {"miou@1": 0.5}, {"miou@1": 0.5}, 0.0)
+    assert not tie["promoted"] and "does not beat" in tie["reason"]
+    assert not promotion_decision("miou@1", {"miou@1": 0.52}, {"miou@1": 0.5}, 0.05)["promoted"]
+    with pytest.raises(StepFailed, match="the evaluation has no 'miou@1' \\(has: box_miou\\)"):
+        promotion_decision("miou@1", {"box_miou": 0.5}, None, 0.0)
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+def test_rerun_of_a_finished_run_redoes_nothing(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    first = run_rounds(cfg, CHEAP)
+    calls = _trace_lines(cfg)
+    again = run_rounds(cfg, CHEAP)
+    assert _trace_lines(cfg) == calls
+    assert again == first
+
+
+def test_resume_after_sigkill_never_redoes_a_committed_step(tmp_path):
+    reference = load_config(_config(tmp_path / "ref"))
+    run_rounds(reference, CHEAP)
+
+    path = _config(tmp_path / "killed")
+    cfg = load_config(path)
+    proc = _spawn(path, SA_TEST_HANG_AT="train:2")
+    _wait_for(Path(cfg.workdir) / "hung-train:2", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)  # parses: the file is never torn
+    assert ledger.get("r2.train")["status"] == "started"
+    assert [e["step"] for e in ledger.entries() if e["status"] == "done"] == [
+        "r0.init", "r0.eval", "r1.select", "r1.manual", "r1.train", "r1.eval", "r1.promote",
+        "r2.select", "r2.manual"]
+    before = _trace_lines(cfg)
+
+    proc = _spawn(path, SA_TEST_HANG_AT="train:2")  # the marker exists: no hang this time
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    after = _trace_lines(cfg)[len(before):]
+    # the rerun starts at the unfinished step: nothing committed ran again
+    assert after[0][0] == "train" and after[0][1] == 2
+    assert not [e for e in after if e[0] in ("init", "manual") or (e[0] == "train" and e[1] == 1)]
+    assert sum(1 for e in _trace_lines(cfg) if e[:2] == ["train", 2]) == 2
+
+    done = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    assert done.get("r2.train")["attempts"] == 2
+    ref = Ledger(Path(reference.workdir) / LEDGER_FILE)
+    strip = lambda e: json.loads(json.dumps(e).replace(str(Path(reference.workdir).resolve()), "W")
+                                 .replace(str(Path(cfg.workdir).resolve()), "W"))
+    assert [strip(e)["outputs"] for e in done.entries()] == [strip(e)["outputs"] for e in ref.entries()]
+
+
+def test_sigterm_and_ctrl_c_are_recorded_as_interrupted(tmp_path):
+    path = _config(tmp_path)
+    cfg = load_config(path)
+    proc = _spawn(path, SA_TEST_HANG_AT="semi:3")
+    _wait_for(Path(cfg.workdir) / "hung-semi:3", proc)
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends
+    assert proc.wait(timeout=30) != 0
+    rec = Ledger(Path(cfg.workdir) / LEDGER_FILE).get("r3.semi")
+    assert rec["status"] == "interrupted" and rec["error"] == "interrupted"
+
+    proc = _spawn(path, SA_TEST_HANG_AT="auto:4")
+    _wait_for(Path(cfg.workdir) / "hung-auto:4", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) != 0
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    assert ledger.get("r3.semi")["status"] == "done" and ledger.get("r3.semi")["attempts"] == 2
+    assert ledger.get("r4.auto")["status"] == "interrupted"
+
+
+def test_a_failing_step_is_named_recorded_and_resumed(tmp_path, monkeypatch):
+    cfg = load_config(_config(tmp_path))
+    monkeypatch.setenv("SA_TEST_FAIL_AT", "semi:3")
+    with pytest.raises(StepFailed, match=r"^r3\.semi: semi:3: disk full \(test\)$"):
+        run_rounds(cfg, CHEAP)
+    rec = Ledger(Path(cfg.workdir) / LEDGER_FILE).get("r3.semi")
+    assert rec["status"] == "failed" and rec["error"] == "semi:3: disk full (test)"
+    run_rounds(cfg, CHEAP)
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    assert ledger.get("r3.semi")["attempts"] == 2 and ledger.get("r4.auto")["status"] == "done"
+
+
+def test_a_step_returning_a_non_dict_fails_clearly(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    steps = Steps(**{**CHEAP.__dict__, "evaluate": lambda cfg, ckpt: 0.5})
+    with pytest.raises(StepFailed, match=r"^r0\.eval: returned float, expected a dict$"):
+        run_rounds(cfg, steps)
+
+
+def test_changed_plan_after_a_commit_is_refused(tmp_path):
+    run_rounds(load_config(_config(tmp_path)), CHEAP)
+    changed = load_config(_config(tmp_path, **{"stages.manual.images_per_round": 3}))
+    with pytest.raises(LedgerError, match=r"step r1\.select was committed with other inputs \(count\)"):
+        run_rounds(changed, CHEAP)
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    with WorkdirLock(cfg.workdir):
+        with pytest.raises(LedgerError, match=f"another sa-engine run is using this work dir \\(pid {os.getpid()}\\)"):
+            run_rounds(cfg, CHEAP)
+    run_rounds(cfg, CHEAP)  # released
+
+
+def test_a_corrupt_ledger_is_named(tmp_path):
+    cfg = load_config(_config(tmp_path))
+    Path(cfg.workdir).mkdir(parents=True)
+    (Path(cfg.workdir) / LEDGER_FILE).write_text('{"step": "r0.init", "status": "done"}\n{"step": \n')
+    with pytest.raises(LedgerError, match=r"ledger\.jsonl:2: not valid JSON"):
+        run_rounds(cfg, CHEAP)
