@@ -1,0 +1,132 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.images import BadImage, ImageSource, decode_image, fit_max_side, image_id_from_key
+from storage.quarantine import Quarantine
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = np.zeros((20, 30, 3), np.uint8)
+RGB[:5, :10] = [200, 10, 20]
+
+
+def test_rgb_png_and_grayscale():
+    assert np.array_equal(decode_image(png_bytes(Image.fromarray(RGB)), "x"), RGB)
+    grey = decode_image(png_bytes(Image.fromarray(RGB[..., 0])), "x")
+    assert grey.shape == (20, 30, 3) and np.array_equal(grey[..., 1], RGB[..., 0])
+    binary = decode_image(png_bytes(Image.fromarray(RGB[..., 0] > 0)), "x")
+    assert set(np.unique(binary)) == {0, 255}
+
+
+def test_sixteen_bit_grey_maps_full_range_to_eight_bits():
+    values = np.array([[0, 257, 65535, 32896]], np.uint16)
+    out = decode_image(png_bytes(Image.fromarray(values)), "x")
+    assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 1, 255, 128]
+
+
+def test_alpha_is_composited_over_white_and_palette_converted():
+    rgba = np.dstack([RGB, np.full((20, 30), 255, np.uint8)])
+    rgba[-1, -1, 3] = 0  # fully transparent pixel
+    out = decode_image(png_bytes(Image.fromarray(rgba, "RGBA")), "x")
+    assert out[0, 0].tolist() == [200, 10, 20] and out[-1, -1].tolist() == [255, 255, 255]
+    la = Image.fromarray(np.dstack([RGB[..., 0], np.full((20, 30), 255, np.uint8)]), "LA")
+    assert decode_image(png_bytes(la), "x")[0, 0].tolist() == [200, 200, 200]
+    palette = Image.fromarray(RGB).convert("P", palette=Image.ADAPTIVE, colors=4)
+    assert np.array_equal(decode_image(png_bytes(palette, "GIF"), "x"), RGB)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.fromarray(RGB)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    out = decode_image(png_bytes(img, "JPEG", exif=exif, quality=95), "x")
+    assert out.shape == (30, 20, 3)
+    # the red block (top-left, 5x10) ends up in the top-right corner, 10 tall and 5 wide
+    assert out[:10, -5:, 0].mean() > 150 and out[:10, :5, 0].mean() < 50
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file (0 bytes)"),
+    (b"this is text, not an image", "not an image"),
+    (png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+               "JPEG")[:600], "truncated or corrupt"),
+    (png_bytes(Image.new("1", (20000, 20000))), "decompression bomb"),
+])
+def test_bad_images_raise_one_line_reasons(data, reason):
+    with pytest.raises(BadImage) as e:
+        decode_image(data, "s3://b/img.jpg")
+    message = str(e.value)
+    assert message.startswith("s3://b/img.jpg: ") and reason in message and "\n" not in message
+
+
+def test_pixel_limit_is_configurable():
+    with pytest.raises(BadImage, match="exceeds the 100 pixel limit"):
+        decode_image(png_bytes(Image.fromarray(RGB)), "x", max_pixels=100)
+
+
+def test_fit_max_side():
+    big = np.zeros((300, 1000, 3), np.uint8)
+    small, scale = fit_max_side(big, 500)
+    assert small.shape == (150, 500, 3) and scale == 0.5
+    same, scale = fit_max_side(big, 1000)
+    assert same is big and scale == 1.0
+
+
+def make_folder(root):
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(RGB).save(root / "b.png")
+    Image.fromarray(np.zeros((100, 400, 3), np.uint8)).save(root / "sub" / "a_large.png")
+    (root / "c_zero.jpg").write_bytes(b"")
+    (root / "d_text.jpg").write_text("not an image")
+    (root / "notes.txt").write_text("not listed: not an image extension")
+    (root / "annotations.json").write_text("{}")
+
+
+def test_source_lists_sorted_stable_ids_and_downscales(tmp_path):
+    make_folder(tmp_path / "imgs")
+    src = ImageSource(str(tmp_path / "imgs"), max_side=200)
+    refs = src.list()
+    assert [r.image_id for r in refs] == ["b.png", "c_zero.jpg", "d_text.jpg", "sub/a_large.png"]
+    assert refs[0].uri == str(tmp_path / "imgs" / "b.png")
+    assert image_id_from_key("sub/a_large.png") == "sub/a_large.png"
+    large = src.load(refs[-1])
+    assert large.pixels.shape == (50, 200, 3) and large.original_size == (100, 400) and large.scale == 0.5
+    assert src.load(src.ref("b.png")).scale == 1.0
+
+
+def test_load_many_quarantines_bad_files_and_goes_on(tmp_path):
+    make_folder(tmp_path / "imgs")
+    src = ImageSource(str(tmp_path / "imgs"), max_side=200, large_images="quarantine")
+    quarantine = Quarantine(str(tmp_path / "store"))
+    loaded = list(src.load_many(src.list(), quarantine, stage="auto"))
+    assert [im.image_id for im in loaded] == ["b.png"]
+    entries = quarantine.entries()
+    assert [(e["thing"].split("/imgs/")[1], e["stage"]) for e in entries] == [
+        ("c_zero.jpg", "auto"), ("d_text.jpg", "auto"), ("sub/a_large.png", "auto")]
+    assert entries[0]["reason"] == "empty file (0 bytes)"
+    assert "larger than max_side=200" in entries[2]["reason"]
+    # a second worker (e.g. a re-run) adds its own file; the same thing/reason/stage is listed once
+    again = Quarantine(str(tmp_path / "store"))
+    list(src.load_many(src.list(), again, stage="auto"))
+    assert len(again.entries()) == 3
+    assert len(list((tmp_path / "store" / "quarantine").glob("*.jsonl"))) == 2
+    assert again.things("auto") == {e["thing"] for e in entries} and again.things("manual") == set()
+
+
+def test_missing_file_is_a_bad_image(tmp_path):
+    src = ImageSource(str(tmp_path))
+    with pytest.raises(BadImage, match="gone.png: not found"):
+        src.load(src.ref("gone.png"))
+
+
+def test_invalid_large_image_policy(tmp_path):
+    with pytest.raises(ValueError, match="large_images"):
+        ImageSource(str(tmp_path), large_images="crop")
