@@ -520,10 +520,11 @@ def _filter_expr(stage, round, verified, min_predicted_iou, min_stability_score,
         parts.append((pc.field("round") >= lo) & (pc.field("round") <= hi))
     if verified is not None:
         parts.append(pc.field("verified") == bool(verified))
+    # Scores are stored as float32: compare in float32, so a threshold of 0.88 keeps a stored 0.88.
     if min_predicted_iou is not None:
-        parts.append(pc.field("predicted_iou") >= float(min_predicted_iou))
+        parts.append(pc.field("predicted_iou") >= pa.scalar(float(min_predicted_iou), pa.float32()))
     if min_stability_score is not None:
-        parts.append(pc.field("stability_score") >= float(min_stability_score))
+        parts.append(pc.field("stability_score") >= pa.scalar(float(min_stability_score), pa.float32()))
     if image_ids is not None:
         parts.append(pc.field("image_id").isin(list(image_ids)))
     if model_version is not None:
