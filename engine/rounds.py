@@ -198,12 +198,9 @@ def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
     """
     if cfg.model.checkpoint:
         return {"checkpoint": cfg.path(cfg.model.checkpoint), "source": "config"}
-    import torch
-
     from model.segmenter import Segmenter
 
-    torch.manual_seed(cfg.seed)
-    seg = Segmenter.new(preset=cfg.model.preset)
+    seg = Segmenter.new(preset=cfg.model.preset, seed=cfg.seed)
     seg.save(out_dir, metadata={"round": 0, "source": f"fresh {cfg.model.preset}", "seed": cfg.seed})
     return {"checkpoint": out_dir, "source": f"fresh {cfg.model.preset}"}
 
@@ -216,7 +213,7 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     """
     from engine.synth import write_synthetic_dataset
     from model.train import train_round
-    from storage.images import ImageSource
+    from storage.images import image_id_from_key
     from storage.records import MaskRecord, make_mask_id
     from storage.shards import MaskStore
 
@@ -229,15 +226,13 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     store = MaskStore(store_uri)
     if not store.images_done("manual", round=0):
         coco = json.loads((data / "annotations.json").read_text())
-        ids = {ref.key.rsplit("/", 1)[-1]: ref.image_id
-               for ref in ImageSource(str(data / "images")).list()}
         files = {im["id"]: im for im in coco["images"]}
         by_image: dict[int, list[dict]] = {}
         for ann in coco["annotations"]:
             by_image.setdefault(ann["image_id"], []).append(ann)
         with store.writer(stage="manual", round=0, model_version=None) as w:
             for coco_id, im in files.items():
-                image_id = ids[im["file_name"]]
+                image_id = image_id_from_key(im["file_name"])
                 anns = by_image.get(coco_id, [])
                 w.add([MaskRecord(
                     image_id=image_id, mask_id=make_mask_id(image_id, "bootstrap", a["id"]),

@@ -204,27 +204,16 @@ def test_ray_auto_without_a_cluster(monkeypatch):
     assert ray_address_problem("auto") is None
 
 
-def test_missing_s3_bucket_is_named(tmp_path, monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        import boto3
-
-        endpoint = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="there")
-        data = _ready_workdir(tmp_path)
-        data["storage"] = {"root": "s3://nope/store", "s3_endpoint_url": endpoint, "s3_region": "us-east-1"}
-        assert check_config(load_config(_write(tmp_path, data))) == [
-            "storage.root: s3://nope/store: bucket does not exist"]
-        data["storage"]["root"] = "s3://there/store"
-        assert check_config(load_config(_write(tmp_path, data))) == []
-    finally:
-        server.stop()
+def test_missing_s3_bucket_is_named(tmp_path, s3_bucket):
+    data = _ready_workdir(tmp_path)
+    data["storage"] = {"root": "s3://nope-not-there/store", "s3_endpoint_url": s3_bucket.endpoint_url,
+                       "s3_region": "us-east-1"}
+    assert check_config(load_config(_write(tmp_path, data))) == [
+        "storage.root: s3://nope-not-there/store: bucket does not exist"]
+    data["storage"]["root"] = f"{s3_bucket.uri}/store"
+    data["images"]["source"] = "s3://nope-not-there/images"
+    assert check_config(load_config(_write(tmp_path, data))) == [
+        "images.source: s3://nope-not-there/images: bucket does not exist"]
 
 
 def test_cli_check_prints_one_line_per_problem_and_exits_2(tmp_path):

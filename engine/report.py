@@ -1,0 +1,460 @@
+"""The report: what each round and stage produced, and how the model and the annotators' cost moved.
+
+Built from the round ledger (decisions, evaluations, stage summaries, timings) and the mask shards
+(counts, clicks and seconds per mask, scores, the masks themselves). Writes `report.md` and PNG plots
+(matplotlib, Agg) into one folder:
+
+    miou_by_round.png      holdout mIoU at 1/3/5 clicks of the model in use after each round (+ rejected candidates)
+    annotation_cost.png    clicks and seconds per mask, per manual/semi round
+    masks_per_image.png    masks per image, per round, coloured by stage
+    scores.png             predicted IoU and stability score of model-made masks
+    gallery.png            images with their masks overlaid
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import EngineConfig
+from engine.rounds import LEDGER_FILE, Ledger
+
+STAGE_COLORS = {"manual": "#1f77b4", "semi": "#ff7f0e", "auto": "#2ca02c"}
+STAGE_TITLES = {"manual": "Assisted-manual", "semi": "Semi-automatic", "auto": "Fully automatic"}
+MASK_COLUMNS = ["image_id", "stage", "origin", "round", "verified", "clicks", "lead_time_s", "predicted_iou",
+                "stability_score", "area"]
+
+
+class ReportError(RuntimeError):
+    """The report can't be built (no ledger, unreadable store); one line naming the thing."""
+
+
+# --- gathering -----------------------------------------------------------------------------------
+
+def _mask_table(cfg: EngineConfig):
+    """All committed masks' light columns as a pandas DataFrame (no RLE), or an empty one."""
+    import pandas as pd
+
+    from storage.shards import MaskStore
+
+    store = MaskStore(cfg.path(cfg.storage.root), s3_endpoint_url=cfg.storage.s3_endpoint_url,
+                      s3_region=cfg.storage.s3_region)
+    if not store.shards():
+        return store, pd.DataFrame(columns=MASK_COLUMNS)
+    return store, store.read_table(columns=MASK_COLUMNS).to_pandas()
+
+
+def _mean(values) -> float | None:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def round_rows(ledger: Ledger, masks, metric_keys: list[str]) -> list[dict]:
+    """One row per round: stage, images, masks, masks/image, clicks/mask, s/mask, candidate eval, decision.
+
+    Counts come from the shards (what was committed); clicks and seconds per mask from the shards'
+    `clicks` / `lead_time_s` columns, falling back to the stage summary in the ledger.
+    """
+    rows = []
+    rounds = sorted({e["round"] for e in ledger.entries() if e["kind"] == "select"})
+    for r in rounds:
+        sel = ledger.get(f"r{r}.select")
+        stage = (sel.get("inputs") or {}).get("stage")
+        stage_rec = ledger.get(f"r{r}.{stage}") or {}
+        summary = stage_rec.get("outputs") or {}
+        selected = len((sel.get("outputs") or {}).get("image_ids", []))
+        mine = masks[(masks["stage"] == stage) & (masks["round"] == r)] if len(masks) else masks
+        n_masks = int(len(mine)) if len(masks) else int(summary.get("masks", 0) or 0)
+        n_images = int(mine["image_id"].nunique()) if len(masks) else int(summary.get("images", 0) or 0)
+        images = max(n_images, int(summary.get("images", 0) or 0)) or selected
+        clicks = _mean(mine["clicks"].tolist()) if len(mine) else None
+        seconds = _mean(mine["lead_time_s"].tolist()) if len(mine) else None
+        ev = (ledger.get(f"r{r}.eval") or {}).get("outputs") or {}
+        dec = (ledger.get(f"r{r}.promote") or {}).get("outputs") or {}
+        rows.append({
+            "round": r, "stage": stage, "status": stage_rec.get("status", "not run"),
+            "images": images, "masks": n_masks,
+            "masks_per_image": n_masks / images if images else None,
+            "clicks_per_mask": clicks if clicks is not None else summary.get("clicks_per_mask"),
+            "seconds_per_mask": seconds if seconds is not None else summary.get("seconds_per_mask"),
+            "stage_seconds": stage_rec.get("seconds"),
+            "eval": {k: ev.get(k) for k in metric_keys},
+            "promoted": dec.get("promoted"), "reason": dec.get("reason"),
+        })
+    return rows
+
+
+def model_curve(ledger: Ledger, metric_keys: list[str]) -> list[dict]:
+    """The holdout scores of the model in use after each round (round 0: the starting model).
+
+    Each point: {round, in_use: {metric: v}, candidate: {metric: v} | None, promoted: bool | None}.
+    """
+    base = (ledger.get("r0.eval") or {}).get("outputs")
+    if base is None:
+        return []
+    points = [{"round": 0, "in_use": {k: base.get(k) for k in metric_keys}, "candidate": None, "promoted": None}]
+    current = points[0]["in_use"]
+    for e in ledger.entries():
+        if e["kind"] != "promote" or e["status"] != "done":
+            continue
+        r = e["round"]
+        cand = (ledger.get(f"r{r}.eval") or {}).get("outputs") or {}
+        cand = {k: cand.get(k) for k in metric_keys}
+        if e["outputs"]["promoted"]:
+            current = cand
+        points.append({"round": r, "in_use": current, "candidate": cand, "promoted": e["outputs"]["promoted"]})
+    return points
+
+
+def stage_table(rows: list[dict], masks) -> list[dict]:
+    """The SAM paper's per-stage view: stage, rounds, images, masks, masks/image, clicks and s per mask."""
+    out = []
+    for stage in ("manual", "semi", "auto"):
+        mine = [r for r in rows if r["stage"] == stage and r["status"] == "done"]
+        if not mine:
+            continue
+        images = sum(r["images"] for r in mine)
+        n_masks = sum(r["masks"] for r in mine)
+        sub = masks[masks["stage"] == stage] if len(masks) else masks
+        clicks = _mean(sub["clicks"].tolist()) if len(sub) else None
+        seconds = _mean(sub["lead_time_s"].tolist()) if len(sub) else None
+        if seconds is None and stage != "auto":
+            seconds = _mean(r["seconds_per_mask"] for r in mine)
+        out.append({"stage": stage, "rounds": len(mine), "images": images, "masks": n_masks,
+                    "masks_per_image": n_masks / images if images else None,
+                    "clicks_per_mask": clicks if clicks is not None else _mean(r["clicks_per_mask"] for r in mine),
+                    "seconds_per_mask": seconds,
+                    "machine_seconds": sum(r["stage_seconds"] or 0 for r in mine)})
+    return out
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    return plt
+
+
+def plot_miou(points: list[dict], clicks: list[int], path: Path) -> bool:
+    if not points:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    xs = [p["round"] for p in points]
+    for k, shade in zip(clicks, ("#08306b", "#2171b5", "#6baed6", "#9ecae1")):
+        ys = [p["in_use"].get(f"miou@{k}") for p in points]
+        ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", color=shade,
+                label=f"model in use, {k} click{'s' if k > 1 else ''}")
+    first = f"miou@{clicks[0]}"
+    rejected = [(p["round"], p["candidate"].get(first)) for p in points if p["promoted"] is False]
+    if rejected:
+        ax.scatter(*zip(*rejected), marker="x", s=60, color="#d62728", zorder=3,
+                   label=f"rejected candidate ({clicks[0]} click{'s' if clicks[0] > 1 else ''})")
+        for x, y in rejected:
+            if y is not None:
+                ax.annotate("kept", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                            color="#d62728")
+    ax.set_xlabel("after round (0 = starting model)")
+    ax.set_ylabel("holdout mIoU")
+    ax.set_xticks(xs)
+    ax.set_ylim(0, 1)
+    ax.set_title("Holdout mIoU of the model in use")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_cost(rows: list[dict], path: Path) -> bool:
+    human = [r for r in rows if r["stage"] in ("manual", "semi") and r["clicks_per_mask"] is not None]
+    if not human:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.2))
+    xs = [f"r{r['round']}\n{r['stage']}" for r in human]
+    colors = [STAGE_COLORS[r["stage"]] for r in human]
+    for ax, key, title in ((axes[0], "clicks_per_mask", "clicks per mask"),
+                           (axes[1], "seconds_per_mask", "seconds per mask")):
+        vals = [r[key] or 0 for r in human]
+        ax.bar(xs, vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="x", visible=False)
+    fig.suptitle("Annotation cost per round", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_masks_per_image(rows: list[dict], path: Path) -> bool:
+    done = [r for r in rows if r["masks_per_image"] is not None]
+    if not done:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    xs = [f"r{r['round']}\n{r['stage']}" for r in done]
+    vals = [r["masks_per_image"] for r in done]
+    ax.bar(xs, vals, color=[STAGE_COLORS[r["stage"]] for r in done])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("masks per image")
+    ax.set_title("Masks per image by round and stage")
+    ax.grid(axis="x", visible=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_scores(masks, path: Path) -> bool:
+    scored = masks[masks["predicted_iou"].notna()] if len(masks) else masks
+    if not len(scored):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
+    for ax, col, title in ((axes[0], "predicted_iou", "predicted IoU"),
+                           (axes[1], "stability_score", "stability score")):
+        low = scored[col].dropna().astype(float).min()
+        bins = np.linspace(math.floor(min(low, 0.95) * 20) / 20, 1.0, 31)
+        for stage in ("semi", "auto"):
+            vals = scored.loc[scored["stage"] == stage, col].dropna().astype(float)
+            if len(vals):
+                ax.hist(vals, bins=bins, alpha=0.7, color=STAGE_COLORS[stage],
+                        label=f"{stage} (n={len(vals)}, median {np.median(vals):.3f})")
+        ax.set_title(title)
+        ax.set_ylabel("masks")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Scores of model-made masks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _overlay(pixels: np.ndarray, masks: np.ndarray, seed: int = 0) -> np.ndarray:
+    """pixels (H, W, 3) uint8, masks (N, H, W) bool -> (H, W, 3) uint8 with each mask tinted and outlined.
+
+    Larger masks are painted first so small ones stay visible on top.
+    """
+    out = pixels.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    order = np.argsort([-m.sum() for m in masks])
+    for i in order:
+        m = masks[i]
+        color = rng.uniform(40, 255, size=3)
+        out[m] = 0.45 * out[m] + 0.55 * color
+        edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+        out[edge] = color * 0.6
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def plot_gallery(cfg: EngineConfig, store, masks, path: Path, n_images: int) -> list[str]:
+    """Up to `n_images` images with the masks of their latest stage overlaid. Returns the image ids shown."""
+    if not len(masks) or n_images <= 0:
+        return []
+    from PIL import Image
+
+    from storage.images import BadImage, ImageSource
+    from storage.rle import decode_rles
+
+    # show the stage that covers an image last (auto > semi > manual), images with the most masks first
+    rank = {"manual": 0, "semi": 1, "auto": 2}
+    last = masks.assign(rank=masks["stage"].map(rank)).groupby("image_id")["rank"].max()
+    counts = masks.assign(rank=masks["stage"].map(rank)).merge(last.rename("last"), on="image_id")
+    counts = counts[counts["rank"] == counts["last"]].groupby(["image_id", "stage"]).size()
+    counts = counts.reset_index(name="n").sort_values(["n", "image_id"], ascending=[False, True])
+    picks = counts.head(n_images)
+    src = ImageSource(cfg.path(cfg.images.source), max_side=cfg.images.max_side,
+                      large_images=cfg.images.large_images, s3_endpoint_url=cfg.storage.s3_endpoint_url)
+    panels = []
+    for image_id, stage, n in picks.itertuples(index=False):
+        table = store.read_table(columns=["rle", "height", "width"], stage=stage, image_ids=[image_id])
+        rles = [{"size": [h, w], "counts": c} for c, h, w in zip(table.column("rle").to_pylist(),
+                                                                 table.column("height").to_pylist(),
+                                                                 table.column("width").to_pylist())]
+        decoded = decode_rles(rles)
+        try:
+            pixels = src.load(src.ref(image_id)).pixels
+        except BadImage:  # gone or unreadable since: show the next one
+            continue
+        if pixels.shape[:2] != decoded.shape[1:]:  # the image was downscaled for the model; masks are full size
+            pixels = np.asarray(Image.fromarray(pixels).resize((decoded.shape[2], decoded.shape[1]), Image.BILINEAR))
+        panels.append((image_id, stage, n, _overlay(pixels, decoded, seed=len(panels))))
+    if not panels:
+        return []
+    plt = _plt()
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image_id, stage, n, img) in zip(axes.flat, panels):
+        ax.imshow(img)
+        ax.set_title(f"{image_id[:14]}\n{stage}: {n} masks", fontsize=7)
+    fig.suptitle("Masks overlaid (each image shows its latest stage)", fontsize=10)
+    fig.savefig(path)
+    plt.close(fig)
+    return [p[0] for p in panels]
+
+
+# --- the Markdown ----------------------------------------------------------------------------------
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    return f"{float(v):,.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def metric_keys(ledger: Ledger, clicks: list[int]) -> list[str]:
+    """mIoU at each configured click count, box mIoU, then whatever AP/AR figures the evaluations hold."""
+    keys = [f"miou@{k}" for k in clicks] + ["box_miou"]
+    for e in ledger.entries():
+        if e["kind"] == "eval" and e["status"] == "done":
+            keys += [k for k in e["outputs"] if (k.startswith("AP") or k.startswith("AR")) and k not in keys]
+    return keys
+
+
+def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: int = 8) -> str:
+    """Write report.md and its PNGs into `out_dir` (default <workdir>/report); returns the report's path."""
+    workdir = Path(cfg.workdir).resolve()
+    ledger_path = workdir / LEDGER_FILE
+    if not ledger_path.exists():
+        raise ReportError(f"{ledger_path}: no ledger yet (run `sa-engine run --config …` first)")
+    ledger = Ledger(ledger_path)
+    out = Path(out_dir) if out_dir else workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        store, masks = _mask_table(cfg)
+    except OSError as e:
+        raise ReportError(f"{cfg.storage.root}: cannot read the mask store ({e})") from None
+
+    keys = metric_keys(ledger, cfg.eval.clicks)
+    rows = round_rows(ledger, masks, keys)
+    points = model_curve(ledger, keys)
+    stages = stage_table(rows, masks)
+    figures = {
+        "miou_by_round.png": plot_miou(points, cfg.eval.clicks, out / "miou_by_round.png"),
+        "annotation_cost.png": plot_cost(rows, out / "annotation_cost.png"),
+        "masks_per_image.png": plot_masks_per_image(rows, out / "masks_per_image.png"),
+        "scores.png": plot_scores(masks, out / "scores.png"),
+    }
+    shown = plot_gallery(cfg, store, masks, out / "gallery.png", gallery_images)
+    figures["gallery.png"] = bool(shown)
+
+    md = ["# sa-engine report", "",
+          f"Work dir `{workdir}`; mask store `{cfg.path(cfg.storage.root)}`; ledger `{ledger_path.name}` "
+          f"({len(ledger.entries())} steps, "
+          f"{sum(e['status'] == 'done' for e in ledger.entries())} done).", ""]
+
+    md += ["## Per stage", "",
+           "Shaped like the SAM paper's account of its data engine (SA-1B: assisted-manual 4.3 M masks on "
+           "120 k images, 34 → 14 s a mask, 20 → 44 masks/image; semi-automatic 5.9 M more masks on 180 k "
+           "images, 44 → 72 masks/image; fully automatic 1.1 B masks on 11 M images, ~100 masks/image). "
+           "Time per mask is annotator time (simulated: the stated cost per click plus a fixed cost per mask); "
+           "the automatic stage has none, its machine time is shown instead.", ""]
+    md += _table(["stage", "rounds", "images", "masks", "masks / image", "clicks / mask", "time / mask (s)",
+                  "machine time (s)"],
+                 [[STAGE_TITLES[s["stage"]], s["rounds"], _fmt(s["images"]), _fmt(s["masks"]),
+                   _fmt(s["masks_per_image"], 1), _fmt(s["clicks_per_mask"], 1), _fmt(s["seconds_per_mask"], 1),
+                   _fmt(s["machine_seconds"], 0)] for s in stages])
+    md += [""]
+
+    md += ["## Per round", "",
+           f"Promotion is gated on the frozen holdout: a retrained model replaces the current one only if its "
+           f"`{cfg.eval.promote_metric}` beats the current model's by more than {cfg.eval.promote_min_delta:g}. "
+           "The holdout columns are the round's retrained (candidate) model.", ""]
+    header = ["round", "stage", "images", "masks", "masks / image", "clicks / mask", "s / mask"] + \
+             [f"holdout {k}" for k in keys] + ["promoted"]
+    md += _table(header, [[r["round"], r["stage"], _fmt(r["images"]), _fmt(r["masks"]),
+                           _fmt(r["masks_per_image"], 1), _fmt(r["clicks_per_mask"], 1),
+                           _fmt(r["seconds_per_mask"], 1)] + [_fmt(r["eval"][k], 3) for k in keys] +
+                          [_fmt(r["promoted"]) if r["promoted"] is not None else "–"] for r in rows])
+    md += ["", "### Promotion decisions", ""]
+    if points:
+        md.append(f"- round 0: starting model, holdout {cfg.eval.promote_metric} "
+                  f"{_fmt(points[0]['in_use'].get(cfg.eval.promote_metric), 3)}")
+    md += [f"- round {r['round']} ({r['stage']}): {'promoted' if r['promoted'] else 'kept'} — {r['reason']}"
+           for r in rows if r["reason"]]
+    md += [""]
+    if figures["miou_by_round.png"]:
+        md += ["![holdout mIoU by round](miou_by_round.png)", ""]
+    if figures["annotation_cost.png"]:
+        md += ["![clicks and seconds per mask](annotation_cost.png)", ""]
+    if figures["masks_per_image.png"]:
+        md += ["![masks per image](masks_per_image.png)", ""]
+
+    semi = [(r, (ledger.get(f"r{r['round']}.semi") or {}).get("outputs") or {}) for r in rows if r["stage"] == "semi"]
+    semi_keys = ["masks_per_image_before", "masks_per_image_after", "prefill_accepted", "prefill_edited",
+                 "prefill_rejected", "clicks_per_added_mask", "prefill_precision", "target_precision"]
+    if any(any(k in out for k in semi_keys) for _, out in semi):
+        md += ["### Semi-automatic prefills", "",
+               "Confident masks prefilled by the model, then accepted, edited or rejected by the annotators; "
+               "precision is measured on an audited share, against the target.", ""]
+        md += _table(["round"] + [k.replace("_", " ") for k in semi_keys],
+                     [[r["round"]] + [_fmt(out.get(k), 3 if "precision" in k else 1) for k in semi_keys]
+                      for r, out in semi])
+        md += [""]
+
+    md += ["## Scores", ""]
+    if figures["scores.png"]:
+        scored = masks[masks["predicted_iou"].notna()]
+        md += _table(["stage", "masks", "predicted IoU (median)", "stability (median)"],
+                     [[s, _fmt(len(g)), _fmt(g["predicted_iou"].median(), 3), _fmt(g["stability_score"].median(), 3)]
+                      for s, g in scored.groupby("stage")])
+        md += ["", "![score distributions](scores.png)", ""]
+    else:
+        md += ["No model-made masks yet.", ""]
+
+    md += ["## Gallery", ""]
+    md += ["![masks overlaid](gallery.png)", ""] if shown else ["No masks to show yet.", ""]
+
+    md += ["## Storage", ""]
+    shard_rows = []
+    for s in store.shards():
+        shard_rows.append((s.stage, s.rows, s.bytes))
+    if shard_rows:
+        by_stage: dict[str, list[int]] = {}
+        for stage, n, b in shard_rows:
+            acc = by_stage.setdefault(stage, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += n
+            acc[2] += b
+        md += _table(["stage", "shards", "masks", "bytes", "bytes / mask"],
+                     [[s, v[0], _fmt(v[1]), _fmt(v[2]), _fmt(v[2] / v[1] if v[1] else None, 0)]
+                      for s, v in sorted(by_stage.items())])
+    else:
+        md += ["No shards committed yet."]
+    md += [""]
+
+    md += ["## Ledger", ""]
+    md += _table(["step", "status", "attempts", "seconds", "note"],
+                 [[e["step"], e["status"], e.get("attempts", 1), _fmt(e.get("seconds"), 1),
+                   (e.get("error") or "").replace("|", "/")[:120]] for e in ledger.entries()])
+    md += [""]
+    report = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(md))
+    tmp.replace(report)
+    (out / "report.json").write_text(json.dumps({"rounds": rows, "stages": stages, "model_curve": points},
+                                                default=str, indent=1))
+    return str(report)
