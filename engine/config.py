@@ -64,6 +64,20 @@ class SemiStageConfig(_Section):
     default_stability_thresh: float = 0.95  # used when there is no verified history to calibrate on
     audit_fraction: float = 0.2  # share of accepted prefills checked against the truth
     max_prefill_per_task: int = 40  # Label Studio slows down with many brush regions
+    max_pages_per_image: int = 3  # more confident masks than cap x pages: the lowest-ranked are dropped
+    points_per_side: int | None = None  # generator grid; None = stages.auto.points_per_side
+    # Calibration history (model/calibration.py): verified images of earlier rounds, newest first.
+    calibration_images: int = 16  # at most this many history images are re-run through the generator
+    calibration_pred_iou_floor: float = 0.5  # loose generator filters for history, below any threshold chosen
+    calibration_stability_floor: float = 0.5
+    calibration_min_samples: int = 50  # fewer history masks: the defaults above
+    calibration_min_kept: int = 20  # thresholds must keep at least this many history masks
+    calibration_confidence: float = 0.9  # one-sided confidence of the precision lower bound
+    # Simulated review (engine/prefill_review.py): what a glance accepts, fixes or deletes.
+    review_accept_iou: float = 0.85  # coarser than precision_iou on purpose: the audit measures the difference
+    review_edit_iou: float = 0.5  # below: the prefill is deleted, not fixed
+    cover_iou: float = 0.5  # a truth object matched by a kept mask at this IoU is not clicked again
+    seconds_per_review: float = 1.0  # lead time charged per prefill looked at (accept or delete)
 
 
 class AutoStageConfig(_Section):
