@@ -69,7 +69,7 @@ class SemiStageConfig(_Section):
     # Calibration history (model/calibration.py): verified images of earlier rounds, newest first.
     calibration_images: int = 16  # at most this many history images are re-run through the generator
     calibration_pred_iou_floor: float = 0.5  # loose generator filters for history, below any threshold chosen
-    calibration_stability_floor: float = 0.5
+    calibration_stability_floor: float = 0.5  # the same for the stability score
     calibration_min_samples: int = 50  # fewer history masks: the defaults above
     calibration_min_kept: int = 20  # thresholds must keep at least this many history masks
     calibration_confidence: float = 0.9  # one-sided confidence of the precision lower bound
