@@ -104,6 +104,62 @@ def report(config: Path = typer.Option(..., "--config", help="The engine's YAML 
     console.print(f"report: {path}", highlight=False)
 
 
+@app.command("export")
+def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JSON per image beside the image) "
+                                                            "or coco (one instances JSON per split)."),
+               out: str = typer.Option(..., "--out", help="Output folder or s3://bucket/prefix."),
+               config: Optional[Path] = typer.Option(None, "--config", help="Engine config: storage.root, "
+                                                     "images.source, storage.s3_endpoint_url."),
+               store: Optional[str] = typer.Option(None, "--store", help="The mask store (instead of storage.root)."),
+               images: Optional[str] = typer.Option(None, "--images", help="The image source (instead of "
+                                                    "images.source); sa1b only."),
+               stage: Optional[list[str]] = typer.Option(None, "--stage", help="Only this stage (repeatable)."),
+               rounds: Optional[str] = typer.Option(None, "--rounds", help="One round (2) or a range (1:3)."),
+               verified_only: bool = typer.Option(False, "--verified-only", help="Only human-verified masks."),
+               min_predicted_iou: Optional[float] = typer.Option(None, "--min-predicted-iou"),
+               min_stability_score: Optional[float] = typer.Option(None, "--min-stability-score"),
+               image_ids: Optional[Path] = typer.Option(None, "--image-ids", help="File: one image id a line."),
+               split: Optional[str] = typer.Option(None, "--split", help="e.g. train=0.9,val=0.1 (stable hash "
+                                                   "of the image id); default one split 'all'."),
+               images_per_tar: int = typer.Option(1000, "--images-per-tar", help="sa1b: images per tar."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
+               s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url")) -> None:
+    """Export the masks as SA-1B tars or COCO JSON, filtered and split; prints a JSON summary."""
+    import json
+
+    from engine.config import ConfigError, load_config
+    from storage.backend import StoreError
+    from storage.exports import ExportError, ExportFilters, export, parse_rounds, parse_splits, read_image_ids
+    from storage.images import ImageSource
+    from storage.shards import MaskStore
+
+    try:
+        cfg = load_config(config) if config is not None else None
+        endpoint = s3_endpoint_url or (cfg.storage.s3_endpoint_url if cfg else None)
+        store_uri = store or (cfg.path(cfg.storage.root) if cfg else None)
+        images_uri = images or (cfg.path(cfg.images.source) if cfg else None)
+        if store_uri is None:
+            fail("export: no mask store: pass --store URI or --config FILE")
+        if fmt == "sa1b" and images_uri is None:
+            fail("export --format sa1b: no image source: pass --images URI or --config FILE")
+        filters = ExportFilters(stage=tuple(stage) if stage else None, rounds=parse_rounds(rounds),
+                                verified_only=verified_only, min_predicted_iou=min_predicted_iou,
+                                min_stability_score=min_stability_score,
+                                image_ids=read_image_ids(image_ids) if image_ids else None)
+        source = None
+        if fmt == "sa1b":
+            source = ImageSource(images_uri, s3_endpoint_url=endpoint)
+        summary = export(fmt, MaskStore(store_uri, s3_endpoint_url=endpoint), out, source, filters=filters,
+                         splits=parse_splits(split), images_per_tar=images_per_tar, overwrite=overwrite,
+                         s3_endpoint_url=endpoint)
+    except (ConfigError, ExportError, StoreError) as e:
+        fail(str(e), code=1)
+    for skipped in summary.get("skipped", []):
+        console.print(f"[yellow]skipped[/yellow] {skipped['image_id']}: {skipped['reason']}", highlight=False)
+    console.print(f"{fmt} export: {summary['images']} images, {summary['masks']} masks -> {out}", highlight=False)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 

@@ -167,6 +167,29 @@ def parse_splits(spec: str | None) -> dict[str, float]:
     return splits
 
 
+def parse_rounds(spec: str | None) -> tuple[int, int] | None:
+    """"2" -> (2, 2); "1:3" -> (1, 3) (inclusive); None/"" -> None."""
+    if not spec:
+        return None
+    lo, sep, hi = str(spec).partition(":")
+    try:
+        rounds = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ExportError(f"rounds {spec!r}: expected a round (2) or an inclusive range (1:3)") from None
+    if rounds[0] > rounds[1]:
+        raise ExportError(f"rounds {spec!r}: the range is empty ({rounds[0]} > {rounds[1]})")
+    return rounds
+
+
+def read_image_ids(path: str | Path) -> frozenset[str]:
+    """A file with one image id a line (blank lines and # comments ignored) -> the set of ids."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read the image id list ({e.strerror or e})") from None
+    return frozenset(s for s in (line.split("#", 1)[0].strip() for line in lines) if s)
+
+
 def image_hash_unit(image_id: str) -> float:
     """A stable pseudo-random number in [0, 1) from the image id (sha1; the same on every machine and run)."""
     return int(hashlib.sha1(image_id.encode()).hexdigest()[:13], 16) / float(16 ** 13)

@@ -250,3 +250,84 @@ def test_tar_is_plain_sa1b(engine_data, tmp_path):
     stems = {n.rsplit(".", 1)[0] for n in names}
     assert all("/" not in n for n in names) and len(names) == 2 * len(stems)
     assert all(s.startswith("sa_") for s in stems)
+
+
+# ---------------------------------------------------------------------------------------------- S3 and the CLI
+
+
+def test_s3_export_index_last_and_overwrite_removes_stale_objects(engine_data, s3_bucket):
+    store, source, records, _ = engine_data
+    out = f"{s3_bucket.uri}/exports/sa1b"
+    ep = s3_bucket.endpoint_url
+    first = export_sa1b(store, out, source, images_per_tar=1, s3_endpoint_url=ep)
+    keys = lambda: sorted(o["Key"] for o in s3_bucket.client.list_objects_v2(  # noqa: E731
+        Bucket=s3_bucket.name, Prefix="exports/sa1b/").get("Contents", []))
+    assert len([k for k in keys() if k.endswith(".tar")]) == first["images"] > 1
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_sa1b(store, out, source, s3_endpoint_url=ep)
+    one = sorted({r.image_id for r in records})[:1]
+    export_sa1b(store, out, source, images_per_tar=1, overwrite=True, s3_endpoint_url=ep,
+                filters=ExportFilters(image_ids=frozenset(one)))
+    assert keys() == sorted(f"exports/sa1b/{k}" for k in
+                            (exports.MARKER_NAME, exports.INDEX_NAME, "sa_000000.tar"))
+    from storage.datasets import SA1BTarDataset
+
+    got = [s["mask_id"] for s in SA1BTarDataset(out, per="mask", decode=False, s3_endpoint_url=ep)]
+    assert sorted(got) == sorted(r.mask_id for r in records if r.image_id == one[0])
+    # COCO to S3, read back with pycocotools.
+    export_coco(store, f"{s3_bucket.uri}/exports/coco", s3_endpoint_url=ep)
+    body = s3_bucket.client.get_object(Bucket=s3_bucket.name, Key="exports/coco/instances_all.json")["Body"].read()
+    assert len(json.loads(body)["annotations"]) == len(records)
+
+
+def test_s3_incomplete_export_has_no_index(engine_data, s3_bucket, monkeypatch):
+    """A run that dies after deleting the old index leaves no index: readers refuse instead of mixing."""
+    store, source, _, _ = engine_data
+    out = f"{s3_bucket.uri}/e"
+    export_coco(store, out, s3_endpoint_url=s3_bucket.endpoint_url)
+
+    class Boom(RuntimeError):
+        pass
+
+    def crash(*a, **k):  # fault injection: the process dies after the old index is gone
+        raise Boom("simulated crash mid-export")
+
+    with monkeypatch.context() as m:
+        m.setattr(exports, "build_plan", crash)
+        with pytest.raises(Boom):
+            export_coco(store, out, overwrite=True, s3_endpoint_url=s3_bucket.endpoint_url)
+    with pytest.raises(exports.CorruptExportError, match="no index.json"):
+        read_index(out, s3_bucket.endpoint_url)
+    export_coco(store, out, overwrite=True, s3_endpoint_url=s3_bucket.endpoint_url)  # a rerun repairs it
+    assert read_index(out, s3_bucket.endpoint_url)["format"] == "coco"
+
+
+def test_cli_export(engine_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    store, source, records, root = engine_data
+    ids = tmp_path / "ids.txt"
+    wanted = sorted({r.image_id for r in records})[:3]
+    ids.write_text("# a subset\n" + "\n".join(wanted) + "\n")
+    out = tmp_path / "cli"
+    args = ["export", "--format", "sa1b", "--out", str(out), "--store", str(root / "store"), "--images",
+            str(root / "images"), "--stage", "auto", "--rounds", "1:2", "--image-ids", str(ids),
+            "--split", "train=0.5,val=0.5", "--images-per-tar", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["masks"] == sum(1 for r in records if r.stage == "auto" and r.image_id in wanted)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "output exists; pass --overwrite" in " ".join(again.output.split())
+    assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    empty = CliRunner().invoke(app, ["export", "--format", "coco", "--out", str(tmp_path / "e"), "--store",
+                                     str(root / "store"), "--min-predicted-iou", "1.5"])
+    assert empty.exit_code == 1 and "select no masks" in " ".join(empty.output.split()) and not (tmp_path / "e").exists()
+    cfg = tmp_path / "engine.yaml"
+    cfg.write_text(f"storage:\n  root: {root / 'store'}\nimages:\n  source: {root / 'images'}\n")
+    by_config = CliRunner().invoke(app, ["export", "--format", "coco", "--out", str(tmp_path / "c"),
+                                         "--config", str(cfg), "--verified-only"])
+    assert by_config.exit_code == 0, by_config.output
+    assert json.loads(by_config.stdout.strip().splitlines()[-1])["masks"] == sum(r.verified for r in records)
