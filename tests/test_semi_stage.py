@@ -1,0 +1,164 @@
+"""The semi-automatic stage: selection and paging, simulated review decisions, lineage, audit maths,
+calibration history from the store; and small simulated rounds against the real Label Studio server."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.prefill_review import (ReviewPolicy, choose_audit, pairwise_iou, prefill_precision, review_prefills,
+                                   uncovered_objects)
+from model.calibration import Thresholds
+from stages.semi import (Lineage, Prefill, history_images, lineage_of, paginate, plan_prefills, rank_confident)
+from storage.records import MaskRecord
+from storage.rle import encode_masks, rle_area, rle_bbox
+
+
+@dataclass
+class _Mask:  # what rank_confident / plan_prefills read from an AutoMask
+    predicted_iou: float
+    stability_score: float
+    rle: dict
+    point_coords: list
+    crop_box: list
+
+
+def _thr(a: float, b: float) -> Thresholds:
+    return Thresholds(a, b, "default", False, 0, 0, None, None, "test")
+
+
+def _box(h, w, y0, y1, x0, x1) -> np.ndarray:
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+# --------------------------------------------------------------------------- selection and paging
+
+def test_rank_confident_filters_and_orders():
+    rle = encode_masks(_box(8, 8, 0, 2, 0, 2)[None])[0]
+    ms = [_Mask(0.95, 0.96, rle, [[1, 1]], [0, 0, 8, 8]), _Mask(0.99, 0.90, rle, [], [0, 0, 8, 8]),
+          _Mask(0.97, 0.99, rle, [], [0, 0, 8, 8]), _Mask(0.95, 0.99, rle, [], [0, 0, 8, 8]),
+          _Mask(0.80, 0.99, rle, [], [0, 0, 8, 8])]
+    ranked = rank_confident(ms, _thr(0.9, 0.95))
+    assert [(m.predicted_iou, m.stability_score) for m in ranked] == [(0.97, 0.99), (0.95, 0.99), (0.95, 0.96)]
+    assert rank_confident(ms, _thr(1.0, 1.0)) == []  # nothing confident: a plain task
+
+
+def test_paginate_caps_and_drops():
+    pages, dropped = paginate(7, 3, 2)
+    assert [list(p) for p in pages] == [[0, 1, 2], [3, 4, 5]] and dropped == 1
+    assert paginate(0, 3, 2) == ([], 0)
+    pages, dropped = paginate(3, 3, 2)
+    assert [list(p) for p in pages] == [[0, 1, 2]] and dropped == 0
+    with pytest.raises(ValueError, match="per_page"):
+        paginate(3, 0, 1)
+
+
+def test_plan_prefills_pages_and_region_ids():
+    rle = encode_masks(_box(8, 8, 0, 2, 0, 2)[None])[0]
+    ms = [_Mask(0.9 + i / 100, 0.99, rle, [[i, i]], [0, 0, 8, 8]) for i in range(9)]
+    prefills, dropped = plan_prefills(ms, _thr(0.9, 0.95), per_page=4, max_pages=2)
+    assert dropped == 1 and len(prefills) == 8
+    assert [p.page for p in prefills] == [1] * 4 + [2] * 4
+    assert prefills[0].predicted_iou == pytest.approx(0.98) and prefills[0].region_id == "prefill-0"
+    assert len({p.region_id for p in prefills}) == 8
+    back = Prefill.from_json(json.loads(json.dumps(prefills[3].to_json())))
+    assert back == prefills[3]
+
+
+# --------------------------------------------------------------------------- review decisions
+
+def _scene():
+    h = w = 40
+    a = _box(h, w, 0, 10, 0, 10)  # 100 px
+    b = _box(h, w, 20, 30, 20, 30)
+    c = _box(h, w, 0, 8, 30, 38)
+    return h, w, np.stack([a, b, c])
+
+
+def test_review_accepts_edits_deletes_and_dedupes():
+    h, w, truth = _scene()
+    a, b, _ = truth
+    near_a = a.copy()
+    near_a[9, :] = False  # IoU 0.9 -> accept
+    off_b = _box(h, w, 23, 33, 20, 30)  # IoU 0.7/1.3 = 0.54 -> edit
+    junk = _box(h, w, 35, 40, 0, 5)  # overlaps nothing -> delete
+    dup_a = a.copy()  # a is already claimed by the first prefill -> delete
+    decisions = review_prefills(np.stack([near_a, off_b, junk, dup_a]), truth, ReviewPolicy(0.85, 0.5, 0.5))
+    assert [d.action for d in decisions] == ["accept", "edit", "delete", "delete"]
+    assert decisions[0].truth_index == 0 and decisions[1].truth_index == 1
+    assert decisions[0].iou == pytest.approx(0.9) and decisions[1].iou == pytest.approx(70 / 130)
+    assert decisions[3].iou == pytest.approx(1.0)  # a duplicate: perfect, but the object is taken
+    # Claimed by an earlier page: the same prefill is now a duplicate.
+    assert review_prefills(near_a[None], truth, ReviewPolicy(), claimed={0})[0].action == "delete"
+    # Nothing to review, nothing to match.
+    assert review_prefills(np.zeros((0, h, w), bool), truth, ReviewPolicy()) == []
+    assert review_prefills(a[None], np.zeros((0, h, w), bool), ReviewPolicy())[0].action == "delete"
+
+
+def test_uncovered_objects_only_what_no_kept_mask_covers():
+    h, w, truth = _scene()
+    kept = np.stack([truth[0], _box(h, w, 22, 30, 20, 30)])  # covers a exactly, b at IoU 0.8
+    assert uncovered_objects(kept, truth, 0.5) == [2]
+    assert uncovered_objects(kept, truth, 0.9) == [1, 2]
+    assert uncovered_objects(np.zeros((0, h, w), bool), truth, 0.5) == [0, 1, 2]
+    assert uncovered_objects(kept, truth, 0.5, objects=[0, 1]) == []  # everything covered: only verify
+
+
+def test_pairwise_iou():
+    h, w, truth = _scene()
+    ious = pairwise_iou(truth, truth)
+    assert np.allclose(np.diag(ious), 1.0) and ious[0, 1] == 0.0
+    assert pairwise_iou(truth[:0], truth).shape == (0, 3)
+
+
+def test_audit_choice_and_precision_estimate():
+    rng = np.random.default_rng(0)
+    pick = choose_audit(50, 0.2, rng)
+    assert len(pick) == 10 and len(set(pick.tolist())) == 10 and pick.max() < 50
+    assert len(choose_audit(3, 0.1, rng)) == 1  # at least one when there is any
+    assert len(choose_audit(0, 0.5, rng)) == 0 and len(choose_audit(5, 0.0, rng)) == 0
+    # 10 prefills: 6 accepted (audit: 3 of 4 passed), 2 edited (one barely changed), 2 deleted.
+    est = prefill_precision(10, 6, 3, 4, [0.95, 0.6], 0.9)
+    assert est == pytest.approx((6 * 0.75 + 1) / 10)
+    assert prefill_precision(0, 0, 0, 0, [], 0.9) is None
+    assert prefill_precision(4, 4, 0, 0, [], 0.9) == 1.0  # no audit: acceptance taken at its word
+
+
+def test_lineage_from_region_ids_and_masks():
+    h, w, truth = _scene()
+    pre = {"prefill-0": truth[0], "prefill-1": truth[1]}
+    assert lineage_of("prefill-0", truth[0].copy(), pre) == Lineage("prefill_accepted", "prefill-0")
+    edited = truth[1].copy()
+    edited[20:22] = False
+    lin = lineage_of("prefill-1", edited, pre)
+    assert lin.origin == "prefill_edited" and lin.prefill_iou == pytest.approx(0.8)
+    assert lineage_of("added-7", truth[2], pre) == Lineage("manual_added")
+    assert lineage_of("prefill-0", np.zeros((5, 5), bool), pre).prefill_iou == 0.0  # wrong size: edited, IoU 0
+
+
+# --------------------------------------------------------------------------- history from the store
+
+def _record(image_id: str, stage: str, round: int, mask: np.ndarray, verified: bool, k: int) -> MaskRecord:
+    rle = encode_masks(mask[None])[0]
+    return MaskRecord(image_id=image_id, mask_id=f"{image_id}-{stage}-{round}-{k}", height=mask.shape[0],
+                      width=mask.shape[1], rle=rle, area=int(rle_area([rle])[0]),
+                      bbox=[float(v) for v in rle_bbox([rle])[0]], stage=stage, round=round, verified=verified)
+
+
+def test_history_images_newest_round_first(tmp_path):
+    from storage.shards import MaskStore
+
+    store = MaskStore(str(tmp_path / "store"))
+    m = _box(16, 16, 0, 4, 0, 4)
+    for stage, rnd, ids, verified in [("manual", 1, ["a", "b"], True), ("manual", 2, ["c"], True),
+                                      ("auto", 2, ["d"], False), ("semi", 3, ["e"], True)]:
+        with store.writer(stage, rnd, "v") as wr:
+            wr.add([_record(i, stage, rnd, m, verified, 0) for i in ids])
+    assert history_images(store, 3, 10) == ["c", "a", "b"]  # round 3 itself and unverified masks excluded
+    assert history_images(store, 4, 2) == ["e", "c"]
+    assert history_images(store, 1, 10) == [] and history_images(store, 3, 0) == []
