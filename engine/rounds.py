@@ -201,8 +201,8 @@ def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
     from model.segmenter import Segmenter
 
     seg = Segmenter.new(preset=cfg.model.preset, seed=cfg.seed)
-    seg.save(out_dir, metadata={"round": 0, "source": f"fresh {cfg.model.preset}", "seed": cfg.seed})
-    return {"checkpoint": out_dir, "source": f"fresh {cfg.model.preset}"}
+    version = seg.save(out_dir, metadata={"round": 0, "source": f"fresh {cfg.model.preset}", "seed": cfg.seed})
+    return {"checkpoint": out_dir, "source": f"fresh {cfg.model.preset}", "model_version": version}
 
 
 def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -> dict:

@@ -345,3 +345,66 @@ def test_a_corrupt_ledger_is_named(tmp_path):
     (Path(cfg.workdir) / LEDGER_FILE).write_text('{"step": "r0.init", "status": "done"}\n{"step": \n')
     with pytest.raises(LedgerError, match=r"ledger\.jsonl:2: not valid JSON"):
         run_rounds(cfg, CHEAP)
+
+
+# --- end to end: the real stages, trainer and evaluator ------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.labelstudio
+def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
+    """`sa-engine run` on a few tiny images: real Label Studio (simulated annotators), local Ray (Ray Data for
+    the automatic stage, Ray Train for retraining), the holdout gate; then a rerun that redoes nothing and
+    `sa-engine report`."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.labelstudio import free_port
+    from engine.synth import write_synthetic_dataset
+    from storage.shards import MaskStore
+
+    write_synthetic_dataset(tmp_path / "data", n_images=6, seed=0, size=96)
+    write_synthetic_dataset(tmp_path / "holdout", n_images=2, seed=1, size=96)
+    data = {
+        "workdir": str(tmp_path / "run"),
+        "images": {"source": str(tmp_path / "data" / "images"),
+                   "ground_truth": str(tmp_path / "data" / "annotations.json"),
+                   "holdout_source": str(tmp_path / "holdout" / "images"),
+                   "holdout_ground_truth": str(tmp_path / "holdout" / "annotations.json")},
+        "storage": {"root": str(tmp_path / "store")},
+        "stages": {"manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 3},
+                   "semi": {"rounds": 1, "images_per_round": 2},
+                   "auto": {"points_per_side": 8, "num_actors": 1}},
+        "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
+                        "ml_backend_port": free_port()},
+        "train": {"minutes": 0.1},
+    }
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+
+    cfg = load_config(path)
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    steps = [e["step"] for e in ledger.entries()]
+    assert steps == ["r0.init", "r0.eval", "r1.select", "r1.manual", "r1.train", "r1.eval", "r1.promote",
+                     "r2.select", "r2.semi", "r2.train", "r2.eval", "r2.promote", "r3.select", "r3.auto"]
+    assert all(e["status"] == "done" for e in ledger.entries())
+    for r in (1, 2):
+        decision = ledger.get(f"r{r}.promote")["outputs"]
+        assert decision["metric"] == "miou@1" and decision["reason"]
+    store = MaskStore(cfg.storage.root)
+    table = store.read_table(columns=["stage", "round", "image_id"]).to_pandas()
+    assert set(table["stage"]) == {"manual", "semi", "auto"}
+    auto_ids = set(ledger.get("r3.select")["outputs"]["image_ids"])
+    assert len(auto_ids) == 2 and set(table.loc[table["stage"] == "auto", "image_id"]) <= auto_ids
+
+    before = (Path(cfg.workdir) / LEDGER_FILE).read_text()
+    again = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert again.exit_code == 0, again.output
+    assert (Path(cfg.workdir) / LEDGER_FILE).read_text() == before  # nothing redone
+
+    report = CliRunner().invoke(app, ["report", "--config", str(path)])
+    assert report.exit_code == 0, report.output
+    md = (Path(cfg.workdir) / "report" / "report.md").read_text()
+    assert "| Assisted-manual | 1 | 2 |" in md and "| Fully automatic | 1 | 2 |" in md
