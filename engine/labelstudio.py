@@ -166,8 +166,11 @@ def _credentials(settings: ServerSettings) -> tuple[str, str]:
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like the server's own bind: connections in TIME_WAIT don't make a port busy, a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError:
             return False
     return True

@@ -68,3 +68,20 @@ def s3_bucket(s3_server):
     client.create_bucket(Bucket=name)
     yield SimpleNamespace(name=name, uri=f"s3://{name}", endpoint_url=s3_server, client=client)
 
+
+
+@pytest.fixture(scope="session")
+def labelstudio_server(tmp_path_factory):
+    """One real Label Studio server for the whole run (installed into its own venv on first use, cached
+    under $SA_ENGINE_HOME), on a free loopback port, serving local files under pytest's base temp dir
+    (so every tmp_path is servable). Stopped by PID at the end."""
+    from engine.labelstudio import LabelStudio, ServerSettings, free_port, start_server, stop_server
+
+    base = tmp_path_factory.getbasetemp()
+    data_dir = base / "labelstudio-server"
+    info = start_server(ServerSettings(data_dir=data_dir, port=free_port(), document_root=base),
+                        wait_s=300, log=lambda m: print(m))
+    info.document_root = str(base)
+    info.client = LabelStudio(info.url, info.token)
+    yield info
+    stop_server(data_dir)

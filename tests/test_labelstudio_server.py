@@ -1,0 +1,82 @@
+"""The managed Label Studio server: install (cached), start headless on loopback, token, stop by PID."""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from engine.labelstudio import (LabelStudio, LabelStudioError, ServerSettings, health_ok, labeling_config,
+                                server_status, start_server, stop_server)
+
+pytestmark = pytest.mark.labelstudio
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on `port` (from /proc/net/tcp{,6})."""
+    out = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(name).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if int(p, 16) == port and state == "0A":
+                out.add(addr)
+    return out
+
+
+def test_server_is_up_on_loopback_only_with_token(labelstudio_server):
+    info = labelstudio_server
+    assert health_ok(info.url)
+    st = server_status(info.data_dir)
+    assert st["running"] and st["healthy"] and st["pid"] == info.pid
+    assert _listening_addresses(info.port) == {"0100007F"}  # 127.0.0.1, nothing on 0.0.0.0 or ::
+    assert info.client.sdk.users.whoami().email == "admin@sa-engine.local"
+    with pytest.raises(LabelStudioError, match="401"):
+        LabelStudio(info.url, "0" * 40, retries=0).ensure_project("refused")
+
+
+def test_up_twice_is_harmless_and_down_then_up_restarts(labelstudio_server):
+    info = labelstudio_server
+    settings = ServerSettings(data_dir=info.data_dir, port=info.port, document_root=info.document_root)
+    again = start_server(settings, log=lambda m: None)
+    assert again.pid == info.pid and again.url == info.url
+    assert stop_server(info.data_dir)
+    assert not server_status(info.data_dir)["running"] and not health_ok(info.url)
+    assert not stop_server(info.data_dir)  # nothing left to stop
+    restarted = start_server(settings, log=lambda m: None)  # warm restart: same data, same token
+    info.pid = restarted.pid
+    assert health_ok(info.url) and restarted.token == info.token
+    assert info.client.find_project("refused") is None
+
+
+def test_port_taken_by_someone_else_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(LabelStudioError, match=f"port {port} .* in use"):
+            start_server(ServerSettings(data_dir=tmp_path / "ls", port=port), log=lambda m: None)
+
+
+def test_token_must_be_legacy_hex_and_match_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("SA_ENGINE_LS_TOKEN", raising=False)
+    with pytest.raises(LabelStudioError, match="40 hex"):
+        start_server(ServerSettings(data_dir=tmp_path / "a", port=1, token="short"), log=lambda m: None)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "credentials.json").write_text(json.dumps({"token": "a" * 40, "password": "x"}))
+    with pytest.raises(LabelStudioError, match="differs"):
+        start_server(ServerSettings(data_dir=tmp_path / "b", port=1, token="b" * 40), log=lambda m: None)
+
+
+def test_labeling_config_is_accepted_by_the_server(labelstudio_server):
+    ls = labelstudio_server.client
+    pid = ls.ensure_project("config check")
+    assert ls.ensure_project("config check") == pid  # idempotent by title
+    project = ls.sdk.projects.get(id=pid)
+    assert "BrushLabels" in project.label_config and project.label_config.strip() == labeling_config().strip()
+    ls.delete_project(pid)
