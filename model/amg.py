@@ -1,0 +1,362 @@
+"""Automatic mask generation: SAM's grid-prompted "segment everything", made fast on CPU.
+
+The algorithm is SAM's (Kirillov et al. 2023, sec. 4 and appendix B): prompt a points_per_side
+grid on the whole image and sparser grids on (2^i)^2 overlapping crops per crop layer i, keep 3
+masks per point, filter by predicted IoU and stability, drop masks on inner crop edges and masks
+covering nearly the whole image, box-NMS within a crop (by predicted IoU) and across crops
+(preferring smaller crops), then fill small holes / drop small islands and NMS again with the
+changed masks ranked last.
+
+Where the time goes, and what we do about it:
+- The predicted-IoU filter and a *pre-filter* on stability run on the low-resolution logits
+  (N, 3, 256, 256) straight out of the decoder; only the survivors are upsampled to the crop's
+  size (most candidates die here), in small chunks so memory stays bounded.
+- Survivors are scored exactly (stability at full resolution, as SAM reports it) and kept as
+  tight bool patches plus their box, never as full-image masks.
+- Small-region clean-up runs on the patch (with a one-pixel border standing for the outside).
+- Each final mask is encoded to COCO RLE once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from model.amg_filters import (
+    crop_boxes,
+    layer_point_grids,
+    masks_to_boxes,
+    near_crop_edge,
+    nms,
+    remove_small_regions,
+    stability_score,
+)
+from storage.records import MaskRecord, make_mask_id
+from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
+
+UPSAMPLE_CHUNK = 16  # masks upsampled at a time: bounds memory at ~16 * H * W * 4 bytes
+ENCODE_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class AmgParams:
+    """Parameters of automatic mask generation (SAM's defaults; names as SAM's generator).
+
+    max_mask_fraction: masks covering at least this share of the image are dropped (SA-1B).
+    stability_prefilter_margin: the low-resolution stability pre-filter keeps candidates scoring
+    at least stability_score_thresh - margin; the exact (full-resolution) score then decides.
+    edge_tolerance_px: a mask box side within this many pixels of an inner crop edge touches it.
+    """
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 100
+    max_mask_fraction: float = 0.95
+    stability_prefilter_margin: float = 0.05
+    mask_threshold: float = 0.0
+    edge_tolerance_px: float = 20.0
+
+    @classmethod
+    def from_config(cls, section: Any, **overrides: Any) -> "AmgParams":
+        """From any object with (some of) these attribute names, e.g. `AutoStageConfig`."""
+        values = {f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class AutoMask:
+    """One generated mask, in pixels of the image given to `generate_masks`.
+
+    rle: COCO RLE {"size": [H, W], "counts": bytes}; bbox: XYWH (COCO: w = x1 - x0 + 1);
+    point_coords: [[x, y]] of the prompt; crop_box: XYWH of the crop it came from.
+    """
+
+    rle: dict
+    area: int
+    bbox: list[float]
+    predicted_iou: float
+    stability_score: float
+    point_coords: list[list[float]]
+    crop_box: list[float]
+
+
+@dataclass
+class _Candidates:
+    """Masks kept so far, as parallel arrays. boxes: (N, 4) int64 XYXY inclusive, image pixels;
+    patches[i]: bool (y1 - y0 + 1, x1 - x0 + 1), the mask inside its box."""
+
+    boxes: np.ndarray
+    patches: list[np.ndarray]
+    iou: np.ndarray  # (N,) float32
+    stability: np.ndarray  # (N,) float32
+    points: np.ndarray  # (N, 2) float64 XY image pixels
+    crops: np.ndarray  # (N, 4) int64 XYXY exclusive, image pixels
+
+    @classmethod
+    def empty(cls) -> "_Candidates":
+        return cls(np.zeros((0, 4), np.int64), [], np.zeros(0, np.float32), np.zeros(0, np.float32),
+                   np.zeros((0, 2)), np.zeros((0, 4), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def take(self, idx: np.ndarray) -> "_Candidates":
+        idx = np.asarray(idx, dtype=np.int64)
+        return _Candidates(self.boxes[idx], [self.patches[i] for i in idx], self.iou[idx],
+                           self.stability[idx], self.points[idx], self.crops[idx])
+
+    @staticmethod
+    def concat(parts: list["_Candidates"]) -> "_Candidates":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return _Candidates.empty()
+        return _Candidates(np.concatenate([p.boxes for p in parts]), [q for p in parts for q in p.patches],
+                           np.concatenate([p.iou for p in parts]), np.concatenate([p.stability for p in parts]),
+                           np.concatenate([p.points for p in parts]), np.concatenate([p.crops for p in parts]))
+
+
+def valid_low_res_size(input_size: tuple[int, int], low_res_side: int) -> tuple[int, int]:
+    """The part of the (side x side) low-res logits that covers the image, not the padding.
+
+    input_size: (h', w') of the resized image; its longest side is the encoder's input side.
+    """
+    h, w = input_size
+    scale = low_res_side / max(h, w)
+    return max(1, math.ceil(h * scale)), max(1, math.ceil(w * scale))
+
+
+@torch.inference_mode()
+def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
+                   image_size: tuple[int, int], p: AmgParams) -> _Candidates:
+    """Decode one batch of single-point prompts in one crop and filter the 3 masks per point.
+
+    points: (B, 2) XY pixels of the crop. Returns survivors with boxes/points in image pixels.
+    """
+    x0, y0, x1, y1 = crop_box
+    pts = torch.as_tensor(points, dtype=torch.float32)[:, None, :]
+    labels = torch.ones((len(points), 1), dtype=torch.int64)
+    pred = segmenter.predict(emb, points=pts, labels=labels, multimask=True, upsample=False)
+    low = pred.low_res_logits.flatten(0, 1)  # (3B, s, s)
+    iou = pred.iou_pred.flatten().float()
+    point_of = np.repeat(np.arange(len(points)), pred.iou_pred.shape[1])
+
+    keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+    if p.stability_score_thresh > 0 and keep.any():
+        lh, lw = valid_low_res_size(emb.input_size, low.shape[-1])
+        idx = keep.nonzero().flatten()
+        coarse = stability_score(low[idx, :lh, :lw], p.mask_threshold, p.stability_score_offset)
+        keep[idx] = coarse >= p.stability_score_thresh - p.stability_prefilter_margin
+    idx = keep.nonzero().flatten()
+    if len(idx) == 0:
+        return _Candidates.empty()
+
+    out_boxes, out_patches, out_iou, out_stab, out_idx = [], [], [], [], []
+    image_h, image_w = image_size
+    max_area = p.max_mask_fraction * image_h * image_w
+    for chunk in idx.split(UPSAMPLE_CHUNK):
+        logits = segmenter.upsample_logits(low[chunk], emb)  # (n, crop h, crop w)
+        stab = stability_score(logits, p.mask_threshold, p.stability_score_offset)
+        ok = stab >= p.stability_score_thresh if p.stability_score_thresh > 0 else torch.ones_like(stab, dtype=torch.bool)
+        masks = logits > p.mask_threshold
+        del logits
+        boxes = masks_to_boxes(masks) + torch.tensor([x0, y0, x0, y0])
+        ok &= ~near_crop_edge(boxes, crop_box, [0, 0, image_w, image_h], p.edge_tolerance_px)
+        areas = masks.flatten(1).sum(1)
+        ok &= (areas > 0) & (areas < max_area)
+        for j in ok.nonzero().flatten().tolist():
+            bx0, by0, bx1, by1 = (boxes[j] - torch.tensor([x0, y0, x0, y0])).tolist()
+            out_patches.append(masks[j, by0:by1 + 1, bx0:bx1 + 1].numpy().copy())
+            out_boxes.append(boxes[j].numpy())
+            out_iou.append(float(iou[chunk[j]]))
+            out_stab.append(float(stab[j]))
+            out_idx.append(int(chunk[j]))
+    if not out_patches:
+        return _Candidates.empty()
+    kept_points = points[point_of[out_idx]] + np.array([x0, y0])
+    return _Candidates(np.stack(out_boxes).astype(np.int64), out_patches, np.asarray(out_iou, np.float32),
+                       np.asarray(out_stab, np.float32), kept_points.astype(np.float64),
+                       np.tile(np.array(crop_box, np.int64), (len(out_patches), 1)))
+
+
+def _process_crop(segmenter, emb, crop_box: list[int], grid: np.ndarray,
+                  image_size: tuple[int, int], p: AmgParams) -> _Candidates:
+    """All prompts of one crop, then NMS within the crop ranked by predicted IoU."""
+    crop_w, crop_h = crop_box[2] - crop_box[0], crop_box[3] - crop_box[1]
+    points = grid * np.array([crop_w, crop_h], dtype=np.float64)
+    parts = [_process_batch(segmenter, emb, points[i:i + p.points_per_batch], crop_box, image_size, p)
+             for i in range(0, len(points), p.points_per_batch)]
+    cands = _Candidates.concat(parts)
+    if len(cands) > 1:
+        cands = cands.take(nms(cands.boxes, cands.iou, p.box_nms_thresh))
+    return cands
+
+
+def clean_patch(patch: np.ndarray, box: np.ndarray, image_size: tuple[int, int],
+                min_area: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Fill holes and drop islands smaller than min_area in one mask given as a patch.
+
+    patch: (y1 - y0 + 1, x1 - x0 + 1) bool; box: XYXY inclusive image pixels; image_size: (H, W).
+    The outside of the box is background connected to the rest of the image, which (when the
+    image's short side is >= min_area) is never a small hole, so a one-pixel border on the sides
+    not at the image edge stands for it. Returns (new patch, new tight box, changed).
+    """
+    h, w = image_size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if min(h, w) >= min_area:
+        top, left, bottom, right = int(y0 > 0), int(x0 > 0), int(y1 < h - 1), int(x1 < w - 1)
+        work = np.pad(patch, ((top, bottom), (left, right)))
+        outside = np.zeros_like(work)
+        outside[:top], outside[work.shape[0] - bottom:] = True, True
+        outside[:, :left], outside[:, work.shape[1] - right:] = True, True
+        origin = (x0 - left, y0 - top)
+    else:  # tiny image: the outside may itself be a small region, so work on the full frame
+        work = np.zeros((h, w), bool)
+        work[y0:y1 + 1, x0:x1 + 1] = patch
+        outside, origin = None, (0, 0)
+    work, filled = remove_small_regions(work, min_area, "holes", outside)
+    work, dropped = remove_small_regions(work, min_area, "islands")
+    if not (filled or dropped):
+        return patch, np.asarray(box, np.int64), False
+    rows, cols = np.flatnonzero(work.any(1)), np.flatnonzero(work.any(0))
+    if len(rows) == 0:
+        return work[:0, :0], np.zeros(4, np.int64), True
+    new_patch = work[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    new_box = np.array([cols[0] + origin[0], rows[0] + origin[1], cols[-1] + origin[0], rows[-1] + origin[1]],
+                       np.int64)
+    return new_patch, new_box, True
+
+
+def _postprocess_small_regions(cands: _Candidates, image_size: tuple[int, int], min_area: int,
+                               nms_thresh: float) -> _Candidates:
+    """Clean every mask, then NMS with unchanged masks ranked above changed ones (as SAM)."""
+    if len(cands) == 0:
+        return cands
+    cleaned = [clean_patch(pt, bx, image_size, min_area) for pt, bx in zip(cands.patches, cands.boxes)]
+    cands = _Candidates(np.stack([c[1] for c in cleaned]), [c[0] for c in cleaned], cands.iou,
+                        cands.stability, cands.points, cands.crops)
+    unchanged = np.array([0.0 if c[2] else 1.0 for c in cleaned], np.float32)
+    nonempty = np.array([c[0].size > 0 and c[0].any() for c in cleaned])
+    keep = nms(cands.boxes, unchanged, nms_thresh)
+    return cands.take(keep[nonempty[keep]])
+
+
+def _encode(cands: _Candidates, image_size: tuple[int, int]) -> list[AutoMask]:
+    """Paste each patch into a full frame and RLE-encode, ENCODE_CHUNK masks at a time."""
+    h, w = image_size
+    out: list[AutoMask] = []
+    for start in range(0, len(cands), ENCODE_CHUNK):
+        stop = min(start + ENCODE_CHUNK, len(cands))
+        frames = np.zeros((stop - start, h, w), bool)
+        for k, i in enumerate(range(start, stop)):
+            x0, y0, x1, y1 = cands.boxes[i]
+            frames[k, y0:y1 + 1, x0:x1 + 1] = cands.patches[i]
+        for k, rle in enumerate(encode_masks(frames)):
+            i = start + k
+            x0, y0, x1, y1 = (int(v) for v in cands.boxes[i])
+            cx0, cy0, cx1, cy1 = (int(v) for v in cands.crops[i])
+            out.append(AutoMask(
+                rle=rle, area=int(cands.patches[i].sum()),
+                bbox=[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+                predicted_iou=float(cands.iou[i]), stability_score=float(cands.stability[i]),
+                point_coords=[[float(cands.points[i, 0]), float(cands.points[i, 1])]],
+                crop_box=[float(cx0), float(cy0), float(cx1 - cx0), float(cy1 - cy0)]))
+    return out
+
+
+def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()) -> list[AutoMask]:
+    """SAM's automatic mask generation on one image.
+
+    segmenter: a `model.segmenter.Segmenter` (or anything with its embed / predict /
+    upsample_logits). image: (H, W, 3) uint8 RGB. Returns the masks, in pixels of `image`.
+    """
+    p = params
+    h, w = image.shape[:2]
+    boxes, layers = crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
+    grids = layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
+    parts = []
+    for crop_box, layer in zip(boxes, layers):
+        x0, y0, x1, y1 = crop_box
+        emb = segmenter.embed([np.ascontiguousarray(image[y0:y1, x0:x1])])[0]
+        parts.append(_process_crop(segmenter, emb, crop_box, grids[layer], (h, w), p))
+        del emb
+    cands = _Candidates.concat(parts)
+    if len(boxes) > 1 and len(cands) > 1:
+        crop_area = (cands.crops[:, 2] - cands.crops[:, 0]) * (cands.crops[:, 3] - cands.crops[:, 1])
+        cands = cands.take(nms(cands.boxes, 1.0 / crop_area.astype(np.float32), p.crop_nms_thresh))
+    if p.min_mask_region_area > 0:
+        cands = _postprocess_small_regions(cands, (h, w), p.min_mask_region_area,
+                                           max(p.box_nms_thresh, p.crop_nms_thresh))
+        # filling holes can grow a mask past the limit: check it again
+        areas = np.array([pt.sum() for pt in cands.patches], np.int64)
+        cands = cands.take(np.flatnonzero(areas < p.max_mask_fraction * h * w))
+    return _encode(cands, (h, w))
+
+
+def rescale_masks(masks: list[AutoMask], scale: float, size: tuple[int, int]) -> list[AutoMask]:
+    """Masks made on a copy of an image resized by `scale` -> masks in pixels of the (H, W) original.
+
+    Masks are resized nearest-neighbour; area and bbox are recomputed, points and crop boxes scaled.
+    """
+    h, w = size
+    out = []
+    for start in range(0, len(masks), ENCODE_CHUNK):
+        chunk = masks[start:start + ENCODE_CHUNK]
+        small = decode_rles([m.rle for m in chunk])
+        big = np.stack([cv2.resize(s.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for s in small])
+        rles = encode_masks(big.astype(bool))
+        areas, bboxes = rle_area(rles), rle_bbox(rles)
+        for m, rle, area, bbox in zip(chunk, rles, areas, bboxes):
+            out.append(AutoMask(rle=rle, area=int(area), bbox=[float(v) for v in bbox],
+                                predicted_iou=m.predicted_iou, stability_score=m.stability_score,
+                                point_coords=[[x / scale, y / scale] for x, y in m.point_coords],
+                                crop_box=[v / scale for v in m.crop_box]))
+    return [m for m in out if m.area > 0]
+
+
+def generate_with_fallback(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
+                           scales: tuple[float, ...] = (1.0, 0.5)) -> tuple[list[AutoMask], float]:
+    """`generate_masks`, retried at smaller scales (and half the prompt batch) when the model fails
+    (RuntimeError, e.g. out of memory; MemoryError). Returns (masks in pixels of `image`, scale used);
+    re-raises the last failure when every scale fails."""
+    h, w = image.shape[:2]
+    error: BaseException | None = None
+    for attempt, scale in enumerate(scales):
+        try:
+            if scale == 1.0:
+                return generate_masks(segmenter, image, params), 1.0
+            small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                               interpolation=cv2.INTER_AREA)
+            smaller = replace(params, points_per_batch=max(1, params.points_per_batch >> attempt))
+            return rescale_masks(generate_masks(segmenter, small, smaller), scale, (h, w)), scale
+        except (RuntimeError, MemoryError) as e:
+            error = e
+    assert error is not None
+    raise error
+
+
+def to_records(masks: list[AutoMask], image_id: str, round: int,
+               model_version: str | None) -> list[MaskRecord]:
+    """Generated masks -> `MaskRecord`s (stage and origin "auto"). Mask ids are deterministic in
+    (image, round, model version, index), so a rerun writes the same ids."""
+    records = []
+    for i, m in enumerate(masks):
+        h, w = m.rle["size"]
+        records.append(MaskRecord(
+            image_id=image_id, mask_id=make_mask_id(image_id, "auto", round, model_version, i),
+            height=h, width=w, rle=m.rle, area=m.area, bbox=m.bbox, stage="auto", origin="auto",
+            round=round, model_version=model_version, predicted_iou=m.predicted_iou,
+            stability_score=m.stability_score, point_coords=m.point_coords, crop_box=m.crop_box))
+    return records
