@@ -160,6 +160,31 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@stage_app.command("auto")
+def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+               round_no: int = typer.Option(1, "--round", help="The round these masks belong to."),
+               checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
+                                                                   "else a fresh model.preset model)."),
+               address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
+    """Fully automatic stage: grid-prompted masks for every image not yet done for this model (resumable)."""
+    import json
+
+    from engine.cluster import init_ray
+    from engine.config import ConfigError, load_config
+    from model.checkpoints import CheckpointError
+    from stages.auto import run_auto_stage
+
+    try:
+        cfg = load_config(config)
+        init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+        summary = run_auto_stage(cfg, round_no, checkpoint)
+    except (ConfigError, CheckpointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 
