@@ -1,0 +1,161 @@
+"""Our ML backend: the protocol, credentials, the embedding cache, and Label Studio calling it."""
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from engine.labelstudio import LabelStudio, LabelStudioError, TaskImage, keypoint_context
+from engine.ml_backend import (BASIC_USER, BackendState, EmbeddingCache, MaskPredictor, MLBackend,
+                               precompute_embeddings, prompt_from_context, source_image_loader)
+from model.segmenter import Segmenter
+from storage.brush_rle import decode_mask
+from storage.images import ImageSource
+
+torch.set_num_threads(1)
+TOKEN = "backend-secret"
+H, W = 60, 80
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("mlb") / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        px = np.full((H, W, 3), 30, np.uint8)
+        px[10 + 5 * i:40, 20:60] = rng.integers(150, 255, 3)
+        Image.fromarray(px).save(folder / f"im{i}.png")
+    return ImageSource(str(folder))
+
+
+@pytest.fixture(scope="module")
+def backend(images, tmp_path_factory):
+    seg = Segmenter.new("compact")
+    emb_dir = tmp_path_factory.mktemp("emb")
+    assert precompute_embeddings(seg, [("im0.png", images.load(images.ref("im0.png")).pixels)], emb_dir) == 1
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=emb_dir)), TOKEN, None)
+    state.image_loader = source_image_loader(images, state=state)
+    with MLBackend(state) as b:
+        yield b
+
+
+def _call(url: str, path: str, body: dict | None = None, auth: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json", **({"Authorization": auth} if auth else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _task(image_id: str) -> dict:
+    return {"id": 7, "data": {"image_id": image_id, "image": "/unused", "height": H, "width": W}}
+
+
+def test_credentials_are_required(backend):
+    assert _call(backend.url, "/health")[0] == 401
+    assert _call(backend.url, "/health", auth=_basic(BASIC_USER, "wrong"))[0] == 401
+    assert _call(backend.url, "/health", auth=_basic("someone", TOKEN))[0] == 401
+    assert _call(backend.url, "/predict", {"tasks": []}, auth="Token nope")[0] == 401
+    code, body = _call(backend.url, "/health", auth=_basic(BASIC_USER, TOKEN))
+    assert code == 200 and body["status"] == "UP"
+    assert _call(backend.url, "/health", auth=f"Bearer {TOKEN}")[0] == 200
+
+
+def test_setup_webhook_and_batch_predict(backend):
+    auth = f"Token {TOKEN}"
+    code, body = _call(backend.url, "/setup", {"project": "1.1", "hostname": "http://h", "access_token": "t"}, auth)
+    assert code == 200 and body["model_version"] == backend.state.predictor.model_version
+    assert backend.state.ls_hostname == "http://h"
+    assert _call(backend.url, "/webhook", {"action": "ANNOTATION_CREATED"}, auth) == (200, {"status": "ok"})
+    assert _call(backend.url, "/predict", {"tasks": [_task("im0.png")]}, auth) == (200, {"results": []})
+
+
+def test_interactive_predict_returns_a_brush_mask_from_cached_embeddings(backend):
+    auth = _basic(BASIC_USER, TOKEN)
+    cache = backend.state.predictor.cache
+    before = (cache.precomputed, cache.misses)
+    ctx = keypoint_context([(40, 25)], [1], H, W)
+    code, body = _call(backend.url, "/predict", {"tasks": [_task("im0.png")], "params": {"context": ctx}}, auth)
+    assert code == 200
+    (res,) = body["results"]
+    region = res["result"][0]
+    assert region["type"] == "brushlabels" and (region["original_width"], region["original_height"]) == (W, H)
+    assert res["model_version"] == backend.state.predictor.model_version
+    mask = decode_mask(region["value"]["rle"], H, W)
+    assert mask.shape == (H, W) and mask.dtype == bool
+    assert (cache.precomputed, cache.misses) == (before[0] + 1, before[1] + 1)  # read from disk, not embedded
+    ctx2 = keypoint_context([(40, 25), (5, 5)], [1, 0], H, W)
+    code, body = _call(backend.url, "/predict", {"tasks": [_task("im0.png")], "params": {"context": ctx2}}, auth)
+    assert code == 200 and cache.misses == before[1] + 1  # the second click hits the cache
+    code, body = _call(backend.url, "/predict", {"tasks": [_task("im1.png")], "params": {"context": ctx}}, auth)
+    assert code == 200 and cache.precomputed == before[0] + 1  # im1 had no precomputed embedding
+
+
+def test_bad_requests_get_a_400_with_the_reason(backend):
+    auth = f"Token {TOKEN}"
+    code, _ = _call(backend.url, "/predict", {"tasks": [_task("im0.png")], "params": {"context": {"result": [
+        {"type": "choices", "value": {}}]}}}, auth)
+    assert code == 400 and "no keypoints" in backend.state.last_error
+
+
+def test_context_percentages_become_pixels():
+    ctx = {"result": [
+        {"type": "keypointlabels", "original_width": 200, "original_height": 100, "is_positive": True,
+         "value": {"x": 50.25, "y": 10.5, "keypointlabels": ["positive"]}},
+        {"type": "keypointlabels", "original_width": 200, "original_height": 100, "is_positive": False,
+         "value": {"x": 10, "y": 10, "keypointlabels": ["negative"]}},
+        {"type": "rectanglelabels", "original_width": 200, "original_height": 100,
+         "value": {"x": 10, "y": 20, "width": 50, "height": 30}}]}
+    p = prompt_from_context(ctx, 100, 200)
+    assert np.allclose(p.points, [[100.0, 10.0], [19.5, 9.5]]) and p.labels.tolist() == [1, 0]
+    assert np.allclose(p.box, [20, 20, 120, 50])
+    with pytest.raises(ValueError, match="no keypoints"):
+        prompt_from_context({"result": []}, 100, 200)
+
+
+def test_refuses_to_bind_all_interfaces():
+    with pytest.raises(ValueError, match="0.0.0.0"):
+        MLBackend(None, host="0.0.0.0")
+
+
+@pytest.mark.labelstudio
+def test_label_studio_calls_our_backend_for_interactive_clicks(backend, images, labelstudio_server):
+    ls: LabelStudio = labelstudio_server.client
+    pid = ls.ensure_project("ml backend via label studio")
+    try:
+        folder = images.ref("im0.png").uri.rsplit("/", 1)[0]
+        ls.add_local_storage(pid, folder)
+        im = TaskImage("im0.png", LabelStudio.local_file_url(images.ref("im0.png").uri,
+                                                             labelstudio_server.document_root), H, W)
+        task_id = ls.import_tasks(pid, [im])["im0.png"]
+        served = backend.state.predictions
+        backend_id = ls.connect_ml_backend(pid, backend.url, BASIC_USER, TOKEN)
+        assert backend.state.ls_hostname  # Label Studio called /setup with credentials
+        answer = ls.predict_interactive(backend_id, task_id, keypoint_context([(40, 25)], [1], H, W))
+        assert backend.state.predictions == served + 1
+        mask = decode_mask(answer["result"][0]["value"]["rle"], H, W)
+        assert mask.shape == (H, W) and answer["model_version"] == backend.state.predictor.model_version
+    finally:
+        ls.delete_project(pid)
+    # Label Studio connecting with the wrong credentials is refused by ours, and it says so.
+    other = ls.ensure_project("ml backend wrong credentials")
+    try:
+        with pytest.raises(LabelStudioError, match="authentication parameters"):
+            ls.connect_ml_backend(other, backend.url, BASIC_USER, "wrong")
+    finally:
+        ls.delete_project(other)
