@@ -22,8 +22,8 @@ VIT_PRESETS: dict[str, dict] = {
 }
 
 # The compact preset, chosen by measurement (docs/model.md).
-COMPACT_DEFAULT: dict = dict(image_size=256, widths=[32, 48, 96, 128], out_stride=8, prompt_dim=128,
-                             decoder=dict(mlp_dim=512, depth=2, heads=4, iou_head_hidden_dim=128))
+COMPACT_DEFAULT: dict = dict(image_size=128, widths=[32, 48, 96, 128], out_stride=8, prompt_dim=64,
+                             decoder=dict(mlp_dim=256, depth=2, heads=4, iou_head_hidden_dim=64))
 
 
 class LayerNorm2d(nn.Module):

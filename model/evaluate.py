@@ -1,0 +1,184 @@
+"""Evaluation: SAM's point protocol (mIoU at 1/3/5 clicks), box mIoU, and COCOeval AP/AR of automatic masks.
+
+Point protocol, per ground-truth mask: click 1 at the interior point farthest from the boundary,
+decoded with 3 outputs. Nested ground truth (an object and its parts are separate entries) makes a
+single click ambiguous, so two 1-click figures are reported: `oracle` (the best of the 3 outputs
+against the ground truth, SAM's paper) and `pred` (the output with the highest predicted IoU, what
+a tool shows). Each next click goes to the deepest point of the larger error region of the shown
+mask; clicks 2+ are decoded with the single-output token and the previous low-res logits as mask
+prompt, as in SAM. Box mIoU: the ground truth's bounding box, single output.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.clicks import first_click, next_click
+from model.segmenter import Segmenter
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """pred: (N, M, H, W) or (N, H, W) bool; gt: (N, H, W) bool -> IoU (N, M) or (N,)."""
+    g = gt if pred.ndim == 3 else gt[:, None]
+    inter = (pred & g).sum((-2, -1))
+    union = (pred | g).sum((-2, -1))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def mask_boxes_xyxy(gt: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, 4) XYXY pixel boxes (x1, y1 exclusive, like COCO's x + w)."""
+    out = np.zeros((len(gt), 4))
+    for i, m in enumerate(gt):
+        ys, xs = np.nonzero(m)
+        out[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return out
+
+
+@torch.no_grad()
+def click_eval_image(seg: Segmenter, image: np.ndarray, gt: np.ndarray, clicks: int = 5) -> dict[str, np.ndarray]:
+    """One image, all its (N, H, W) ground-truth masks at once.
+
+    Returns per-mask IoU arrays: "oracle@1", "pred@1", "clicks@k" for k = 1..clicks (k = 1 is the
+    shown, pred-selected mask), and "box".
+    """
+    gt = gt[gt.reshape(len(gt), -1).any(1)]
+    out: dict[str, np.ndarray] = {}
+    if len(gt) == 0:
+        return out
+    emb = seg.embed([image])[0]
+    n = len(gt)
+    pts = np.array([[first_click(m)] for m in gt], dtype=np.float64)
+    lab = np.ones((n, 1), dtype=np.int64)
+    p = seg.predict(emb, pts, lab, multimask=True)
+    ious = mask_iou(p.masks.numpy(), gt)
+    shown_idx = p.iou_pred.argmax(1).numpy()
+    out["oracle@1"] = ious.max(1)
+    out["pred@1"] = ious[np.arange(n), shown_idx]
+    out["clicks@1"] = out["pred@1"]
+    shown = p.masks.numpy()[np.arange(n), shown_idx]
+    logits = p.low_res_logits[torch.arange(n), torch.as_tensor(shown_idx)][:, None]
+    for k in range(2, clicks + 1):
+        new_pts = np.zeros((n, 1, 2))
+        new_lab = np.full((n, 1), -1, dtype=np.int64)  # -1: padding for masks already exact
+        for i in range(n):
+            c = next_click(shown[i], gt[i])
+            if c is not None:
+                new_pts[i, 0] = c[:2]
+                new_lab[i, 0] = c[2]
+        pts, lab = np.concatenate([pts, new_pts], 1), np.concatenate([lab, new_lab], 1)
+        p = seg.predict(emb, pts, lab, mask_input=logits, multimask=False)
+        shown = p.masks.numpy()[:, 0]
+        logits = p.low_res_logits
+        out[f"clicks@{k}"] = mask_iou(shown, gt)
+    pb = seg.predict(emb, boxes=mask_boxes_xyxy(gt), multimask=False)
+    out["box"] = mask_iou(pb.masks.numpy()[:, 0], gt)
+    return out
+
+
+def click_eval(seg: Segmenter, images: list[np.ndarray], gts: list[np.ndarray], clicks: int = 5,
+               max_objects: int | None = None) -> dict[str, float]:
+    """mIoU over all ground-truth masks of all images (see module doc). Keys: oracle@1, pred@1,
+    clicks@k (k = 1..clicks), box, n_masks."""
+    acc: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    for image, gt in zip(images, gts):
+        if max_objects is not None and seen >= max_objects:
+            break
+        if max_objects is not None:
+            gt = gt[: max_objects - seen]
+        res = click_eval_image(seg, image, gt, clicks)
+        for k, v in res.items():
+            acc.setdefault(k, []).append(v)
+        seen += len(res.get("box", []))
+    out = {k: float(np.concatenate(v).mean()) for k, v in acc.items()}
+    out["n_masks"] = seen
+    return out
+
+
+def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict, float]]],
+                 sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """COCOeval (segm) of automatic masks against ground truth, class-agnostic.
+
+    gt_rles: image_id -> COCO RLEs; pred: image_id -> [(rle, score)]; sizes: image_id -> (H, W).
+    Returns AP, AP50, AP75, AR@1, AR@10, AR@100 (pycocotools' definitions; maxDets 1/10/100 → 1/10/1000
+    so dense automatic output is not cut at 100 detections for AR@1000-style recall).
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {img: i + 1 for i, img in enumerate(sorted(sizes))}
+
+    def norm(rle: dict) -> dict:
+        c = rle["counts"]
+        return {"size": list(rle["size"]), "counts": c.decode() if isinstance(c, bytes) else c}
+
+    from pycocotools import mask as mask_utils
+
+    images = [{"id": ids[k], "height": h, "width": w} for k, (h, w) in sizes.items()]
+    anns, dets = [], []
+    for k, rles in gt_rles.items():
+        for r in rles:
+            r = norm(r)
+            anns.append({"id": len(anns) + 1, "image_id": ids[k], "category_id": 1, "segmentation": r,
+                         "area": float(mask_utils.area(r)), "bbox": list(mask_utils.toBbox(r)), "iscrowd": 0})
+    for k, items in pred.items():
+        for r, s in items:
+            dets.append({"image_id": ids[k], "category_id": 1, "segmentation": norm(r), "score": float(s)})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not dets:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@1": 0.0, "AR@10": 0.0, "AR@1000": 0.0}
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, "segm")
+        ev.params.maxDets = [1, 10, 1000]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    s = ev.stats
+    return {"AP": float(s[0]), "AP50": float(s[1]), "AP75": float(s[2]),
+            "AR@1": float(s[6]), "AR@10": float(s[7]), "AR@1000": float(s[8])}
+
+
+def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[list[dict]]]:
+    """A synth-style folder (images/ + annotations.json, COCO RLE) -> (file names, images (H, W, 3)
+    uint8, masks (N, H, W) bool, RLEs) per image, in annotation-file order."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    root = Path(folder)
+    ann_file = root / "annotations.json"
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"{ann_file}: not found (expected a folder with images/ and annotations.json)")
+    coco = json.loads(ann_file.read_text())
+    by_image: dict[int, list[dict]] = {}
+    for a in coco.get("annotations", []):
+        by_image.setdefault(a["image_id"], []).append(a)
+    names, images, masks, rles = [], [], [], []
+    for info in coco["images"]:
+        path = root / "images" / info["file_name"]
+        if not path.is_file():
+            path = root / info["file_name"]
+        img = np.asarray(Image.open(path).convert("RGB"))
+        h, w = img.shape[:2]
+        rl = []
+        for a in by_image.get(info["id"], []):
+            seg = a["segmentation"]
+            if isinstance(seg, list):  # polygons
+                seg = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
+                seg = mask_utils.frPyObjects(seg, h, w)
+            rl.append(seg)
+        m = np.stack([mask_utils.decode(r).astype(bool) for r in rl]) if rl else np.zeros((0, h, w), bool)
+        names.append(info["file_name"])
+        images.append(img)
+        masks.append(m)
+        rles.append(rl)
+    return names, images, masks, rles

@@ -1,0 +1,368 @@
+"""SAM's interactive training recipe, as a plain function and as a Ray Train loop.
+
+Per sampled mask: a first prompt from the ground truth (a box with noise, or one point inside),
+then `iterations - 1` corrective points sampled uniformly from the error region of the previous
+prediction, with the previous low-res logits fed back as the mask prompt. Loss per step:
+20·focal + 1·dice on the best of the 3 outputs (first step) or on the single output (later steps),
+plus MSE between predicted and actual IoU. Masks carry weights (manual masks count more).
+Augmentation: flips, 90° rotations, brightness/contrast jitter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.clicks import sample_error_click, sample_point
+from model.segmenter import Segmenter, preprocess, resized_shape
+
+# A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
+Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
+Sampler = Callable[[np.random.Generator], Sample]
+
+
+@dataclass
+class TrainSettings:
+    minutes: float = 2.0  # wall-clock budget of the optimisation (evaluation time not counted)
+    max_steps: int | None = None
+    batch_images: int = 8
+    masks_per_image: int = 4
+    iterations: int = 3  # prompts per mask: first prompt + corrective clicks
+    box_prob: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    min_area: int = 16  # masks smaller than this (pixels of the encoder input) are skipped
+    seed: int = 0
+    eval_every_s: float | None = None  # call `on_eval` this often (training seconds)
+    threads: int | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    cpu_seconds: float
+    final_loss: float
+    curve: list[dict] = field(default_factory=list)  # {"train_s", "cpu_s", "step", **eval metrics}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def dataset_sampler(images: list[np.ndarray], masks: list[np.ndarray], weights: list[np.ndarray] | None = None) -> Sampler:
+    """Sample uniformly from in-memory data: images (H, W, 3) uint8, masks (N, H, W) bool, weights (N,)."""
+    keep = [i for i, m in enumerate(masks) if len(m)]
+    if not keep:
+        raise ValueError("training data: no image has a mask")
+    if weights is None:
+        weights = [np.ones(len(m), np.float32) for m in masks]
+
+    def sample(rng: np.random.Generator) -> Sample:
+        i = keep[int(rng.integers(len(keep)))]
+        return images[i], masks[i], np.asarray(weights[i], np.float32)
+
+    return sample
+
+
+def synthetic_sampler(size: int = 256) -> Sampler:
+    """Fresh synthetic scenes (engine/synth.py) drawn from the training generator: unlimited data."""
+    from engine.synth import make_scene
+
+    def sample(rng: np.random.Generator) -> Sample:
+        image, masks, _ = make_scene(rng, size)
+        return image, masks, np.ones(len(masks), np.float32)
+
+    return sample
+
+
+def store_training_data(store_uri: str, image_uri: str, manual_weight: float = 2.0, s3_endpoint_url: str | None = None,
+                        max_images: int | None = None, **filters) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
+    """Masks from the shard store (verified ones by default) and their images from the image source.
+
+    Returns images, masks (N, H, W) bool, weights (manual_weight for human-made masks, 1 for others)
+    and a data fingerprint (sha256 over the mask ids). Masks whose size differs from the stored
+    image are resized (nearest) to it.
+    """
+    from storage.images import ImageSource
+    from storage.rle import decode_rles
+    from storage.shards import MaskStore
+
+    filters.setdefault("verified", True)
+    store = MaskStore(store_uri, s3_endpoint_url=s3_endpoint_url)
+    by_image: dict[str, list] = {}
+    for rec in store.iter_records(**filters):
+        by_image.setdefault(rec.image_id, []).append(rec)
+    source = ImageSource(image_uri, s3_endpoint_url=s3_endpoint_url)
+    refs = {r.image_id: r for r in source.list()}
+    images, masks, weights, ids = [], [], [], []
+    for image_id in sorted(by_image)[:max_images]:
+        if image_id not in refs:
+            continue
+        img = source.load(refs[image_id]).pixels
+        recs = by_image[image_id]
+        m = decode_rles([r.rle for r in recs])
+        if m.shape[1:] != img.shape[:2]:
+            t = F.interpolate(torch.from_numpy(m[:, None].astype(np.float32)), img.shape[:2], mode="nearest")
+            m = t[:, 0].numpy() > 0.5
+        human = np.array([(r.origin or r.stage) in ("manual", "prefill_edited", "manual_added") for r in recs])
+        images.append(img)
+        masks.append(m)
+        weights.append(np.where(human, manual_weight, 1.0).astype(np.float32))
+        ids.extend(r.mask_id for r in recs)
+    fingerprint = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    return images, masks, weights, fingerprint
+
+
+def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, 90° rotations and brightness/contrast jitter, applied alike to image and masks."""
+    k = int(rng.integers(4))
+    image, masks = np.rot90(image, k, (0, 1)), np.rot90(masks, k, (1, 2))
+    if rng.random() < 0.5:
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)
+    image = np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(image), np.ascontiguousarray(masks)
+
+
+def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int):
+    """B images -> pixels (B, 3, S, S), gt (P, S, S) bool in the input frame, weights (P,), image index (P,)."""
+    imgs, gts, ws, owner = [], [], [], []
+    while len(imgs) < s.batch_images:
+        image, masks, weights = samplers(rng)
+        image, masks = augment(image, masks, rng)
+        h, w = resized_shape(image.shape[0], image.shape[1], side)
+        m = torch.from_numpy(masks[:, None].astype(np.float32))
+        if (h, w) != masks.shape[1:]:
+            m = F.interpolate(m, (h, w), mode="nearest")
+        m = F.pad(m[:, 0], (0, side - w, 0, side - h)) > 0.5
+        ok = np.nonzero(m.sum((1, 2)).numpy() >= s.min_area)[0]
+        if len(ok) == 0:
+            continue
+        pick = rng.choice(ok, size=min(s.masks_per_image, len(ok)), replace=False)
+        gts.append(m[pick])
+        ws.append(torch.as_tensor(weights[pick], dtype=torch.float32))
+        owner.extend([len(imgs)] * len(pick))
+        imgs.append(image)
+    pixels, _ = preprocess(imgs, side)
+    return pixels, torch.cat(gts), torch.cat(ws), torch.as_tensor(owner)
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+def _focal(logits: torch.Tensor, gt: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """(P, M, H, W) logits, (P, 1, H, W) float gt -> (P, M) mean focal loss."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, gt.expand_as(logits), reduction="none")
+    p_t = prob * gt + (1 - prob) * (1 - gt)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * gt + (1 - alpha) * (1 - gt)) * loss
+    return loss.mean((-2, -1))
+
+
+def _dice(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    prob = logits.sigmoid()
+    num = 2 * (prob * gt).sum((-2, -1))
+    den = prob.sum((-2, -1)) + gt.sum((-2, -1))
+    return 1 - (num + 1) / (den + 1)
+
+
+def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: torch.Tensor, side: int):
+    """Loss of one decoding step; returns (loss, index of the best output per row, its logits (P, 1, n, n))."""
+    up = F.interpolate(low, (side, side), mode="bilinear", align_corners=False)
+    g = gt[:, None].float()
+    per = 20 * _focal(up, g) + _dice(up, g)  # (P, M)
+    best = per.argmin(1)
+    rows = torch.arange(len(best))
+    with torch.no_grad():
+        hard = up > 0
+        inter = (hard & gt[:, None]).sum((-2, -1)).float()
+        union = (hard | gt[:, None]).sum((-2, -1)).float()
+        actual = inter / union.clamp(min=1)
+    iou_loss = F.mse_loss(iou_pred, actual, reduction="none").mean(1)
+    per_row = per[rows, best] + iou_loss
+    loss = (per_row * w).sum() / w.sum()
+    return loss, best, low[rows, best][:, None]
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients across Ray Train workers (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
+          on_eval: Callable[[Segmenter], dict] | None = None) -> TrainResult:
+    """Train `seg` in place on `data` (see `dataset_sampler`, `synthetic_sampler`) for a time budget."""
+    s = settings or TrainSettings()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    rng = np.random.default_rng(s.seed + 1000 * _rank())
+    torch.manual_seed(s.seed)
+    net, side = seg.net, seg.image_size
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    budget = s.minutes * 60
+    curve: list[dict] = []
+    train_s, cpu_s, step, last_eval, loss_v = 0.0, 0.0, 0, 0.0, float("nan")
+
+    def evaluate_now():
+        if on_eval is None:
+            return
+        net.eval()
+        metrics = on_eval(seg)
+        curve.append({"train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1), "step": step, **metrics})
+        net.train()
+
+    evaluate_now()
+    net.train()
+    while train_s < budget and (s.max_steps is None or step < s.max_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        lr = s.lr * min(1.0, (step + 1) / s.warmup_steps)
+        if s.max_steps is None:
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, train_s / budget))) * 0.9 + 0.1
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_v = _train_step(seg, opt, params, data, rng, s, side)
+        step += 1
+        train_s += time.perf_counter() - t0
+        cpu_s += time.process_time() - c0
+        if s.eval_every_s and train_s - last_eval >= s.eval_every_s:
+            last_eval = train_s
+            evaluate_now()
+    if s.eval_every_s:
+        evaluate_now()
+    net.eval()
+    return TrainResult(step, train_s, cpu_s, loss_v, curve)
+
+
+def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int) -> float:
+    net = seg.net
+    pixels, gt, w, owner = _batch(data, rng, s, side)
+    feats = net.image_encoder(pixels)[owner]  # (P, C, h, w)
+    gt_np = gt.numpy()
+    n = len(gt_np)
+    use_box = rng.random() < s.box_prob
+    boxes = None
+    pts: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    labs: list[list[int]] = [[] for _ in range(n)]
+    if use_box:
+        b = np.zeros((n, 4), np.float32)
+        for i, m in enumerate(gt_np):
+            ys, xs = np.nonzero(m)
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            noise = rng.normal(0, 0.1, 4) * np.array([x1 - x0, y1 - y0] * 2)
+            b[i] = np.clip(np.array([x0, y0, x1, y1]) + np.clip(noise, -20, 20), 0, side)
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        boxes = torch.from_numpy(b)
+    else:
+        for i, m in enumerate(gt_np):
+            pts[i].append(sample_point(m, rng))
+            labs[i].append(1)
+    total = 0.0
+    mask_in = None
+    for it in range(s.iterations):
+        points = labels = None
+        if pts[0]:
+            points = torch.tensor(pts, dtype=torch.float32)
+            labels = torch.tensor(labs, dtype=torch.int64)
+        low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
+        loss, _, chosen = _step_loss(low, iou, gt, w, side)
+        total = total + loss
+        if it + 1 < s.iterations:
+            with torch.no_grad():
+                mask_in = chosen.detach()
+                pred = (F.interpolate(mask_in, (side, side), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
+            for i in range(n):
+                x, y, lab = sample_error_click(pred[i], gt_np[i], rng)
+                pts[i].append((x, y))
+                labs[i].append(lab)
+    opt.zero_grad(set_to_none=True)
+    (total / s.iterations).backward()
+    _allreduce_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return float(total) / s.iterations
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---- Ray Train ---------------------------------------------------------------------------------
+
+def ray_train_loop(config: dict) -> None:
+    """Ray Train worker loop. config: settings (dict of TrainSettings), init ("compact" or a checkpoint
+    path to resume from), data: {"kind": "synthetic", "size": S} or {"kind": "store", "store_uri",
+    "image_uri", "manual_weight", "filters"}, metadata (dict). Reports metrics and, from rank 0, a
+    checkpoint directory in our format."""
+    import tempfile
+
+    import ray.train
+
+    settings = TrainSettings(**config.get("settings", {}))
+    settings.threads = settings.threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    init = config.get("init", "compact")
+    seg = Segmenter.new(init) if init in ("compact",) else Segmenter.load(init)
+    data_cfg = config.get("data", {"kind": "synthetic"})
+    fingerprint = data_cfg.get("kind", "synthetic")
+    if data_cfg.get("kind") == "store":
+        images, masks, weights, fingerprint = store_training_data(
+            data_cfg["store_uri"], data_cfg["image_uri"], data_cfg.get("manual_weight", 2.0),
+            data_cfg.get("s3_endpoint_url"), **data_cfg.get("filters", {}))
+        sampler = dataset_sampler(images, masks, weights)
+    else:
+        sampler = synthetic_sampler(data_cfg.get("size", 256))
+    result = train(seg, sampler, settings)
+    metrics = {"steps": result.steps, "train_seconds": result.train_seconds, "loss": result.final_loss}
+    meta = dict(config.get("metadata", {}), data_fingerprint=fingerprint, train=metrics,
+                resumed_from=None if init == "compact" else str(init))
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as d:
+            seg.save(d, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str | Path, storage_path: str | Path,
+                   num_workers: int = 1, use_gpu: bool = False, metadata: dict | None = None,
+                   name: str = "sa-engine-train") -> tuple[Segmenter, dict]:
+    """Run `ray_train_loop` through engine.cluster.fit_torch_trainer and copy the checkpoint to out_dir."""
+    import shutil
+
+    from engine.cluster import fit_torch_trainer
+
+    cfg = {"settings": asdict(settings), "init": str(init), "data": data, "metadata": metadata or {}}
+    result = fit_torch_trainer(ray_train_loop, cfg, num_workers=num_workers, use_gpu=use_gpu,
+                               storage_path=storage_path, name=name)
+    if result.error is not None:
+        raise RuntimeError(f"ray train: {result.error}".splitlines()[0])
+    if result.checkpoint is None:
+        raise RuntimeError("ray train: finished without a checkpoint")
+    out = Path(out_dir)
+    with result.checkpoint.as_directory() as d:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "sa_engine.json"):  # the JSON last: it is the commit point
+            shutil.copy2(Path(d) / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
+    return Segmenter.load(out), dict(result.metrics or {})
