@@ -185,6 +185,132 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+# ---- Label Studio, the ML backend, simulated annotators and the assisted-manual stage (issue 5)
+
+def _ls_config(config: Optional[Path]):
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+
+
+@labelstudio_app.command("up")
+def labelstudio_up(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
+    """Install (first use) and start the managed server on 127.0.0.1; harmless if it is up."""
+    from engine.labelstudio import LabelStudioError, start_server
+    from stages.manual import server_settings
+
+    cfg = _ls_config(config)
+    if not cfg.labelstudio.managed:
+        fail("labelstudio.managed is false: the engine uses the server at labelstudio.url; nothing to start")
+    try:
+        info = start_server(server_settings(cfg), log=lambda m: console.print(m, highlight=False))
+    except LabelStudioError as e:
+        fail(str(e), code=1)
+    console.print(f"Label Studio up: {info.url} (pid {info.pid}, user {info.username}, data {info.data_dir})",
+                  highlight=False)
+
+
+@labelstudio_app.command("down")
+def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
+    """Stop the managed server (by its recorded PID)."""
+    from engine.labelstudio import stop_server
+    from stages.manual import server_settings
+
+    stopped = stop_server(server_settings(_ls_config(config)).data_dir)
+    console.print("Label Studio stopped" if stopped else "Label Studio was not running", highlight=False)
+
+
+@labelstudio_app.command("status")
+def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
+    """Print the managed server's status as JSON (exit 1 if it is not healthy)."""
+    import json
+
+    from engine.labelstudio import is_installed, server_status, venv_dir
+    from stages.manual import server_settings
+
+    st = server_status(server_settings(_ls_config(config)).data_dir)
+    st.update(installed=is_installed(), venv=str(venv_dir()))
+    sys.stdout.write(json.dumps(st) + "\n")
+    if not st["healthy"]:
+        raise typer.Exit(1)
+
+
+@app.command("ml-backend")
+def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                   checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
+                                                                       "else a fresh model.preset model)."),
+                   host: str = typer.Option("127.0.0.1", help="Address to bind (never 0.0.0.0)."),
+                   port: Optional[int] = typer.Option(None, help="Port (default: labelstudio.ml_backend_port).")) -> None:
+    """Serve our Label Studio ML backend in the foreground (credentials: user sa-engine + the backend token)."""
+    from engine.ml_backend import BackendState, EmbeddingCache, MaskPredictor, MLBackend, source_image_loader
+    from stages.manual import backend_token, image_source, load_segmenter
+
+    cfg = _ls_config(config)
+    try:
+        seg = load_segmenter(cfg, checkpoint)
+        state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=cfg.path("embeddings"))),
+                             token=backend_token(cfg), image_loader=None)
+        state.image_loader = source_image_loader(image_source(cfg), state=state)
+        server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port)
+    except (ValueError, OSError) as e:
+        fail(f"ml-backend: {e}")
+    console.print(f"ML backend {server.url} (model {seg.model_version}); basic auth user sa-engine, password in "
+                  f"{cfg.path('labelstudio')}/ml_backend_token or labelstudio.ml_backend_token", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@app.command("annotate")
+def annotate_cmd(project: str = typer.Option(..., "--project", help="Label Studio project id or title."),
+                 simulate: bool = typer.Option(False, "--simulate", help="Use a simulated annotator (required)."),
+                 config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                 checkpoint: Optional[str] = typer.Option(None, help="Model the ML backend serves."),
+                 annotator: str = typer.Option("sim-annotator-1", help="Annotator name (a Label Studio user)."),
+                 via: str = typer.Option("labelstudio", help="labelstudio: clicks go through Label Studio's "
+                                                             "interactive endpoint; backend: straight to ours.")) -> None:
+    """Annotate a project's open tasks with a simulated annotator through the real Label Studio API."""
+    import json
+
+    from engine.labelstudio import LabelStudioError
+    from stages.manual import annotate_project
+
+    if not simulate:
+        fail("annotate: only --simulate is supported (people annotate in the Label Studio UI)")
+    try:
+        summary = annotate_project(_ls_config(config), project, checkpoint, annotator, via)
+    except (LabelStudioError, ValueError) as e:
+        fail(str(e), code=1)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
+@stage_app.command("manual")
+def stage_manual(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+                 round_no: int = typer.Option(1, "--round", help="The round."),
+                 checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
+                                                                     "else a fresh model.preset model)."),
+                 simulate: Optional[bool] = typer.Option(None, "--simulate/--people",
+                                                         help="Simulated annotators (default: stages.simulate).")) -> None:
+    """Assisted-manual stage: server + ML backend, the round's project and tasks, annotation, pull-back."""
+    import json
+
+    from engine.labelstudio import LabelStudioError
+    from model.checkpoints import CheckpointError
+    from stages.manual import run_manual_stage
+
+    cfg = _ls_config(config)
+    try:
+        summary = run_manual_stage(cfg, round_no, checkpoint,
+                                   simulate=cfg.stages.simulate if simulate is None else simulate)
+    except (LabelStudioError, CheckpointError) as e:
+        fail(str(e), code=1)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 

@@ -278,3 +278,37 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
 
 def round_or_none(v: float | None, digits: int = 3) -> float | None:
     return None if v is None else round(float(v), digits)
+
+
+def annotate_project(cfg: EngineConfig, project: str | int, checkpoint: str | None = None,
+                     annotator_name: str = "sim-annotator-1", via: str = "labelstudio") -> dict:
+    """Simulated annotation of an existing project's unannotated tasks (tasks made by sa-engine:
+    data has image_id, height, width). Serves our ML backend meanwhile. Returns the effort summary."""
+    from engine.annotator import AnnotatorSettings, SimulatedAnnotator, effort_summary, load_ground_truth
+    from engine.ml_backend import BASIC_USER
+
+    if not cfg.images.ground_truth:
+        raise LabelStudioError("annotate --simulate needs images.ground_truth (COCO JSON)")
+    ls, _ = connect(cfg)
+    project_id = int(project) if str(project).isdigit() else ls.find_project(str(project))
+    if project_id is None:
+        raise LabelStudioError(f"Label Studio {ls.url}: no project titled {project!r}")
+    gt = load_ground_truth(cfg.path(cfg.images.ground_truth))
+    tasks = ls._call("list tasks", lambda: list(ls.sdk.tasks.list(project=project_id, fields="all")))
+    done = ls.annotated_task_ids(project_id)
+    m = cfg.stages.manual
+    segmenter = load_segmenter(cfg, checkpoint)
+    efforts = []
+    with start_backend(cfg, segmenter, image_source(cfg)) as backend:
+        backend_id = ls.connect_ml_backend(project_id, backend.url, BASIC_USER, backend.state.token)
+        annotator = SimulatedAnnotator(ls, backend_id, annotator_name, AnnotatorSettings(
+            max_clicks=m.max_clicks, iou_target=m.iou_target, seconds_per_click=m.seconds_per_click,
+            seconds_per_mask=m.seconds_per_mask, image_time_limit_s=m.image_time_limit_s), via=via,
+            backend_url=backend.url, backend_token=backend.state.token)
+        for t in tasks:
+            data = t.data or {}
+            if int(t.id) in done or not {"image_id", "height", "width"} <= set(data):
+                continue
+            im = TaskImage(data["image_id"], data.get("image", ""), int(data["height"]), int(data["width"]))
+            efforts.append(annotator.annotate_image(int(t.id), im, gt.get(im.image_id, [])))
+    return {"ls_project_id": project_id, "annotator": annotator_name, "via": via, **effort_summary(efforts)}
