@@ -10,7 +10,8 @@ not assumed.
 Decision rule (`review_prefills`), prefills taken in rank order (best first), each truth object claimed once:
   - best unclaimed truth object at IoU >= accept_iou -> "accept" (kept as is, claims the object);
   - IoU >= edit_iou -> "edit" (the right object, visibly off: the annotator corrects it, claims the object);
-  - otherwise, or when every object it overlaps is already claimed (a duplicate) -> "delete".
+  - otherwise, or when every object it overlaps is already claimed, or it looks like a mask already kept
+    (IoU >= accept_iou: a duplicate to the eye) -> "delete".
 Then the annotator clicks only the truth objects that no kept mask covers (`uncovered_objects`).
 The decisions are pure numpy; `PrefillReviewer` carries them out through the real Label Studio API with
 a `engine.annotator.SimulatedAnnotator` (its click loop fixes edited prefills and draws missing objects).
@@ -55,16 +56,26 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def review_prefills(prefills: np.ndarray, truth: np.ndarray, policy: ReviewPolicy,
-                    claimed: set[int] | None = None) -> list[PrefillDecision]:
+                    claimed: set[int] | None = None, kept: np.ndarray | None = None) -> list[PrefillDecision]:
     """Accept / edit / delete each prefill (rule: module doc).
 
-    prefills: (P, H, W) bool in rank order; truth: (T, H, W) bool; claimed: truth objects already taken
-    (e.g. by an earlier page of the same image), updated in place is avoided: a copy is used.
+    prefills: (P, H, W) bool in rank order; truth: (T, H, W) bool; claimed: truth objects already taken and
+    kept: (K, H, W) bool masks already kept (e.g. on an earlier page of the same image); neither is modified.
+    A prefill that looks like a kept mask (IoU >= accept_iou) is a duplicate to the eye and is deleted,
+    whatever truth object it might also match (e.g. a part covering most of its object).
     """
     taken = set(claimed or ())
     ious = pairwise_iou(prefills, truth)
+    hw = prefills.shape[1:]
+    earlier = kept if kept is not None else np.zeros((0, *hw), bool)
+    same = pairwise_iou(prefills, earlier).max(axis=1) if len(earlier) else np.zeros(len(prefills))
+    among = pairwise_iou(prefills, prefills)
+    kept_here: list[int] = []
     decisions: list[PrefillDecision] = []
     for p in range(len(prefills)):
+        if same[p] >= policy.accept_iou or any(among[p, q] >= policy.accept_iou for q in kept_here):
+            decisions.append(PrefillDecision("delete", None, float(ious[p].max()) if ious.shape[1] else 0.0))
+            continue
         row = ious[p].copy() if ious.shape[1] else np.zeros(0)
         best_any = float(row.max()) if len(row) else 0.0
         if taken:
@@ -74,9 +85,11 @@ def review_prefills(prefills: np.ndarray, truth: np.ndarray, policy: ReviewPolic
         if j >= 0 and iou >= policy.accept_iou:
             decisions.append(PrefillDecision("accept", j, iou))
             taken.add(j)
+            kept_here.append(p)
         elif j >= 0 and iou >= policy.edit_iou:
             decisions.append(PrefillDecision("edit", j, iou))
             taken.add(j)
+            kept_here.append(p)
         else:
             decisions.append(PrefillDecision("delete", None, best_any))
     return decisions
@@ -174,7 +187,9 @@ class PrefillReviewer:
         masks = np.stack([m for _, m in prefills]) if prefills else np.zeros((0, *hw), bool)
         out = TaskReview(image.image_id, task_id, None)
         results = []
-        for (region_id, mask), d in zip(prefills, review_prefills(masks, truth, self.policy, state.claimed)):
+        earlier = np.stack(state.kept) if state.kept else None
+        decisions = review_prefills(masks, truth, self.policy, state.claimed, earlier)
+        for (region_id, mask), d in zip(prefills, decisions):
             out.seconds += self.seconds_per_review
             if d.action == "accept":
                 out.accepted += 1

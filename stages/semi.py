@@ -20,6 +20,11 @@
      (rejections). A random `audit_fraction` of accepted prefills is checked against the truth (simulated
      mode; for people, `audit.json` lists the reviewer queue); a failed audit marks the mask unverified.
 Writes are upserts keyed by (image, round, region): re-running or re-pulling replaces, never duplicates.
+
+Precision in the summary: `prefill_precision` is the measured estimate a person-run round also gets
+(accepted prefills right at the audit's pass rate, edited ones right when prefill_iou >= precision_iou,
+deleted ones wrong, duplicates included); `prefill_precision_true` (simulation only) checks every prefill
+against the truth by calibration's measure (best IoU to any true mask), so a duplicate counts as right there.
 """
 from __future__ import annotations
 

@@ -95,6 +95,14 @@ def test_review_accepts_edits_deletes_and_dedupes():
     assert decisions[3].iou == pytest.approx(1.0)  # a duplicate: perfect, but the object is taken
     # Claimed by an earlier page: the same prefill is now a duplicate.
     assert review_prefills(near_a[None], truth, ReviewPolicy(), claimed={0})[0].action == "delete"
+    # A part covering most of its object: to the eye a duplicate of the kept object mask, so deleted.
+    part = a.copy()
+    part[:, 9] = False  # IoU 0.9 to a
+    truth_with_part = np.concatenate([truth, part[None]])
+    assert [d.action for d in review_prefills(np.stack([a, part]), truth_with_part, ReviewPolicy())] == \
+        ["accept", "delete"]
+    assert review_prefills(part[None], truth_with_part, ReviewPolicy(), claimed={0}, kept=a[None])[0].action \
+        == "delete"
     # Nothing to review, nothing to match.
     assert review_prefills(np.zeros((0, h, w), bool), truth, ReviewPolicy()) == []
     assert review_prefills(a[None], np.zeros((0, h, w), bool), ReviewPolicy())[0].action == "delete"
@@ -162,3 +170,108 @@ def test_history_images_newest_round_first(tmp_path):
     assert history_images(store, 3, 10) == ["c", "a", "b"]  # round 3 itself and unverified masks excluded
     assert history_images(store, 4, 2) == ["e", "c"]
     assert history_images(store, 1, 10) == [] and history_images(store, 3, 0) == []
+
+
+# --------------------------------------------------------------------------- against the real server
+
+def _semi_cfg(tmp_path: Path, server, **semi) -> "EngineConfig":  # noqa: F821
+    from engine.config import load_config
+    from engine.labelstudio import free_port
+    from engine.synth import write_synthetic_dataset
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n_images=3, seed=5, size=96)
+    return load_config(None, overrides={
+        "workdir": str(tmp_path / "run"), "images.source": str(data / "images"),
+        "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
+        "labelstudio.managed": False, "labelstudio.url": server.url, "labelstudio.token": server.token,
+        "labelstudio.ml_backend_port": free_port(),
+        "stages.manual.max_clicks": 2, "stages.manual.image_time_limit_s": 600.0,
+        **{f"stages.semi.{k}": v for k, v in semi.items()}})
+
+
+def _crafted_plan(cfg, image_ids: list[str]) -> tuple[dict, dict]:
+    """A plan whose prefills are made from the truth: one exact (accept), one shifted (edit), one off
+    target (delete), one duplicate (delete) on the first image; nothing on the second (a plain task)."""
+    from engine.annotator import load_ground_truth
+    from model.segmenter import Segmenter
+    from stages.semi import Prefill
+
+    truth = load_ground_truth(cfg.images.ground_truth)
+    first, second = image_ids
+    whole = sorted((o for o in truth[first] if o.parent_id is None), key=lambda o: -int(o.mask.sum()))
+    assert len(whole) >= 3, "the crafted plan needs an image with three whole objects"
+    a, b = whole[0].mask, whole[1].mask
+    shifted = b
+    for dy in range(1, 40):
+        shifted = np.roll(b, dy, axis=0)
+        if np.count_nonzero(shifted & b) / np.count_nonzero(shifted | b) < 0.75:
+            break
+    iou_b = np.count_nonzero(shifted & b) / np.count_nonzero(shifted | b)
+    assert 0.5 <= iou_b < 0.85, iou_b
+    off = np.zeros_like(a)
+    ys, xs = np.nonzero(a)
+    off[ys.min():ys.min() + 3, xs.min():xs.min() + 3] = True  # a corner sliver: IoU far below 0.5
+    masks = [a, shifted, off, a.copy()]
+    rles = encode_masks(np.stack(masks))
+    h, w = a.shape
+    prefills = [Prefill(f"prefill-{i}", 1 + i // 2, rle, 0.99 - i / 100, 0.98, [[1.0, 1.0]], [0.0, 0.0, w, h])
+                for i, rle in enumerate(rles)]
+    plan = {"round": 3, "model_version": Segmenter.new(cfg.model.preset).model_version,
+            "thresholds": {"pred_iou_thresh": 0.9, "stability_thresh": 0.95, "source": "default"},
+            "history_samples": 0, "image_ids": image_ids,
+            "images": {first: {"height": h, "width": w, "generated": 4, "dropped_by_cap": 0,
+                               "prefills": [p.to_json() for p in prefills]},
+                       second: {"height": h, "width": w, "generated": 0, "dropped_by_cap": 0, "prefills": []}}}
+    return plan, truth
+
+
+@pytest.mark.labelstudio
+@pytest.mark.slow
+def test_lineage_labels_on_a_simulated_round(labelstudio_server, tmp_path):
+    """Two pages on one image (cap 2): accept, edit, two deletions, then the missing objects clicked; a
+    plain task beside it. Every mask lands in the store with its lineage; a rerun duplicates nothing."""
+    from stages.semi import PLAN_FILE, round_dir, run_semi_stage
+    from storage.shards import MaskStore
+
+    cfg = _semi_cfg(tmp_path, labelstudio_server, max_prefill_per_task=2, audit_fraction=1.0)
+    from storage.images import ImageSource
+
+    ids = [r.image_id for r in ImageSource(cfg.images.source).list()]
+    plan, truth = _crafted_plan(cfg, ids[:2])
+    path = round_dir(cfg, 3) / PLAN_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(plan))
+
+    summary = run_semi_stage(cfg, 3, None, image_ids=ids[:2], simulate=True)
+    store = MaskStore(cfg.storage.root)
+    rows = store.read_table(stage="semi", round=3).to_pylist()
+    by_origin: dict[str, list[dict]] = {}
+    for r in rows:
+        by_origin.setdefault(r["origin"], []).append(r)
+    first, second = ids[:2]
+    accepted, edited = by_origin["prefill_accepted"], by_origin["prefill_edited"]
+    assert [json.loads(r["source"])["ls_region"] for r in accepted] == ["prefill-0"]
+    assert [json.loads(r["source"])["ls_region"] for r in edited] == ["prefill-1"]
+    assert accepted[0]["predicted_iou"] == pytest.approx(0.99) and accepted[0]["prefill_iou"] is None
+    assert 0.0 < edited[0]["prefill_iou"] < 1.0 and edited[0]["clicks"] >= 1
+    assert json.loads(accepted[0]["source"])["audit"]["passed"] is True and accepted[0]["verified"]
+    added = by_origin["manual_added"]
+    whole = [o for o in truth[first] if o.parent_id is None and o.mask.sum() >= 4]
+    assert sum(r["image_id"] == first for r in added) == len(whole) - 2  # the two kept prefills cover two
+    assert any(r["image_id"] == second for r in added)  # the plain task: drawn by clicks only
+    assert all(r["clicks"] >= 1 and r["predicted_iou"] is None for r in added)
+    assert summary["prefill_counts"] == {"accepted": 1, "edited": 1, "rejected": 2}
+    assert summary["prefill_accepted"] == 0.25 and summary["prefill_rejected"] == 0.5
+    assert summary["masks_per_image_before"] == 2.0  # 4 prefills over 2 images
+    assert summary["masks_per_image_after"] == len(rows) / 2
+    assert summary["clicks_per_added_mask"] >= 1 and summary["pages"] == 2
+    # Estimated precision: the audited accept passed; the edit moved too much; deletions are wrong: 1 of 4.
+    assert summary["prefill_precision"] == 0.25
+    # Against the truth, mask by mask (calibration's measure): the duplicate is a perfect mask too.
+    assert summary["prefill_precision_true"] == 0.5
+    assert summary["target_precision"] == 0.9 and summary["thresholds"]["source"] == "default"
+
+    again = run_semi_stage(cfg, 3, None, image_ids=ids[:2], simulate=True)
+    assert store.read_table(stage="semi", round=3).num_rows == len(rows)
+    assert again["prefill_counts"] == summary["prefill_counts"]
