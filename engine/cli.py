@@ -311,6 +311,29 @@ def stage_manual(config: Path = typer.Option(..., "--config", help="The engine's
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@stage_app.command("semi")
+def stage_semi(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+               round_no: int = typer.Option(1, "--round", help="The round."),
+               checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
+                                                                   "else a fresh model.preset model)."),
+               simulate: Optional[bool] = typer.Option(None, "--simulate/--people",
+                                                       help="Simulated annotators (default: stages.simulate).")) -> None:
+    """Semi-automatic stage: calibrated confident masks pre-filled in Label Studio, annotators add the rest."""
+    import json
+
+    from engine.labelstudio import LabelStudioError
+    from model.checkpoints import CheckpointError
+    from stages.semi import run_semi_stage
+
+    cfg = _ls_config(config)
+    try:
+        summary = run_semi_stage(cfg, round_no, checkpoint,
+                                 simulate=cfg.stages.simulate if simulate is None else simulate)
+    except (LabelStudioError, CheckpointError) as e:
+        fail(str(e), code=1)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 
