@@ -9,7 +9,9 @@ workers — so that every mask is read exactly once per epoch:
 - Masks are decoded lazily: a sample's RLE is decoded only when that sample is yielded.
 
 Rank and world size come from the arguments, else torch.distributed (Ray Train's TorchTrainer sets up
-its process group), else the RANK / WORLD_SIZE environment variables, else (0, 1). Ranks may get
+its process group), else the RANK / WORLD_SIZE environment variables, else (0, 1); they are looked up
+in the rank's own process (at iteration, or when DataLoader pickles the dataset for its workers), so a
+dataset built in a driver and shipped to the workers still splits by the workers' ranks. Ranks may get
 unequal numbers of samples; a DDP loop that needs equal steps per rank should cap its steps.
 
 Samples are dicts (use `batch_size=None` or `collate_samples` in the DataLoader; masks differ in size):
@@ -45,13 +47,19 @@ log = logging.getLogger(__name__)
 # Who reads what
 
 
+def detect_rank() -> tuple[int, int] | None:
+    """(rank, world size) from torch.distributed, else from RANK / WORLD_SIZE; None when neither says."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
 def reader_slot(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(this reader's index, number of readers) over ranks x DataLoader workers."""
     if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world_size = detect_rank() or (0, 1)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     info = get_worker_info()
@@ -139,6 +147,23 @@ def _image_sample(image_id: str, size: tuple[int, int], rows: list[dict], decode
     return sample
 
 
+class _RankAware(IterableDataset):
+    """Keeps the rank when the dataset is pickled into DataLoader workers. A worker started by "spawn" (the
+    default inside torch.multiprocessing.spawn, and on macOS) has no process group of its own, so the
+    rank is resolved in the process that pickles the dataset, which is the rank's main process."""
+
+    rank: int | None
+    world_size: int | None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if state.get("rank") is None or state.get("world_size") is None:
+            found = detect_rank()
+            if found is not None:
+                state["rank"], state["world_size"] = found
+        return state
+
+
 def collate_samples(samples: list[dict]) -> list[dict]:
     """DataLoader collate_fn that keeps samples as a list (masks of different sizes don't stack)."""
     return samples
@@ -164,7 +189,7 @@ def _sa1b_rows(doc: dict) -> list[dict]:
     return rows
 
 
-class SA1BTarDataset(IterableDataset):
+class SA1BTarDataset(_RankAware):
     """Images and masks from SA-1B tars: an export of ours (folder or s3:// prefix with index.json), or
     a list of tar paths (e.g. Meta's SA-1B files). Units of work are tars; items are images.
 
@@ -188,10 +213,6 @@ class SA1BTarDataset(IterableDataset):
         else:
             self.root = None
             self.entries = [{"path": str(p)} for p in source]
-
-    def __len__(self) -> int:  # images (or masks) in all tars when the index says; a hint for progress bars
-        key = "images" if self.per == "image" else "masks"
-        return sum(int(e.get(key, 0)) for e in self.entries)
 
     def _open(self, entry: dict):
         if self.root is None:
@@ -237,7 +258,7 @@ def _shard_view(store: "MaskStore", info: "ShardInfo") -> "MaskStore":
     return view
 
 
-class MaskShardDataset(IterableDataset):
+class MaskShardDataset(_RankAware):
     """Masks from the shard store, split over ranks and DataLoader workers by shard.
 
     store: a MaskStore or its URI. filters: those of `MaskStore.iter_batches` (stage, round, verified,

@@ -441,9 +441,47 @@ def _counts_str(counts: bytes | str) -> str:
     return counts.decode("ascii") if isinstance(counts, (bytes, bytearray)) else counts
 
 
+def _to_rows(table: pa.Table | pa.RecordBatch) -> list[dict]:
+    """Rows as dicts, `created_at` as an ISO 8601 string (formatted by Arrow: Python datetimes are slow)."""
+    names = table.column_names
+    cols = []
+    for name in names:
+        col = table.column(name)
+        if name == "created_at":
+            iso = pc.binary_join_element_wise(pc.strftime(col, format="%Y-%m-%dT%H:%M:%S"), "+00:00", "")
+            cols.append(iso.to_pylist())
+        else:
+            cols.append(col.to_pylist())
+    return [dict(zip(names, values)) for values in zip(*cols)]
+
+
+def _image_groups(table: pa.Table, plan: _Plan, chunk_rows: int = 4096) -> Iterator[tuple[int, list[dict]]]:
+    """(plan position, rows) per image of one tar's spooled rows, images in plan order, each image's masks in
+    store order. Rows become Python dicts a chunk of whole images at a time (not the whole tar at once)."""
+    pos = plan.lookup(table.column("image_id"))
+    order = np.argsort(pos, kind="stable")
+    table = table.take(pa.array(order))
+    images, counts = np.unique(pos[order], return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    i = 0
+    while i < len(images):
+        j, rows_in_chunk = i, 0
+        while j < len(images) and (j == i or rows_in_chunk + counts[j] <= chunk_rows):
+            rows_in_chunk += int(counts[j])
+            j += 1
+        first = int(starts[i])
+        rows = _to_rows(table.slice(first, rows_in_chunk))
+        for k in range(i, j):
+            a = int(starts[k]) - first
+            yield int(images[k]), rows[a:a + int(counts[k])]
+        i = j
+
+
 def _lineage(row: dict) -> dict:
     """The lineage fields of a store row, JSON-ready (`source`/`history` parsed back from their JSON)."""
     created = row.get("created_at")
+    if created is not None and not isinstance(created, str):
+        created = created.isoformat()
     return {
         "image_id": row["image_id"],
         "mask_id": row["mask_id"],
@@ -458,7 +496,7 @@ def _lineage(row: dict) -> dict:
         "lead_time_s": row.get("lead_time_s"),
         "prefill_iou": row.get("prefill_iou"),
         "history": json.loads(row["history"]) if row.get("history") else None,
-        "created_at": created.isoformat() if created is not None else None,
+        "created_at": created,
     }
 
 
@@ -612,7 +650,7 @@ def _run_export(fmt: str, out: str, overwrite: bool, s3_endpoint_url: str | None
 
 def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: ExportFilters = ExportFilters(),
                 splits: dict[str, float] | None = None, images_per_tar: int = 1000, overwrite: bool = False,
-                s3_endpoint_url: str | None = None, spool_buffer_mb: float = 64.0) -> dict:
+                s3_endpoint_url: str | None = None, spool_buffer_mb: float = 32.0) -> dict:
     """Export the selected masks as SA-1B tar shards under `out` (a folder or s3:// prefix).
 
     Tar k of a split holds images k*N .. (k+1)*N-1 of that split in image-id order, each as
@@ -652,15 +690,10 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
             table = spool.read(t)
             if table is None:
                 continue
-            pos = plan.lookup(table.column("image_id"))
-            table = table.append_column("_pos", pa.array(pos)).sort_by("_pos")  # stable: store order kept
-            rows = table.drop_columns(["_pos"]).to_pylist()
             tar_path = target.scratch / f"tar-{t}.tar"
             images_in_tar = masks_in_tar = 0
             with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-                start = 0
-                for p, count in zip(*np.unique(table.column("_pos").to_numpy(), return_counts=True)):
-                    group, start = rows[start:start + count], start + count
+                for p, group in _image_groups(table, plan):
                     if not plan.keep[p]:
                         continue
                     number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
@@ -723,7 +756,7 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
         ann_id = 0
         for batch in store.iter_batches(columns=_COCO_COLUMNS, **filters.store_kwargs()):
             pos = plan.lookup(batch.column("image_id"))
-            for row, p in zip(batch.to_pylist(), pos.tolist()):
+            for row, p in zip(_to_rows(batch), pos.tolist()):
                 if p < 0 or not plan.keep[p]:
                     continue
                 ann_id += 1

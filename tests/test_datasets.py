@@ -119,3 +119,34 @@ def test_sa1b_tar_failing_its_checksum_is_named(data, tmp_path):
     (copy / victim).write_bytes(bytes(raw))
     with pytest.raises(CorruptExportError, match=victim):
         list(SA1BTarDataset(str(copy), per="mask", decode=False))
+
+
+def _dist_reader(rank: int, world_size: int, store_uri: str, init_file: str, out_dir: str) -> None:
+    """One rank of a real torch.distributed (gloo) group, as Ray Train's TorchTrainer sets up: the dataset
+    finds its rank from the process group, with no arguments."""
+    import json as _json
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        # num_workers=1: the worker is spawned (the start method torch.multiprocessing.spawn leaves behind),
+        # so it has no process group and must get the rank through pickling.
+        ids = [s["mask_id"] for s in DataLoader(MaskShardDataset(store_uri, decode=False), batch_size=None,
+                                                num_workers=1)]
+        Path(out_dir, f"rank{rank}.json").write_text(_json.dumps(ids))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: 2 rank processes and their DataLoader workers all import torch
+def test_ranks_from_a_real_process_group(data, tmp_path):
+    store, _, _, root = data
+    world = 2
+    torch.multiprocessing.spawn(_dist_reader, args=(world, str(root / "store"), str(tmp_path / "init"),
+                                                    str(tmp_path)), nprocs=world, join=True)
+    import json
+
+    seen = Counter()
+    for rank in range(world):
+        seen.update(json.loads((tmp_path / f"rank{rank}.json").read_text()))
+    assert seen == Counter({m: 1 for m in _store_rows(store)})
