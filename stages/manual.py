@@ -13,6 +13,7 @@ nothing half-written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -130,7 +131,10 @@ def task_images(cfg: EngineConfig, source, image_ids: list[str], quarantine=None
 
 
 def project_title(cfg: EngineConfig, round: int) -> str:
-    return f"sa-engine {Path(cfg.workdir).resolve().name} manual round {round}"
+    """Unique per work dir and round, within Label Studio's 50-character limit."""
+    workdir = Path(cfg.workdir).resolve()
+    tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:6]
+    return f"manual r{round} {workdir.name[:24]} {tag}"
 
 
 # --------------------------------------------------------------------------- pull-back

@@ -36,7 +36,7 @@ def project(labelstudio_server, tmp_path):
         Image.fromarray(np.full((H, W, 3), 40 * i, np.uint8)).save(path)
         images.append(TaskImage(f"img{i}.png", LabelStudio.local_file_url(path, labelstudio_server.document_root),
                                 H, W))
-    pid = ls.ensure_project(f"pull test {tmp_path.name}")
+    pid = ls.ensure_project(f"pull test {tmp_path.name[-30:]}")
     ls.add_local_storage(pid, folder)
     prefill = {"img0.png": [PrefillMask(_disc(20, 20, 8), 0.9), PrefillMask(_disc(30, 45, 6), 0.8)]}
     tasks = ls.import_tasks(pid, images, prefill, model_version="round0-model")
