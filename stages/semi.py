@@ -314,7 +314,8 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             continue
         prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image)
         h, w = loaded.pixels.shape[:2]
-        images[image_id] = {"height": h, "width": w, "generated": len(masks), "dropped_by_cap": dropped,
+        images[image_id] = {"height": h, "width": w, "generated": len(masks),
+                            "confident": len(prefills) + dropped, "dropped_by_cap": dropped,
                             "prefills": [p.to_json() for p in prefills]}
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
             "history_samples": len(samples), "image_ids": list(image_ids), "images": images}

@@ -275,3 +275,66 @@ def test_lineage_labels_on_a_simulated_round(labelstudio_server, tmp_path):
     again = run_semi_stage(cfg, 3, None, image_ids=ids[:2], simulate=True)
     assert store.read_table(stage="semi", round=3).num_rows == len(rows)
     assert again["prefill_counts"] == summary["prefill_counts"]
+
+
+# --------------------------------------------------------------------------- the plan with the real generator
+
+def _plan_setup(tmp_path: Path, **semi):
+    from engine.config import load_config
+    from engine.synth import write_synthetic_dataset
+    from model.segmenter import Segmenter
+    from stages.manual import image_source
+    from storage.quarantine import Quarantine
+    from storage.shards import MaskStore
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, n_images=3, seed=7, size=64)
+    cfg = load_config(None, overrides={
+        "workdir": str(tmp_path / "run"), "images.source": str(data / "images"),
+        "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
+        "stages.semi.points_per_side": 4, "stages.auto.min_mask_region_area": 0,
+        **{f"stages.semi.{k}": v for k, v in semi.items()}})
+    store = MaskStore(cfg.storage.root)
+    return cfg, store, image_source(cfg), Quarantine(cfg.storage.root), Segmenter.new("compact")
+
+
+def test_plan_calibrates_on_verified_history_with_the_real_generator(tmp_path):
+    from engine.annotator import load_ground_truth
+    from stages.semi import make_plan
+
+    cfg, store, source, quarantine, seg = _plan_setup(
+        tmp_path, calibration_pred_iou_floor=0.0, calibration_stability_floor=0.0, calibration_min_samples=1,
+        calibration_min_kept=1, target_precision=0.01, precision_iou=0.01)
+    ids = [r.image_id for r in source.list()]
+    truth = load_ground_truth(cfg.images.ground_truth)
+    with store.writer("manual", 1, "v0") as w:  # round 1: people verified the first image
+        w.add([_record(ids[0], "manual", 1, o.mask, True, k) for k, o in enumerate(truth[ids[0]])])
+    plan = make_plan(cfg, 2, seg, store, source, ids[1:], quarantine)
+    assert plan["history_samples"] > 0  # the generator's masks on the verified image, matched to them
+    assert plan["thresholds"]["source"] in ("calibrated", "unreachable")
+    assert plan["thresholds"]["n_history"] == plan["history_samples"]
+    assert set(plan["images"]) == set(ids[1:])
+
+
+def test_plan_caps_pages_and_plain_tasks(tmp_path):
+    from stages.semi import Prefill, make_plan
+
+    # No history: the stated defaults. At 0/0 everything the generator keeps is confident: cap 2, 2 pages.
+    cfg, store, source, quarantine, seg = _plan_setup(
+        tmp_path, default_pred_iou_thresh=0.0, default_stability_thresh=0.0, max_prefill_per_task=2,
+        max_pages_per_image=2)
+    cfg.stages.auto.box_nms_thresh = 1.01  # an untrained model's masks all overlap: keep them all (many masks)
+    ids = [r.image_id for r in source.list()]
+    plan = make_plan(cfg, 1, seg, store, source, ids, quarantine)
+    assert plan["thresholds"]["source"] == "default" and plan["history_samples"] == 0
+    for im in plan["images"].values():
+        ps = [Prefill.from_json(p) for p in im["prefills"]]
+        assert len(ps) == min(4, im["confident"]) and im["dropped_by_cap"] == max(0, im["confident"] - 4)
+        assert im["confident"] <= im["generated"]
+        assert [p.page for p in ps] == [1, 1, 2, 2][: len(ps)]
+        assert [p.predicted_iou for p in ps] == sorted((p.predicted_iou for p in ps), reverse=True)
+    assert any(im["dropped_by_cap"] > 0 for im in plan["images"].values())  # the cap did bite
+    # Thresholds above any score: nothing is confident, every image becomes a plain task.
+    cfg2, store2, source2, q2, _ = _plan_setup(tmp_path / "strict", default_pred_iou_thresh=1.5)
+    plan2 = make_plan(cfg2, 1, seg, store2, source2, [r.image_id for r in source2.list()], q2)
+    assert all(im["prefills"] == [] for im in plan2["images"].values())
