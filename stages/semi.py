@@ -277,8 +277,12 @@ def round_dir(cfg: EngineConfig, round: int) -> Path:
 # --------------------------------------------------------------------------- the stage
 
 def project_title(cfg: EngineConfig, round: int, page: int) -> str:
-    base = f"sa-engine {Path(cfg.workdir).resolve().name} semi round {round}"
-    return base if page == 1 else f"{base} page {page}"
+    """Unique per work dir, round and page, within Label Studio's 50-character title limit."""
+    import hashlib
+
+    workdir = Path(cfg.workdir).resolve()
+    tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:6]
+    return f"semi r{round}{'' if page == 1 else f' p{page}'} {workdir.name[:24]} {tag}"
 
 
 def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids: list[str],

@@ -338,3 +338,12 @@ def test_plan_caps_pages_and_plain_tasks(tmp_path):
     cfg2, store2, source2, q2, _ = _plan_setup(tmp_path / "strict", default_pred_iou_thresh=1.5)
     plan2 = make_plan(cfg2, 1, seg, store2, source2, [r.image_id for r in source2.list()], q2)
     assert all(im["prefills"] == [] for im in plan2["images"].values())
+
+
+def test_project_titles_fit_label_studio_and_differ_by_page():
+    from engine.config import load_config
+    from stages.semi import project_title
+
+    cfg = load_config(None, overrides={"workdir": "/tmp/" + "a-very-long-work-dir-name" * 3})
+    titles = {project_title(cfg, 12, page) for page in (1, 2, 3)}
+    assert len(titles) == 3 and all(len(t) <= 50 for t in titles)
