@@ -18,10 +18,14 @@ block starts over precomputed per-bit-position block sizes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 SDK_RLE_SIZES = (3, 4, 8, 16)
 _HEADER_BITS = 32 + 5 + 4 * 4
+# The 21 header bits after `num`: word size - 1 (= 7) and the four rle sizes - 1.
+_SDK_PARAMS = (7 << 16) | sum((s - 1) << (12 - 4 * i) for i, s in enumerate(SDK_RLE_SIZES))
 
 
 class BrushRLEError(ValueError):
@@ -44,39 +48,37 @@ def _run_starts(values: np.ndarray) -> np.ndarray:
     np.not_equal(values[1:], values[:-1], out=changed[: n - 1])
     words = changed.view(np.uint64)
     hot = np.flatnonzero(words != 0)  # (flatnonzero on uint64 itself is much slower)
-    rows, cols = np.nonzero(words[hot].view(np.uint8).reshape(-1, 8))
-    starts = np.empty(rows.size + 1, np.int64)
+    j = np.flatnonzero(words[hot].view(bool))  # changes within the hot words
+    starts = np.empty(j.size + 1, np.int64)
     starts[0] = 0
-    starts[1:] = hot[rows] * 8 + cols + 1
+    np.add((hot[j >> 3] << 3) | (j & 7), 1, out=starts[1:])
     return starts
 
 
+_FIELD_SHIFT = np.array([s + 8 for s in SDK_RLE_SIZES], np.int64)  # count field + 8-bit word
+_CODE_BITS = np.array([3 + s + 8 for s in SDK_RLE_SIZES], np.int64)
+
+
 def _block_codes(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SDK block codes for runs of `lengths` (>= 1) of 8-bit `values`: (codes uint64, nbits int64)."""
-    lengths = lengths.astype(np.int64)
-    values = values.astype(np.uint64)
-    # Runs over 65536 are written as 65536-long pieces plus the rest (the rest >256 keeps 16 bits).
-    n_full = np.where(lengths > 65536, (lengths - 1) // 65536, 0)
-    rest = lengths - n_full * 65536
+    """SDK block codes for runs of `lengths` (>= 1) of 8-bit `values`: (codes int64, nbits int64).
+
+    code = flag (1 bit: run of more than one value) | size index (2) | length - 1 | value (8).
+    """
+    lengths = lengths.astype(np.int64, copy=False)
+    values = values.astype(np.int64)
     long_run = lengths > 256
-    if n_full.any():
+    if lengths.size and lengths.max() > 65536:
+        # Runs over 65536 are written as 65536-long pieces plus the rest (which keeps 16 bits).
+        n_full = np.where(lengths > 65536, (lengths - 1) // 65536, 0)
         reps = n_full + 1
         idx = np.repeat(np.arange(lengths.size), reps)
-        last = np.cumsum(reps) - 1
         piece = np.full(idx.size, 65536, np.int64)
-        piece[last] = rest
+        piece[np.cumsum(reps) - 1] = lengths - n_full * 65536
         lengths, values, long_run = piece, values[idx], long_run[idx]
-    else:
-        lengths = rest
-    size_index = np.select([lengths <= 8, lengths <= 16, ~long_run], [0, 1, 2], 3)
-    field_bits = np.asarray(SDK_RLE_SIZES, np.int64)[size_index]
-    flag = (lengths > 1).astype(np.uint64)
-    nbits = 1 + 2 + field_bits + 8
-    codes = ((flag << (nbits - 1).astype(np.uint64))
-             | (size_index.astype(np.uint64) << (field_bits + 8).astype(np.uint64))
-             | ((lengths - 1).astype(np.uint64) << np.uint64(8))
-             | values)
-    return codes, nbits
+    size_index = (lengths > 8).astype(np.int64) + (lengths > 16) + long_run
+    head = np.where(lengths > 1, 4, 0) | size_index
+    codes = (head << _FIELD_SHIFT[size_index]) | ((lengths - 1) << 8) | values
+    return codes, _CODE_BITS[size_index]
 
 
 def _pack_bits(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
@@ -90,7 +92,7 @@ def _pack_bits(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
     word = starts >> 5
     # Place each field in a 64-bit window starting at its 32-bit word; fields never overlap, so
     # summing the two halves per word (exact in float64 below 2**53) is the same as OR-ing them.
-    window = codes << (64 - (starts & 31) - nbits).astype(np.uint64)
+    window = codes.astype(np.uint64) << (64 - (starts & 31) - nbits).astype(np.uint64)
     hi = (window >> np.uint64(32)).astype(np.float64)
     lo = (window & np.uint64(0xFFFFFFFF)).astype(np.float64)
     acc = np.bincount(word, weights=hi, minlength=n_words) + np.bincount(word + 1, weights=lo,
@@ -106,9 +108,7 @@ def encode_values(values: np.ndarray) -> np.ndarray:
     starts = _run_starts(values)
     lengths = np.diff(starts, append=values.size)
     codes, nbits = _block_codes(lengths, values[starts])
-    header = np.array([values.size,
-                       (7 << 16) | sum((s - 1) << (12 - 4 * i) for i, s in enumerate(SDK_RLE_SIZES))],
-                      np.uint64)
+    header = np.array([values.size, _SDK_PARAMS], np.int64)
     return _pack_bits(np.concatenate([header, codes]), np.concatenate([[32, 21], nbits]))
 
 
@@ -128,9 +128,7 @@ def encode_mask(mask: np.ndarray) -> np.ndarray:
     lengths = np.diff(starts, append=pixels.size) * 4
     run_values = pixels[starts] * np.uint8(255) if is_bool else pixels[starts]
     codes, nbits = _block_codes(lengths, run_values)
-    header = np.array([pixels.size * 4,
-                       (7 << 16) | sum((s - 1) << (12 - 4 * i) for i, s in enumerate(SDK_RLE_SIZES))],
-                      np.uint64)
+    header = np.array([pixels.size * 4, _SDK_PARAMS], np.int64)
     return _pack_bits(np.concatenate([header, codes]), np.concatenate([[32, 21], nbits]))
 
 
@@ -186,24 +184,56 @@ def _header(data: np.ndarray) -> tuple[int, int, np.ndarray]:
 def _block_chain(jump: np.ndarray, start: int = 0) -> np.ndarray:
     """Indices visited by k -> jump[k] from `start` until the sentinel len(jump) - 1 (a fixed point).
 
-    The walk is inherently sequential; pointer doubling (3 gathers) lets the Python loop take 8
-    steps at a time, and the skipped steps are filled back in with vectorised gathers.
+    The walk is inherently sequential: one pointer-doubling gather lets the Python loop take two
+    steps at a time, and the skipped steps are filled back in with one vectorised gather.
     """
-    j2 = jump[jump]
-    j4 = j2[j2]
-    j8 = j4[j4]
+    j2 = np.take(jump, jump)
     sentinel = len(jump) - 1
-    step8 = memoryview(j8)
+    step2 = memoryview(j2)
     coarse = []
+    append = coarse.append
     k = start
     while k != sentinel:
-        coarse.append(k)
-        k = step8[k]
-    chain = np.asarray(coarse, dtype=jump.dtype)[:, None]
-    for level in (j4, j2, jump):  # interleave: [c, c+4] -> [c, c+2, c+4, c+6] -> ...
-        chain = np.stack([chain, level[chain]], axis=-1).reshape(chain.shape[0], -1)
-    chain = chain.ravel()
+        append(k)
+        k = step2[k]
+    even = np.asarray(coarse, dtype=np.intp)
+    chain = np.stack([even, np.take(jump, even)], axis=-1).ravel()
     return chain[chain != sentinel]
+
+
+@functools.lru_cache(maxsize=16)
+def _size_table(rle_sizes: tuple[int, ...], word_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block size in bits from a block's first 11 bits (flag, size index, 8 bits of count).
+
+    -> (sizes (2048,) int32, exact (2048,) bool). `exact` marks literal blocks whose count field is
+    wider than 8 bits: their size is not in the table (1 is stored) and needs the exact path.
+    """
+    top = np.arange(2048)
+    head = top >> 8
+    field = np.asarray(rle_sizes)[head & 3]
+    run = (head >> 2) == 1
+    count = ((top & 255) >> np.maximum(8 - field, 0)) + 1
+    exact = ~run & (field > 8)
+    sizes = np.where(run, 3 + field + word_size, 3 + field + word_size * count)
+    return np.where(exact, 1, sizes).astype(np.int32), exact
+
+
+def _exact_sizes(bits: np.ndarray, rle_sizes: np.ndarray, word_size: int) -> np.ndarray:
+    """Block size in bits at every position, for any count width. (N,) int64."""
+    head = (bits >> np.uint32(29)).astype(np.intp)
+    field = rle_sizes[head & 3]
+    count = ((bits << np.uint32(3)) >> (32 - field).astype(np.uint32)).astype(np.int64) + 1
+    return 3 + field + np.where(head >> 2 == 1, word_size, word_size * count)
+
+
+def _jumps(sizes: np.ndarray) -> np.ndarray:
+    """k -> k + sizes[k], with everything at or past the end sent to the sentinel n (a fixed point)."""
+    n = sizes.size
+    jump = np.empty(n + 1, np.intp)  # intp: gathers with other index types convert first
+    np.add(np.arange(n, dtype=np.intp), sizes, out=jump[:n])
+    np.minimum(jump[:n], n, out=jump[:n])
+    jump[n] = n
+    return jump
 
 
 def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
@@ -222,37 +252,34 @@ def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
         return 0, np.zeros(0, np.int64), np.zeros(0, np.uint8)
     win = _windows32(data)
     total_bits = data.size * 8
-    # For a block starting at every bit position: its size in bits and how many values it makes.
-    # head = flag (run=1 / literal=0) and the 2-bit index of the count field's width.
-    heads = np.arange(8)
-    field_of = rle_sizes[heads & 3]
-    base_of = (3 + field_of + np.where(heads >> 2 == 1, word_size, 0)).astype(np.int32)
-    mult_of = np.where(heads >> 2 == 1, 0, word_size).astype(np.int32)
-    # Bits at every position p = 8q + r are win[q] << r: build them without a gather.
+    # The 32 bits starting at every bit position p = 8q + r are win[q] << r (no gather needed).
     shifts = np.arange(8, dtype=np.uint32)
     bits = (win[: data.size, None] << shifts).ravel()[_HEADER_BITS:]
-    head = (bits >> np.uint32(29)).astype(np.intp)
-    field = field_of[head].astype(np.uint32)
-    count = ((bits << np.uint32(3)) >> (np.uint32(32) - field)).astype(np.int32) + 1
-    size = base_of[head] + mult_of[head] * count
-    # Relative index k = bit position - header; a block past the end jumps to the sentinel.
-    n = bits.size
-    jump = np.empty(n + 1, np.int32)
-    np.minimum(np.arange(n, dtype=np.int32) + size, n, out=jump[:n])
-    jump[n] = n
-    chain = _block_chain(jump)
-    produced = np.cumsum(count[chain], dtype=np.int64)
+    # Size of a block starting at every position, from its first 11 bits; then the chain of
+    # actual block starts. If that chain meets a block the table can't size, redo it exactly.
+    table, exact = _size_table(tuple(int(v) for v in rle_sizes), word_size)
+    top11 = (bits >> np.uint32(21)).astype(np.intp)
+    sizes = np.take(table, top11)
+    chain = _block_chain(_jumps(sizes))
+    if exact[top11[chain]].any():
+        sizes = _exact_sizes(bits, rle_sizes, word_size)
+        chain = _block_chain(_jumps(sizes))
+    b_bits = bits[chain]
+    b_head = (b_bits >> np.uint32(29)).astype(np.intp)
+    b_field = rle_sizes[b_head & 3]
+    b_count = ((b_bits << np.uint32(3)) >> (32 - b_field).astype(np.uint32)).astype(np.int64) + 1
+    produced = np.cumsum(b_count)
     used = int(np.searchsorted(produced, num)) + 1  # blocks needed to reach num values
     if used > chain.size:
         got = int(produced[-1]) if produced.size else 0
         raise BrushRLEError(f"brush RLE ends after {got} of {num} values")
-    chain = chain[:used]
-    end_bit = _HEADER_BITS + int(chain[-1]) + int(size[chain[-1]])
+    chain, b_head, b_field, b_count = chain[:used], b_head[:used], b_field[:used], b_count[:used]
+    literal = (b_head >> 2) == 0
+    end_bit = _HEADER_BITS + int(chain[-1]) + 3 + int(b_field[-1]) + word_size * int(
+        b_count[-1] if literal[-1] else 1)
     if end_bit > total_bits:
         raise BrushRLEError(f"brush RLE ends inside its last block ({end_bit} > {total_bits} bits)")
-    b_head, b_count = head[chain], count[chain].astype(np.int64)
-    value_at = chain + _HEADER_BITS + 3 + field_of[b_head]
-    literal = (b_head >> 2) == 0
+    value_at = chain + _HEADER_BITS + 3 + b_field
     shift = np.uint32(32 - word_size)
     if not literal.any():
         lengths = b_count
