@@ -123,7 +123,7 @@ class ServerSettings:
     username: str = "admin@sa-engine.local"
     password: str | None = None  # generated and kept in data_dir/credentials.json if None
     token: str | None = None  # 40 hex chars; generated likewise if None
-    document_root: Path | None = None  # local-file serving root (the image folder's ancestor)
+    document_root: Path | None = None  # local-file serving root (default: data_dir, i.e. nothing else)
     ml_backend_local: bool = True  # allow an ML backend on loopback (turns SSRF protection off)
 
 
@@ -232,7 +232,8 @@ def server_env(settings: ServerSettings, password: str, token: str) -> dict[str,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
         "LOCAL_FILES_SERVING_ENABLED": "true",
-        "LOCAL_FILES_DOCUMENT_ROOT": str(Path(settings.document_root or "/").resolve()),
+        # Files are served only under this root and only below a project's Local Storage path.
+        "LOCAL_FILES_DOCUMENT_ROOT": str(Path(settings.document_root or data_dir).resolve()),
         "SENTRY_DSN": "",
         "FRONTEND_SENTRY_DSN": "",
         "COLLECT_ANALYTICS": "false",
