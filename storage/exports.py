@@ -623,16 +623,21 @@ def _marker(fmt: str, filters: ExportFilters, splits: dict[str, float]) -> dict:
 
 
 def _run_export(fmt: str, out: str, overwrite: bool, s3_endpoint_url: str | None,
-                body: Callable[[_Target], dict], filters: ExportFilters, splits: dict[str, float],
+                body: Callable[[_Target, _Plan], dict], filters: ExportFilters, splits: dict[str, float],
                 store: "MaskStore") -> dict:
-    """Shared frame: refuse an existing output, verify the store, run `body`, publish the index last."""
+    """Shared frame: refuse an existing output, verify the store, plan, run `body`, publish the index last.
+
+    Everything that can refuse the export (existing output, corrupt shard, empty selection) is decided
+    before the first write, so a refused export leaves the old output untouched, on S3 too.
+    """
     target = _open_target(out, s3_endpoint_url)
     target.check(overwrite)
-    store.verify()  # a shard failing its checksum stops the export before anything is written
     started = time.perf_counter()
+    store.verify()  # a shard failing its checksum stops the export before anything is written
+    plan = build_plan(store, filters, splits)  # raises EmptySelectionError
     try:
         target.begin(_marker(fmt, filters, splits))
-        index = body(target)
+        index = body(target, plan)
         index.update({"format": fmt, "schema_version": SCHEMA_VERSION,
                       "created_at": datetime.now(timezone.utc).isoformat(),
                       "filters": filters.to_json(), "splits": splits})
@@ -663,8 +668,7 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
         raise ExportError(f"images_per_tar={images_per_tar}: must be at least 1")
     split_names = list(splits)
 
-    def body(target: _Target) -> dict:
-        plan = build_plan(store, filters, splits)
+    def body(target: _Target, plan: _Plan) -> dict:
         source = _Images(images)
         # Tar number of each image: images of one split in id order, N per tar; tars numbered per split.
         tar_of = np.full(len(plan.ids), -1, np.int64)
@@ -749,8 +753,7 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
     splits = dict(splits or DEFAULT_SPLITS)
     split_names = list(splits)
 
-    def body(target: _Target) -> dict:
-        plan = build_plan(store, filters, splits)
+    def body(target: _Target, plan: _Plan) -> dict:
         parts = [_JsonArrayFile(target.scratch / f"{name}.annotations.part") for name in split_names]
         counts = {name: {"images": 0, "masks": 0} for name in split_names}
         ann_id = 0

@@ -289,11 +289,11 @@ def test_s3_incomplete_export_has_no_index(engine_data, s3_bucket, monkeypatch):
     class Boom(RuntimeError):
         pass
 
-    def crash(*a, **k):  # fault injection: the process dies after the old index is gone
+    def crash(*a, **k):  # fault injection: the process dies at its first upload, after the old index is gone
         raise Boom("simulated crash mid-export")
 
     with monkeypatch.context() as m:
-        m.setattr(exports, "build_plan", crash)
+        m.setattr(exports._S3Target, "put", crash)
         with pytest.raises(Boom):
             export_coco(store, out, overwrite=True, s3_endpoint_url=s3_bucket.endpoint_url)
     with pytest.raises(exports.CorruptExportError, match="no index.json"):
