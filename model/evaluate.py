@@ -100,8 +100,7 @@ def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict
     """COCOeval (segm) of automatic masks against ground truth, class-agnostic.
 
     gt_rles: image_id -> COCO RLEs; pred: image_id -> [(rle, score)]; sizes: image_id -> (H, W).
-    Returns AP, AP50, AP75, AR@1, AR@10, AR@100 (pycocotools' definitions; maxDets 1/10/100 → 1/10/1000
-    so dense automatic output is not cut at 100 detections for AR@1000-style recall).
+    Returns AP, AP50, AP75, AR@1, AR@10, AR@100 (pycocotools' definitions and detection limits).
     """
     import contextlib
     import io
@@ -132,16 +131,15 @@ def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         if not dets:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@1": 0.0, "AR@10": 0.0, "AR@1000": 0.0}
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AR@1": 0.0, "AR@10": 0.0, "AR@100": 0.0}
         dt = gt.loadRes(dets)
         ev = COCOeval(gt, dt, "segm")
-        ev.params.maxDets = [1, 10, 1000]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     s = ev.stats
     return {"AP": float(s[0]), "AP50": float(s[1]), "AP75": float(s[2]),
-            "AR@1": float(s[6]), "AR@10": float(s[7]), "AR@1000": float(s[8])}
+            "AR@1": float(s[6]), "AR@10": float(s[7]), "AR@100": float(s[8])}
 
 
 def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[list[dict]]]:
@@ -182,3 +180,22 @@ def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.
         masks.append(m)
         rles.append(rl)
     return names, images, masks, rles
+
+
+def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: int | None = None,
+                    amg_points_per_side: int | None = 16) -> dict:
+    """The `sa-engine eval` table: click mIoU, box mIoU and (optionally) automatic-mask AP/AR."""
+    seg = Segmenter.new("compact") if checkpoint == "compact" else Segmenter.load(checkpoint)
+    names, images, masks, rles = load_coco_folder(folder)
+    table: dict = {"model_version": seg.model_version, "images": len(images)}
+    table.update(click_eval(seg, images, masks, clicks=clicks, max_objects=max_objects))
+    if amg_points_per_side:
+        from model.amg import AmgParams, generate_masks
+
+        params = AmgParams(points_per_side=amg_points_per_side)
+        preds = {}
+        for name, image in zip(names, images):
+            preds[name] = [(m.rle, m.predicted_iou) for m in generate_masks(seg, image, params)]
+        sizes = {n: im.shape[:2] for n, im in zip(names, images)}
+        table.update(coco_mask_ap(dict(zip(names, rles)), preds, sizes))
+    return table

@@ -77,7 +77,8 @@ def preprocess(images: list[np.ndarray], side: int) -> tuple[torch.Tensor, list[
     sizes = []
     for i, img in enumerate(images):
         h, w = resized_shape(img.shape[0], img.shape[1], side)
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()[None]
+        arr = np.ascontiguousarray(img)
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).float()[None]
         if (h, w) != img.shape[:2]:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
             x = x.round().clamp(0, 255)  # the reference resizes uint8 images; keep the same quantisation

@@ -299,7 +299,7 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
     _allreduce_grads(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return float(total) / s.iterations
+    return float(total.detach()) / s.iterations
 
 
 def _rank() -> int:
@@ -325,7 +325,9 @@ def ray_train_loop(config: dict) -> None:
     seg = Segmenter.new(init) if init in ("compact",) else Segmenter.load(init)
     data_cfg = config.get("data", {"kind": "synthetic"})
     fingerprint = data_cfg.get("kind", "synthetic")
-    if data_cfg.get("kind") == "store":
+    if data_cfg.get("kind") == "folder":
+        sampler, fingerprint = _folder_or_synthetic(data_cfg["folder"])
+    elif data_cfg.get("kind") == "store":
         images, masks, weights, fingerprint = store_training_data(
             data_cfg["store_uri"], data_cfg["image_uri"], data_cfg.get("manual_weight", 2.0),
             data_cfg.get("s3_endpoint_url"), **data_cfg.get("filters", {}))
@@ -366,3 +368,36 @@ def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str 
             shutil.copy2(Path(d) / name, out / f".{name}.tmp")
             os.replace(out / f".{name}.tmp", out / name)
     return Segmenter.load(out), dict(result.metrics or {})
+
+
+def train_cli(out: str | Path, init: str, data_folder: str | None, minutes: float, round_no: int,
+              use_ray: bool, workers: int, seed: int) -> dict:
+    """`sa-engine train`: from scratch or from a checkpoint, on a synth-style folder or fresh synthetic scenes."""
+    settings = TrainSettings(minutes=minutes, seed=seed, threads=1)
+    meta = {"round": round_no}
+    if use_ray:
+        if data_folder is None:
+            data = {"kind": "synthetic", "size": 256}
+        else:
+            data = {"kind": "folder", "folder": str(Path(data_folder).resolve())}
+        seg, metrics = train_with_ray(settings, init, data, out, Path(out).resolve().parent / ".ray-train",
+                                      num_workers=workers, metadata=meta)
+        return {"model_version": seg.model_version, "out": str(out), **metrics}
+    seg = Segmenter.new("compact", seed=seed) if init == "compact" else Segmenter.load(init)
+    sampler, fingerprint = _folder_or_synthetic(data_folder)
+    result = train(seg, sampler, settings)
+    metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
+               "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
+    version = seg.save(out, dict(meta, data_fingerprint=fingerprint, train=metrics,
+                                 resumed_from=None if init == "compact" else str(init)))
+    return {"model_version": version, "out": str(out), **metrics}
+
+
+def _folder_or_synthetic(folder: str | None) -> tuple[Sampler, str]:
+    if folder is None:
+        return synthetic_sampler(256), "synthetic-stream"
+    from model.evaluate import load_coco_folder
+
+    _, images, masks, _ = load_coco_folder(folder)
+    digest = hashlib.sha256((Path(folder) / "annotations.json").read_bytes()).hexdigest()[:16]
+    return dataset_sampler(images, masks), digest

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from engine.synth import write_synthetic_dataset
+from model.evaluate import click_eval, coco_mask_ap, evaluate_folder, load_coco_folder, mask_boxes_xyxy, mask_iou
+from model.segmenter import Segmenter
+
+
+def test_mask_iou_and_boxes():
+    a = np.zeros((2, 10, 10), bool)
+    a[0, :5] = True
+    a[1, 2:4, 3:7] = True
+    b = a.copy()
+    b[0, :, :5] = True
+    assert np.allclose(mask_iou(a, b), [50 / 75, 1.0])
+    assert mask_boxes_xyxy(a[1:]).tolist() == [[3, 2, 7, 4]]
+
+
+def test_coco_ap_is_one_for_ground_truth_and_drops_for_wrong_masks():
+    gt = np.zeros((3, 32, 32), bool)
+    gt[0, 2:12, 2:12] = True
+    gt[1, 15:30, 3:20] = True
+    gt[2, 4:10, 20:30] = True
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in gt]
+    perfect = coco_mask_ap({"a": rles}, {"a": [(r, 0.9) for r in rles]}, {"a": (32, 32)})
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AR@100"] == pytest.approx(1.0)
+    shifted = [mask_utils.encode(np.asfortranarray(np.roll(m, 4, 1).astype(np.uint8))) for m in gt]
+    worse = coco_mask_ap({"a": rles}, {"a": [(r, 0.9) for r in shifted]}, {"a": (32, 32)})
+    assert worse["AP"] < 0.5
+
+
+def test_eval_on_a_synth_folder(tmp_path):
+    write_synthetic_dataset(tmp_path / "d", n_images=2, seed=7, size=96)
+    names, images, masks, rles = load_coco_folder(str(tmp_path / "d"))
+    assert len(images) == 2 and masks[0].shape[1:] == (96, 96) and len(rles[0]) == len(masks[0])
+    seg = Segmenter.new("compact")
+    res = click_eval(seg, images, masks, clicks=3, max_objects=4)
+    assert res["n_masks"] == 4
+    for k in ("oracle@1", "pred@1", "clicks@2", "clicks@3", "box"):
+        assert 0.0 <= res[k] <= 1.0
+    assert res["oracle@1"] >= res["pred@1"]
+    table = evaluate_folder("compact", str(tmp_path / "d"), clicks=1, max_objects=3, amg_points_per_side=4)
+    assert "AP" in table and table["images"] == 2
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="annotations.json"):
+        load_coco_folder(str(tmp_path))

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.synth import make_scene, scene_rng
+from model.segmenter import Segmenter
+from model.train import TrainSettings, augment, dataset_sampler, train, train_cli
+
+torch.set_num_threads(1)
+
+
+def small_data(n=3, size=96):
+    scenes = [make_scene(scene_rng(5, i), size) for i in range(n)]
+    return [s[0] for s in scenes], [s[1] for s in scenes]
+
+
+def test_augment_keeps_image_and_masks_aligned():
+    img = np.zeros((20, 30, 3), np.uint8)
+    img[2:5, 3:9] = 255
+    masks = (img[..., 0] > 0)[None]
+    for seed in range(6):
+        a, m = augment(img, masks, np.random.default_rng(seed))
+        assert a.shape[:2] == m.shape[1:]
+        assert m.sum() == masks.sum()
+        assert (a[m[0]].mean() > a[~m[0]].mean() + 100)
+
+
+def test_train_steps_change_weights_and_record_the_curve():
+    images, masks = small_data()
+    seg = Segmenter.new("compact", seed=0)
+    before = {k: v.clone() for k, v in seg.net.state_dict().items()}
+    calls = []
+    res = train(seg, dataset_sampler(images, masks), TrainSettings(minutes=5, max_steps=3, batch_images=2,
+                                                                    masks_per_image=2, eval_every_s=1e9),
+                on_eval=lambda s: calls.append(1) or {"miou": 0.0})
+    assert res.steps == 3 and np.isfinite(res.final_loss) and res.cpu_seconds > 0
+    assert len(res.curve) == 2 and res.curve[0]["step"] == 0 and res.curve[-1]["step"] == 3
+    changed = [k for k, v in seg.net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any(k.startswith("image_encoder.") for k in changed)
+    assert any(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_weighted_masks_and_empty_data():
+    images, masks = small_data(1)
+    w = [np.full(len(masks[0]), 2.0, np.float32)]
+    seg = Segmenter.new("compact")
+    train(seg, dataset_sampler(images, masks, w), TrainSettings(max_steps=1, batch_images=1, masks_per_image=2))
+    with pytest.raises(ValueError, match="no image has a mask"):
+        dataset_sampler(images, [np.zeros((0, 96, 96), bool)])
+
+
+def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path):
+    from engine.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=96)
+    s1 = train_cli(tmp_path / "ck1", "compact", str(tmp_path / "d"), minutes=0.02, round_no=1, use_ray=False,
+                   workers=1, seed=0)
+    doc = json.loads((tmp_path / "ck1" / "sa_engine.json").read_text())
+    assert doc["metadata"]["round"] == 1 and doc["metadata"]["data_fingerprint"] and s1["steps"] >= 1
+    s2 = train_cli(tmp_path / "ck2", str(tmp_path / "ck1"), str(tmp_path / "d"), minutes=0.02, round_no=2,
+                   use_ray=False, workers=1, seed=0)
+    doc2 = json.loads((tmp_path / "ck2" / "sa_engine.json").read_text())
+    assert doc2["metadata"]["resumed_from"] == str(tmp_path / "ck1") and s2["model_version"] != s1["model_version"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_loop_writes_a_checkpoint(tmp_path, ray_cluster):
+    from engine.synth import write_synthetic_dataset
+    from model.train import train_with_ray
+
+    write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=96)
+    seg, metrics = train_with_ray(TrainSettings(max_steps=2, batch_images=1, masks_per_image=2, threads=1),
+                                  "compact", {"kind": "folder", "folder": str(tmp_path / "d")}, tmp_path / "out",
+                                  tmp_path / "ray", num_workers=2, metadata={"round": 4})
+    assert metrics["steps"] == 2
+    assert seg.metadata["round"] == 4 and seg.metadata["data_fingerprint"]
