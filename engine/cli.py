@@ -334,6 +334,53 @@ def stage_semi(config: Path = typer.Option(..., "--config", help="The engine's Y
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@app.command("eval")
+def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir, a transformers SAM dir, a Meta .pth, "
+                                                      "or 'compact' for an untrained compact model."),
+             data: Path = typer.Option(..., help="A folder with images/ and annotations.json (COCO RLE), e.g. from `sa-engine synth`."),
+             clicks: int = typer.Option(5, help="Clicks per object in the point protocol."),
+             max_objects: Optional[int] = typer.Option(None, help="Evaluate at most this many ground-truth masks."),
+             amg: bool = typer.Option(True, "--amg/--no-amg", help="Also score automatic masks with COCOeval AP/AR."),
+             points_per_side: int = typer.Option(16, help="Automatic mask generation grid (with --amg).")) -> None:
+    """Evaluate a model: mIoU at 1..N clicks (SAM's protocol), box mIoU, and automatic-mask AP/AR."""
+    import json
+
+    from model.checkpoints import CheckpointError
+    from model.evaluate import evaluate_folder
+
+    try:
+        table = evaluate_folder(checkpoint, str(data), clicks=clicks, max_objects=max_objects,
+                                amg_points_per_side=points_per_side if amg else None)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    for key, value in table.items():
+        sys.stdout.write(f"{key:<16} {value:.4f}\n" if isinstance(value, float) else f"{key:<16} {value}\n")
+    sys.stdout.write(json.dumps(table) + "\n")
+
+
+@app.command("train")
+def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write (safetensors + sa_engine.json)."),
+              init: str = typer.Option("compact", "--init", help="'compact' (from scratch) or a checkpoint to fine-tune."),
+              data: Optional[Path] = typer.Option(None, help="A synth-style folder (images/ + annotations.json); "
+                                                           "default: fresh synthetic scenes."),
+              minutes: float = typer.Option(2.0, help="Training budget (wall-clock minutes)."),
+              round_no: int = typer.Option(0, "--round", help="Round number recorded in the checkpoint."),
+              use_ray: bool = typer.Option(False, "--ray/--no-ray", help="Run as a Ray Train TorchTrainer."),
+              workers: int = typer.Option(1, help="Ray Train workers (with --ray)."),
+              seed: int = typer.Option(0, help="Seed.")) -> None:
+    """Train the segmenter with SAM's interactive recipe and write a checkpoint."""
+    import json
+
+    from model.checkpoints import CheckpointError
+    from model.train import train_cli
+
+    try:
+        summary = train_cli(out, init, None if data is None else str(data), minutes, round_no, use_ray, workers, seed)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`
     app()
 
