@@ -94,7 +94,11 @@ def rle_area(rles: Sequence[dict]) -> np.ndarray:
     """(N,) int64 pixel counts of N RLEs."""
     if len(rles) == 0:
         return np.zeros((0,), np.int64)
-    return np.asarray(mask_utils.area(_as_coco(rles)), dtype=np.int64)
+    coco = _as_coco(rles)
+    # pycocotools' `area` sizes an internal uint8 array by the count, which overflows at 256 under
+    # numpy 2; chunks below that limit sidestep it.
+    return np.concatenate([np.asarray(mask_utils.area(coco[i:i + 255]), dtype=np.int64).reshape(-1)
+                           for i in range(0, len(coco), 255)])
 
 
 def rle_bbox(rles: Sequence[dict]) -> np.ndarray:

@@ -102,3 +102,13 @@ def test_non_bool_masks_are_thresholded_at_nonzero():
     masks[0, 1, 1] = 0.5
     masks[0, 2, 2] = 3.0
     assert rle_area(encode_masks(masks)).tolist() == [2]
+
+
+def test_area_and_bbox_of_many_rles():
+    # pycocotools' area overflows a uint8 counter at 256 RLEs under numpy 2; ours must not.
+    masks = np.zeros((600, 9, 7), bool)
+    for i in range(600):
+        masks[i, : 1 + i % 9, : 1 + i % 7] = True
+    rles = encode_masks(masks)
+    assert rle_area(rles).tolist() == masks.sum(axis=(1, 2)).tolist()
+    assert rle_bbox(rles).shape == (600, 4)
