@@ -35,6 +35,23 @@ def synth(out: Path = typer.Option(..., help="Output folder (images/ and annotat
     console.print(summary)
 
 
+@app.command()
+def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Everything the demo writes goes here.")) -> None:
+    """The whole engine from nothing on the embedded synthetic data: Label Studio with simulated annotators,
+    2 manual rounds, 1 semi round, the automatic stage, retraining between rounds, exports and the report.
+    Rerunning resumes from the ledger."""
+    from engine.demo import format_demo_summary, run_demo
+    from engine.rounds import LedgerError, StepFailed
+
+    try:
+        result = run_demo(workdir, progress=lambda msg: console.print(f"[cyan]demo[/cyan] {msg}", highlight=False))
+    except (StepFailed, LedgerError) as e:
+        fail(f"{e} (rerun the same command to resume)", code=1)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume", code=130)
+    console.print(format_demo_summary(result), highlight=False)
+
+
 @app.command("config")
 def config_cmd(config: Optional[Path] = typer.Option(None, "--config", help="A YAML config to check."),
                print_defaults: bool = typer.Option(False, "--print-defaults",
