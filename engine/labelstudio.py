@@ -453,7 +453,7 @@ def keypoint_context(points, labels, height: int, width: int) -> dict:
 
 # --------------------------------------------------------------------------- the SDK edge
 
-_RETRY_STATUS = {502, 503, 504}
+_RETRY_STATUS = {408, 429, 502, 503, 504}
 
 
 class LabelStudio:
@@ -467,6 +467,10 @@ class LabelStudio:
         self.token = token
         self.retries, self.backoff_s = retries, backoff_s
         self.sdk = _SDK(base_url=self.url, api_key=token, timeout=timeout_s)
+        # Our retry policy is the only one (the SDK would add its own retries under ours).
+        http = getattr(getattr(self.sdk, "_client_wrapper", None), "httpx_client", None)
+        if http is not None and hasattr(http, "base_max_retries"):
+            http.base_max_retries = 0
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         import httpx
