@@ -6,7 +6,8 @@ Starts the backend on 127.0.0.1 (a fresh compact model unless --checkpoint), war
 one image, then times /predict round trips (HTTP + JSON + decoder + upsampling + brush RLE) for
 single-click and multi-click prompts. Baseline in the same run: the same click with a cold cache
 (image embedding included), which is what a backend without a cache pays per click.
-The last line is JSON: click_p50_ms, click_p99_ms (warm), cold_click_ms, warm_vs_cold_speedup.
+The last line is JSON: click_p50_ms, click_p99_ms (warm), model_only_p50_ms (the same prompt in-process,
+no HTTP/JSON/RLE) and backend_overhead_p50_ms, cold_click_ms, warm_vs_cold_speedup.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--clicks", type=int, default=60, help="timed requests per prompt kind")
     ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on busy CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,6 +77,16 @@ def main() -> None:
         click("im0.png", *random_clicks(1))  # warm im0
         one = [click("im0.png", *random_clicks(1)) for _ in range(args.clicks)]
         multi = [click("im0.png", *random_clicks(4)) for _ in range(args.clicks)]
+        # The same work in-process (cache + decoder + upsampling, no HTTP/JSON/RLE): what the model costs.
+        from engine.ml_backend import Prompt
+
+        load = lambda: None  # noqa: E731  (the embedding is cached)
+        direct = []
+        for _ in range(args.clicks):
+            pts, labs = random_clicks(1)
+            t = time.perf_counter()
+            state.predictor.predict("im0.png", load, Prompt(np.array(pts, float), np.array(labs), None))
+            direct.append((time.perf_counter() - t) * 1e3)
     warm = np.array(one + multi)
     for name, xs in (("1 click", one), ("4 clicks", multi)):
         print(f"{name:9s} p50 {np.percentile(xs, 50):7.1f} ms  p99 {np.percentile(xs, 99):7.1f} ms")
@@ -86,6 +97,8 @@ def main() -> None:
         "click_p99_ms": round(float(np.percentile(warm, 99)), 2),
         "single_click_p50_ms": round(float(np.percentile(one, 50)), 2),
         "multi_click_p50_ms": round(float(np.percentile(multi, 50)), 2),
+        "model_only_p50_ms": round(float(np.percentile(direct, 50)), 2),
+        "backend_overhead_p50_ms": round(float(np.percentile(one, 50) - np.percentile(direct, 50)), 2),
         "cold_click_ms": round(cold, 2),
         "warm_vs_cold_speedup": round(cold / float(np.percentile(warm, 50)), 1),
         "cache": {"hits": state.predictor.cache.hits, "misses": state.predictor.cache.misses},

@@ -260,11 +260,16 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
                    checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
                                                                        "else a fresh model.preset model)."),
                    host: str = typer.Option("127.0.0.1", help="Address to bind (never 0.0.0.0)."),
-                   port: Optional[int] = typer.Option(None, help="Port (default: labelstudio.ml_backend_port).")) -> None:
+                   port: Optional[int] = typer.Option(None, help="Port (default: labelstudio.ml_backend_port)."),
+                   threads: int = typer.Option(1, help="torch CPU threads (a click is one small decoder pass; "
+                                                       "more threads mostly add contention).")) -> None:
     """Serve our Label Studio ML backend in the foreground (credentials: user sa-engine + the backend token)."""
+    import torch
+
     from engine.ml_backend import BackendState, EmbeddingCache, MaskPredictor, MLBackend, source_image_loader
     from stages.manual import backend_token, image_source, load_segmenter
 
+    torch.set_num_threads(max(1, threads))
     cfg = _ls_config(config)
     try:
         seg = load_segmenter(cfg, checkpoint)

@@ -264,6 +264,8 @@ def predict_payload(state: BackendState, payload: dict) -> dict:
 def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle on, the client's delayed ACK adds ~40 ms.
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt, *args):  # quiet: one line per error only
             pass
