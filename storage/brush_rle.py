@@ -205,7 +205,7 @@ def _block_chain(jump: np.ndarray, start: int = 0) -> np.ndarray:
 def _size_table(rle_sizes: tuple[int, ...], word_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Block size in bits from a block's first 11 bits (flag, size index, 8 bits of count).
 
-    -> (sizes (2048,) int32, exact (2048,) bool). `exact` marks literal blocks whose count field is
+    -> (sizes (2048,) intp, exact (2048,) bool). `exact` marks literal blocks whose count field is
     wider than 8 bits: their size is not in the table (1 is stored) and needs the exact path.
     """
     top = np.arange(2048)
@@ -215,22 +215,24 @@ def _size_table(rle_sizes: tuple[int, ...], word_size: int) -> tuple[np.ndarray,
     count = ((top & 255) >> np.maximum(8 - field, 0)) + 1
     exact = ~run & (field > 8)
     sizes = np.where(run, 3 + field + word_size, 3 + field + word_size * count)
-    return np.where(exact, 1, sizes).astype(np.int32), exact
+    return np.where(exact, 1, sizes).astype(np.intp), exact
 
 
 def _exact_sizes(bits: np.ndarray, rle_sizes: np.ndarray, word_size: int) -> np.ndarray:
-    """Block size in bits at every position, for any count width. (N,) int64."""
+    """Block size in bits at every position, for any count width. (N,) intp."""
     head = (bits >> np.uint32(29)).astype(np.intp)
     field = rle_sizes[head & 3]
     count = ((bits << np.uint32(3)) >> (32 - field).astype(np.uint32)).astype(np.int64) + 1
-    return 3 + field + np.where(head >> 2 == 1, word_size, word_size * count)
+    return (3 + field + np.where(head >> 2 == 1, word_size, word_size * count)).astype(np.intp)
 
 
-def _jumps(sizes: np.ndarray) -> np.ndarray:
-    """k -> k + sizes[k], with everything at or past the end sent to the sentinel n (a fixed point)."""
-    n = sizes.size
-    jump = np.empty(n + 1, np.intp)  # intp: gathers with other index types convert first
-    np.add(np.arange(n, dtype=np.intp), sizes, out=jump[:n])
+def _jumps(keys: np.ndarray, size_of: np.ndarray) -> np.ndarray:
+    """k -> k + size_of[keys[k]], with everything at or past the end sent to the sentinel n (a fixed
+    point). keys, size_of: intp (gathers with other index types convert first)."""
+    n = keys.size
+    jump = np.empty(n + 1, np.intp)
+    np.take(size_of, keys, out=jump[:n])
+    jump[:n] += np.arange(n, dtype=np.intp)
     np.minimum(jump[:n], n, out=jump[:n])
     jump[n] = n
     return jump
@@ -255,15 +257,14 @@ def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
     # The 32 bits starting at every bit position p = 8q + r are win[q] << r (no gather needed).
     shifts = np.arange(8, dtype=np.uint32)
     bits = (win[: data.size, None] << shifts).ravel()[_HEADER_BITS:]
-    # Size of a block starting at every position, from its first 11 bits; then the chain of
-    # actual block starts. If that chain meets a block the table can't size, redo it exactly.
+    # Size of a block starting at every position, from its first 11 bits (a table lookup); then
+    # the chain of actual block starts. If that chain meets a block the table can't size, redo it
+    # with exact sizes.
     table, exact = _size_table(tuple(int(v) for v in rle_sizes), word_size)
     top11 = (bits >> np.uint32(21)).astype(np.intp)
-    sizes = np.take(table, top11)
-    chain = _block_chain(_jumps(sizes))
+    chain = _block_chain(_jumps(top11, table))
     if exact[top11[chain]].any():
-        sizes = _exact_sizes(bits, rle_sizes, word_size)
-        chain = _block_chain(_jumps(sizes))
+        chain = _block_chain(_jumps(np.arange(bits.size), _exact_sizes(bits, rle_sizes, word_size)))
     b_bits = bits[chain]
     b_head = (b_bits >> np.uint32(29)).astype(np.intp)
     b_field = rle_sizes[b_head & 3]
