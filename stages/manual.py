@@ -94,7 +94,12 @@ def start_backend(cfg: EngineConfig, segmenter, source, port: int | None = None)
     cache = EmbeddingCache(segmenter, precomputed_dir=cfg.path("embeddings"))
     state = BackendState(MaskPredictor(segmenter, cache), token=backend_token(cfg), image_loader=None)
     state.image_loader = source_image_loader(source, state=state)
-    return MLBackend(state, "127.0.0.1", cfg.labelstudio.ml_backend_port if port is None else port).start()
+    port = cfg.labelstudio.ml_backend_port if port is None else port
+    try:
+        return MLBackend(state, "127.0.0.1", port).start()
+    except OSError as e:
+        raise LabelStudioError(f"ML backend: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
+                               "set labelstudio.ml_backend_port to a free port") from None
 
 
 def task_images(cfg: EngineConfig, source, image_ids: list[str], quarantine=None) -> tuple[list[TaskImage], dict]:
