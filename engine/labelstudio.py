@@ -325,6 +325,8 @@ def stop_server(data_dir: Path, timeout_s: float = 20.0) -> bool:
                 time.sleep(0.2)
             if not _pid_alive(pid):
                 break
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (else it lingers as a zombie)
     pf.unlink(missing_ok=True)
     return was_running
 
