@@ -77,3 +77,34 @@ def test_ray_train_loop_writes_a_checkpoint(tmp_path, ray_cluster):
                                   tmp_path / "ray", num_workers=2, metadata={"round": 4})
     assert metrics["steps"] == 2
     assert seg.metadata["round"] == 4 and seg.metadata["data_fingerprint"]
+
+
+def test_store_training_data_reads_shards_and_images(tmp_path):
+    from engine.synth import write_synthetic_dataset
+    from model.evaluate import load_coco_folder
+    from model.train import store_training_data
+    from storage.records import MaskRecord, make_mask_id
+    from storage.rle import encode_masks, rle_area, rle_bbox
+    from storage.shards import MaskStore
+
+    write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=64)
+    names, images, masks, _ = load_coco_folder(str(tmp_path / "d"))
+    store = MaskStore(str(tmp_path / "store"))
+    with store.writer("manual", 1, None) as w:
+        for name, m in zip(names, masks):
+            rles = encode_masks(m)
+            recs = [MaskRecord(image_id=name, mask_id=make_mask_id(name, k), height=64, width=64, rle=r,
+                               area=int(a), bbox=list(b), stage="manual", round=1, verified=True,
+                               origin="manual" if k % 2 == 0 else "prefill_accepted")
+                    for k, (r, a, b) in enumerate(zip(rles, rle_area(rles), rle_bbox(rles)))]
+            w.add(recs)
+            w.image_done(name, len(recs))
+        w.commit()
+    imgs, ms, ws, fp = store_training_data(str(tmp_path / "store"), str(tmp_path / "d" / "images"), manual_weight=3.0)
+    assert len(imgs) == 2 and len(fp) == 16
+    order = sorted(range(2), key=lambda i: names[i])
+    for got_img, got_m, got_w, i in zip(imgs, ms, ws, order):
+        assert np.array_equal(got_img, images[i]) and len(got_m) == len(masks[i])
+        for m, w in zip(got_m, got_w):  # the store's order is its own: match masks by content
+            k = next(k for k in range(len(masks[i])) if np.array_equal(masks[i][k], m))
+            assert w == (3.0 if k % 2 == 0 else 1.0)
