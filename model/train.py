@@ -35,12 +35,13 @@ class TrainSettings:
     minutes: float = 2.0  # wall-clock budget of the optimisation (evaluation time not counted)
     max_steps: int | None = None
     batch_images: int = 8
-    masks_per_image: int = 4
-    iterations: int = 3  # prompts per mask: first prompt + corrective clicks
+    masks_per_image: int = 8
+    iterations: int = 2  # prompts per mask: first prompt + corrective clicks
+    focal_alpha: float = 0.5  # 0.5 = no class re-weighting (0.25 drives small objects to empty masks)
     box_prob: float = 0.5
-    lr: float = 1e-3
+    lr: float = 4e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_area: int = 16  # masks smaller than this (pixels of the encoder input) are skipped
     seed: int = 0
     eval_every_s: float | None = None  # call `on_eval` this often (training seconds)
@@ -73,13 +74,27 @@ def dataset_sampler(images: list[np.ndarray], masks: list[np.ndarray], weights: 
     return sample
 
 
-def synthetic_sampler(size: int = 256) -> Sampler:
-    """Fresh synthetic scenes (engine/synth.py) drawn from the training generator: unlimited data."""
+def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25) -> Sampler:
+    """Synthetic scenes (engine/synth.py) from the training generator: unlimited data.
+
+    Making a scene costs about as much as a quarter of a training step on a CPU, so a pool of up
+    to `pool` scenes is kept and a new one is made with probability `fresh_prob` (or while the pool
+    fills); augmentation makes the reused ones differ.
+    """
     from engine.synth import make_scene
 
+    scenes: list[Sample] = []
+
     def sample(rng: np.random.Generator) -> Sample:
-        image, masks, _ = make_scene(rng, size)
-        return image, masks, np.ones(len(masks), np.float32)
+        if len(scenes) < min(pool, 64) or rng.random() < fresh_prob:
+            image, masks, _ = make_scene(rng, size)
+            item = (image, masks, np.ones(len(masks), np.float32))
+            if len(scenes) < pool:
+                scenes.append(item)
+            else:
+                scenes[int(rng.integers(pool))] = item
+            return item
+        return scenes[int(rng.integers(len(scenes)))]
 
     return sample
 
@@ -158,7 +173,7 @@ def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: 
 
 # ---- loss ------------------------------------------------------------------------------------
 
-def _focal(logits: torch.Tensor, gt: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def _focal(logits: torch.Tensor, gt: torch.Tensor, alpha: float, gamma: float = 2.0) -> torch.Tensor:
     """(P, M, H, W) logits, (P, 1, H, W) float gt -> (P, M) mean focal loss."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, gt.expand_as(logits), reduction="none")
@@ -175,11 +190,12 @@ def _dice(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return 1 - (num + 1) / (den + 1)
 
 
-def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: torch.Tensor, side: int):
+def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: torch.Tensor, side: int,
+               alpha: float = 0.5):
     """Loss of one decoding step; returns (loss, index of the best output per row, its logits (P, 1, n, n))."""
     up = F.interpolate(low, (side, side), mode="bilinear", align_corners=False)
     g = gt[:, None].float()
-    per = 20 * _focal(up, g) + _dice(up, g)  # (P, M)
+    per = 20 * _focal(up, g, alpha) + _dice(up, g)  # (P, M)
     best = per.argmin(1)
     rows = torch.arange(len(best))
     with torch.no_grad():
@@ -201,11 +217,19 @@ def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    world = dist.get_world_size()
+    # One flat buffer with zeros for unused parameters, so every rank makes the same single call
+    # (a box-prompted step on one rank leaves other prompt embeddings without grads than a point step).
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
 
 
 def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
@@ -284,7 +308,7 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
             points = torch.tensor(pts, dtype=torch.float32)
             labels = torch.tensor(labs, dtype=torch.int64)
         low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
-        loss, _, chosen = _step_loss(low, iou, gt, w, side)
+        loss, _, chosen = _step_loss(low, iou, gt, w, side, s.focal_alpha)
         total = total + loss
         if it + 1 < s.iterations:
             with torch.no_grad():
