@@ -146,30 +146,17 @@ def _as_bytes(rle) -> np.ndarray:
         if rle.ndim != 1 or (rle.dtype != np.uint8 and (rle.size and (rle.min() < 0 or rle.max() > 255))):
             raise BrushRLEError("brush RLE must be a flat array of byte values 0..255")
         data = rle.astype(np.uint8, copy=False)
+    elif isinstance(rle, (str, int, np.integer)):
+        raise BrushRLEError("brush RLE must be a list of integers 0..255")
     else:
         try:
-            data = np.frombuffer(bytes(rle), np.uint8)  # bytes() checks each value is 0..255
+            # bytearray() checks each value is 0..255, and reads a list about 3x faster than bytes()
+            data = np.frombuffer(bytearray(rle), np.uint8)
         except (TypeError, ValueError):
             raise BrushRLEError("brush RLE must be a list of integers 0..255") from None
     if data.size * 8 < _HEADER_BITS:
         raise BrushRLEError(f"brush RLE too short ({data.size} bytes) for its header")
     return data
-
-
-def _windows32(data: np.ndarray) -> np.ndarray:
-    """(B + 4,) uint32: the big-endian 32-bit window starting at each byte (zeros past the end)."""
-    n = data.size + 4
-    padded = np.zeros(n + 4, np.uint8)
-    padded[: data.size] = data
-    out = padded[:n].astype(np.uint32) << np.uint32(24)
-    for k in range(1, 4):
-        out |= padded[k: k + n].astype(np.uint32) << np.uint32(24 - 8 * k)
-    return out
-
-
-def _bits_at(win: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """The 25+ bits starting at each bit position, aligned to the top of a uint32."""
-    return win[pos >> 3] << (pos & 7).astype(np.uint32)
 
 
 def _header(data: np.ndarray) -> tuple[int, int, np.ndarray]:
@@ -181,61 +168,76 @@ def _header(data: np.ndarray) -> tuple[int, int, np.ndarray]:
     return num, word_size, rle_sizes
 
 
-def _block_chain(jump: np.ndarray, start: int = 0) -> np.ndarray:
-    """Indices visited by k -> jump[k] from `start` until the sentinel len(jump) - 1 (a fixed point).
+def _byte_pairs(data: np.ndarray) -> np.ndarray:
+    """(B + 3,) intp: the big-endian 16 bits starting at each byte (zeros past the end)."""
+    padded = np.zeros(data.size + 4, np.intp)
+    padded[: data.size] = data
+    return (padded[:-1] << 8) | padded[1:]
 
-    The walk is inherently sequential: one pointer-doubling gather lets the Python loop take two
-    steps at a time, and the skipped steps are filled back in with one vectorised gather.
-    """
-    j2 = np.take(jump, jump)
-    sentinel = len(jump) - 1
-    step2 = memoryview(j2)
-    coarse = []
-    append = coarse.append
-    k = start
-    while k != sentinel:
-        append(k)
-        k = step2[k]
-    even = np.asarray(coarse, dtype=np.intp)
-    chain = np.stack([even, np.take(jump, even)], axis=-1).ravel()
-    return chain[chain != sentinel]
+
+_UNKNOWN = 255  # a block size the 16 bits of a byte pair cannot tell (or one over 254 bits)
 
 
 @functools.lru_cache(maxsize=16)
-def _size_table(rle_sizes: tuple[int, ...], word_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Block size in bits from a block's first 11 bits (flag, size index, 8 bits of count).
+def _pair_sizes(rle_sizes: tuple[int, ...], word_size: int) -> np.ndarray:
+    """Size in bits of a block starting at bit r = 0..7 of a byte pair, for every pair value.
 
-    -> (sizes (2048,) intp, exact (2048,) bool). `exact` marks literal blocks whose count field is
-    wider than 8 bits: their size is not in the table (1 is stored) and needs the exact path.
+    -> (65536,) uint64: each the 8 uint8 sizes for r = 0..7 (the bytes of `table[pair]`, so one
+    gather by pair gives the sizes at all 8 bit positions of a byte). A run block's size needs only
+    its 3 head bits; a literal block's needs its count field too, which may run past the pair.
     """
-    top = np.arange(2048)
-    head = top >> 8
-    field = np.asarray(rle_sizes)[head & 3]
-    run = (head >> 2) == 1
-    count = ((top & 255) >> np.maximum(8 - field, 0)) + 1
-    exact = ~run & (field > 8)
-    sizes = np.where(run, 3 + field + word_size, 3 + field + word_size * count)
-    return np.where(exact, 1, sizes).astype(np.intp), exact
+    pair = np.arange(65536, dtype=np.int64)
+    field_bits = np.asarray(rle_sizes, np.int64)
+    sizes = np.empty((65536, 8), np.uint8)
+    for r in range(8):
+        head = (pair >> (13 - r)) & 7
+        field = field_bits[head & 3]
+        count_shift = 13 - r - field  # < 0: the count field runs past the pair
+        count = ((pair >> np.maximum(count_shift, 0)) & ((1 << field) - 1)) + 1
+        run = head >= 4
+        size = 3 + field + word_size * np.where(run, 1, count)
+        sizes[:, r] = np.where((run | (count_shift >= 0)) & (size < _UNKNOWN), size, _UNKNOWN)
+    return sizes.view(np.uint64).ravel()
 
 
-def _exact_sizes(bits: np.ndarray, rle_sizes: np.ndarray, word_size: int) -> np.ndarray:
-    """Block size in bits at every position, for any count width. (N,) intp."""
-    head = (bits >> np.uint32(29)).astype(np.intp)
+def _fields_at(pairs: np.ndarray, pos: np.ndarray, rle_sizes: np.ndarray):
+    """(head, count field width, count) of blocks starting at bit positions `pos`. Each (P,) intp.
+
+    head = flag << 2 | size index. The head and a count of up to 16 bits fit in the 32 bits
+    starting at the block's byte (3 + 16 + 7 <= 32).
+    """
+    q, r = pos >> 3, pos & 7
+    top = (((pairs[q] << 16) | pairs[q + 2]) << r) & 0xFFFFFFFF
+    head = top >> 29
     field = rle_sizes[head & 3]
-    count = ((bits << np.uint32(3)) >> (32 - field).astype(np.uint32)).astype(np.int64) + 1
-    return (3 + field + np.where(head >> 2 == 1, word_size, word_size * count)).astype(np.intp)
+    count = ((top >> (29 - field)) & ((1 << field) - 1)) + 1
+    return head, field, count
 
 
-def _jumps(keys: np.ndarray, size_of: np.ndarray) -> np.ndarray:
-    """k -> k + size_of[keys[k]], with everything at or past the end sent to the sentinel n (a fixed
-    point). keys, size_of: intp (gathers with other index types convert first)."""
-    n = keys.size
-    jump = np.empty(n + 1, np.intp)
-    np.take(size_of, keys, out=jump[:n])
-    jump[:n] += np.arange(n, dtype=np.intp)
-    np.minimum(jump[:n], n, out=jump[:n])
-    jump[n] = n
-    return jump
+def _block_chain(jump: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Positions visited by k -> jump[k] from `start` while below `end`. (C,) intp, increasing.
+
+    jump: (L,) intp, every value < L and > its index below `end`. The walk is inherently
+    sequential: one pointer-doubling gather lets the Python loop take two steps at a time, and
+    the skipped steps are filled back in with one vectorised gather.
+    """
+    step2 = memoryview(np.take(jump, jump))
+    coarse = []
+    append = coarse.append
+    k = start
+    while k < end:
+        append(k)
+        k = step2[k]
+    even = np.array(coarse, np.intp)
+    chain = np.empty(2 * even.size, np.intp)
+    chain[0::2] = even
+    np.take(jump, even, out=chain[1::2])
+    return chain[:-1] if chain.size and chain[-1] >= end else chain
+
+
+def _chain_fields(jump, pairs, rle_sizes, n_bits):
+    chain = _block_chain(jump, _HEADER_BITS, n_bits)
+    return (chain, *_fields_at(pairs, chain, rle_sizes))
 
 
 def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
@@ -244,6 +246,10 @@ def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
     Follows the reference decoder exactly: blocks are read until `num` values are produced; a
     final run that overshoots `num` is cut (as the SDK's slice assignment does); a literal block
     that overshoots is an error, as is a stream that ends before `num` values.
+
+    Block starts: the size of a block that would start at each bit position comes from a table
+    keyed by the byte pair there; the actual starts are the chain of jumps from bit 53. Sizes the
+    pair cannot tell (wide literal counts) are filled in exactly, only when the chain meets one.
     """
     data = _as_bytes(rle)
     num, word_size, rle_sizes = _header(data)
@@ -252,54 +258,67 @@ def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
         raise BrushRLEError(f"brush RLE word size {word_size} is not supported (max 8)")
     if num == 0:
         return 0, np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    win = _windows32(data)
-    total_bits = data.size * 8
-    # The 32 bits starting at every bit position p = 8q + r are win[q] << r (no gather needed).
-    shifts = np.arange(8, dtype=np.uint32)
-    bits = (win[: data.size, None] << shifts).ravel()[_HEADER_BITS:]
-    # Size of a block starting at every position, from its first 11 bits (a table lookup); then
-    # the chain of actual block starts. If that chain meets a block the table can't size, redo it
-    # with exact sizes.
-    table, exact = _size_table(tuple(int(v) for v in rle_sizes), word_size)
-    top11 = (bits >> np.uint32(21)).astype(np.intp)
-    chain = _block_chain(_jumps(top11, table))
-    if exact[top11[chain]].any():
-        chain = _block_chain(_jumps(np.arange(bits.size), _exact_sizes(bits, rle_sizes, word_size)))
-    b_bits = bits[chain]
-    b_head = (b_bits >> np.uint32(29)).astype(np.intp)
-    b_field = rle_sizes[b_head & 3]
-    b_count = ((b_bits << np.uint32(3)) >> (32 - b_field).astype(np.uint32)).astype(np.int64) + 1
-    produced = np.cumsum(b_count)
+    n_bits = data.size * 8
+    pairs = _byte_pairs(data)
+    table = _pair_sizes(tuple(int(v) for v in rle_sizes), word_size)
+    sizes = table[pairs[: data.size]].view(np.uint8)  # (n_bits,) block size at every bit position
+    # jump[k] = start of the next block if one starts at k; everything past the data leads to the
+    # last slot, a fixed point (sizes <= 255 keep every jump inside the array).
+    jump = np.empty(n_bits + 256, np.intp)
+    np.add(_positions(n_bits), sizes, out=jump[:n_bits])
+    jump[n_bits:] = jump.size - 1
+    chain, head, field, count = _chain_fields(jump, pairs, rle_sizes, n_bits)
+    produced = np.cumsum(count)
     used = int(np.searchsorted(produced, num)) + 1  # blocks needed to reach num values
+    # A block of unknown size before `used` makes the rest of the chain a guess: size every such
+    # position exactly and walk again (only streams with wide literal blocks get here).
+    if (sizes[chain[:used]] == _UNKNOWN).any():
+        unknown = np.flatnonzero(sizes == _UNKNOWN)
+        u_head, u_field, u_count = _fields_at(pairs, unknown, rle_sizes)
+        u_size = 3 + u_field + word_size * np.where(u_head >= 4, 1, u_count)
+        jump[unknown] = np.minimum(unknown + u_size, jump.size - 1)
+        chain, head, field, count = _chain_fields(jump, pairs, rle_sizes, n_bits)
+        produced = np.cumsum(count)
+        used = int(np.searchsorted(produced, num)) + 1
     if used > chain.size:
         got = int(produced[-1]) if produced.size else 0
         raise BrushRLEError(f"brush RLE ends after {got} of {num} values")
-    chain, b_head, b_field, b_count = chain[:used], b_head[:used], b_field[:used], b_count[:used]
-    literal = (b_head >> 2) == 0
-    end_bit = _HEADER_BITS + int(chain[-1]) + 3 + int(b_field[-1]) + word_size * int(
-        b_count[-1] if literal[-1] else 1)
-    if end_bit > total_bits:
-        raise BrushRLEError(f"brush RLE ends inside its last block ({end_bit} > {total_bits} bits)")
-    value_at = chain + _HEADER_BITS + 3 + b_field
-    shift = np.uint32(32 - word_size)
+    chain, head, field, count = chain[:used], head[:used], field[:used], count[:used]
+    literal = head < 4
+    end_bit = int(chain[-1]) + 3 + int(field[-1]) + word_size * int(count[-1] if literal[-1] else 1)
+    if end_bit > n_bits:
+        raise BrushRLEError(f"brush RLE ends inside its last block ({end_bit} > {n_bits} bits)")
+    value_at = chain + 3 + field
     if not literal.any():
-        lengths = b_count
-        values = (_bits_at(win, value_at) >> shift).astype(np.uint8)
+        lengths = count
     else:
         # Literal blocks hold `count` words each: expand them into runs of length 1.
-        per_block = np.where(literal, b_count, 1)
+        per_block = np.where(literal, count, 1)
         block_of = np.repeat(np.arange(chain.size), per_block)
         first = np.cumsum(per_block) - per_block
         within = np.arange(block_of.size) - first[block_of]
-        values = (_bits_at(win, value_at[block_of] + within * word_size) >> shift).astype(np.uint8)
-        lengths = np.where(literal[block_of], 1, b_count[block_of])
+        value_at = value_at[block_of] + within * word_size
+        lengths = np.where(literal[block_of], 1, count[block_of])
         if literal[-1] and produced[used - 1] > num:
             raise BrushRLEError(f"brush RLE literal block runs past its {num} values")
+    # A word of <= 8 bits lies within the byte pair at its first bit.
+    values = (((pairs[value_at >> 3] << (value_at & 7)) & 0xFFFF) >> (16 - word_size)).astype(np.uint8)
     overshoot = int(produced[used - 1]) - num
     if overshoot:
         lengths = lengths.copy()
         lengths[-1] -= overshoot
     return num, lengths, values
+
+
+_POSITIONS = np.arange(0)
+
+
+def _positions(n: int) -> np.ndarray:
+    """np.arange(n) (intp), from a cached buffer that grows to the largest n asked for."""
+    global _POSITIONS
+    if n > _POSITIONS.size:
+        _POSITIONS = np.arange(max(n, 2 * _POSITIONS.size))
+    return _POSITIONS[:n]
 
 
 def decode_values(rle) -> np.ndarray:
