@@ -40,19 +40,34 @@ def _run_starts(values: np.ndarray) -> np.ndarray:
     n = values.size
     if n == 0:
         return np.zeros(0, np.int64)
-    # Compare neighbours into a buffer padded to whole 8-byte words, then look for changes one
-    # word (8 positions) at a time: masks have few runs, so most words are zero.
-    n_words = (n - 1 + 7) // 8
-    changed = np.empty(n_words * 8, dtype=bool)
+    # Compare neighbours into a buffer padded to whole 64-byte groups; masks have few runs.
+    changed = np.empty(-(-(n - 1) // 64) * 64, dtype=bool)
     changed[n - 1:] = False
     np.not_equal(values[1:], values[:-1], out=changed[: n - 1])
-    words = changed.view(np.uint64)
-    hot = np.flatnonzero(words != 0)  # (flatnonzero on uint64 itself is much slower)
-    j = np.flatnonzero(words[hot].view(bool))  # changes within the hot words
-    starts = np.empty(j.size + 1, np.int64)
+    found = _sparse_flatnonzero(changed)
+    starts = np.empty(found.size + 1, np.int64)
     starts[0] = 0
-    np.add((hot[j >> 3] << 3) | (j & 7), 1, out=starts[1:])
+    np.add(found, 1, out=starts[1:])
     return starts
+
+
+def _sparse_flatnonzero(flags: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a (64 K,) bool array with few True entries, 3-4x faster. (T,) intp.
+
+    Looks at 8 bools at a time as one float64 (a bool's bytes are 0 or 1, so no NaN or -0.0 can
+    occur and `!= 0` is exact, and float compares are fast), on two levels: 64-flag groups, then
+    8-flag words, then single flags, each only inside the non-zero parts of the level above.
+    """
+    words = flags.view(np.float64) != 0  # (8 K,): any of 8 flags set
+    groups = np.flatnonzero(words.view(np.float64) != 0)  # of 64 flags
+    hot_words = _expand_hot(words, groups)
+    return _expand_hot(flags, hot_words)
+
+
+def _expand_hot(flags: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """Indices of the True flags inside the 8-flag words `hot` of `flags`. (T,) intp."""
+    within = np.flatnonzero(flags.view(np.uint64)[hot].view(bool))
+    return (hot[within >> 3] << 3) | (within & 7)
 
 
 _FIELD_SHIFT = np.array([s + 8 for s in SDK_RLE_SIZES], np.int64)  # count field + 8-bit word
@@ -134,7 +149,7 @@ def encode_mask(mask: np.ndarray) -> np.ndarray:
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """Brush RLE as Label Studio's JSON holds it (a list of byte values), like the SDK's `mask2rle`."""
-    return encode_mask(mask).tolist()
+    return list(encode_mask(mask).tobytes())  # (twice as fast as .tolist())
 
 
 # ------------------------------------------------------------------------------------------ decode
