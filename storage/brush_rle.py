@@ -19,6 +19,8 @@ block starts over precomputed per-bit-position block sizes.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 
 import numpy as np
 
@@ -70,30 +72,35 @@ def _expand_hot(flags: np.ndarray, hot: np.ndarray) -> np.ndarray:
     return (hot[within >> 3] << 3) | (within & 7)
 
 
-_FIELD_SHIFT = np.array([s + 8 for s in SDK_RLE_SIZES], np.int64)  # count field + 8-bit word
+_SIZE_LIMITS = np.array([8, 16, 256])  # longest run for size indices 0, 1, 2 (3 takes the rest)
+# The bits before the count field by head = flag << 2 | size index, already shifted into place.
+_HEAD_CODES = np.array([h << (SDK_RLE_SIZES[h & 3] + 8) for h in range(8)], np.int64)
 _CODE_BITS = np.array([3 + s + 8 for s in SDK_RLE_SIZES], np.int64)
 
 
 def _block_codes(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """SDK block codes for runs of `lengths` (>= 1) of 8-bit `values`: (codes int64, nbits int64).
 
-    code = flag (1 bit: run of more than one value) | size index (2) | length - 1 | value (8).
+    code = flag (1 bit: a run block) | size index (2) | length - 1 | value (8). A run of one value
+    is a one-value literal block; a run over 65536 values becomes 65536-long pieces and a rest,
+    all written as 16-bit run blocks, even a rest of one value (as the SDK's `encode_rle` does).
     """
     lengths = lengths.astype(np.int64, copy=False)
-    values = values.astype(np.int64)
-    long_run = lengths > 256
-    if lengths.size and lengths.max() > 65536:
-        # Runs over 65536 are written as 65536-long pieces plus the rest (which keeps 16 bits).
-        n_full = np.where(lengths > 65536, (lengths - 1) // 65536, 0)
-        reps = n_full + 1
-        idx = np.repeat(np.arange(lengths.size), reps)
-        piece = np.full(idx.size, 65536, np.int64)
-        piece[np.cumsum(reps) - 1] = lengths - n_full * 65536
-        lengths, values, long_run = piece, values[idx], long_run[idx]
-    size_index = (lengths > 8).astype(np.int64) + (lengths > 16) + long_run
-    head = np.where(lengths > 1, 4, 0) | size_index
-    codes = (head << _FIELD_SHIFT[size_index]) | ((lengths - 1) << 8) | values
-    return codes, _CODE_BITS[size_index]
+    size_index = np.searchsorted(_SIZE_LIMITS, lengths)  # (L > 8) + (L > 16) + (L > 256)
+    codes = _HEAD_CODES[size_index + 4 * (lengths > 1)] | ((lengths - 1) << 8) | values
+    nbits = _CODE_BITS[size_index]
+    long_runs = np.flatnonzero(lengths > 65536)
+    if long_runs.size:
+        # Every piece but the last is 65536 long: give the run that code, repeat it into its
+        # pieces (all 27 bits), then set the last piece's code.
+        n_full = (lengths[long_runs] - 1) // 65536
+        head = _HEAD_CODES[7] | values[long_runs]
+        codes[long_runs] = head | (65535 << 8)
+        reps = np.ones(lengths.size, np.int64)
+        reps[long_runs] += n_full
+        codes, nbits = np.repeat(codes, reps), np.repeat(nbits, reps)
+        codes[long_runs + np.cumsum(n_full)] = head | ((lengths[long_runs] - n_full * 65536 - 1) << 8)
+    return codes, nbits
 
 
 def _pack_bits(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
@@ -233,21 +240,23 @@ def _block_chain(jump: np.ndarray, start: int, end: int) -> np.ndarray:
     """Positions visited by k -> jump[k] from `start` while below `end`. (C,) intp, increasing.
 
     jump: (L,) intp, every value < L and > its index below `end`. The walk is inherently
-    sequential: one pointer-doubling gather lets the Python loop take two steps at a time, and
-    the skipped steps are filled back in with one vectorised gather.
+    sequential, so it runs in C: `map` looks up each position the list already holds while
+    `list.extend` appends the result to that same list, until a lookup past the table raises
+    IndexError. One pointer-doubling gather lets it take two steps at a time; the skipped steps
+    are filled back in with one vectorised gather.
     """
-    step2 = memoryview(np.take(jump, jump))
-    coarse = []
-    append = coarse.append
-    k = start
-    while k < end:
-        append(k)
-        k = step2[k]
-    even = np.array(coarse, np.intp)
+    step2 = np.take(jump, jump, mode="wrap")  # all in range; "wrap" is faster than "raise"
+    step2[end:] = step2.size  # from past the end, one more step, then IndexError
+    coarse = [start]
+    try:
+        coarse.extend(map(operator.getitem, itertools.repeat(memoryview(step2)), coarse))
+    except IndexError:
+        pass
+    even = np.array(coarse[:-2], np.intp)  # the last two are past the end
     chain = np.empty(2 * even.size, np.intp)
     chain[0::2] = even
     np.take(jump, even, out=chain[1::2])
-    return chain[:-1] if chain.size and chain[-1] >= end else chain
+    return chain[:-1] if chain[-1] >= end else chain
 
 
 def _chain_fields(jump, pairs, rle_sizes, n_bits):
