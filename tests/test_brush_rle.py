@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter import brush as sdk
 
-from storage.brush_rle import (BrushRLEError, decode_alpha, decode_mask, decode_values, encode_values,
-                               mask_to_rle)
+from storage.brush_rle import (_UNKNOWN, BrushRLEError, _pair_sizes, _run_starts, decode_alpha,
+                               decode_mask, decode_runs, decode_values, encode_values, mask_to_rle)
 
 
 def _shapes(h: int, w: int, seed: int) -> list[np.ndarray]:
@@ -35,6 +35,31 @@ def test_long_runs_split_like_sdk():
     # 300 x 300 x 4 = 360000 equal values: five 65536-long pieces and a rest, like the SDK.
     for mask in (np.ones((300, 300), bool), np.pad(np.ones((200, 300), bool), ((100, 0), (0, 0)))):
         assert mask_to_rle(mask) == sdk.mask2rle(mask.astype(np.uint8) * 255)
+
+
+def test_rest_of_a_long_run_is_a_16_bit_run_block_like_sdk():
+    # A run over 65536 values ends in a rest that the SDK writes as a 16-bit run block whatever
+    # its length, even 1 (a run block of one value, not a literal).
+    for rest in (1, 2, 4, 9, 16, 17, 300):
+        for n_full in (1, 3):
+            values = np.concatenate([[5], np.full(n_full * 65536 + rest, 7), [5, 6, 6]]).astype(np.uint8)
+            reference = sdk.encode_rle(values)
+            assert encode_values(values).tolist() == reference, (rest, n_full)
+            assert np.array_equal(decode_values(reference), values)
+    # As a mask: a run of 16385 pixels is 65540 values, a rest of 4.
+    mask = np.zeros((4, 16385), bool)
+    mask[1] = True
+    assert mask_to_rle(mask) == sdk.mask2rle(mask.astype(np.uint8) * 255)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 63, 64, 65, 127, 130, 1000, 4099])
+def test_run_starts_match_plain_numpy(n):
+    rng = np.random.default_rng(n)
+    period8 = np.tile(np.array([0, 1, 1, 0, 0, 0, 1, 0], np.uint8), n // 8 + 1)[:n]  # equal varied words
+    for values in (rng.integers(0, 2, n).astype(np.uint8), np.zeros(n, np.uint8), period8,
+                   np.repeat(rng.integers(0, 256, n), rng.integers(1, 90, n))[:n].astype(np.uint8)):
+        expected = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+        assert np.array_equal(_run_starts(values), expected)
 
 
 def test_uint8_masks_and_raw_values_match_sdk():
@@ -85,6 +110,38 @@ def test_general_streams_decode_like_sdk():
         assert np.array_equal(decode_values(stream), sdk.decode_rle(stream)), (word_size, rle_sizes)
 
 
+def test_blocks_the_pair_table_cannot_size_take_the_exact_path():
+    # Literal blocks whose count field runs past the 16 bits at their start (a 16-bit count; an
+    # 8-bit count starting at bit 6 of a byte) or whose size passes 254 bits (32 words of 8 bits)
+    # are sized exactly.
+    rng = np.random.default_rng(11)
+    for rle_sizes, index, n, lead_runs in [((3, 4, 8, 16), 3, 5, []), ((3, 4, 8, 16), 2, 3, [1, 1, 2]),
+                                           ((5, 4, 8, 16), 0, 32, [])]:
+        writer = _BitWriter(0, 8, rle_sizes)
+        for i in lead_runs:
+            writer.block(True, i, [200, 2])
+        at = len(writer.bits)  # bit position of the wide literal block
+        words = rng.integers(0, 256, n).tolist()
+        writer.block(False, index, words)
+        writer.block(True, 1, [9, 12])
+        writer.block(False, index, words[::-1])
+        writer.bits = f"{2 * len(lead_runs) + 2 * n + 12:032b}" + writer.bits[32:]
+        stream = writer.to_list()
+        pair = (stream[at // 8] << 8) | stream[at // 8 + 1]
+        assert _pair_sizes(rle_sizes, 8).view(np.uint8).reshape(-1, 8)[pair, at % 8] == _UNKNOWN
+        assert np.array_equal(decode_values(stream), sdk.decode_rle(stream)), (rle_sizes, index)
+
+
+def test_trailing_bytes_after_the_last_block_are_ignored_like_sdk():
+    mask = np.zeros((30, 40), bool)
+    mask[3:20, 5:33] = True
+    rle = mask_to_rle(mask) + [255, 0, 17, 3]
+    assert np.array_equal(decode_mask(rle, 30, 40), mask)
+    assert np.array_equal(decode_values(rle), sdk.decode_rle(rle))
+    num, lengths, values = decode_runs(rle)
+    assert num == lengths.sum() == 30 * 40 * 4
+
+
 def test_last_run_overshooting_num_is_cut_like_sdk():
     writer = _BitWriter(10, 8, (3, 4, 8, 16))
     writer.block(True, 0, [255, 4])
@@ -107,3 +164,5 @@ def test_corrupt_streams_raise_one_line_errors():
         decode_mask([1, 2], 20, 30)
     with pytest.raises(BrushRLEError, match="0..255"):
         decode_mask("not an rle", 20, 30)
+    with pytest.raises(BrushRLEError, match="0..255"):
+        decode_mask(4800, 20, 30)
