@@ -181,12 +181,12 @@ def _as_bytes(rle) -> np.ndarray:
     return data
 
 
-def _header(data: np.ndarray) -> tuple[int, int, np.ndarray]:
-    """(num, word_size, rle_sizes (4,) int64) from the first 53 bits."""
+def _header(data: np.ndarray) -> tuple[int, int, tuple[int, ...]]:
+    """(num, word_size, rle_sizes (4 ints)) from the first 53 bits."""
     bits = int.from_bytes(data[:7].tobytes(), "big") >> (56 - _HEADER_BITS)
     num = bits >> 21
     word_size = ((bits >> 16) & 31) + 1
-    rle_sizes = np.array([((bits >> (12 - 4 * i)) & 15) + 1 for i in range(4)], np.int64)
+    rle_sizes = tuple(((bits >> (12 - 4 * i)) & 15) + 1 for i in range(4))
     return num, word_size, rle_sizes
 
 
@@ -222,18 +222,25 @@ def _pair_sizes(rle_sizes: tuple[int, ...], word_size: int) -> np.ndarray:
     return sizes.view(np.uint64).ravel()
 
 
-def _fields_at(pairs: np.ndarray, pos: np.ndarray, rle_sizes: np.ndarray):
-    """(head, count field width, count) of blocks starting at bit positions `pos`. Each (P,) intp.
+@functools.lru_cache(maxsize=16)
+def _head_tables(rle_sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """By head (flag << 2 | size index, 0..7): (count field width, its shift in a 32-bit window
+    that starts at the block, its mask). Each (8,) intp."""
+    field = np.array([rle_sizes[h & 3] for h in range(8)], np.intp)
+    return field, 29 - field, (1 << field) - 1
+
+
+def _fields_at(pairs: np.ndarray, pos: np.ndarray, rle_sizes: tuple[int, ...]):
+    """(head, count) of blocks starting at bit positions `pos`. Each (P,) intp.
 
     head = flag << 2 | size index. The head and a count of up to 16 bits fit in the 32 bits
     starting at the block's byte (3 + 16 + 7 <= 32).
     """
-    q, r = pos >> 3, pos & 7
-    top = (((pairs[q] << 16) | pairs[q + 2]) << r) & 0xFFFFFFFF
+    _, shift, mask = _head_tables(rle_sizes)
+    q = pos >> 3
+    top = (((pairs[q] << 16) | pairs[q + 2]) << (pos & 7)) & 0xFFFFFFFF
     head = top >> 29
-    field = rle_sizes[head & 3]
-    count = ((top >> (29 - field)) & ((1 << field) - 1)) + 1
-    return head, field, count
+    return head, ((top >> shift[head]) & mask[head]) + 1
 
 
 def _block_chain(jump: np.ndarray, start: int, end: int) -> np.ndarray:
@@ -259,17 +266,24 @@ def _block_chain(jump: np.ndarray, start: int, end: int) -> np.ndarray:
     return chain[:-1] if chain[-1] >= end else chain
 
 
-def _chain_fields(jump, pairs, rle_sizes, n_bits):
-    chain = _block_chain(jump, _HEADER_BITS, n_bits)
-    return (chain, *_fields_at(pairs, chain, rle_sizes))
+_POSITIONS = np.arange(0)
 
 
-def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
-    """Parse a brush RLE into value runs: (num, run_lengths (R,) int64, run_values (R,) uint8).
+def _positions(n: int) -> np.ndarray:
+    """np.arange(n) (intp), from a cached buffer that grows to the largest n asked for."""
+    global _POSITIONS
+    if n > _POSITIONS.size:
+        _POSITIONS = np.arange(max(n, 2 * _POSITIONS.size))
+    return _POSITIONS[:n]
 
-    Follows the reference decoder exactly: blocks are read until `num` values are produced; a
-    final run that overshoots `num` is cut (as the SDK's slice assignment does); a literal block
-    that overshoots is an error, as is a stream that ends before `num` values.
+
+def _decode(rle) -> tuple[int, np.ndarray, np.ndarray]:
+    """Parse a brush RLE into value runs: (num, run ends (R,) int64, run values (R,) uint8).
+
+    Run r covers values [ends[r - 1], ends[r]); ends[-1] == num. Follows the reference decoder
+    exactly: blocks are read until `num` values are produced; a final run that overshoots `num`
+    is cut (as the SDK's slice assignment does); a literal block that overshoots is an error, as
+    is a stream that ends before `num` values.
 
     Block starts: the size of a block that would start at each bit position comes from a table
     keyed by the byte pair there; the actual starts are the chain of jumps from bit 53. Sizes the
@@ -284,71 +298,71 @@ def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
         return 0, np.zeros(0, np.int64), np.zeros(0, np.uint8)
     n_bits = data.size * 8
     pairs = _byte_pairs(data)
-    table = _pair_sizes(tuple(int(v) for v in rle_sizes), word_size)
-    sizes = table[pairs[: data.size]].view(np.uint8)  # (n_bits,) block size at every bit position
+    sizes = _pair_sizes(rle_sizes, word_size)[pairs[: data.size]].view(np.uint8)  # (n_bits,)
     # jump[k] = start of the next block if one starts at k; everything past the data leads to the
     # last slot, a fixed point (sizes <= 255 keep every jump inside the array).
     jump = np.empty(n_bits + 256, np.intp)
-    np.add(_positions(n_bits), sizes, out=jump[:n_bits])
+    np.copyto(jump[:n_bits], sizes)
+    jump[:n_bits] += _positions(n_bits)
     jump[n_bits:] = jump.size - 1
-    chain, head, field, count = _chain_fields(jump, pairs, rle_sizes, n_bits)
-    produced = np.cumsum(count)
-    used = int(np.searchsorted(produced, num)) + 1  # blocks needed to reach num values
-    # A block of unknown size before `used` makes the rest of the chain a guess: size every such
-    # position exactly and walk again (only streams with wide literal blocks get here).
-    if (sizes[chain[:used]] == _UNKNOWN).any():
+    chain = _block_chain(jump, _HEADER_BITS, n_bits)
+    head, count = _fields_at(pairs, chain, rle_sizes)
+    ends = np.cumsum(count)
+    used = int(np.searchsorted(ends, num)) + 1  # blocks needed to reach num values
+    literal = head[:used] < 4
+    has_literal = bool(literal.any())
+    # Only literal blocks can have a size the table does not know; one before `used` makes the
+    # rest of the chain a guess: size every such position exactly and walk again.
+    if has_literal and (sizes[chain[:used]] == _UNKNOWN).any():
         unknown = np.flatnonzero(sizes == _UNKNOWN)
-        u_head, u_field, u_count = _fields_at(pairs, unknown, rle_sizes)
-        u_size = 3 + u_field + word_size * np.where(u_head >= 4, 1, u_count)
+        u_head, u_count = _fields_at(pairs, unknown, rle_sizes)
+        u_size = 3 + _head_tables(rle_sizes)[0][u_head] + word_size * np.where(u_head >= 4, 1, u_count)
         jump[unknown] = np.minimum(unknown + u_size, jump.size - 1)
-        chain, head, field, count = _chain_fields(jump, pairs, rle_sizes, n_bits)
-        produced = np.cumsum(count)
-        used = int(np.searchsorted(produced, num)) + 1
+        chain = _block_chain(jump, _HEADER_BITS, n_bits)
+        head, count = _fields_at(pairs, chain, rle_sizes)
+        ends = np.cumsum(count)
+        used = int(np.searchsorted(ends, num)) + 1
+        literal = head[:used] < 4
+        has_literal = bool(literal.any())
     if used > chain.size:
-        got = int(produced[-1]) if produced.size else 0
+        got = int(ends[-1]) if ends.size else 0
         raise BrushRLEError(f"brush RLE ends after {got} of {num} values")
-    chain, head, field, count = chain[:used], head[:used], field[:used], count[:used]
-    literal = head < 4
-    end_bit = int(chain[-1]) + 3 + int(field[-1]) + word_size * int(count[-1] if literal[-1] else 1)
+    chain, head, count, ends = chain[:used], head[:used], count[:used], ends[:used]
+    field = _head_tables(rle_sizes)[0]
+    last_head, last_count = int(head[-1]), int(count[-1])
+    end_bit = int(chain[-1]) + 3 + int(field[last_head]) + word_size * (last_count if last_head < 4 else 1)
     if end_bit > n_bits:
         raise BrushRLEError(f"brush RLE ends inside its last block ({end_bit} > {n_bits} bits)")
-    value_at = chain + 3 + field
-    if not literal.any():
-        lengths = count
-    else:
-        # Literal blocks hold `count` words each: expand them into runs of length 1.
+    value_at = chain + (3 + field)[head]
+    if has_literal:
+        # Literal blocks hold `count` words each: expand them into runs of one value.
+        if last_head < 4 and ends[-1] > num:
+            raise BrushRLEError(f"brush RLE literal block runs past its {num} values")
         per_block = np.where(literal, count, 1)
         block_of = np.repeat(np.arange(chain.size), per_block)
         first = np.cumsum(per_block) - per_block
         within = np.arange(block_of.size) - first[block_of]
         value_at = value_at[block_of] + within * word_size
-        lengths = np.where(literal[block_of], 1, count[block_of])
-        if literal[-1] and produced[used - 1] > num:
-            raise BrushRLEError(f"brush RLE literal block runs past its {num} values")
+        ends = np.cumsum(np.where(literal[block_of], 1, count[block_of]))
     # A word of <= 8 bits lies within the byte pair at its first bit.
     values = (((pairs[value_at >> 3] << (value_at & 7)) & 0xFFFF) >> (16 - word_size)).astype(np.uint8)
-    overshoot = int(produced[used - 1]) - num
-    if overshoot:
-        lengths = lengths.copy()
-        lengths[-1] -= overshoot
-    return num, lengths, values
+    ends[-1] = num  # the last run may overshoot: cut it
+    return num, ends, values
 
 
-_POSITIONS = np.arange(0)
+def decode_runs(rle) -> tuple[int, np.ndarray, np.ndarray]:
+    """Parse a brush RLE into value runs: (num, run_lengths (R,) int64, run_values (R,) uint8).
 
-
-def _positions(n: int) -> np.ndarray:
-    """np.arange(n) (intp), from a cached buffer that grows to the largest n asked for."""
-    global _POSITIONS
-    if n > _POSITIONS.size:
-        _POSITIONS = np.arange(max(n, 2 * _POSITIONS.size))
-    return _POSITIONS[:n]
+    Raises BrushRLEError (one line, naming the reason) for a corrupt stream.
+    """
+    num, ends, values = _decode(rle)
+    return num, np.diff(ends, prepend=0), values
 
 
 def decode_values(rle) -> np.ndarray:
     """All decoded values, like the SDK's `decode_rle(rle)`. -> (num,) uint8."""
     num, lengths, values = decode_runs(rle)
-    return np.repeat(values.astype(np.uint8), lengths)
+    return np.repeat(values, lengths)
 
 
 def decode_mask(rle, height: int, width: int) -> np.ndarray:
@@ -357,28 +371,22 @@ def decode_mask(rle, height: int, width: int) -> np.ndarray:
     Equals `decode_rle(rle).reshape(height, width, 4)[:, :, 3] > 0` of the SDK. Raises
     BrushRLEError if the RLE is corrupt or its size disagrees with height * width * 4.
     """
-    num, lengths, values = decode_runs(rle)
-    if num != height * width * 4:
-        raise BrushRLEError(f"brush RLE holds {num} values, expected {height}x{width}x4 = "
-                            f"{height * width * 4}")
-    # Pixel k takes the value at position 4k+3: a run [s, e) covers pixels ceil((s-3)/4) ..
-    # ceil((e-3)/4) - 1, so map run ends to pixel ends and repeat at pixel level.
-    return np.repeat(values > 0, _pixel_lengths(lengths)).reshape(height, width)
+    return np.repeat(*_alpha_runs(rle, height, width, as_bool=True)).reshape(height, width)
 
 
 def decode_alpha(rle, height: int, width: int) -> np.ndarray:
     """Brush RLE -> (H, W) uint8 channel 3 exactly as the SDK decodes it."""
-    num, lengths, values = decode_runs(rle)
-    if num != height * width * 4:
-        raise BrushRLEError(f"brush RLE holds {num} values, expected {height}x{width}x4 = "
-                            f"{height * width * 4}")
-    return np.repeat(values.astype(np.uint8), _pixel_lengths(lengths)).reshape(height, width)
+    return np.repeat(*_alpha_runs(rle, height, width, as_bool=False)).reshape(height, width)
 
 
-def _pixel_lengths(lengths: np.ndarray) -> np.ndarray:
-    """Value-run lengths -> how many pixels' channel 3 each run supplies.
+def _alpha_runs(rle, height: int, width: int, as_bool: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of channel 3 over pixels: (values (R,) bool or uint8, pixel counts (R,) int64).
 
     Pixel k reads the value at 4k+3, so a run [s, e) covers pixels ceil((s-3)/4) .. ceil((e-3)/4)-1,
     and ceil((e-3)/4) == e // 4.
     """
-    return np.diff(np.cumsum(lengths) // 4, prepend=0)
+    num, ends, values = _decode(rle)
+    if num != height * width * 4:
+        raise BrushRLEError(f"brush RLE holds {num} values, expected {height}x{width}x4 = "
+                            f"{height * width * 4}")
+    return (values > 0 if as_bool else values), np.diff(ends >> 2, prepend=0)
