@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import struct
 
 import numpy as np
 
@@ -259,7 +260,9 @@ def _block_chain(jump: np.ndarray, start: int, end: int) -> np.ndarray:
         coarse.extend(map(operator.getitem, itertools.repeat(memoryview(step2)), coarse))
     except IndexError:
         pass
-    even = np.array(coarse[:-2], np.intp)  # the last two are past the end
+    coarse = coarse[:-2]  # the last two are past the end
+    # struct reads a list of ints into bytes 3x faster than np.array does.
+    even = np.frombuffer(struct.pack(f"{len(coarse)}q", *coarse), np.int64).astype(np.intp, copy=False)
     chain = np.empty(2 * even.size, np.intp)
     chain[0::2] = even
     np.take(jump, even, out=chain[1::2])
