@@ -38,39 +38,100 @@ class BrushRLEError(ValueError):
 # ------------------------------------------------------------------------------------------ encode
 
 
-def _run_starts(values: np.ndarray) -> np.ndarray:
-    """Indices where a new run starts in a 1-D uint8 array (always includes 0). (R,) int64."""
+def _run_starts(values: np.ndarray, binary: bool = False) -> np.ndarray:
+    """Indices where a new run starts in a 1-D uint8 array (always includes 0). (R,) int64.
+
+    binary: every value is 0 or 1 (the bytes of a numpy bool array), which allows comparing
+    8 values at a time.
+    """
     n = values.size
     if n == 0:
         return np.zeros(0, np.int64)
+    exact = _float_compares_exact()
+    if binary and exact and n >= 64:
+        starts = _binary_run_starts(values)
+        if starts is not None:
+            return starts
     # Compare neighbours into a buffer padded to whole 64-byte groups; masks have few runs.
     changed = np.empty(-(-(n - 1) // 64) * 64, dtype=bool)
     changed[n - 1:] = False
     np.not_equal(values[1:], values[:-1], out=changed[: n - 1])
-    found = _sparse_flatnonzero(changed)
+    found = _sparse_flatnonzero(changed, exact)
     starts = np.empty(found.size + 1, np.int64)
     starts[0] = 0
     np.add(found, 1, out=starts[1:])
     return starts
 
 
-def _sparse_flatnonzero(flags: np.ndarray) -> np.ndarray:
+_SUBNORMAL = np.array([np.finfo(np.float64).smallest_subnormal])
+
+
+def _float_compares_exact() -> bool:
+    """Whether float64 compares tell every non-NaN bit pattern apart in this thread.
+
+    The fast paths below compare 8 bytes of 0s and 1s as one float64; such words are often
+    subnormal, so a denormals-are-zero mode (e.g. `torch.set_flush_denormal(True)`) would
+    make them equal to 0. Then the integer paths run instead.
+    """
+    return bool(np.not_equal(_SUBNORMAL, 0)[0])
+
+
+def _nonzero_words(flags: np.ndarray, exact: bool) -> np.ndarray:
+    """(8 K,) bool: which 8-byte words of a (64 K,) bool array hold a True.
+
+    As float64 when compares are exact (a bool's bytes are 0 or 1: no NaN or -0.0 can occur),
+    which is 2x faster here than comparing uint64.
+    """
+    return (flags.view(np.float64) if exact else flags.view(np.uint64)) != 0
+
+
+def _sparse_flatnonzero(flags: np.ndarray, exact: bool) -> np.ndarray:
     """np.flatnonzero of a (64 K,) bool array with few True entries, 3-4x faster. (T,) intp.
 
-    Looks at 8 bools at a time as one float64 (a bool's bytes are 0 or 1, so no NaN or -0.0 can
-    occur and `!= 0` is exact, and float compares are fast), on two levels: 64-flag groups, then
-    8-flag words, then single flags, each only inside the non-zero parts of the level above.
+    Three levels: 64-flag groups, then 8-flag words, then single flags, each looked at only
+    inside the non-zero parts of the level above.
     """
-    words = flags.view(np.float64) != 0  # (8 K,): any of 8 flags set
-    groups = np.flatnonzero(words.view(np.float64) != 0)  # of 64 flags
-    hot_words = _expand_hot(words, groups)
-    return _expand_hot(flags, hot_words)
+    words = _nonzero_words(flags, exact)
+    groups = np.flatnonzero(_nonzero_words(words, exact))
+    return _expand_hot(flags, _expand_hot(words, groups))
 
 
 def _expand_hot(flags: np.ndarray, hot: np.ndarray) -> np.ndarray:
     """Indices of the True flags inside the 8-flag words `hot` of `flags`. (T,) intp."""
     within = np.flatnonzero(flags.view(np.uint64)[hot].view(bool))
     return (hot[within >> 3] << 3) | (within & 7)
+
+
+def _binary_run_starts(values: np.ndarray) -> np.ndarray | None:
+    """_run_starts for 0/1 values (float compares exact), 8 values at a time; None if it can't.
+
+    Neighbouring 8-byte words are compared as float64 (exact for 0/1 bytes); only words that
+    differ from the word before them are looked into, byte by byte. That misses nothing unless
+    a word with changes inside equals the next word (a pattern repeating every 8 values): then
+    None, and the caller compares values one by one.
+    """
+    n = values.size
+    n_words = n // 8
+    as_float = values[: n_words * 8].view(np.float64)
+    differs = np.empty(-(-n_words // 64) * 64, bool)
+    differs[n_words:] = False
+    differs[0] = True  # word 0 is always looked into
+    np.not_equal(as_float[1:], as_float[:-1], out=differs[1:n_words])
+    hot = _expand_hot(differs, np.flatnonzero(_nonzero_words(differs, True)))
+    as_words = values[: n_words * 8].view("<u8")
+    word = as_words[hot]
+    # Every byte against the byte before it at once: XOR the word with itself moved up a byte,
+    # the previous word's last byte moved in (word 0 gets its own first byte: no change at 0).
+    before = as_words[hot - 1] >> np.uint64(56)
+    before[0] = word[0] & np.uint64(0xFF)
+    changes = word ^ ((word << np.uint64(8)) | before)
+    varied = (changes >> np.uint64(8)) != 0  # changes inside the word
+    if (varied[:-1] & (np.diff(hot) != 1)).any() or (varied[-1] and hot[-1] != n_words - 1):
+        return None  # a varied word equal to the word after it, which was not looked into
+    at = np.flatnonzero(changes.astype("<u8", copy=False).view(bool))  # XORs of 0/1 bytes
+    tail = np.arange(n_words * 8, n)
+    starts = np.concatenate([[0], (hot[at >> 3] << 3) | (at & 7), tail[values[tail] != values[tail - 1]]])
+    return starts
 
 
 _SIZE_LIMITS = np.array([8, 16, 256])  # longest run for size indices 0, 1, 2 (3 takes the rest)
@@ -147,7 +208,7 @@ def encode_mask(mask: np.ndarray) -> np.ndarray:
     if pixels.size * 4 >= 2**32:
         raise BrushRLEError(f"mask of {mask.shape} is too large for brush RLE")
     # Runs over RGBA values are the pixel runs times 4 (no single-value runs ever occur).
-    starts = _run_starts(pixels)
+    starts = _run_starts(pixels, binary=is_bool)
     lengths = np.diff(starts, append=pixels.size) * 4
     run_values = pixels[starts] * np.uint8(255) if is_bool else pixels[starts]
     codes, nbits = _block_codes(lengths, run_values)

@@ -52,14 +52,44 @@ def test_rest_of_a_long_run_is_a_16_bit_run_block_like_sdk():
     assert mask_to_rle(mask) == sdk.mask2rle(mask.astype(np.uint8) * 255)
 
 
+def _binary_patterns(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    period8 = np.tile(np.array([0, 1, 1, 0, 0, 0, 1, 0], np.uint8), n // 8 + 2)
+    blocky = np.repeat(rng.integers(0, 2, n), rng.integers(1, 200, n))[:n].astype(np.uint8)
+    return [rng.integers(0, 2, n).astype(np.uint8), np.zeros(n, np.uint8), np.ones(n, np.uint8), blocky,
+            period8[:n],  # equal words with changes inside: the 8-at-a-time path must give up
+            np.concatenate([blocky[: n // 2], period8[: n - n // 2]]),  # ... also when they come last
+            np.concatenate([period8[: n // 3], blocky[n // 3:]])]
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 63, 64, 65, 127, 130, 1000, 4099])
 def test_run_starts_match_plain_numpy(n):
     rng = np.random.default_rng(n)
-    period8 = np.tile(np.array([0, 1, 1, 0, 0, 0, 1, 0], np.uint8), n // 8 + 1)[:n]  # equal varied words
-    for values in (rng.integers(0, 2, n).astype(np.uint8), np.zeros(n, np.uint8), period8,
-                   np.repeat(rng.integers(0, 256, n), rng.integers(1, 90, n))[:n].astype(np.uint8)):
+    many_values = np.repeat(rng.integers(0, 256, n), rng.integers(1, 90, n))[:n].astype(np.uint8)
+    for values in [*_binary_patterns(n, rng), many_values]:
         expected = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
         assert np.array_equal(_run_starts(values), expected)
+        if values.max(initial=0) <= 1:
+            assert np.array_equal(_run_starts(values, binary=True), expected)
+
+
+def test_run_starts_right_when_denormals_are_zero():
+    # The 8-at-a-time paths compare 0/1 bytes as float64 (often subnormal); torch can make this
+    # thread treat subnormals as zero, and then the integer paths must run.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    mask = np.zeros((60, 70), bool)
+    mask[10:40, 3:50] = True
+    mask[45, 20] = True
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormals-are-zero mode")
+    try:
+        assert not np.not_equal(np.array([np.finfo(np.float64).smallest_subnormal]), 0)[0]
+        for values in _binary_patterns(1000, rng):
+            expected = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+            assert np.array_equal(_run_starts(values, binary=True), expected)
+        assert mask_to_rle(mask) == sdk.mask2rle(mask.astype(np.uint8) * 255)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_uint8_masks_and_raw_values_match_sdk():
