@@ -135,6 +135,14 @@ def _binary_run_starts(values: np.ndarray) -> np.ndarray | None:
     return starts
 
 
+def _run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
+    """Run starts (R,) in n values -> run lengths (R,) int64 (np.diff with append, less overhead)."""
+    lengths = np.empty(starts.size, np.int64)
+    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
+    lengths[-1] = n - starts[-1]
+    return lengths
+
+
 _SIZE_LIMITS = np.array([8, 16, 256])  # longest run for size indices 0, 1, 2 (3 takes the rest)
 # The bits before the count field by head = flag << 2 | size index, already shifted into place.
 _HEAD_CODES = np.array([h << (SDK_RLE_SIZES[h & 3] + 8) for h in range(8)], np.int64)
@@ -191,7 +199,7 @@ def encode_values(values: np.ndarray) -> np.ndarray:
     if values.size >= 2**32:
         raise BrushRLEError(f"brush RLE holds at most 2**32-1 values, got {values.size}")
     starts = _run_starts(values)
-    lengths = np.diff(starts, append=values.size)
+    lengths = _run_lengths(starts, values.size)
     codes, nbits = _block_codes(lengths, values[starts])
     header = np.array([values.size, _SDK_PARAMS], np.int64)
     return _pack_bits(np.concatenate([header, codes]), np.concatenate([[32, 21], nbits]))
@@ -210,7 +218,8 @@ def encode_mask(mask: np.ndarray) -> np.ndarray:
         raise BrushRLEError(f"mask of {mask.shape} is too large for brush RLE")
     # Runs over RGBA values are the pixel runs times 4 (no single-value runs ever occur).
     starts = _run_starts(pixels, binary=is_bool)
-    lengths = np.diff(starts, append=pixels.size) * 4
+    lengths = _run_lengths(starts, pixels.size)
+    lengths *= 4
     run_values = pixels[starts] * np.uint8(255) if is_bool else pixels[starts]
     codes, nbits = _block_codes(lengths, run_values)
     header = np.array([pixels.size * 4, _SDK_PARAMS], np.int64)
