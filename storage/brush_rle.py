@@ -131,8 +131,7 @@ def _binary_run_starts(values: np.ndarray) -> np.ndarray | None:
         return None  # a varied word equal to the word after it, which was not looked into
     at = np.flatnonzero(changes.astype("<u8", copy=False).view(bool))  # XORs of 0/1 bytes
     tail = np.arange(n_words * 8, n)
-    starts = np.concatenate([[0], (hot[at >> 3] << 3) | (at & 7), tail[values[tail] != values[tail - 1]]])
-    return starts
+    return np.concatenate([[0], (hot[at >> 3] << 3) | (at & 7), tail[values[tail] != values[tail - 1]]])
 
 
 def _run_lengths(starts: np.ndarray, n: int) -> np.ndarray:
