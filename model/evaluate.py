@@ -183,8 +183,10 @@ def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.
 
 
 def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: int | None = None,
-                    amg_points_per_side: int | None = 16) -> dict:
-    """The `sa-engine eval` table: click mIoU, box mIoU and (optionally) automatic-mask AP/AR."""
+                    amg_points_per_side: int | None = 16, pred_iou_thresh: float = 0.88,
+                    stability_score_thresh: float = 0.95) -> dict:
+    """The `sa-engine eval` table: click mIoU, box mIoU and (optionally) automatic-mask AP/AR
+    (with `amg_masks`, how many automatic masks passed the filters)."""
     seg = Segmenter.new("compact") if checkpoint == "compact" else Segmenter.load(checkpoint)
     names, images, masks, rles = load_coco_folder(folder)
     table: dict = {"model_version": seg.model_version, "images": len(images)}
@@ -192,10 +194,12 @@ def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: 
     if amg_points_per_side:
         from model.amg import AmgParams, generate_masks
 
-        params = AmgParams(points_per_side=amg_points_per_side)
+        params = AmgParams(points_per_side=amg_points_per_side, pred_iou_thresh=pred_iou_thresh,
+                           stability_score_thresh=stability_score_thresh)
         preds = {}
         for name, image in zip(names, images):
             preds[name] = [(m.rle, m.predicted_iou) for m in generate_masks(seg, image, params)]
         sizes = {n: im.shape[:2] for n, im in zip(names, images)}
+        table["amg_masks"] = sum(len(v) for v in preds.values())
         table.update(coco_mask_ap(dict(zip(names, rles)), preds, sizes))
     return table

@@ -20,7 +20,7 @@ def emb(seg):
 
 def test_embed_and_predict_shapes(seg, emb):
     assert isinstance(emb, ImageEmbedding)
-    assert emb.original_size == (90, 140) and emb.input_size == (165, 256)
+    assert emb.original_size == (90, 140) and emb.input_size == (82, 128)
     pts = np.array([[[10, 20]], [[100, 80]]], float)
     p = seg.predict(emb, pts, np.ones((2, 1)))
     assert p.masks.shape == (2, 3, 90, 140) and p.masks.dtype == torch.bool
@@ -90,7 +90,7 @@ def test_missing_and_mismatched_checkpoints(tmp_path, seg):
     with pytest.raises(CheckpointError, match="not found"):
         Segmenter.load(tmp_path / "nope")
     seg.save(tmp_path / "small")
-    other = Segmenter.new("compact", prompt_dim=64)
+    other = Segmenter.new("compact", prompt_dim=32)
     other.save(tmp_path / "other")
     # weights of one architecture under the config of another: shapes are listed
     (tmp_path / "small" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
