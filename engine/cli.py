@@ -363,7 +363,9 @@ def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir
              clicks: int = typer.Option(5, help="Clicks per object in the point protocol."),
              max_objects: Optional[int] = typer.Option(None, help="Evaluate at most this many ground-truth masks."),
              amg: bool = typer.Option(True, "--amg/--no-amg", help="Also score automatic masks with COCOeval AP/AR."),
-             points_per_side: int = typer.Option(16, help="Automatic mask generation grid (with --amg).")) -> None:
+             points_per_side: int = typer.Option(16, help="Automatic mask generation grid (with --amg)."),
+             pred_iou_thresh: float = typer.Option(0.88, help="AMG predicted-IoU filter (SAM's default)."),
+             stability_thresh: float = typer.Option(0.95, help="AMG stability-score filter (SAM's default).")) -> None:
     """Evaluate a model: mIoU at 1..N clicks (SAM's protocol), box mIoU, and automatic-mask AP/AR."""
     import json
 
@@ -372,7 +374,8 @@ def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir
 
     try:
         table = evaluate_folder(checkpoint, str(data), clicks=clicks, max_objects=max_objects,
-                                amg_points_per_side=points_per_side if amg else None)
+                                amg_points_per_side=points_per_side if amg else None,
+                                pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     for key, value in table.items():
