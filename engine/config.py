@@ -124,8 +124,8 @@ class RayConfig(_Section):
 
 class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
-    batch_size: int = 16  # objects per step per worker
-    lr: float = 3e-4  # AdamW learning rate
+    batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
+    lr: float | None = None  # AdamW peak learning rate (None: the recipe's default in model/train.py)
     manual_weight: float = 2.0  # manual masks count this much more than automatic ones
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False  # one GPU per Ray Train worker
@@ -323,7 +323,6 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
                             ("stages.manual.images_per_round", cfg.stages.manual.images_per_round, 1),
                             ("stages.semi.images_per_round", cfg.stages.semi.images_per_round, 1),
                             ("images.max_side", cfg.images.max_side, 32),
-                            ("train.batch_size", cfg.train.batch_size, 1),
                             ("train.num_workers", cfg.train.num_workers, 1),
                             ("model.bootstrap_images", cfg.model.bootstrap_images, 1)]:
         if value < low:

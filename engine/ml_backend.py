@@ -358,6 +358,8 @@ class MLBackend:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "MLBackend":
+        if self._thread is not None:  # already serving (start() then `with`): a second loop would outlive stop()
+            return self
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="sa-engine-ml-backend",
                                         daemon=True)
         self._thread.start()

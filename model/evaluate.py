@@ -203,3 +203,26 @@ def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: 
         table["amg_masks"] = sum(len(v) for v in preds.values())
         table.update(coco_mask_ap(dict(zip(names, rles)), preds, sizes))
     return table
+
+
+def evaluate_checkpoint(checkpoint: str | None, images_dir: str, annotations_json: str,
+                        clicks: tuple[int, ...] = (1, 3, 5), max_objects: int | None = 200,
+                        amg_points_per_side: int | None = 16) -> dict:
+    """The round loop's holdout evaluation. images_dir holds the files named in annotations_json.
+
+    Keys: miou@k for k in `clicks` (what the tool shows: the highest-predicted-IoU output for click 1),
+    oracle@1 (best of 3, SAM's paper), box_miou, n_masks, and the automatic masks' AP/AR (COCOeval).
+    """
+    from pathlib import Path
+
+    folder = Path(images_dir).parent
+    if Path(annotations_json).resolve() != (folder / "annotations.json").resolve():
+        raise ValueError(f"{annotations_json}: the holdout's annotations must sit beside its images/ folder "
+                         f"as {folder / 'annotations.json'}")
+    table = evaluate_folder(checkpoint or "compact", str(folder), clicks=max(clicks), max_objects=max_objects,
+                            amg_points_per_side=amg_points_per_side, pred_iou_thresh=0.5, stability_score_thresh=0.8)
+    out = {f"miou@{k}": table[f"clicks@{k}"] for k in clicks}
+    out.update({"oracle@1": table["oracle@1"], "box_miou": table["box"], "n_masks": table["n_masks"],
+                "model_version": table["model_version"]})
+    out.update({k: v for k, v in table.items() if k.startswith(("AP", "AR")) or k == "amg_masks"})
+    return out

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.clicks import sample_error_click, sample_point
+from model.clicks import interior_distance, sample_error_click, sample_point
 from model.segmenter import Segmenter, preprocess, resized_shape
 
 # A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
@@ -32,12 +32,20 @@ Sampler = Callable[[np.random.Generator], Sample]
 
 @dataclass
 class TrainSettings:
-    minutes: float = 2.0  # wall-clock budget of the optimisation (evaluation time not counted)
+    minutes: float = 2.0  # budget of the optimisation (evaluation time not counted), on `clock`
+    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this process's CPU time: fair on a shared machine)
     max_steps: int | None = None
     batch_images: int = 8
     masks_per_image: int = 8
     iterations: int = 2  # prompts per mask: first prompt + corrective clicks
     focal_alpha: float = 0.5  # 0.5 = no class re-weighting (0.25 drives small objects to empty masks)
+    focal_gamma: float = 2.0
+    focal_weight: float = 20.0  # SAM: focal:dice = 20:1
+    dice_weight: float = 1.0
+    loss_size: int | None = None  # side of the loss grid: None = the encoder input (logits upsampled)
+    first_point: str = "uniform"  # "uniform" inside the mask, or "interior" (weighted by depth)
+    single_click_fraction: float = 0.0  # share of the budget trained with the first prompt only
+    ema_decay: float | None = None  # evaluate/keep an exponential moving average of the weights
     box_prob: float = 0.5
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -174,7 +182,7 @@ def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: 
 # ---- loss ------------------------------------------------------------------------------------
 
 def _focal(logits: torch.Tensor, gt: torch.Tensor, alpha: float, gamma: float = 2.0) -> torch.Tensor:
-    """(P, M, H, W) logits, (P, 1, H, W) float gt -> (P, M) mean focal loss."""
+    """(P, M, H, W) logits, (P, 1, H, W) float gt in [0, 1] -> (P, M) mean focal loss."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, gt.expand_as(logits), reduction="none")
     p_t = prob * gt + (1 - prob) * (1 - gt)
@@ -191,17 +199,25 @@ def _dice(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: torch.Tensor, side: int,
-               alpha: float = 0.5):
-    """Loss of one decoding step; returns (loss, index of the best output per row, its logits (P, 1, n, n))."""
-    up = F.interpolate(low, (side, side), mode="bilinear", align_corners=False)
-    g = gt[:, None].float()
-    per = 20 * _focal(up, g, alpha) + _dice(up, g)  # (P, M)
+               s: "TrainSettings"):
+    """Loss of one decoding step; returns (loss, index of the best output per row, its logits (P, 1, n, n)).
+
+    low: (P, M, n, n) native logits; gt: (P, S, S) bool in the input frame. The loss grid is the
+    input frame (logits upsampled, SAM's choice) or `s.loss_size` (gt area-averaged to soft targets).
+    """
+    size = s.loss_size or side
+    if size == side:
+        up, g = F.interpolate(low, (side, side), mode="bilinear", align_corners=False), gt[:, None].float()
+    else:
+        up = low if low.shape[-1] == size else F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+        g = F.adaptive_avg_pool2d(gt[:, None].float(), size)
+    per = s.focal_weight * _focal(up, g, s.focal_alpha, s.focal_gamma) + s.dice_weight * _dice(up, g)  # (P, M)
     best = per.argmin(1)
     rows = torch.arange(len(best))
     with torch.no_grad():
-        hard = up > 0
-        inter = (hard & gt[:, None]).sum((-2, -1)).float()
-        union = (hard | gt[:, None]).sum((-2, -1)).float()
+        hard, gh = up > 0, g > 0.5
+        inter = (hard & gh).sum((-2, -1)).float()
+        union = (hard | gh).sum((-2, -1)).float()
         actual = inter / union.clamp(min=1)
     iou_loss = F.mse_loss(iou_pred, actual, reduction="none").mean(1)
     per_row = per[rows, best] + iou_loss
@@ -232,10 +248,42 @@ def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+class _Ema:
+    """Exponential moving average of a network's parameters and buffers (BatchNorm statistics)."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [t.detach().clone() for t in self._tensors(net)]
+
+    @staticmethod
+    def _tensors(net: torch.nn.Module) -> list[torch.Tensor]:
+        return [t for t in list(net.parameters()) + list(net.buffers()) if t.dtype.is_floating_point]
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        # Short effective horizon early on, so the average does not drag the random init along.
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [t.detach() for t in self._tensors(net)], 1 - d)
+
+    @torch.no_grad()
+    def swap(self, net: torch.nn.Module) -> None:
+        """Exchange the live weights with the averaged ones (call twice to restore)."""
+        for live, avg in zip(self._tensors(net), self.shadow):
+            tmp = live.clone()
+            live.copy_(avg)
+            avg.copy_(tmp)
+
+
 def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
           on_eval: Callable[[Segmenter], dict] | None = None) -> TrainResult:
-    """Train `seg` in place on `data` (see `dataset_sampler`, `synthetic_sampler`) for a time budget."""
+    """Train `seg` in place on `data` (see `dataset_sampler`, `synthetic_sampler`) for a time budget.
+
+    The budget (`minutes`) and `eval_every_s` count on `settings.clock`; the curve records both
+    wall and process-CPU seconds. With `ema_decay`, the averaged weights are evaluated and kept.
+    """
     s = settings or TrainSettings()
+    if s.clock not in ("wall", "cpu"):
+        raise ValueError(f"train settings: clock must be 'wall' or 'cpu', got {s.clock!r}")
     if s.threads:
         torch.set_num_threads(s.threads)
     rng = np.random.default_rng(s.seed + 1000 * _rank())
@@ -243,42 +291,76 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     net, side = seg.net, seg.image_size
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    ema = _Ema(net, s.ema_decay) if s.ema_decay else None
     budget = s.minutes * 60
     curve: list[dict] = []
     train_s, cpu_s, step, last_eval, loss_v = 0.0, 0.0, 0, 0.0, float("nan")
+
+    def spent() -> float:
+        return cpu_s if s.clock == "cpu" else train_s
 
     def evaluate_now():
         if on_eval is None:
             return
         net.eval()
+        if ema is not None and step:
+            ema.swap(net)
         metrics = on_eval(seg)
+        if ema is not None and step:
+            ema.swap(net)
         curve.append({"train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1), "step": step, **metrics})
         net.train()
 
     evaluate_now()
     net.train()
-    while train_s < budget and (s.max_steps is None or step < s.max_steps):
+    while spent() < budget and (s.max_steps is None or step < s.max_steps):
         t0, c0 = time.perf_counter(), time.process_time()
+        progress = min(1.0, spent() / budget) if s.max_steps is None else step / s.max_steps
         lr = s.lr * min(1.0, (step + 1) / s.warmup_steps)
         if s.max_steps is None:
-            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, train_s / budget))) * 0.9 + 0.1
+            lr *= 0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + 0.1
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_v = _train_step(seg, opt, params, data, rng, s, side)
+        iterations = 1 if progress < s.single_click_fraction else s.iterations
+        loss_v = _train_step(seg, opt, params, data, rng, s, side, iterations)
+        if ema is not None:
+            ema.update(net, step)
         step += 1
         train_s += time.perf_counter() - t0
         cpu_s += time.process_time() - c0
-        if s.eval_every_s and train_s - last_eval >= s.eval_every_s:
-            last_eval = train_s
+        if s.eval_every_s and spent() - last_eval >= s.eval_every_s:
+            last_eval = spent()
             evaluate_now()
     if s.eval_every_s:
         evaluate_now()
+    if ema is not None and step:
+        ema.swap(net)  # keep the averaged weights
     net.eval()
     return TrainResult(step, train_s, cpu_s, loss_v, curve)
 
 
-def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int) -> float:
+def _first_points(gt: np.ndarray, rng: np.random.Generator, how: str) -> list[tuple[int, int]]:
+    """One (x, y) per (P, S, S) mask: uniform inside, or ("interior") with probability proportional to
+    the distance from the boundary, which favours the deep points the evaluation clicks first."""
+    if how == "uniform":
+        return [sample_point(m, rng) for m in gt]
+    if how != "interior":
+        raise ValueError(f"train settings: first_point must be 'uniform' or 'interior', got {how!r}")
+    out = []
+    for m in gt:
+        ys, xs = np.nonzero(m)
+        y0, x0 = ys.min(), xs.min()
+        d = interior_distance(m[y0:ys.max() + 1, x0:xs.max() + 1]).ravel()
+        i = int(rng.choice(len(d), p=d / d.sum()))
+        y, x = divmod(i, xs.max() + 1 - x0)
+        out.append((int(x0 + x), int(y0 + y)))
+    return out
+
+
+def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int,
+                iterations: int | None = None) -> float:
     net = seg.net
+    iterations = iterations or s.iterations
     pixels, gt, w, owner = _batch(data, rng, s, side)
     feats = net.image_encoder(pixels)[owner]  # (P, C, h, w)
     gt_np = gt.numpy()
@@ -297,20 +379,20 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
         b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
         boxes = torch.from_numpy(b)
     else:
-        for i, m in enumerate(gt_np):
-            pts[i].append(sample_point(m, rng))
+        for i, xy in enumerate(_first_points(gt_np, rng, s.first_point)):
+            pts[i].append(xy)
             labs[i].append(1)
     total = 0.0
     mask_in = None
-    for it in range(s.iterations):
+    for it in range(iterations):
         points = labels = None
         if pts[0]:
             points = torch.tensor(pts, dtype=torch.float32)
             labels = torch.tensor(labs, dtype=torch.int64)
         low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
-        loss, _, chosen = _step_loss(low, iou, gt, w, side, s.focal_alpha)
+        loss, _, chosen = _step_loss(low, iou, gt, w, side, s)
         total = total + loss
-        if it + 1 < s.iterations:
+        if it + 1 < iterations:
             with torch.no_grad():
                 mask_in = chosen.detach()
                 pred = (F.interpolate(mask_in, (side, side), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
@@ -319,11 +401,11 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
                 pts[i].append((x, y))
                 labs[i].append(lab)
     opt.zero_grad(set_to_none=True)
-    (total / s.iterations).backward()
+    (total / iterations).backward()
     _allreduce_grads(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return float(total.detach()) / s.iterations
+    return float(total.detach()) / iterations
 
 
 def _rank() -> int:
@@ -425,3 +507,50 @@ def _folder_or_synthetic(folder: str | None) -> tuple[Sampler, str]:
     _, images, masks, _ = load_coco_folder(folder)
     digest = hashlib.sha256((Path(folder) / "annotations.json").read_bytes()).hexdigest()[:16]
     return dataset_sampler(images, masks), digest
+
+
+# ---- the round loop's retraining step ----------------------------------------------------------
+
+def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no: int) -> dict:
+    """Fine-tune `init_checkpoint` (None: a fresh seeded `cfg.model.preset`) on every verified mask in
+    the shard store, manual masks weighted by `train.manual_weight`, for `train.minutes`; on Ray Train
+    (`train.num_workers` workers) when `train.use_ray`, else in-process.
+
+    Returns {checkpoint, metrics, minutes, masks}. With no verified mask yet, the starting model is
+    saved unchanged (a round that collected nothing cannot change the model).
+    """
+    from storage.shards import MaskStore
+
+    t0 = time.perf_counter()
+    store_uri, image_uri = cfg.path(cfg.storage.root), cfg.path(cfg.images.source)
+    endpoint = cfg.storage.s3_endpoint_url
+    n_masks = MaskStore(store_uri, s3_endpoint_url=endpoint).read_table(columns=["mask_id"], verified=True).num_rows
+    seed = cfg.seed + round_no
+    settings = TrainSettings(minutes=cfg.train.minutes, seed=seed, threads=1)
+    if cfg.train.lr is not None:
+        settings.lr = cfg.train.lr
+    if cfg.train.batch_images is not None:
+        settings.batch_images = cfg.train.batch_images
+    meta = {"round": round_no, "resumed_from": init_checkpoint}
+    if n_masks == 0:
+        seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)
+        seg.save(out_dir, dict(meta, data_fingerprint="empty", train={"steps": 0}))
+        return {"checkpoint": str(out_dir), "metrics": {"steps": 0}, "masks": 0,
+                "minutes": round((time.perf_counter() - t0) / 60, 2), "note": "no verified masks: model unchanged"}
+    if cfg.train.use_ray:
+        init = init_checkpoint or cfg.model.preset
+        data = {"kind": "store", "store_uri": store_uri, "image_uri": image_uri, "s3_endpoint_url": endpoint,
+                "manual_weight": cfg.train.manual_weight, "filters": {"verified": True}}
+        _, metrics = train_with_ray(settings, init, data, out_dir, Path(cfg.workdir).resolve() / "ray-train",
+                                    num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, metadata=meta,
+                                    name=f"round-{round_no}")
+    else:
+        seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)
+        images, masks, weights, fingerprint = store_training_data(store_uri, image_uri, cfg.train.manual_weight,
+                                                                  endpoint, verified=True)
+        result = train(seg, dataset_sampler(images, masks, weights), settings)
+        metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
+                   "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
+        seg.save(out_dir, dict(meta, data_fingerprint=fingerprint, train=metrics))
+    return {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks,
+            "minutes": round((time.perf_counter() - t0) / 60, 2)}

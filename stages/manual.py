@@ -135,6 +135,20 @@ def task_images(cfg: EngineConfig, source, image_ids: list[str], quarantine=None
     return out, pixels
 
 
+def allow_serving(ls: LabelStudio, project_id: int, images: list[TaskImage], root: Path) -> None:
+    """Register a Local Storage for each folder the tasks' files are in: Label Studio serves a local
+    file only under such a record, and refuses one for the document root itself."""
+    from urllib.parse import parse_qs, urlparse
+
+    folders = set()
+    for im in images:
+        rel = parse_qs(urlparse(im.url).query).get("d")
+        if rel:
+            folders.add((root / rel[0]).parent)
+    for folder in sorted(folders):
+        ls.add_local_storage(project_id, folder)
+
+
 def project_title(cfg: EngineConfig, round: int) -> str:
     """Unique per work dir and round, within Label Studio's 50-character limit."""
     workdir = Path(cfg.workdir).resolve()
@@ -239,7 +253,7 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     project_id = ls.ensure_project(project_title(cfg, round),
                                    description=f"round {round}, model {segmenter.model_version}")
-    ls.add_local_storage(project_id, Path(cfg.workdir).resolve())
+    allow_serving(ls, project_id, images, Path(cfg.workdir).resolve())
     tasks = ls.import_tasks(project_id, images)
     efforts = []
     with start_backend(cfg, segmenter, source) as backend:

@@ -334,7 +334,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     from engine.labelstudio import LabelStudioError, PrefillMask
     from engine.ml_backend import BASIC_USER, precompute_embeddings
     from engine.prefill_review import ImageReview, PrefillReviewer, ReviewPolicy
-    from stages.manual import connect, image_source, load_segmenter, start_backend, task_images
+    from stages.manual import allow_serving, connect, image_source, load_segmenter, start_backend, task_images
     from storage.quarantine import Quarantine
     from storage.rle import decode_rles
     from storage.shards import MaskStore
@@ -382,7 +382,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
         pid = ls.ensure_project(project_title(cfg, round, page), description=(
             f"semi-automatic round {round}, page {page} of prefills, model {segmenter.model_version}; "
             f"thresholds {plan['thresholds']['pred_iou_thresh']:.3f}/{plan['thresholds']['stability_thresh']:.3f}"))
-        ls.add_local_storage(pid, Path(cfg.workdir).resolve())
+        allow_serving(ls, pid, page_images, Path(cfg.workdir).resolve())
         page_prefills = {i: [PrefillMask(mask=prefill_masks[i][p.region_id], score=p.predicted_iou,
                                          region_id=p.region_id) for p in prefills[i] if p.page == page]
                          for i in by_id}

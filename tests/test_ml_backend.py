@@ -159,3 +159,15 @@ def test_label_studio_calls_our_backend_for_interactive_clicks(backend, images, 
             ls.connect_ml_backend(other, backend.url, BASIC_USER, "wrong")
     finally:
         ls.delete_project(other)
+
+
+def test_backend_port_is_free_again_after_a_with_block():
+    # start() followed by `with` (as the stages do) must not leave a second serve loop holding the port.
+    from engine.labelstudio import free_port
+    from engine.ml_backend import BackendState, MLBackend
+
+    port = free_port()
+    state = BackendState(None, token="t", image_loader=None)
+    for _ in range(3):
+        with MLBackend(state, "127.0.0.1", port).start():
+            pass
