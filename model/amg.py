@@ -25,20 +25,23 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from model.amg_filters import (
+    bilinear_taps,
     crop_boxes,
     layer_point_grids,
     masks_to_boxes,
     near_crop_edge,
     nms,
     remove_small_regions,
+    resize_window,
     stability_score,
+    support_window,
 )
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
 
-UPSAMPLE_CHUNK = 16  # masks upsampled at a time: bounds memory at ~16 * H * W * 4 bytes
 ENCODE_CHUNK = 16
 
 
@@ -138,24 +141,50 @@ def valid_low_res_size(input_size: tuple[int, int], low_res_side: int) -> tuple[
     return max(1, math.ceil(h * scale)), max(1, math.ceil(w * scale))
 
 
+@dataclass(frozen=True)
+class _CropFrame:
+    """How one crop's low-res logits map to its pixels (SAM's post-processing, made window-able).
+
+    SAM resizes the decoder's (n, n) logits (padded input frame) to (S, S), cuts the resized
+    image's (h', w') = input_size, and resizes that to the crop's (H, W), both bilinear.
+    native_valid: the part of the (n, n) logits covering the crop; rows / cols: `bilinear_taps`
+    of the last resize, (h' -> H) and (w' -> W).
+    """
+
+    native_valid: tuple[int, int]
+    input_size: tuple[int, int]
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray]
+    cols: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(cls, emb, native_side: int) -> "_CropFrame":
+        h, w = emb.input_size
+        ch, cw = emb.original_size
+        return cls(valid_low_res_size((h, w), native_side), (h, w), bilinear_taps(h, ch), bilinear_taps(w, cw))
+
+
 @torch.inference_mode()
 def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
                    image_size: tuple[int, int], p: AmgParams) -> _Candidates:
     """Decode one batch of single-point prompts in one crop and filter the 3 masks per point.
 
     points: (B, 2) XY pixels of the crop. Returns survivors with boxes/points in image pixels.
+    The predicted-IoU filter and a stability pre-filter run on the decoder's own low-res logits;
+    survivors are resized to the encoder's input frame (S x S, cheap), and from there to crop
+    pixels only inside the window where their low mask can be: the exact stability score, mask,
+    box and area come from that window alone.
     """
     x0, y0, x1, y1 = crop_box
-    pts = torch.as_tensor(points, dtype=torch.float32)[:, None, :]
-    labels = torch.ones((len(points), 1), dtype=torch.int64)
-    pred = segmenter.predict(emb, points=pts, labels=labels, multimask=True, upsample=False)
-    low = pred.low_res_logits.flatten(0, 1)  # (3B, s, s)
-    iou = pred.iou_pred.flatten().float()
-    point_of = np.repeat(np.arange(len(points)), pred.iou_pred.shape[1])
+    _, pts, labels, _, _ = segmenter.prompt_tensors(emb, points[:, None, :], np.ones((len(points), 1)), None, None)
+    native, iou_pred = segmenter.decode(emb.features, pts, labels, None, None, multimask=True)
+    low = native.flatten(0, 1).float()  # (3B, n, n), padded input frame
+    iou = iou_pred.flatten().float()
+    point_of = np.repeat(np.arange(len(points)), iou_pred.shape[1])
+    frame = _CropFrame.of(emb, low.shape[-1])
 
     keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
     if p.stability_score_thresh > 0 and keep.any():
-        lh, lw = valid_low_res_size(emb.input_size, low.shape[-1])
+        lh, lw = frame.native_valid
         idx = keep.nonzero().flatten()
         coarse = stability_score(low[idx, :lh, :lw], p.mask_threshold, p.stability_score_offset)
         keep[idx] = coarse >= p.stability_score_thresh - p.stability_prefilter_margin
@@ -163,30 +192,44 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
     if len(idx) == 0:
         return _Candidates.empty()
 
-    out_boxes, out_patches, out_iou, out_stab, out_idx = [], [], [], [], []
+    side = segmenter.image_size
+    h, w = frame.input_size
+    # the input-frame logits of the survivors: (n, h', w'), SAM's first resize, on survivors only
+    mid = F.interpolate(low[idx][:, None], (side, side), mode="bilinear", align_corners=False)[:, 0, :h, :w]
+    mid = mid.numpy()
+    lo_level = p.mask_threshold - p.stability_score_offset
+    hi_level = p.mask_threshold + p.stability_score_offset
     image_h, image_w = image_size
     max_area = p.max_mask_fraction * image_h * image_w
-    for chunk in idx.split(UPSAMPLE_CHUNK):
-        logits = segmenter.upsample_logits(low[chunk], emb)  # (n, crop h, crop w)
-        stab = stability_score(logits, p.mask_threshold, p.stability_score_offset)
-        ok = stab >= p.stability_score_thresh if p.stability_score_thresh > 0 else torch.ones_like(stab, dtype=torch.bool)
-        masks = logits > p.mask_threshold
-        del logits
-        boxes = masks_to_boxes(masks) + torch.tensor([x0, y0, x0, y0])
-        ok &= ~near_crop_edge(boxes, crop_box, [0, 0, image_w, image_h], p.edge_tolerance_px)
-        areas = masks.flatten(1).sum(1)
-        ok &= (areas > 0) & (areas < max_area)
-        for j in ok.nonzero().flatten().tolist():
-            bx0, by0, bx1, by1 = (boxes[j] - torch.tensor([x0, y0, x0, y0])).tolist()
-            out_patches.append(masks[j, by0:by1 + 1, bx0:bx1 + 1].numpy().copy())
-            out_boxes.append(boxes[j].numpy())
-            out_iou.append(float(iou[chunk[j]]))
-            out_stab.append(float(stab[j]))
-            out_idx.append(int(chunk[j]))
+    out_boxes, out_patches, out_iou, out_stab, out_idx = [], [], [], [], []
+    for j, cand in enumerate(idx.tolist()):
+        above = mid[j] > min(lo_level, p.mask_threshold)
+        win = support_window(above.any(1), above.any(0), frame.rows, frame.cols)
+        if win is None:
+            continue
+        r0, r1, c0, c1 = win
+        logits = resize_window(mid[j], frame.rows, frame.cols, r0, r1, c0, c1)
+        mask = logits > p.mask_threshold
+        area = int(np.count_nonzero(mask))
+        if area == 0 or area >= max_area:
+            continue
+        n_low = np.count_nonzero(logits > lo_level)  # as stability_score: |high| / |low|, 0 if empty
+        stab = np.count_nonzero(logits > hi_level) / n_low if n_low else 0.0
+        if p.stability_score_thresh > 0 and stab < p.stability_score_thresh:
+            continue
+        ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = np.array([c0 + xs[0] + x0, r0 + ys[0] + y0, c0 + xs[-1] + x0, r0 + ys[-1] + y0], np.int64)
+        if near_crop_edge(torch.from_numpy(box[None]), crop_box, [0, 0, image_w, image_h], p.edge_tolerance_px)[0]:
+            continue
+        out_patches.append(mask[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1])
+        out_boxes.append(box)
+        out_iou.append(float(iou[cand]))
+        out_stab.append(float(stab))
+        out_idx.append(cand)
     if not out_patches:
         return _Candidates.empty()
     kept_points = points[point_of[out_idx]] + np.array([x0, y0])
-    return _Candidates(np.stack(out_boxes).astype(np.int64), out_patches, np.asarray(out_iou, np.float32),
+    return _Candidates(np.stack(out_boxes), out_patches, np.asarray(out_iou, np.float32),
                        np.asarray(out_stab, np.float32), kept_points.astype(np.float64),
                        np.tile(np.array(crop_box, np.int64), (len(out_patches), 1)))
 

@@ -159,3 +159,44 @@ def remove_small_regions(mask: np.ndarray, min_area: int, mode: str,
     if len(big) == 0:
         big = np.array([1 + int(np.argmax(sizes))])
     return np.isin(labels, big), True
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two source indices and the weight of the second for each output index of a 1-D bilinear
+    resize, as torch's `F.interpolate(mode="bilinear", align_corners=False)` computes them (float32).
+
+    Returns (lo (out,) int64, hi (out,) int64, w_hi (out,) float32): out[i] = (1 - w_hi) in[lo] + w_hi in[hi].
+    """
+    # torch: a float32 scale times (index + 0.5) in double, the result rounded to float32
+    scale = np.float64(np.float32(in_size / out_size))
+    src = np.maximum(scale * (np.arange(out_size) + 0.5) - 0.5, 0).astype(np.float32)
+    lo = src.astype(np.int64)
+    hi = lo + (lo < in_size - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_window(x: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  cols: tuple[np.ndarray, np.ndarray, np.ndarray], r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Rows r0:r1, cols c0:c1 of the bilinear resize of x (h, w) float32, without making the rest.
+
+    rows / cols: `bilinear_taps(h, H)` / `bilinear_taps(w, W)` of the full resize. Returns (r1 - r0, c1 - c0).
+    """
+    lo, hi, wy = (a[r0:r1] for a in rows)
+    t = x[lo] * (1 - wy)[:, None] + x[hi] * wy[:, None]
+    lo, hi, wx = (a[c0:c1] for a in cols)
+    return t[:, lo] * (1 - wx) + t[:, hi] * wx
+
+
+def support_window(low_rows: np.ndarray, low_cols: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   cols: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, int, int, int] | None:
+    """The output window outside of which a bilinear resize can't exceed a level.
+
+    low_rows (h,) / low_cols (w,) bool: which source rows / columns hold a value above the level.
+    A resized value is a convex mix of its taps, so it can exceed the level only where a tap does.
+    Returns (r0, r1, c0, c1) half-open, or None when no source value is above the level.
+    """
+    r = np.flatnonzero(low_rows[rows[0]] | low_rows[rows[1]])
+    c = np.flatnonzero(low_cols[cols[0]] | low_cols[cols[1]])
+    if len(r) == 0 or len(c) == 0:
+        return None
+    return int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1

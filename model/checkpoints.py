@@ -20,6 +20,7 @@ from model.encoders import COMPACT_DEFAULT, VIT_PRESETS, CompactEncoder
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "sa_engine.json"
 FORMAT = "sa-engine/1"
+META_ARCH_KEY = "sa_engine_arch"  # see _load_meta_pth: a Meta-layout .pth around our compact encoder
 # Alias of shared_image_embedding (SAM ties the two); saved once, restored on load.
 _ALIAS_PREFIX = "prompt_encoder.shared_embedding."
 
@@ -214,8 +215,12 @@ _META_RULES: list[tuple[str, str]] = [
 _MLP = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(.+)$")
 
 
-def map_meta_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a Meta SAM state dict to our names (unknown keys pass through, to be reported)."""
+def map_meta_state(state: dict[str, torch.Tensor], vit_encoder: bool = True) -> dict[str, torch.Tensor]:
+    """Rename a Meta SAM state dict to our names (unknown keys pass through, to be reported).
+
+    vit_encoder=False: the image encoder is ours (the compact one in a Meta-layout file), so its
+    keys are already our names and are left as they are.
+    """
     depth: dict[str, int] = {}
     for k in state:
         m = _MLP.match(k)
@@ -230,6 +235,8 @@ def map_meta_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{head}.{name}.{rest}"] = v
             continue
         for pattern, repl in _META_RULES:
+            if not vit_encoder and k.startswith("image_encoder."):
+                break
             if re.search(pattern, k):
                 k = re.sub(pattern, repl, k)
                 break
@@ -291,12 +298,20 @@ def _load_meta_pth(p: Path) -> tuple[SamNet, dict, str, dict]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a loadable weights-only PyTorch file ({first})") from None
+    # A Meta-layout file around our compact encoder (not in Meta's builds) names its architecture,
+    # which shapes cannot tell (input size, decoder heads): {"model": state, "sa_engine_arch": arch}.
+    named_arch = obj.get(META_ARCH_KEY) if isinstance(obj, dict) else None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p}: expected a state dict of tensors, got {type(obj).__name__}")
+    if isinstance(named_arch, dict) and named_arch.get("encoder") == "compact":
+        arch = compact_arch(**{k: v for k, v in named_arch.items() if k not in ("encoder", "preset")})
+        net = build_net(arch)
+        load_state_strict(net, map_meta_state(obj, vit_encoder=False), str(p))
+        return net, arch, f"{arch['preset']}-{_file_digest(p)}", {"source": str(p.resolve())}
     arch = meta_arch(obj, str(p))
     net = build_net(arch)
     load_state_strict(net, map_meta_state(obj), str(p))

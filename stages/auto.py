@@ -100,7 +100,9 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
 
     image_ids: restrict to these (default: every image of the source). Returns a summary:
     images (done in this run), masks, masks_per_image, images_per_s, quarantined, already_done,
-    model_version, commits, seconds.
+    model_version, commits, seconds, and the steady state: first_result_s (pool start-up plus one
+    image), steady_images_per_s / steady_masks_per_s over the results after each actor's first one
+    (0.0 when there are too few results to tell).
     """
     from engine.cluster import init_ray, map_with_actor_pool
     from model.amg import AmgParams
@@ -123,19 +125,22 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     set_aside = quarantine.things(STAGE)
     todo = [i for i in wanted if i not in done and source.ref(i).uri not in set_aside]
     summary = dict(images=0, masks=0, masks_per_image=0.0, images_per_s=0.0, quarantined=0,
-                   already_done=len(wanted) - len(todo), model_version=model_version, commits=0, seconds=0.0)
+                   already_done=len(wanted) - len(todo), model_version=model_version, commits=0, seconds=0.0,
+                   first_result_s=0.0, steady_images_per_s=0.0, steady_masks_per_s=0.0)
     if not todo:
         return summary
 
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     threads = max(1, int(cfg.ray.cpus_per_actor)) if cfg.ray.gpus_per_actor == 0 else 1
+    num_actors = max(1, min(a.num_actors, len(todo)))
     rows = map_with_actor_pool(
         [{"image_id": i} for i in todo], AutoMaskActor,
         actor_args=(model_path, cfg.model.preset, _device(cfg), params, images, round, threads),
-        num_actors=max(1, min(a.num_actors, len(todo))), cpus_per_actor=cfg.ray.cpus_per_actor,
+        num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
         gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=1)
 
     start = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []  # (seconds since start, masks) per result
     since_commit = 0
     with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, model_version) as writer:
         for row in rows:
@@ -151,6 +156,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
             else:
                 quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE)
                 summary["quarantined"] += 1
+            arrivals.append((time.perf_counter() - start, len(records) if status == "ok" else 0))
             since_commit += 1
             if since_commit >= a.images_per_commit:
                 writer.commit()
@@ -162,8 +168,26 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
             summary["commits"] += 1
     seconds = time.perf_counter() - start
     summary.update(seconds=round_(seconds), images_per_s=round_(summary["images"] / max(seconds, 1e-9)),
-                   masks_per_image=round_(summary["masks"] / max(summary["images"], 1)))
+                   masks_per_image=round_(summary["masks"] / max(summary["images"], 1)),
+                   **steady_rates(arrivals, num_actors))
     return summary
+
+
+def steady_rates(arrivals: list[tuple[float, int]], num_actors: int) -> dict:
+    """Throughput with actor start-up left out.
+
+    arrivals: (seconds since the pool was asked for results, masks) per result, in arrival order.
+    Each actor's first result pays its start-up; after the `num_actors`-th result every actor is
+    warm, so the rate is taken from there to the last result: (n - k) results in (t_n - t_k).
+    """
+    out = dict(first_result_s=round_(arrivals[0][0]) if arrivals else 0.0,
+               steady_images_per_s=0.0, steady_masks_per_s=0.0)
+    k = num_actors
+    if len(arrivals) > k and arrivals[-1][0] > arrivals[k - 1][0]:
+        window = arrivals[-1][0] - arrivals[k - 1][0]
+        out["steady_images_per_s"] = round_((len(arrivals) - k) / window)
+        out["steady_masks_per_s"] = round_(sum(m for _, m in arrivals[k:]) / window)
+    return out
 
 
 def round_(x: float) -> float:

@@ -2,8 +2,6 @@
 patch-based clean-up against full-frame clean-up, the model-failure fallback, and the records."""
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 import torch
@@ -14,34 +12,13 @@ from model.segmenter import Segmenter
 from storage.records import records_to_table
 from storage.rle import decode_rles, encode_masks
 from tests.sam_reference_shim import import_segment_anything
+from tests.sam_reference_shim.builders import meta_sam_around, meta_vit_sam, save_meta_pth
 
 
-def tiny_meta_sam(seed: int = 0, logit_gain: float = 1000.0, iou_shift: float = 0.9):
-    """A tiny SAM in Meta's classes (128 px ViT, 16x16 embedding, 32-wide decoder, 8 heads).
-
-    Random weights give logits near 0 (every stability score 0) and predicted IoUs near 0;
-    `logit_gain` scales the mask hypernetworks' last layers (median stability ~0.9) and `iou_shift`
-    moves the IoU head's output (~0.9 +- 0.07), so SAM's default filters keep some and drop some.
-    """
-    import_segment_anything()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(seed)
-    dim = 32
-    encoder = ImageEncoderViT(depth=1, embed_dim=32, img_size=128, patch_size=8, num_heads=2, mlp_ratio=2,
-                              qkv_bias=True, use_rel_pos=True, global_attn_indexes=[0], window_size=0,
-                              out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    sam = Sam(image_encoder=encoder,
-              prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(16, 16),
-                                           input_image_size=(128, 128), mask_in_chans=16),
-              mask_decoder=MaskDecoder(transformer_dim=dim, iou_head_hidden_dim=32, num_multimask_outputs=3,
-                                       transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64,
-                                                                     num_heads=8)))
-    with torch.no_grad():
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(logit_gain)
-        sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(iou_shift)
-    return sam.eval()
+def tiny_meta_sam():
+    """A tiny ViT SAM in Meta's classes (128 px, 16x16 embedding, 32-wide decoder), crafted so that
+    SAM's default filters keep some candidates and drop some (see builders.meta_vit_sam)."""
+    return meta_vit_sam(seed=0, logit_gain=1000.0, iou_shift=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +101,41 @@ def test_filters_hold_on_every_output(same_weights):
     assert strict == []  # predicted IoU never exceeds 2
 
 
+def crafted_compact(seed: int = 1) -> Segmenter:
+    """Our compact model with random weights moved as tiny_meta_sam's are (logits spread, IoU ~0.9)."""
+    seg = Segmenter.new("compact", seed=seed)
+    dec = seg.net.mask_decoder
+    with torch.no_grad():
+        for mlp in dec.output_hypernetworks_mlps:
+            mlp.proj_out.weight.mul_(300.0)
+        dec.iou_prediction_head.proj_out.bias.add_(0.9)
+    return seg
+
+
+def test_compact_model_in_meta_layout_loads_and_matches_reference(tmp_path):
+    """Our compact encoder inside Meta's Sam, saved as a Meta-layout .pth: our loader gives back the
+    same weights, and both generators find the same masks on an image that is resized both ways."""
+    torch.set_num_threads(1)
+    seg = crafted_compact()
+    path = save_meta_pth(meta_sam_around(seg), tmp_path / "compact.pth", seg.arch)
+    loaded = Segmenter.load(path)
+    assert loaded.arch == seg.arch and loaded.model_version.startswith("compact-")
+    for k, v in seg.net.state_dict().items():
+        assert torch.equal(v, loaded.net.state_dict()[k]), k
+    from tests.sam_reference_shim.builders import load_meta_reference
+
+    sa = import_segment_anything()
+    kw = dict(points_per_side=8, points_per_batch=32, pred_iou_thresh=0.5, stability_score_thresh=0.6,
+              box_nms_thresh=1.0, min_mask_region_area=0)
+    image = np.kron(scene(seed=4), np.ones((3, 3, 1), np.uint8))[:300, :384]  # 300 x 384: resized down and up
+    ref = sa.SamAutomaticMaskGenerator(load_meta_reference(path), output_mode="binary_mask", **kw).generate(image)
+    ours = generate_masks(loaded, image, AmgParams(max_mask_fraction=1.01, **kw))
+    assert len(ref) >= 5, "the crafted model should give the reference something to find"
+    best = iou_matrix(np.stack([r["segmentation"] for r in ref]), decode_rles([m.rle for m in ours])).max(1)
+    assert (best >= 0.9).mean() >= 0.9, f"matched {np.round(best, 3)}"
+    assert abs(len(ours) - len(ref)) <= max(1, len(ref) // 10)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_clean_patch_equals_full_frame_cleanup(seed):
     rng = np.random.default_rng(seed)
@@ -148,17 +160,16 @@ def test_clean_patch_equals_full_frame_cleanup(seed):
 
 
 class MemoryBudgetSegmenter(Segmenter):
-    """A segmenter on a device with little memory: upsampling logits past `max_pixels` per call fails
-    the way a real out-of-memory does (a RuntimeError from the allocator)."""
+    """A segmenter on a device with little memory: embedding an image of more than `max_pixels`
+    fails the way a real out-of-memory does (a RuntimeError from the allocator)."""
 
-    max_pixels = 300_000  # 16 masks of 128 x 128 fit, 16 of 256 x 256 do not
+    max_pixels = 50_000  # 128 x 128 fits, 256 x 256 does not
 
-    def upsample_logits(self, low_res, emb):
-        n = low_res.shape[0]
-        h, w = emb.original_size
-        if n * h * w > self.max_pixels:
-            raise RuntimeError(f"out of memory: tried to allocate {n * h * w * 4} bytes")
-        return super().upsample_logits(low_res, emb)
+    def embed(self, images, batch_size=4):
+        for im in images:
+            if im.shape[0] * im.shape[1] > self.max_pixels:
+                raise RuntimeError(f"out of memory: tried to allocate {im.shape[0] * im.shape[1] * 4 * 64} bytes")
+        return super().embed(images, batch_size)
 
 
 def test_model_failure_retries_at_smaller_scale(same_weights):

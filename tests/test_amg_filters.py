@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.amg_filters import (
+    bilinear_taps,
     crop_boxes,
     layer_point_grids,
     masks_to_boxes,
@@ -13,7 +14,9 @@ from model.amg_filters import (
     nms,
     point_grid,
     remove_small_regions,
+    resize_window,
     stability_score,
+    support_window,
 )
 from tests.sam_reference_shim import import_segment_anything
 
@@ -149,3 +152,37 @@ def test_remove_small_regions_outside_is_never_a_hole():
     assert not changed and np.array_equal(kept, patch)
     filled, changed = remove_small_regions(patch, 100, "holes")  # without the hint the pocket is filled
     assert changed and filled.all()
+
+
+@pytest.mark.parametrize("h, w, out_h, out_w", [(128, 96, 1500, 1125), (100, 128, 301, 385), (128, 128, 128, 128),
+                                                (75, 60, 40, 33), (64, 64, 1499, 1500)])
+def test_resize_window_is_a_window_of_torch_bilinear(h, w, out_h, out_w):
+    rng = np.random.default_rng(h + out_w)
+    x = (rng.normal(size=(h, w)) * 5).astype(np.float32)
+    full = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], (out_h, out_w), mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()
+    rows, cols = bilinear_taps(h, out_h), bilinear_taps(w, out_w)
+    r0, r1, c0, c1 = out_h // 5, out_h - 1, 3, out_w * 2 // 3
+    win = resize_window(x, rows, cols, r0, r1, c0, c1)
+    assert win.shape == (r1 - r0, c1 - c0)
+    np.testing.assert_allclose(win, full[r0:r1, c0:c1], rtol=0, atol=1e-5)
+    assert np.array_equal(resize_window(x, rows, cols, 0, out_h, 0, out_w) > 0, full > 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_support_window_holds_every_value_above_the_level(seed):
+    rng = np.random.default_rng(seed)
+    h, w, out_h, out_w = 40, 32, 301, 250
+    x = np.full((h, w), -5.0, np.float32)
+    y0, x0 = rng.integers(0, h - 6), rng.integers(0, w - 6)
+    x[y0:y0 + rng.integers(1, 6), x0:x0 + rng.integers(1, 6)] = rng.uniform(0.5, 8)
+    full = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], (out_h, out_w), mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()
+    rows, cols = bilinear_taps(h, out_h), bilinear_taps(w, out_w)
+    above = x > -1.0
+    r0, r1, c0, c1 = support_window(above.any(1), above.any(0), rows, cols)
+    inside = np.zeros_like(full, bool)
+    inside[r0:r1, c0:c1] = True
+    assert (full > -1.0).any() and not ((full > -1.0) & ~inside).any()
+    assert (r1 - r0) * (c1 - c0) < 0.25 * out_h * out_w  # a window, not the whole frame
+    assert support_window(np.zeros(h, bool), np.zeros(w, bool), rows, cols) is None
