@@ -374,7 +374,9 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
         "storage": {"root": str(tmp_path / "store")},
         "stages": {"manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 3},
                    "semi": {"rounds": 1, "images_per_round": 2},
-                   "auto": {"points_per_side": 8, "num_actors": 1}},
+                   # An all-but-untrained model is rarely confident: loose filters so the stage writes masks.
+                   "auto": {"points_per_side": 8, "num_actors": 1, "pred_iou_thresh": 0.0,
+                            "stability_score_thresh": 0.0, "min_mask_region_area": 0}},
         "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
                         "ml_backend_port": free_port()},
         "train": {"minutes": 0.1},
@@ -398,6 +400,7 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     assert set(table["stage"]) == {"manual", "semi", "auto"}
     auto_ids = set(ledger.get("r3.select")["outputs"]["image_ids"])
     assert len(auto_ids) == 2 and set(table.loc[table["stage"] == "auto", "image_id"]) <= auto_ids
+    assert store.images_done("auto") == auto_ids
 
     before = (Path(cfg.workdir) / LEDGER_FILE).read_text()
     again = CliRunner().invoke(app, ["run", "--config", str(path)])
