@@ -58,8 +58,15 @@ def map_with_actor_pool(rows: list[dict], actor_cls: type, actor_args: tuple = (
     cpus_per_actor stays <= 0.5 on small machines: actors holding every CPU starve Ray Data's
     own tasks (Ray issue #44687).
     """
+    import logging
+
     import ray
 
+    # The stage shows its own progress line; Ray Data's bars and per-operator INFO logs would bury it.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(actor_cls, fn_constructor_args=actor_args,
                         fn_constructor_kwargs=actor_kwargs or {},
