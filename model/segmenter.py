@@ -99,6 +99,26 @@ def _as_array(x: object, name: str, dtype: type) -> np.ndarray:
     return arr.astype(dtype)
 
 
+@torch.no_grad()
+def localising_init(net, gain: float) -> None:
+    """Tie the query and key projections of the decoder's cross-attentions at init (scaled by `gain`).
+
+    SAM's positional encodings are random Fourier features, so the dot product of the encodings
+    of two places is a Gaussian-like kernel of their distance. With q = k projections, an image
+    token's attention to a point token starts out peaked at the tokens near the click, so the
+    click's position reaches the image features from the first step; with independent random
+    projections that kernel is scrambled and a from-scratch model first learns empty masks.
+    """
+    mods = [m for layer in net.mask_decoder.transformer.layers
+            for m in (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token)]
+    mods.append(net.mask_decoder.transformer.final_attn_token_to_image)
+    for attn in mods:
+        attn.q_proj.weight.mul_(gain)
+        attn.k_proj.weight.copy_(attn.q_proj.weight)
+        attn.k_proj.bias.zero_()
+        attn.q_proj.bias.zero_()
+
+
 class Segmenter:
     """A SAM-architecture model: `embed` images once, `predict` masks for many prompts."""
 
@@ -116,8 +136,11 @@ class Segmenter:
         """An untrained model: preset "compact" (overrides change COMPACT_DEFAULT) or "sam-vit-b/l/h"."""
         if seed is not None:
             torch.manual_seed(seed)
+        attn_init = overrides.pop("attn_init", 2.5 if preset == "compact" else 0.0)
         arch = compact_arch(**overrides) if preset == "compact" else vit_arch(preset)
         net = build_net(arch)
+        if attn_init:
+            localising_init(net, attn_init)
         return cls(net, arch, f"{arch['preset']}-init-{state_digest(net.state_dict())}", device)
 
     @classmethod

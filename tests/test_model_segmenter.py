@@ -101,3 +101,28 @@ def test_missing_and_mismatched_checkpoints(tmp_path, seg):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pth"):
         Segmenter.load(bad)
+
+
+def test_fresh_compact_model_ties_cross_attention_query_and_key():
+    from model.segmenter import localising_init
+
+    seg = Segmenter.new("compact", seed=0)
+    plain = Segmenter.new("compact", seed=0, attn_init=0)
+    attn = seg.net.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+    ref = plain.net.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+    assert torch.equal(attn.q_proj.weight, attn.k_proj.weight)
+    assert torch.allclose(attn.q_proj.weight, 2.5 * ref.q_proj.weight)
+    assert seg.arch == plain.arch  # an init, not an architecture: checkpoints stay interchangeable
+    # The tied projections make an image token's attention to a point token peak near the click.
+    net = plain.net
+    localising_init(net, 2.5)
+    with torch.no_grad():
+        pe = net.dense_pe()[0].flatten(1).T  # (h*w, C) image-grid encodings
+        click = torch.tensor([[[40.0, 72.0]]])
+        pt = net.prompt_encoder.shared_embedding(click / net.image_size)[0, 0]  # (C,)
+        a = net.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+        score = a.q_proj(pe) @ a.k_proj(pt)
+    n = net.embed_size
+    y, x = divmod(int(score.argmax()), n)
+    cell = net.image_size / n
+    assert abs((x + 0.5) * cell - 40) <= cell and abs((y + 0.5) * cell - 72) <= cell

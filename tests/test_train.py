@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from engine.synth import make_scene, scene_rng
 from model.segmenter import Segmenter
@@ -108,3 +109,60 @@ def test_store_training_data_reads_shards_and_images(tmp_path):
         for m, w in zip(got_m, got_w):  # the store's order is its own: match masks by content
             k = next(k for k in range(len(masks[i])) if np.array_equal(masks[i][k], m))
             assert w == (3.0 if k % 2 == 0 else 1.0)
+
+
+def test_cpu_clock_budget_and_ema_keep_training_sane():
+    images, masks = small_data(2)
+    seg = Segmenter.new("compact", seed=0)
+    res = train(seg, dataset_sampler(images, masks),
+                TrainSettings(minutes=0.03, clock="cpu", batch_images=1, masks_per_image=2, ema_decay=0.9,
+                              loss_size=32, first_point="interior", single_click_fraction=0.5))
+    assert res.cpu_seconds >= 0.03 * 60 and res.steps >= 1 and np.isfinite(res.final_loss)
+    with pytest.raises(ValueError, match="clock"):
+        train(seg, dataset_sampler(images, masks), TrainSettings(max_steps=1, clock="sundial"))
+
+
+def test_ema_averages_and_swaps_back():
+    from model.train import _Ema
+
+    net = torch.nn.Linear(2, 1)
+    ema = _Ema(net, decay=0.5)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net, step=10**6)  # past the warm-up: d = decay
+    live = net.weight.detach().clone()
+    ema.swap(net)
+    assert torch.allclose(net.weight, start + 0.5)
+    ema.swap(net)
+    assert torch.equal(net.weight, live)
+
+
+def test_interior_first_points_lie_deep_inside():
+    from model.clicks import interior_distance
+    from model.train import _first_points
+
+    m = np.zeros((1, 40, 60), bool)
+    m[0, 5:35, 10:50] = True
+    rng = np.random.default_rng(0)
+    d = interior_distance(m[0])
+    deep = [d[y, x] for x, y in _first_points(np.repeat(m, 200, 0), rng, "interior")]
+    flat = [d[y, x] for x, y in _first_points(np.repeat(m, 200, 0), rng, "uniform")]
+    assert min(deep) >= 1 and np.mean(deep) > np.mean(flat) + 1
+    with pytest.raises(ValueError, match="first_point"):
+        _first_points(m, rng, "edge")
+
+
+def test_loss_on_the_native_grid_matches_the_input_grid_for_blocky_masks():
+    from model.train import _step_loss
+
+    gt = torch.zeros((2, 64, 64), dtype=torch.bool)
+    gt[0, 8:40, 8:24] = True
+    gt[1, 32:64, 0:64] = True
+    low = torch.where(F.avg_pool2d(gt[:, None].float(), 2) > 0.5, 6.0, -6.0).repeat(1, 3, 1, 1)
+    low[:, 1] = -low[:, 1]  # one output is the complement: never the best
+    iou = torch.tensor([[1.0, 0.0, 1.0]] * 2)  # the complement has IoU 0
+    w = torch.ones(2)
+    for size in (None, 32):
+        loss, best, chosen = _step_loss(low, iou, gt, w, 64, TrainSettings(loss_size=size))
+        assert (best != 1).all() and chosen.shape == (2, 1, 32, 32) and float(loss) < 0.1
