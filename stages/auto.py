@@ -26,7 +26,8 @@ class AutoMaskActor:
     """One pool member: builds the model once, then turns image ids into pickled MaskRecords.
 
     batch: {"image_id": (B,) str}. Returns {"image_id", "status" ("ok" | "bad" | "failed"),
-    "reason", "records" (pickled list[MaskRecord]), "scale", "seconds"}, one row per image.
+    "reason", "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this
+    process's CPU time on the image)}, one row per image.
     """
 
     def __init__(self, model_path: str | None, preset: str, device: str, params: dict, images: dict,
@@ -47,10 +48,11 @@ class AutoMaskActor:
         from model.amg import generate_with_fallback, to_records
         from storage.images import BadImage
 
-        out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "records", "scale", "seconds")}
+        out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "records", "scale", "seconds",
+                                                "cpu_seconds")}
         for image_id in batch["image_id"]:
             image_id = str(image_id)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             status, reason, records, scale = "ok", "", [], 1.0
             try:
                 image = self.source.load(self.source.ref(image_id))
@@ -67,6 +69,7 @@ class AutoMaskActor:
             out["records"].append(pickle.dumps(records))
             out["scale"].append(scale)
             out["seconds"].append(time.perf_counter() - start)
+            out["cpu_seconds"].append(time.process_time() - cpu_start)
         return {k: np.array(v, dtype=object) if k in ("records", "reason", "image_id", "status") else np.array(v)
                 for k, v in out.items()}
 
@@ -102,7 +105,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     images (done in this run), masks, masks_per_image, images_per_s, quarantined, already_done,
     model_version, commits, seconds, and the steady state: first_result_s (pool start-up plus one
     image), steady_images_per_s / steady_masks_per_s over the results after each actor's first one
-    (0.0 when there are too few results to tell).
+    (0.0 when there are too few results to tell); actor_s_per_image / actor_cpu_s_per_image: wall
+    and CPU time inside the actors per image (equal when each actor had a core to itself).
     """
     from engine.cluster import init_ray, map_with_actor_pool
     from model.amg import AmgParams
@@ -126,7 +130,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     todo = [i for i in wanted if i not in done and source.ref(i).uri not in set_aside]
     summary = dict(images=0, masks=0, masks_per_image=0.0, images_per_s=0.0, quarantined=0,
                    already_done=len(wanted) - len(todo), model_version=model_version, commits=0, seconds=0.0,
-                   first_result_s=0.0, steady_images_per_s=0.0, steady_masks_per_s=0.0)
+                   first_result_s=0.0, steady_images_per_s=0.0, steady_masks_per_s=0.0,
+                   actor_s_per_image=0.0, actor_cpu_s_per_image=0.0)
     if not todo:
         return summary
 
@@ -141,6 +146,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
 
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []  # (seconds since start, masks) per result
+    actor_s = actor_cpu_s = 0.0
     since_commit = 0
     with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, model_version) as writer:
         for row in rows:
@@ -157,6 +163,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                 quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE)
                 summary["quarantined"] += 1
             arrivals.append((time.perf_counter() - start, len(records) if status == "ok" else 0))
+            actor_s, actor_cpu_s = actor_s + float(row["seconds"]), actor_cpu_s + float(row["cpu_seconds"])
             since_commit += 1
             if since_commit >= a.images_per_commit:
                 writer.commit()
@@ -169,6 +176,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     seconds = time.perf_counter() - start
     summary.update(seconds=round_(seconds), images_per_s=round_(summary["images"] / max(seconds, 1e-9)),
                    masks_per_image=round_(summary["masks"] / max(summary["images"], 1)),
+                   actor_s_per_image=round_(actor_s / max(len(arrivals), 1)),
+                   actor_cpu_s_per_image=round_(actor_cpu_s / max(len(arrivals), 1)),
                    **steady_rates(arrivals, num_actors))
     return summary
 

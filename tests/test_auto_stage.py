@@ -74,6 +74,21 @@ def test_auto_stage_writes_quarantines_and_resumes(ray_cluster, tmp_path):
     check_exactly_once(store, ids, summary["model_version"])
 
 
+def test_steady_rates_leave_each_actors_first_result_out():
+    from stages.auto import steady_rates
+
+    # 2 actors, 6 s start-up, 2 s per image each: pairs of results every 2 s after t = 8
+    arrivals = [(8.0, 3), (8.1, 5), (10.0, 4), (10.1, 4), (12.0, 2), (12.1, 6)]
+    r = steady_rates(arrivals, num_actors=2)
+    assert r["first_result_s"] == 8.0
+    assert r["steady_images_per_s"] == pytest.approx(4 / 4.0)  # results 3..6 in t 8.1 -> 12.1
+    assert r["steady_masks_per_s"] == pytest.approx(16 / 4.0)
+    one = steady_rates([(7.0, 1), (9.0, 1), (11.0, 1)], num_actors=1)
+    assert one["steady_images_per_s"] == pytest.approx(0.5)
+    assert steady_rates([(7.0, 1)], num_actors=1)["steady_images_per_s"] == 0.0  # too few to tell
+    assert steady_rates([], num_actors=2)["first_result_s"] == 0.0
+
+
 @pytest.mark.slow
 def test_sigkill_part_way_then_rerun_gives_each_image_exactly_once(tmp_path):
     n = 8
