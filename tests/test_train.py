@@ -163,6 +163,6 @@ def test_loss_on_the_native_grid_matches_the_input_grid_for_blocky_masks():
     low[:, 1] = -low[:, 1]  # one output is the complement: never the best
     iou = torch.tensor([[1.0, 0.0, 1.0]] * 2)  # the complement has IoU 0
     w = torch.ones(2)
-    for size in (None, 32):
+    for size in (64, None):  # the input frame (SAM) and the native grid
         loss, best, chosen = _step_loss(low, iou, gt, w, 64, TrainSettings(loss_size=size))
         assert (best != 1).all() and chosen.shape == (2, 1, 32, 32) and float(loss) < 0.1
