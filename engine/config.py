@@ -127,6 +127,7 @@ class TrainConfig(_Section):
     batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
     lr: float | None = None  # AdamW peak learning rate (None: the recipe's default in model/train.py)
     manual_weight: float = 2.0  # manual masks count this much more than automatic ones
+    include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False  # one GPU per Ray Train worker
     use_ray: bool = True  # False: train in-process (no Ray Train)

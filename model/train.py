@@ -437,9 +437,7 @@ def ray_train_loop(config: dict) -> None:
     if data_cfg.get("kind") == "folder":
         sampler, fingerprint = _folder_or_synthetic(data_cfg["folder"])
     elif data_cfg.get("kind") == "store":
-        images, masks, weights, fingerprint = store_training_data(
-            data_cfg["store_uri"], data_cfg["image_uri"], data_cfg.get("manual_weight", 2.0),
-            data_cfg.get("s3_endpoint_url"), **data_cfg.get("filters", {}))
+        images, masks, weights, fingerprint = load_training_sets(data_cfg.get("sets") or [data_cfg])
         sampler = dataset_sampler(images, masks, weights)
     else:
         sampler = synthetic_sampler(data_cfg.get("size", 256))
@@ -514,6 +512,37 @@ def _folder_or_synthetic(folder: str | None) -> tuple[Sampler, str]:
 
 # ---- the round loop's retraining step ----------------------------------------------------------
 
+def load_training_sets(sets: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
+    """Concatenate `store_training_data` over several stores. Each set: store_uri, image_uri,
+    manual_weight, s3_endpoint_url (optional), filters (optional). Fingerprint over all sets."""
+    images, masks, weights, prints = [], [], [], []
+    for d in sets:
+        i, m, w, f = store_training_data(d["store_uri"], d["image_uri"], d.get("manual_weight", 2.0),
+                                         d.get("s3_endpoint_url"), **d.get("filters", {}))
+        images += i
+        masks += m
+        weights += w
+        prints.append(f)
+    return images, masks, weights, hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+
+
+def training_sets(cfg) -> list[dict]:
+    """What a round retrains on: every verified mask in the run's store (human masks weighted by
+    `train.manual_weight`) plus, when the run was bootstrapped, the bootstrap set at weight 1 — SAM
+    retrained on everything collected so far; a few dozen new masks alone over-fit (measured: holdout
+    1-click mIoU 0.43 -> 0.30 after 1.5 min on 26 masks)."""
+    main = {"store_uri": cfg.path(cfg.storage.root), "image_uri": cfg.path(cfg.images.source),
+            "manual_weight": cfg.train.manual_weight, "s3_endpoint_url": cfg.storage.s3_endpoint_url,
+            "filters": {"verified": True}}
+    sets = [main]
+    boot = Path(cfg.path("bootstrap"))
+    if (cfg.train.include_bootstrap and (boot / "store" / "manifest.json").is_file()
+            and Path(main["store_uri"]).resolve() != (boot / "store").resolve()):
+        sets.append({"store_uri": str(boot / "store"), "image_uri": str(boot / "data" / "images"),
+                     "manual_weight": 1.0, "filters": {"verified": True}})
+    return sets
+
+
 def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no: int) -> dict:
     """Fine-tune `init_checkpoint` (None: a fresh seeded `cfg.model.preset`) on every verified mask in
     the shard store, manual masks weighted by `train.manual_weight`, for `train.minutes`; on Ray Train
@@ -525,8 +554,7 @@ def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no:
     from storage.shards import MaskStore
 
     t0 = time.perf_counter()
-    store_uri, image_uri = cfg.path(cfg.storage.root), cfg.path(cfg.images.source)
-    endpoint = cfg.storage.s3_endpoint_url
+    store_uri, endpoint = cfg.path(cfg.storage.root), cfg.storage.s3_endpoint_url
     n_masks = MaskStore(store_uri, s3_endpoint_url=endpoint).read_table(columns=["mask_id"], verified=True).num_rows
     seed = cfg.seed + round_no
     settings = TrainSettings(minutes=cfg.train.minutes, seed=seed, threads=1)
@@ -540,20 +568,19 @@ def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no:
         seg.save(out_dir, dict(meta, data_fingerprint="empty", train={"steps": 0}))
         return {"checkpoint": str(out_dir), "metrics": {"steps": 0}, "masks": 0,
                 "minutes": round((time.perf_counter() - t0) / 60, 2), "note": "no verified masks: model unchanged"}
+    sets = training_sets(cfg)
     if cfg.train.use_ray:
         init = init_checkpoint or cfg.model.preset
-        data = {"kind": "store", "store_uri": store_uri, "image_uri": image_uri, "s3_endpoint_url": endpoint,
-                "manual_weight": cfg.train.manual_weight, "filters": {"verified": True}}
+        data = {"kind": "store", "sets": sets}
         _, metrics = train_with_ray(settings, init, data, out_dir, Path(cfg.workdir).resolve() / "ray-train",
                                     num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, metadata=meta,
                                     name=f"round-{round_no}")
     else:
         seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)
-        images, masks, weights, fingerprint = store_training_data(store_uri, image_uri, cfg.train.manual_weight,
-                                                                  endpoint, verified=True)
+        images, masks, weights, fingerprint = load_training_sets(sets)
         result = train(seg, dataset_sampler(images, masks, weights), settings)
         metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
                    "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
         seg.save(out_dir, dict(meta, data_fingerprint=fingerprint, train=metrics))
-    return {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks,
+    return {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks, "sets": len(sets),
             "minutes": round((time.perf_counter() - t0) / 60, 2)}

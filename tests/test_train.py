@@ -166,3 +166,21 @@ def test_loss_on_the_native_grid_matches_the_input_grid_for_blocky_masks():
     for size in (64, None):  # the input frame (SAM) and the native grid
         loss, best, chosen = _step_loss(low, iou, gt, w, 64, TrainSettings(loss_size=size))
         assert (best != 1).all() and chosen.shape == (2, 1, 32, 32) and float(loss) < 0.1
+
+
+def test_rounds_retrain_on_the_bootstrap_set_too(tmp_path):
+    from engine.config import load_config
+    from model.train import training_sets
+
+    cfg = load_config(None, {"workdir": str(tmp_path)})
+    assert [s["store_uri"] for s in training_sets(cfg)] == [cfg.path("store")]
+    (tmp_path / "bootstrap" / "store").mkdir(parents=True)
+    (tmp_path / "bootstrap" / "store" / "manifest.json").write_text("{}")
+    sets = training_sets(cfg)
+    assert [s["store_uri"] for s in sets] == [cfg.path("store"), str(tmp_path / "bootstrap" / "store")]
+    assert sets[0]["manual_weight"] == cfg.train.manual_weight and sets[1]["manual_weight"] == 1.0
+    cfg.train.include_bootstrap = False
+    assert len(training_sets(cfg)) == 1
+    # the bootstrap's own training (its store is the run's store) does not add itself twice
+    boot = load_config(None, {"workdir": str(tmp_path), "storage.root": str(tmp_path / "bootstrap" / "store")})
+    assert len(training_sets(boot)) == 1
