@@ -92,6 +92,7 @@ class AutoStageConfig(_Section):
     crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, as a share of the crop side
     crop_n_points_downscale_factor: int = 1  # points per side shrink by this per crop layer
     min_mask_region_area: int = 100  # remove islands and fill holes smaller than this (pixels)
+    calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     num_actors: int = 2  # Ray Data actors (model copies) generating masks
     images_per_commit: int = 16  # images per shard commit (the unit of resume)
 

@@ -87,6 +87,24 @@ def resolve_model(cfg: EngineConfig, checkpoint: str | None) -> tuple[str | None
     return path, segmenter.model_version
 
 
+def calibrated_thresholds(cfg: EngineConfig, model_path: str | None, store, source, quarantine, round: int) -> dict:
+    """Filter thresholds chosen from the verified masks of earlier rounds, as the semi-automatic stage
+    chooses its prefill thresholds (stages/semi.py, model/calibration.py: the loosest pair whose
+    precision lower bound reaches `stages.semi.target_precision`). A young model's IoU head is far
+    from SAM's calibration, so SAM's fixed 0.88 / 0.95 would keep nothing or keep noise."""
+    from model.amg import AmgParams
+    from model.segmenter import Segmenter
+    from stages.semi import build_history, calibrate
+
+    s = cfg.stages.semi
+    segmenter = Segmenter.load(model_path) if model_path else Segmenter.new(cfg.model.preset)
+    loose = AmgParams.from_config(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
+                                  stability_score_thresh=s.calibration_stability_floor)
+    samples = build_history(segmenter, store, source, round, loose, s.calibration_images,
+                            on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
+    return calibrate(cfg, samples).to_dict()
+
+
 def _device(cfg: EngineConfig) -> str:
     if cfg.model.device != "auto":
         return cfg.model.device
@@ -123,6 +141,11 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     store = MaskStore(root, s3_endpoint_url=cfg.storage.s3_endpoint_url, shard_target_mb=cfg.storage.shard_target_mb)
     quarantine = Quarantine(root, s3_endpoint_url=cfg.storage.s3_endpoint_url)
     model_path, model_version = resolve_model(cfg, checkpoint)
+    thresholds = None
+    if a.calibrate:
+        thresholds = calibrated_thresholds(cfg, model_path, store, source, quarantine, round)
+        params["pred_iou_thresh"] = max(0.0, thresholds["pred_iou_thresh"] - 1e-6)  # generator keeps >, calibration >=
+        params["stability_score_thresh"] = thresholds["stability_thresh"]
 
     wanted = [r.image_id for r in source.list()] if image_ids is None else list(dict.fromkeys(image_ids))
     done = store.images_done(STAGE, model_version)
@@ -131,7 +154,9 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     summary = dict(images=0, masks=0, masks_per_image=0.0, images_per_s=0.0, quarantined=0,
                    already_done=len(wanted) - len(todo), model_version=model_version, commits=0, seconds=0.0,
                    first_result_s=0.0, steady_images_per_s=0.0, steady_masks_per_s=0.0,
-                   actor_s_per_image=0.0, actor_cpu_s_per_image=0.0)
+                   actor_s_per_image=0.0, actor_cpu_s_per_image=0.0, thresholds=thresholds or {
+                       "pred_iou_thresh": a.pred_iou_thresh, "stability_thresh": a.stability_score_thresh,
+                       "source": "config"})
     if not todo:
         return summary
 

@@ -122,3 +122,40 @@ def test_sigkill_part_way_then_rerun_gives_each_image_exactly_once(tmp_path):
     assert summary["already_done"] == len(partial) and summary["images"] == n - len(partial)
     ids = {p.name for p in (tmp_path / "data" / "images").glob("*.png")}
     check_exactly_once(store, ids, summary["model_version"])
+
+
+def test_calibrated_thresholds_come_from_verified_history(tmp_path):
+    """`stages.auto.calibrate`: no history -> the semi stage's stated defaults; with verified masks of an
+    earlier round, thresholds are chosen from the generator's masks matched to them."""
+    from engine.config import load_config
+    from model.segmenter import Segmenter
+    from stages.auto import calibrated_thresholds
+    from storage.images import ImageSource
+    from storage.quarantine import Quarantine
+    from storage.records import MaskRecord, make_mask_id
+    from storage.rle import encode_masks, rle_area, rle_bbox
+
+    path = write_config(tmp_path, 3, 1, calibrate=True)
+    cfg = load_config(path, {"stages.semi.calibration_pred_iou_floor": 0.0,
+                             "stages.semi.calibration_stability_floor": 0.0,
+                             "stages.semi.calibration_min_samples": 1, "stages.semi.calibration_min_kept": 1})
+    store, source = MaskStore(cfg.path(cfg.storage.root)), ImageSource(cfg.path(cfg.images.source))
+    quarantine = Quarantine(cfg.path(cfg.storage.root))
+    model = str(tmp_path / "model")
+    Segmenter.new("compact", seed=0).save(model, {"round": 0})
+
+    none = calibrated_thresholds(cfg, model, store, source, quarantine, round=2)
+    assert none["source"] == "default" and none["n_history"] == 0
+    assert none["pred_iou_thresh"] == cfg.stages.semi.default_pred_iou_thresh
+
+    from engine.synth import make_scene, scene_rng
+    _, masks, _ = make_scene(scene_rng(0, 0), 96)  # the ground truth of the first image, as human masks
+    rles = encode_masks(masks)
+    image_id = source.list()[0].image_id
+    with store.writer("manual", 1, None) as w:
+        w.add([MaskRecord(image_id=image_id, mask_id=make_mask_id(image_id, i), height=96, width=96, rle=r,
+                          area=int(a), bbox=list(b), stage="manual", round=1, verified=True)
+               for i, (r, a, b) in enumerate(zip(rles, rle_area(rles), rle_bbox(rles)))])
+        w.image_done(image_id, len(rles))
+    got = calibrated_thresholds(cfg, model, store, source, quarantine, round=2)
+    assert got["n_history"] > 0 and got["source"] in ("calibrated", "unreachable")
