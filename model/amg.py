@@ -326,8 +326,8 @@ def _encode(cands: _Candidates, image_size: tuple[int, int]) -> list[AutoMask]:
 def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()) -> list[AutoMask]:
     """SAM's automatic mask generation on one image.
 
-    segmenter: a `model.segmenter.Segmenter` (or anything with its embed / predict /
-    upsample_logits). image: (H, W, 3) uint8 RGB. Returns the masks, in pixels of `image`.
+    segmenter: a `model.segmenter.Segmenter` (or anything with its image_size, embed,
+    prompt_tensors and decode). image: (H, W, 3) uint8 RGB. Returns the masks, in pixels of `image`.
     """
     p = params
     h, w = image.shape[:2]
