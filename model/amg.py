@@ -34,7 +34,6 @@ from model.amg_filters import (
     bilinear_taps,
     crop_boxes,
     layer_point_grids,
-    masks_to_boxes,
     near_crop_edge,
     nms,
     remove_small_regions,
