@@ -16,6 +16,8 @@ whose message is one line naming the object and the reason.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import contextlib
 import errno
 import hashlib
@@ -60,51 +62,62 @@ def _check_key(key: str) -> str:
     return key
 
 
-class Store:
+class Store(ABC):
     """The interface both backends implement. `uri` is the root (a folder path or s3://bucket/prefix)."""
 
     uri: str
 
+    @abstractmethod
     def url(self, key: str) -> str:
         """The full local path or s3:// URI of a key (for pandas, pyarrow, DuckDB)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write_file(self, key: str, path: str | os.PathLike) -> None:
         """Upload a local file (multipart on S3 when large)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_bytes(self, key: str) -> bytes:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def open_read(self, key: str) -> BinaryIO:
         """A seekable binary file (S3: ranged GETs, so Parquet readers fetch only what they need)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def size(self, key: str) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` (relative to the root), sorted; temporary and hidden files left out."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete(self, key: str) -> None:
         """Remove a key; a missing key is not an error."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """(data, version) of a key, (None, None) if absent; pass the version to `write_if_version`."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write_if_version(self, key: str, data: bytes, version: str | None) -> None:
         """Write only if the key is still at `version` (None: only if it does not exist yet).
         Raises ConflictError otherwise."""
-        raise NotImplementedError
+        ...
 
 
 # ---------------------------------------------------------------- local folder
