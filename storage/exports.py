@@ -22,6 +22,8 @@ held for the whole run is one small row per image (id, size, mask count).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import hashlib
 import io
 import json
@@ -307,7 +309,7 @@ def _is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-class _Target:
+class _Target(ABC):
     """Where an export goes: `check` (refuse an existing output), `begin`, `put` files, `publish` the index.
 
     Files are produced in `scratch` (a local folder) and handed over with `put(rel, local_path)`.
@@ -315,20 +317,25 @@ class _Target:
 
     scratch: Path
 
+    @abstractmethod
     def check(self, overwrite: bool) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def begin(self, marker: dict) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def put(self, rel: str, local_path: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def publish(self, index: dict) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def abort(self) -> None:
-        raise NotImplementedError
+        ...
 
 
 class _LocalTarget(_Target):
