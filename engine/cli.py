@@ -318,19 +318,9 @@ def stage_manual(config: Path = typer.Option(..., "--config", help="The engine's
                  simulate: Optional[bool] = typer.Option(None, "--simulate/--people",
                                                          help="Simulated annotators (default: stages.simulate).")) -> None:
     """Assisted-manual stage: server + ML backend, the round's project and tasks, annotation, pull-back."""
-    import json
-
-    from engine.labelstudio import LabelStudioError
-    from model.checkpoints import CheckpointError
     from stages.manual import run_manual_stage
 
-    cfg = _ls_config(config)
-    try:
-        summary = run_manual_stage(cfg, round_no, checkpoint,
-                                   simulate=cfg.stages.simulate if simulate is None else simulate)
-    except (LabelStudioError, CheckpointError) as e:
-        fail(str(e), code=1)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    _run_labelstudio_stage(run_manual_stage, config, round_no, checkpoint, simulate)
 
 
 @stage_app.command("semi")
@@ -341,16 +331,22 @@ def stage_semi(config: Path = typer.Option(..., "--config", help="The engine's Y
                simulate: Optional[bool] = typer.Option(None, "--simulate/--people",
                                                        help="Simulated annotators (default: stages.simulate).")) -> None:
     """Semi-automatic stage: calibrated confident masks pre-filled in Label Studio, annotators add the rest."""
+    from stages.semi import run_semi_stage
+
+    _run_labelstudio_stage(run_semi_stage, config, round_no, checkpoint, simulate)
+
+
+def _run_labelstudio_stage(run_stage, config: Path, round_no: int, checkpoint: Optional[str],
+                           simulate: Optional[bool]) -> None:
+    """Run a Label Studio stage (manual or semi) and print its summary as JSON; user errors as one line."""
     import json
 
     from engine.labelstudio import LabelStudioError
     from model.checkpoints import CheckpointError
-    from stages.semi import run_semi_stage
 
     cfg = _ls_config(config)
     try:
-        summary = run_semi_stage(cfg, round_no, checkpoint,
-                                 simulate=cfg.stages.simulate if simulate is None else simulate)
+        summary = run_stage(cfg, round_no, checkpoint, simulate=cfg.stages.simulate if simulate is None else simulate)
     except (LabelStudioError, CheckpointError) as e:
         fail(str(e), code=1)
     sys.stdout.write(json.dumps(summary) + "\n")
