@@ -74,30 +74,27 @@ class AutoMaskActor:
                 for k, v in out.items()}
 
 
-def resolve_model(cfg: EngineConfig, checkpoint: str | None) -> tuple[str | None, str]:
-    """(checkpoint path or None for a fresh seeded preset model, its model_version).
+def resolve_model(cfg: EngineConfig, checkpoint: str | None):
+    """(checkpoint path or None for a fresh seeded preset model, the driver's Segmenter).
 
-    The driver loads the model once to learn its version; actors build their own copy.
+    The driver loads the model once (its version; calibration); actors build their own copy.
     """
     from model.segmenter import Segmenter
 
     path = checkpoint or cfg.model.checkpoint
     path = cfg.path(path) if path else None
-    segmenter = Segmenter.load(path) if path else Segmenter.new(cfg.model.preset)
-    return path, segmenter.model_version
+    return path, Segmenter.load(path) if path else Segmenter.new(cfg.model.preset)
 
 
-def calibrated_thresholds(cfg: EngineConfig, model_path: str | None, store, source, quarantine, round: int) -> dict:
+def calibrated_thresholds(cfg: EngineConfig, segmenter, store, source, quarantine, round: int) -> dict:
     """Filter thresholds chosen from the verified masks of earlier rounds, as the semi-automatic stage
     chooses its prefill thresholds (stages/semi.py, model/calibration.py: the loosest pair whose
     precision lower bound reaches `stages.semi.target_precision`). A young model's IoU head is far
     from SAM's calibration, so SAM's fixed 0.88 / 0.95 would keep nothing or keep noise."""
     from model.amg import AmgParams
-    from model.segmenter import Segmenter
     from stages.semi import build_history, calibrate
 
     s = cfg.stages.semi
-    segmenter = Segmenter.load(model_path) if model_path else Segmenter.new(cfg.model.preset)
     loose = AmgParams.from_config(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
                                   stability_score_thresh=s.calibration_stability_floor)
     samples = build_history(segmenter, store, source, round, loose, s.calibration_images,
@@ -140,10 +137,11 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     root = cfg.path(cfg.storage.root)
     store = MaskStore(root, s3_endpoint_url=cfg.storage.s3_endpoint_url, shard_target_mb=cfg.storage.shard_target_mb)
     quarantine = Quarantine(root, s3_endpoint_url=cfg.storage.s3_endpoint_url)
-    model_path, model_version = resolve_model(cfg, checkpoint)
+    model_path, driver_model = resolve_model(cfg, checkpoint)
+    model_version = driver_model.model_version
     thresholds = None
     if a.calibrate:
-        thresholds = calibrated_thresholds(cfg, model_path, store, source, quarantine, round)
+        thresholds = calibrated_thresholds(cfg, driver_model, store, source, quarantine, round)
         params["pred_iou_thresh"] = max(0.0, thresholds["pred_iou_thresh"] - 1e-6)  # generator keeps >, calibration >=
         params["stability_score_thresh"] = thresholds["stability_thresh"]
 

@@ -141,8 +141,7 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
                              "stages.semi.calibration_min_samples": 1, "stages.semi.calibration_min_kept": 1})
     store, source = MaskStore(cfg.path(cfg.storage.root)), ImageSource(cfg.path(cfg.images.source))
     quarantine = Quarantine(cfg.path(cfg.storage.root))
-    model = str(tmp_path / "model")
-    Segmenter.new("compact", seed=0).save(model, {"round": 0})
+    model = Segmenter.new("compact", seed=0)
 
     none = calibrated_thresholds(cfg, model, store, source, quarantine, round=2)
     assert none["source"] == "default" and none["n_history"] == 0
