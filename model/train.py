@@ -38,6 +38,7 @@ class TrainSettings:
     batch_images: int = 8
     masks_per_image: int = 8
     iterations: int = 2  # prompts per mask: first prompt + corrective clicks
+    corrective_share: float = 1.0  # share of a step's masks that get the corrective iterations
     focal_alpha: float = 0.5  # 0.5 = no class re-weighting (0.25 drives small objects to empty masks)
     focal_gamma: float = 2.0
     focal_weight: float = 20.0  # SAM: focal:dice = 20:1
@@ -387,20 +388,31 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
             labs[i].append(1)
     total = 0.0
     mask_in = None
+    rows = np.arange(n)  # the masks still being refined
     for it in range(iterations):
+        if it == 1 and s.corrective_share < 1.0:
+            # Corrective iterations on a random share of the masks: the first prompt is what most
+            # decoder time buys, and the single-output/mask-prompt path still gets trained.
+            keep = np.sort(rng.choice(n, size=max(1, round(n * s.corrective_share)), replace=False))
+            rows, mask_in = rows[keep], mask_in[torch.as_tensor(keep)]
+        idx = torch.as_tensor(rows)
+
+        def sel(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x if x is None or len(rows) == n else x[idx]
+
         points = labels = None
-        if pts[0]:
-            points = torch.tensor(pts, dtype=torch.float32)
-            labels = torch.tensor(labs, dtype=torch.int64)
-        low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
-        loss, _, chosen = _step_loss(low, iou, gt, w, side, s)
+        if pts[rows[0]]:
+            points = torch.tensor([pts[i] for i in rows], dtype=torch.float32)
+            labels = torch.tensor([labs[i] for i in rows], dtype=torch.int64)
+        low, iou = seg.decode(sel(feats), points, labels, sel(boxes), mask_in, multimask=(it == 0))
+        loss, _, chosen = _step_loss(low, iou, sel(gt), sel(w), side, s)
         total = total + loss
         if it + 1 < iterations:
             with torch.no_grad():
                 mask_in = chosen.detach()
                 pred = (F.interpolate(mask_in, (side, side), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
-            for i in range(n):
-                x, y, lab = sample_error_click(pred[i], gt_np[i], rng)
+            for j, i in enumerate(rows):
+                x, y, lab = sample_error_click(pred[j], gt_np[i], rng)
                 pts[i].append((x, y))
                 labs[i].append(lab)
     opt.zero_grad(set_to_none=True)

@@ -43,6 +43,31 @@ def test_train_steps_change_weights_and_record_the_curve():
     assert any(k.startswith("mask_decoder.") for k in changed)
 
 
+def test_corrective_iterations_on_a_share_of_the_masks():
+    images, masks = small_data()
+    seg = Segmenter.new("compact", seed=0)
+    calls = []
+    decode = seg.decode
+
+    def spy(feats, points, labels, boxes, mask_input, multimask):
+        calls.append(dict(rows=feats.shape[0], points=points is not None, boxes=boxes is not None,
+                          mask=mask_input is not None, multimask=multimask))
+        out = decode(feats, points, labels, boxes, mask_input, multimask)
+        assert out[0].shape[0] == feats.shape[0] and (points is None or points.shape[0] == feats.shape[0])
+        return out
+
+    seg.decode = spy
+    train(seg, dataset_sampler(images, masks), TrainSettings(max_steps=8, batch_images=2, masks_per_image=4,
+                                                              iterations=2, corrective_share=0.25, seed=3))
+    first, second = calls[0::2], calls[1::2]
+    assert len(first) == len(second) == 8
+    for a, b in zip(first, second):
+        assert a["multimask"] and not b["multimask"] and b["points"] and b["mask"] and not a["mask"]
+        assert b["rows"] == max(1, round(a["rows"] * 0.25)) < a["rows"]
+        assert b["boxes"] == a["boxes"]  # a box-first mask keeps its box beside the corrective click
+    assert {a["boxes"] for a in first} == {True, False}
+
+
 def test_weighted_masks_and_empty_data():
     images, masks = small_data(1)
     w = [np.full(len(masks[0]), 2.0, np.float32)]
