@@ -388,24 +388,21 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
             labs[i].append(1)
     total = 0.0
     mask_in = None
-    rows = np.arange(n)  # the masks still being refined
+    rows = np.arange(n)  # the masks still being refined (indices into pts/labs/gt_np)
     for it in range(iterations):
         if it == 1 and s.corrective_share < 1.0:
             # Corrective iterations on a random share of the masks: the first prompt is what most
             # decoder time buys, and the single-output/mask-prompt path still gets trained.
             keep = np.sort(rng.choice(n, size=max(1, round(n * s.corrective_share)), replace=False))
-            rows, mask_in = rows[keep], mask_in[torch.as_tensor(keep)]
-        idx = torch.as_tensor(rows)
-
-        def sel(x: torch.Tensor | None) -> torch.Tensor | None:
-            return x if x is None or len(rows) == n else x[idx]
-
+            k = torch.as_tensor(keep)
+            rows, mask_in, feats, gt, w = rows[keep], mask_in[k], feats[k], gt[k], w[k]
+            boxes = None if boxes is None else boxes[k]
         points = labels = None
         if pts[rows[0]]:
             points = torch.tensor([pts[i] for i in rows], dtype=torch.float32)
             labels = torch.tensor([labs[i] for i in rows], dtype=torch.int64)
-        low, iou = seg.decode(sel(feats), points, labels, sel(boxes), mask_in, multimask=(it == 0))
-        loss, _, chosen = _step_loss(low, iou, sel(gt), sel(w), side, s)
+        low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
+        loss, _, chosen = _step_loss(low, iou, gt, w, side, s)
         total = total + loss
         if it + 1 < iterations:
             with torch.no_grad():
