@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from engine.synth import make_scene, scene_rng
 from model.segmenter import Segmenter
-from model.train import TrainSettings, augment, dataset_sampler, train, train_cli
+from model.train import TrainSettings, augment, dataset_sampler, learning_rate, train, train_cli
 
 torch.set_num_threads(1)
 
@@ -145,6 +145,27 @@ def test_cpu_clock_budget_and_ema_keep_training_sane():
     assert res.cpu_seconds >= 0.03 * 60 and res.steps >= 1 and np.isfinite(res.final_loss)
     with pytest.raises(ValueError, match="clock"):
         train(seg, dataset_sampler(images, masks), TrainSettings(max_steps=1, clock="sundial"))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    s = TrainSettings(lr=1e-3, warmup_steps=10, lr_floor=0.1)
+    assert learning_rate(s, 0, 0.0) == pytest.approx(1e-4)  # warm-up: 1/10 of the peak
+    assert learning_rate(s, 9, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(s, 500, 0.5) == pytest.approx(1e-3 * 0.55)
+    assert learning_rate(s, 999, 1.0) == pytest.approx(1e-4)
+    flat = TrainSettings(lr=1e-3, warmup_steps=10, lr_floor=1.0)
+    assert [learning_rate(flat, 50, p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1e-3] * 3)
+    assert learning_rate(s, 500, None) == pytest.approx(1e-3)  # a step-count run does not decay
+
+
+def test_adam_beta2_reaches_the_optimizer(monkeypatch):
+    seen = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: seen.append(k["betas"]) or real(*a, **k))
+    images, masks = small_data(1)
+    train(Segmenter.new("compact", seed=0), dataset_sampler(images, masks),
+          TrainSettings(max_steps=1, batch_images=1, masks_per_image=1, adam_beta2=0.9))
+    assert seen == [(0.9, 0.9)]
 
 
 def test_ema_averages_and_swaps_back():
