@@ -145,6 +145,9 @@ def _trace_lines(cfg: EngineConfig) -> list[list]:
 
 def _child(config_path: str) -> None:
     """Subprocess entry: run the loop with the cheap steps (signals and kills come from the parent)."""
+    # A foreground terminal's Ctrl-C: when the suite itself runs in the background (`cmd &` in a
+    # script), the shell starts it with SIGINT ignored and Python then keeps it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_rounds(load_config(config_path), CHEAP)
 
 
