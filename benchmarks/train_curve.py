@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -57,7 +58,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: this process's CPU time; wall: elapsed training time")
     ap.add_argument("--eval-every", type=float, default=2.0, help="minutes (on --clock) between evaluations")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--procs", type=int, default=1,
+                    help="data-parallel processes (gloo; rank 0 keeps the clock and evaluates; batch per process)")
     ap.add_argument("--pool", type=int, default=2000, help="training scenes generated before the timer")
     ap.add_argument("--train-seed", type=int, default=1)
     ap.add_argument("--holdout-seed", type=int, default=999)
@@ -68,7 +71,33 @@ def main() -> None:
     ap.add_argument("--arch", nargs="*", default=[], help="compact architecture overrides, key=value (JSON values)")
     ap.add_argument("--out", default=None, help="save the trained checkpoint here")
     args = ap.parse_args()
+    if args.procs > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_worker, args=(args, port), nprocs=args.procs)
+    else:
+        run(args)
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.procs)
+    try:
+        run(args, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, rank: int = 0) -> None:
     torch.set_num_threads(args.threads)
+    if rank:
+        sys.stdout = open(os.devnull, "w")
 
     known = {f.name for f in fields(TrainSettings)}
     sets = _overrides(args.set)
@@ -98,7 +127,10 @@ def main() -> None:
         return row
 
     wall0 = time.perf_counter()
-    result = train(seg, dataset_sampler([s[0] for s in scenes], [s[1] for s in scenes]), settings, on_eval)
+    result = train(seg, dataset_sampler([s[0] for s in scenes], [s[1] for s in scenes]), settings,
+                   on_eval if rank == 0 else None)
+    if rank:
+        return
     wall = time.perf_counter() - wall0
     curve = [{"cpu_min": round(c["cpu_s"] / 60, 2), "wall_min": round(c["train_s"] / 60, 2), "step": c["step"],
               "oracle@1": c["oracle@1"], "pred@1": c["pred@1"], "box": c["box"]} for c in result.curve]
@@ -115,7 +147,7 @@ def main() -> None:
         "miou_at_1_oracle": last["oracle@1"], "miou_at_1_pred": last["pred@1"], "miou_box": last["box"],
         "cpu_minutes": round(result.cpu_seconds / 60, 2), "wall_minutes": round(result.train_seconds / 60, 2),
         "wall_minutes_with_eval": round(wall / 60, 2), "clock": args.clock, "steps": result.steps,
-        "threads": args.threads,
+        "threads": args.threads, "procs": args.procs,
         "holdout": {"seed": args.holdout_seed, "images": args.holdout_images, "masks": last["n_masks"]},
         "pool": args.pool, "params_m": round(n_params / 1e6, 3), "curve": curve}))
 

@@ -110,11 +110,12 @@ class SamNet(nn.Module):
 
     def decode(self, embeddings: torch.Tensor, points: torch.Tensor | None, labels: torch.Tensor | None,
                boxes: torch.Tensor | None, mask_input: torch.Tensor | None,
-               multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask: bool, pe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt per row.
 
         embeddings: (P, C, h, w) (expanded views are fine); points: (P, K, 2) input-frame px;
-        labels: (P, K); boxes: (P, 4) XYXY input-frame px; mask_input: (P, 1, 4h, 4w) logits.
+        labels: (P, K); boxes: (P, 4) XYXY input-frame px; mask_input: (P, 1, 4h, 4w) logits;
+        pe: (P, C, h, w) positional encodings of a window of the grid (None: the whole grid).
         Returns low-res logits (P, M, 4h, 4w) and IoU predictions (P, M), M = 3 if multimask else 1.
         """
         sparse, dense = self.prompt_encoder(
@@ -123,10 +124,11 @@ class SamNet(nn.Module):
             input_boxes=None if boxes is None else boxes[:, None],
             input_masks=mask_input,
         )
-        n = embeddings.shape[0]
+        n, _, h, w = embeddings.shape
         if dense.shape[0] != n:
             dense = dense.expand(n, -1, -1, -1)
-        pe = self.dense_pe().expand(n, -1, -1, -1)
+        dense = dense[..., :h, :w]  # the no-mask embedding is one vector broadcast over the grid
+        pe = self.dense_pe().expand(n, -1, -1, -1) if pe is None else pe
         masks, iou = self.mask_decoder(
             image_embeddings=embeddings, image_positional_embeddings=pe,
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)

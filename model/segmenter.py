@@ -272,20 +272,24 @@ class Segmenter:
                 masks.append(self._postprocess(native, emb) > 0)
         return Prediction(torch.cat(masks) if upsample else None, torch.cat(ious), torch.cat(lows))
 
-    def decode(self, features: torch.Tensor, points, labels, boxes, mask_input, multimask: bool):
+    def decode(self, features: torch.Tensor, points, labels, boxes, mask_input, multimask: bool,
+               pe: torch.Tensor | None = None):
         """Network call (gradients flow if enabled): features (C, h, w) or (P, C, h, w); prompts in the
-        input frame. Returns native low-res logits (P, M, 4h, 4w) and IoU predictions (P, M)."""
+        input frame. Returns native low-res logits (P, M, 4h, 4w) and IoU predictions (P, M).
+        pe: (P, C, h, w) positional encodings of the features' cells, for a window of the embedding
+        grid (training on crops); None = the whole grid."""
         n = next(x.shape[0] for x in (points, boxes, mask_input) if x is not None)
         feats = features[None].expand(n, -1, -1, -1) if features.dim() == 3 else features
         if mask_input is not None:
-            side = 4 * self.net.embed_size
+            side = 4 * feats.shape[-1]
             if mask_input.shape[-1] != side:
                 mask_input = F.interpolate(mask_input, (side, side), mode="bilinear", align_corners=False)
             mask_input = mask_input.to(self.device)
         dev = self.device
         return self.net.decode(feats.to(dev), None if points is None else points.to(dev),
                                None if labels is None else labels.to(dev),
-                               None if boxes is None else boxes.to(dev), mask_input, multimask)
+                               None if boxes is None else boxes.to(dev), mask_input, multimask,
+                               None if pe is None else pe.to(dev))
 
     def _postprocess(self, low: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
         """(N, M, n, n) logits in the padded input frame -> (N, M, H, W) logits of the original image."""

@@ -58,6 +58,12 @@ class TrainSettings:
     min_area: int = 16  # masks smaller than this (pixels of the encoder input) are skipped
     seed: int = 0
     eval_every_s: float | None = None  # call `on_eval` this often (training seconds)
+    # Crops: the first `crop_share` of the budget trains on (crop_size x crop_size) windows of the
+    # input (multiples of the embedding stride; the decoder sees only that window of cells, with
+    # their own positional encodings), `crop_batch_images` per step. None/0: whole images only.
+    crop_size: int | None = None
+    crop_share: float = 0.0
+    crop_batch_images: int = 24
     threads: int | None = None
 
 
@@ -161,10 +167,13 @@ def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> t
     return np.ascontiguousarray(image), np.ascontiguousarray(masks)
 
 
-def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int):
-    """B images -> pixels (B, 3, S, S), gt (P, S, S) bool in the input frame, weights (P,), image index (P,)."""
-    imgs, gts, ws, owner = [], [], [], []
-    while len(imgs) < s.batch_images:
+def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int, crop: int | None = None,
+           stride: int = 8):
+    """B images -> pixels (B, 3, F, F), gt (P, F, F) bool, weights (P,), image index (P,), window
+    offsets (B, 2) XY input px. F = side, or `crop` for windows at offsets that are multiples of
+    `stride` (the embedding's cell size in input px)."""
+    imgs, gts, ws, owner, offsets = [], [], [], [], []
+    while len(imgs) < (s.crop_batch_images if crop else s.batch_images):
         image, masks, weights = samplers(rng)
         image, masks = augment(image, masks, rng)
         h, w = resized_shape(image.shape[0], image.shape[1], side)
@@ -172,6 +181,10 @@ def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: 
         if (h, w) != masks.shape[1:]:
             m = F.interpolate(m, (h, w), mode="nearest")
         m = F.pad(m[:, 0], (0, side - w, 0, side - h)) > 0.5
+        ox = oy = 0
+        if crop:
+            ox, oy = (int(v) * stride for v in rng.integers(0, (side - crop) // stride + 1, 2))
+            m = m[:, oy:oy + crop, ox:ox + crop]
         ok = np.nonzero(m.sum((1, 2)).numpy() >= s.min_area)[0]
         if len(ok) == 0:
             continue
@@ -180,8 +193,11 @@ def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: 
         ws.append(torch.as_tensor(weights[pick], dtype=torch.float32))
         owner.extend([len(imgs)] * len(pick))
         imgs.append(image)
+        offsets.append((ox, oy))
     pixels, _ = preprocess(imgs, side)
-    return pixels, torch.cat(gts), torch.cat(ws), torch.as_tensor(owner)
+    if crop:
+        pixels = torch.stack([pixels[i, :, oy:oy + crop, ox:ox + crop] for i, (ox, oy) in enumerate(offsets)])
+    return pixels, torch.cat(gts), torch.cat(ws), torch.as_tensor(owner), torch.as_tensor(offsets)
 
 
 # ---- loss ------------------------------------------------------------------------------------
@@ -304,6 +320,10 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     rng = np.random.default_rng(s.seed + 1000 * _rank())
     torch.manual_seed(s.seed)
     net, side = seg.net, seg.image_size
+    stride = side // net.embed_size
+    if s.crop_size and (s.crop_size % stride or not 0 < s.crop_size <= side):
+        raise ValueError(f"train settings: crop_size must be a multiple of the embedding stride ({stride} px) "
+                         f"between {stride} and the input size ({side}), got {s.crop_size}")
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, s.adam_beta2))
     ema = _Ema(net, s.ema_decay) if s.ema_decay else None
@@ -328,13 +348,18 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
 
     evaluate_now()
     net.train()
-    while spent() < budget and (s.max_steps is None or step < s.max_steps):
+    while True:
         t0, c0 = time.perf_counter(), time.process_time()
+        done = spent() >= budget or (s.max_steps is not None and step >= s.max_steps)
         progress = min(1.0, spent() / budget) if s.max_steps is None else step / s.max_steps
+        done, progress = _rank0_decides(done, progress)
+        if done:
+            break
         for g in opt.param_groups:
             g["lr"] = learning_rate(s, step, progress if s.max_steps is None else None)
         iterations = 1 if progress < s.single_click_fraction else s.iterations
-        loss_v = _train_step(seg, opt, params, data, rng, s, side, iterations)
+        crop = s.crop_size if (s.crop_size and progress < s.crop_share) else None
+        loss_v = _train_step(seg, opt, params, data, rng, s, side, iterations, crop)
         if ema is not None:
             ema.update(net, step)
         step += 1
@@ -370,11 +395,21 @@ def _first_points(gt: np.ndarray, rng: np.random.Generator, how: str) -> list[tu
 
 
 def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int,
-                iterations: int | None = None) -> float:
+                iterations: int | None = None, crop: int | None = None) -> float:
     net = seg.net
     iterations = iterations or s.iterations
-    pixels, gt, w, owner = _batch(data, rng, s, side)
+    stride = side // net.embed_size
+    pixels, gt, w, owner, offsets = _batch(data, rng, s, side, crop, stride)
     feats = net.image_encoder(pixels)[owner]  # (P, C, h, w)
+    frame = gt.shape[-1]
+    pe = shift = None
+    if crop:
+        # The window's own cells of the whole grid's positional encoding, and prompts moved back
+        # to whole-input coordinates, so the decoder sees what it sees at inference.
+        full, c = net.dense_pe()[0], crop // stride
+        pe = torch.stack([full[:, oy // stride:oy // stride + c, ox // stride:ox // stride + c]
+                          for ox, oy in offsets.tolist()])[owner]
+        shift = offsets[owner].float()
     gt_np = gt.numpy()
     n = len(gt_np)
     use_box = rng.random() < s.box_prob
@@ -387,7 +422,7 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
             ys, xs = np.nonzero(m)
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
             noise = rng.normal(0, 0.1, 4) * np.array([x1 - x0, y1 - y0] * 2)
-            b[i] = np.clip(np.array([x0, y0, x1, y1]) + np.clip(noise, -20, 20), 0, side)
+            b[i] = np.clip(np.array([x0, y0, x1, y1]) + np.clip(noise, -20, 20), 0, frame)
         b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
         boxes = torch.from_numpy(b)
     else:
@@ -409,13 +444,20 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
         if pts[rows[0]]:
             points = torch.tensor([pts[i] for i in rows], dtype=torch.float32)
             labels = torch.tensor([labs[i] for i in rows], dtype=torch.int64)
-        low, iou = seg.decode(feats, points, labels, boxes, mask_in, multimask=(it == 0))
-        loss, _, chosen = _step_loss(low, iou, gt, w, side, s)
+        bx = boxes
+        if shift is not None:
+            sh = shift[torch.as_tensor(rows)]
+            points = None if points is None else points + sh[:, None]
+            bx = None if boxes is None else boxes + sh.repeat(1, 2)
+            p_rows = pe[torch.as_tensor(rows)]
+        low, iou = seg.decode(feats, points, labels, bx, mask_in, multimask=(it == 0),
+                              pe=None if shift is None else p_rows)
+        loss, _, chosen = _step_loss(low, iou, gt, w, frame, s)
         total = total + loss
         if it + 1 < iterations:
             with torch.no_grad():
                 mask_in = chosen.detach()
-                pred = (F.interpolate(mask_in, (side, side), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
+                pred = (F.interpolate(mask_in, (frame, frame), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
             for j, i in enumerate(rows):
                 x, y, lab = sample_error_click(pred[j], gt_np[i], rng)
                 pts[i].append((x, y))
@@ -426,6 +468,18 @@ def _train_step(seg: Segmenter, opt, params, data: Sampler, rng: np.random.Gener
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return float(total.detach()) / iterations
+
+
+def _rank0_decides(done: bool, progress: float) -> tuple[bool, float]:
+    """Rank 0's clock decides, for every worker, when to stop and where the schedule is: workers
+    whose clocks disagree by one step would leave one of them alone in an all-reduce (a hang)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return done, progress
+    state = torch.tensor([float(done), progress], dtype=torch.float64)
+    dist.broadcast(state, 0)
+    return bool(state[0]), float(state[1])
 
 
 def _rank() -> int:

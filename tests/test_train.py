@@ -49,10 +49,10 @@ def test_corrective_iterations_on_a_share_of_the_masks():
     calls = []
     decode = seg.decode
 
-    def spy(feats, points, labels, boxes, mask_input, multimask):
+    def spy(feats, points, labels, boxes, mask_input, multimask, pe=None):
         calls.append(dict(rows=feats.shape[0], points=points is not None, boxes=boxes is not None,
                           mask=mask_input is not None, multimask=multimask))
-        out = decode(feats, points, labels, boxes, mask_input, multimask)
+        out = decode(feats, points, labels, boxes, mask_input, multimask, pe)
         assert out[0].shape[0] == feats.shape[0] and (points is None or points.shape[0] == feats.shape[0])
         return out
 
@@ -230,3 +230,60 @@ def test_rounds_retrain_on_the_bootstrap_set_too(tmp_path):
     # the bootstrap's own training (its store is the run's store) does not add itself twice
     boot = load_config(None, {"workdir": str(tmp_path), "storage.root": str(tmp_path / "bootstrap" / "store")})
     assert len(training_sets(boot)) == 1
+
+
+def test_crop_windows_keep_pixels_and_masks_aligned():
+    """A crop step sees a window of the input with its masks cut to the same window (offsets on the
+    embedding's cell grid): in every window, the pixels of a mask's colour are exactly its gt."""
+    from model.segmenter import PIXEL_MEAN, PIXEL_STD
+    from model.train import _batch
+
+    side, crop = 128, 64
+    image = np.full((256, 256, 3), 128, np.uint8)
+    masks = np.zeros((3, 256, 256), bool)
+    masks[0, 20:120, 30:200] = masks[1, 140:240, 10:90] = masks[2, 150:250, 120:250] = True
+    for c in range(3):
+        image[masks[c]] = [255 if k == c else 0 for k in range(3)]
+    s = TrainSettings(crop_size=crop, crop_batch_images=6, masks_per_image=3)
+    rng = np.random.default_rng(0)
+    offsets_seen, rows = set(), 0
+    for _ in range(5):
+        pixels, gt, w, owner, offsets = _batch(lambda r: (image, masks, np.ones(3, np.float32)),
+                                                       rng, s, side, crop, 8)
+        assert pixels.shape == (6, 3, crop, crop) and gt.shape[1:] == (crop, crop)
+        offsets_seen |= {tuple(o) for o in offsets.tolist()}
+        rgb = pixels * torch.tensor(PIXEL_STD).view(1, 3, 1, 1) + torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+        for p, b in enumerate(owner.tolist()):
+            m = gt[p]
+            c = int(rgb[b][:, m].mean(1).argmax())
+            others = [k for k in range(3) if k != c]
+            coloured = rgb[b][c] > rgb[b][others].max(0).values + 60
+            iou = (coloured & m).sum() / (coloured | m).sum()
+            assert iou > 0.9, (p, offsets[b].tolist(), float(iou))
+            rows += 1
+    assert rows > 30 and all(o % 8 == 0 and 0 <= o <= side - crop for xy in offsets_seen for o in xy)
+    assert len(offsets_seen) > 8
+    seg = Segmenter.new("compact", seed=0)
+    images, ms = small_data()
+    res = train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=3, crop_size=48, crop_share=1.0,
+                                                                crop_batch_images=4, masks_per_image=2))
+    assert res.steps == 3 and np.isfinite(res.final_loss)
+    for bad in (60, 0 - 8, 256):
+        with pytest.raises(ValueError, match="crop_size must be a multiple"):
+            train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=1, crop_size=bad, crop_share=1.0))
+
+
+def test_decoding_a_window_with_its_positional_encodings_matches_the_whole_grid():
+    seg = Segmenter.new("compact", seed=0)
+    torch.manual_seed(0)
+    feats = torch.randn(2, 64, 16, 16)
+    pts = torch.tensor([[[40.0, 50.0]], [[100.0, 20.0]]])
+    lab = torch.ones(2, 1, dtype=torch.int64)
+    with torch.no_grad():
+        a = seg.decode(feats, pts, lab, None, None, True)
+        b = seg.decode(feats, pts, lab, None, None, True, pe=seg.net.dense_pe().expand(2, -1, -1, -1))
+        # a window: the decoder sees 8x8 cells and their own encodings
+        win = seg.decode(feats[..., 4:12, 8:16], pts, lab, None, None, True,
+                         pe=seg.net.dense_pe()[..., 4:12, 8:16].expand(2, -1, -1, -1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert win[0].shape == (2, 3, 32, 32)
