@@ -2,16 +2,17 @@
 
 Trains `Segmenter.new("compact")` for `--minutes` of this process's CPU time (`--clock cpu`, the
 default: fair on a shared machine; wall time is reported beside it) or of wall time (`--clock wall`,
-e.g. with `--threads 2`: what a user of the 2-core machine gets in that time), and evaluates SAM's point protocol on a
+e.g. with `--procs 2`: what a user of the 2-core machine gets in that time, as two data-parallel
+workers like Ray Train's; rank 0 keeps the clock and evaluates), and evaluates SAM's point protocol on a
 held-out split (another seed of engine/synth.py) every `--eval-every` CPU-minutes; evaluation time
 is not counted. The training scenes are a pool generated before the timer starts (`--pool`; its
 generation time is printed); augmentation makes each reuse differ.
 
 Last line: JSON with `miou_at_1_oracle`, `miou_at_1_pred`, `miou_box`, `cpu_minutes`,
-`wall_minutes`, `steps`, `threads` and `curve` (one entry per evaluation).
+`wall_minutes`, `steps`, `threads`, `procs` and `curve` (one entry per evaluation).
 
     .venv/bin/python benchmarks/train_curve.py --minutes 10 --out /tmp/ck
-    .venv/bin/python benchmarks/train_curve.py --minutes 10 --clock wall --threads 2
+    .venv/bin/python benchmarks/train_curve.py --minutes 10 --clock wall --procs 2 --set crop_batch_images=8 batch_images=4
     .venv/bin/python benchmarks/train_curve.py --minutes 2 --set lr=3e-3 --arch out_stride=4
 """
 from __future__ import annotations

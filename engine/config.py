@@ -127,6 +127,7 @@ class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
     batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
     lr: float | None = None  # AdamW peak learning rate (None: the recipe's default in model/train.py)
+    crop_share: float | None = None  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
     manual_weight: float = 2.0  # manual masks count this much more than automatic ones
     include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
     num_workers: int = 1  # Ray Train workers

@@ -58,12 +58,12 @@ class TrainSettings:
     min_area: int = 16  # masks smaller than this (pixels of the encoder input) are skipped
     seed: int = 0
     eval_every_s: float | None = None  # call `on_eval` this often (training seconds)
-    # Crops: the first `crop_share` of the budget trains on (crop_size x crop_size) windows of the
-    # input (multiples of the embedding stride; the decoder sees only that window of cells, with
-    # their own positional encodings), `crop_batch_images` per step. None/0: whole images only.
-    crop_size: int | None = None
-    crop_share: float = 0.0
-    crop_batch_images: int = 24
+    # Crops (conv encoders only): the first `crop_share` of the budget trains on square windows of
+    # `crop_fraction` of the input side (whole embedding cells; the decoder sees only the window's
+    # cells, with their own positional encodings), `crop_batch_images` windows per step. 0: off.
+    crop_fraction: float = 0.5
+    crop_share: float = 0.75
+    crop_batch_images: int = 16
     threads: int | None = None
 
 
@@ -321,9 +321,11 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     torch.manual_seed(s.seed)
     net, side = seg.net, seg.image_size
     stride = side // net.embed_size
-    if s.crop_size and (s.crop_size % stride or not 0 < s.crop_size <= side):
-        raise ValueError(f"train settings: crop_size must be a multiple of the embedding stride ({stride} px) "
-                         f"between {stride} and the input size ({side}), got {s.crop_size}")
+    crop_px = None
+    if s.crop_share > 0 and seg.arch.get("encoder") == "compact":  # a ViT needs its whole input
+        if not 0 < s.crop_fraction <= 1:
+            raise ValueError(f"train settings: crop_fraction must be in (0, 1], got {s.crop_fraction}")
+        crop_px = max(1, round(s.crop_fraction * net.embed_size)) * stride
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, s.adam_beta2))
     ema = _Ema(net, s.ema_decay) if s.ema_decay else None
@@ -358,7 +360,7 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         for g in opt.param_groups:
             g["lr"] = learning_rate(s, step, progress if s.max_steps is None else None)
         iterations = 1 if progress < s.single_click_fraction else s.iterations
-        crop = s.crop_size if (s.crop_size and progress < s.crop_share) else None
+        crop = crop_px if (crop_px and progress < s.crop_share) else None
         loss_v = _train_step(seg, opt, params, data, rng, s, side, iterations, crop)
         if ema is not None:
             ema.update(net, step)
@@ -633,6 +635,8 @@ def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no:
         settings.lr = cfg.train.lr
     if cfg.train.batch_images is not None:
         settings.batch_images = cfg.train.batch_images
+    if cfg.train.crop_share is not None:
+        settings.crop_share = cfg.train.crop_share
     meta = {"round": round_no, "resumed_from": init_checkpoint}
     if n_masks == 0:
         seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)

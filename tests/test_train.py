@@ -244,7 +244,7 @@ def test_crop_windows_keep_pixels_and_masks_aligned():
     masks[0, 20:120, 30:200] = masks[1, 140:240, 10:90] = masks[2, 150:250, 120:250] = True
     for c in range(3):
         image[masks[c]] = [255 if k == c else 0 for k in range(3)]
-    s = TrainSettings(crop_size=crop, crop_batch_images=6, masks_per_image=3)
+    s = TrainSettings(crop_batch_images=6, masks_per_image=3)
     rng = np.random.default_rng(0)
     offsets_seen, rows = set(), 0
     for _ in range(5):
@@ -265,12 +265,16 @@ def test_crop_windows_keep_pixels_and_masks_aligned():
     assert len(offsets_seen) > 8
     seg = Segmenter.new("compact", seed=0)
     images, ms = small_data()
-    res = train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=3, crop_size=48, crop_share=1.0,
+    sizes = []
+    decode = seg.decode
+    seg.decode = lambda feats, *a, **k: sizes.append(feats.shape[-1]) or decode(feats, *a, **k)
+    res = train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=4, crop_fraction=0.4, crop_share=0.5,
                                                                 crop_batch_images=4, masks_per_image=2))
-    assert res.steps == 3 and np.isfinite(res.final_loss)
-    for bad in (60, 0 - 8, 256):
-        with pytest.raises(ValueError, match="crop_size must be a multiple"):
-            train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=1, crop_size=bad, crop_share=1.0))
+    assert res.steps == 4 and np.isfinite(res.final_loss)
+    assert sizes == [6, 6, 6, 6, 16, 16, 16, 16]  # 0.4 x 16 cells, 2 decoder passes a step; then whole
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="crop_fraction must be in"):
+            train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=1, crop_fraction=bad, crop_share=1.0))
 
 
 def test_decoding_a_window_with_its_positional_encodings_matches_the_whole_grid():
