@@ -291,3 +291,51 @@ def test_decoding_a_window_with_its_positional_encodings_matches_the_whole_grid(
                          pe=seg.net.dense_pe()[..., 4:12, 8:16].expand(2, -1, -1, -1))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert win[0].shape == (2, 3, 32, 32)
+
+
+def _two_clock_worker(rank: int, port: int, out: str) -> None:
+    import time as _time
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    images, masks = small_data(2)
+    inner = dataset_sampler(images, masks)
+
+    def slow(rng):  # rank 1 sleeps: its CPU clock barely moves while rank 0's wall clock runs out
+        if rank == 1:
+            _time.sleep(0.05)
+        return inner(rng)
+
+    # Different clocks on purpose: on its own, rank 1 would want many more steps than rank 0.
+    settings = TrainSettings(minutes=2.0 / 60, clock="wall" if rank == 0 else "cpu", batch_images=1,
+                             masks_per_image=1, crop_batch_images=2, seed=rank)
+    res = train(Segmenter.new("compact", seed=0), slow, settings)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(str(res.steps))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_workers_stop_together_on_rank_0s_clock(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_two_clock_worker, args=(r, port, str(tmp_path / "steps"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "a worker hung waiting for the other"
+    assert [p.exitcode for p in procs] == [0, 0]
+    steps = [int((tmp_path / f"steps.{r}").read_text()) for r in range(2)]
+    assert steps[0] == steps[1] >= 1
