@@ -12,7 +12,7 @@ Last line: JSON with `miou_at_1_oracle`, `miou_at_1_pred`, `miou_box`, `cpu_minu
 `wall_minutes`, `steps`, `threads`, `procs` and `curve` (one entry per evaluation).
 
     .venv/bin/python benchmarks/train_curve.py --minutes 10 --out /tmp/ck
-    .venv/bin/python benchmarks/train_curve.py --minutes 10 --clock wall --procs 2 --set crop_batch_images=8 batch_images=4
+    .venv/bin/python benchmarks/train_curve.py --minutes 10 --clock wall --procs 2 --set crop_batch_images=32 batch_images=16
     .venv/bin/python benchmarks/train_curve.py --minutes 2 --set lr=3e-3 --arch out_stride=4
 """
 from __future__ import annotations

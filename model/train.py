@@ -370,7 +370,7 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         if s.eval_every_s and spent() - last_eval >= s.eval_every_s:
             last_eval = spent()
             evaluate_now()
-    if s.eval_every_s:
+    if s.eval_every_s and not (curve and curve[-1]["step"] == step):
         evaluate_now()
     if ema is not None and step:
         ema.swap(net)  # keep the averaged weights
