@@ -10,13 +10,12 @@ Augmentation: flips, 90° rotations, brightness/contrast jitter.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
