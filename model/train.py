@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -113,6 +114,38 @@ def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25
                 scenes[int(rng.integers(pool))] = item
             return item
         return scenes[int(rng.integers(len(scenes)))]
+
+    return sample
+
+
+def input_frame_sampler(data: Sampler, side: int) -> Sampler:
+    """`data` with each sample resized once to the encoder's input frame (longest side `side`).
+
+    Resizing a scene (image antialiased as `preprocess` does, masks nearest) cost a sixth of a
+    training step on windows, every time the scene was drawn; augmentation (flips, 90° turns,
+    jitter) commutes with it, so it is done once per scene and kept while the scene is alive
+    (entries go with the original image, so a streaming sampler does not grow the cache). Scenes
+    that the frame enlarges (a small image for a 1024 px ViT) pass through as they are: kept
+    enlarged they would cost more memory than the originals.
+    """
+    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def sample(rng: np.random.Generator) -> Sample:
+        image, masks, weights = data(rng)
+        h, w = resized_shape(image.shape[0], image.shape[1], side)
+        if h * w >= image.shape[0] * image.shape[1]:
+            return image, masks, weights
+        hit = cache.get(id(image))
+        if hit is None or hit[0] is not masks:
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            small = x[0].round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+            m = F.interpolate(torch.from_numpy(masks[:, None].astype(np.float32)), (h, w), mode="nearest")
+            small_masks = m[:, 0].numpy() > 0.5
+            if hit is None:
+                weakref.finalize(image, cache.pop, id(image), None)
+            hit = cache[id(image)] = (masks, small, small_masks)
+        return hit[1], hit[2], weights
 
     return sample
 
@@ -326,8 +359,10 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
             raise ValueError(f"train settings: crop_fraction must be in (0, 1], got {s.crop_fraction}")
         crop_px = max(1, round(s.crop_fraction * net.embed_size)) * stride
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, s.adam_beta2))
+    # fused: one kernel for all parameters (1.4 vs 6.6 ms a step on this CPU for the compact model)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, s.adam_beta2), fused=True)
     ema = _Ema(net, s.ema_decay) if s.ema_decay else None
+    data = input_frame_sampler(data, side)
     budget = s.minutes * 60
     curve: list[dict] = []
     train_s, cpu_s, step, last_eval, loss_v = 0.0, 0.0, 0, 0.0, float("nan")

@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 from engine.synth import make_scene, scene_rng
 from model.segmenter import Segmenter
-from model.train import TrainSettings, augment, dataset_sampler, learning_rate, train, train_cli
+from model.segmenter import preprocess
+from model.train import TrainSettings, augment, dataset_sampler, input_frame_sampler, learning_rate, train, train_cli
 
 torch.set_num_threads(1)
 
@@ -26,6 +27,37 @@ def test_augment_keeps_image_and_masks_aligned():
         assert a.shape[:2] == m.shape[1:]
         assert m.sum() == masks.sum()
         assert (a[m[0]].mean() > a[~m[0]].mean() + 100)
+
+
+def test_input_frame_sampler_resizes_once_and_never_serves_a_dead_scene():
+    side = 64
+    made = []
+
+    def stream(rng):  # a fresh scene every draw, dropped by the caller: ids of dead arrays get reused
+        image = rng.integers(0, 256, (128, 96, 3), dtype=np.uint8)
+        masks = np.zeros((2, 128, 96), bool)
+        y, x = int(rng.integers(0, 100)), int(rng.integers(0, 70))
+        masks[0, y:y + 20, x:x + 20] = True
+        masks[1] = ~masks[0]
+        made.append((image.copy(), masks.copy()))
+        return image, masks, np.ones(2, np.float32)
+
+    sample = input_frame_sampler(stream, side)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        image, masks, w = sample(rng)
+        src_img, src_masks = made[-1]
+        assert image.shape == (64, 48, 3) and image.dtype == np.uint8 and masks.shape == (2, 64, 48)
+        want = (preprocess([src_img], side)[0][0, :, :64, :48] - preprocess([image], side)[0][0, :, :64, :48]).abs()
+        assert float(want.max()) < 1e-4  # the same pixels `preprocess` would feed the encoder
+        assert np.array_equal(masks, src_masks[:, ::2, ::2]) and w.tolist() == [1, 1]
+
+    images, masks = small_data(2, size=128)
+    kept = input_frame_sampler(dataset_sampler(images, masks), side)
+    a, b = kept(np.random.default_rng(1)), kept(np.random.default_rng(1))
+    assert a[0] is b[0] and a[1] is b[1]  # resized once, then served from the cache
+    big = input_frame_sampler(dataset_sampler(images, masks), 1024)(np.random.default_rng(1))
+    assert any(big[0] is im for im in images)  # never enlarged in memory: `preprocess` does it per batch
 
 
 def test_train_steps_change_weights_and_record_the_curve():
