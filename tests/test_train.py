@@ -200,6 +200,21 @@ def test_adam_beta2_reaches_the_optimizer(monkeypatch):
     assert seen == [(0.9, 0.9)]
 
 
+def test_muon_trains_the_matrices_and_adamw_the_rest():
+    images, masks = small_data(2)
+    seg = Segmenter.new("compact", seed=0)
+    before = {k: v.clone() for k, v in seg.net.state_dict().items()}
+    res = train(seg, dataset_sampler(images, masks), TrainSettings(max_steps=3, batch_images=2, masks_per_image=2,
+                                                                    optimizer="muon", muon_lr_scale=2.0))
+    assert res.steps == 3 and np.isfinite(res.final_loss)
+    state = seg.net.state_dict()
+    for k in ("image_encoder.s16.0.0.weight", "mask_decoder.transformer.layers.0.mlp.lin1.weight",  # Muon
+              "mask_decoder.mask_tokens.weight", "image_encoder.neck.1.bias"):  # AdamW
+        assert not torch.equal(state[k], before[k]), k
+    with pytest.raises(ValueError, match="optimizer must be"):
+        train(seg, dataset_sampler(images, masks), TrainSettings(max_steps=1, optimizer="sgd"))
+
+
 def test_ema_averages_and_swaps_back():
     from model.train import _Ema
 
