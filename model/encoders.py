@@ -78,7 +78,9 @@ class CompactEncoder(nn.Module):
         self.neck = nn.Sequential(nn.Conv2d(out_dim, out_dim, 3, 1, 1, bias=False), LayerNorm2d(out_dim))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        f4 = self.s4(self.stem(pixels))
+        # channels-last input: oneDNN's convolutions run ~10 % faster on it on these CPUs (the
+        # weights stay contiguous, so checkpoints are unchanged)
+        f4 = self.s4(self.stem(pixels.contiguous(memory_format=torch.channels_last)))
         f8 = self.s8(f4)
         f16 = self.s16(f8)
         feats = {4: f4, 8: f8, 16: f16}
@@ -88,4 +90,4 @@ class CompactEncoder(nn.Module):
                 break
             lat = self.lateral[str(s)](feats[s])
             out = lat + F.interpolate(out, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-        return self.neck(out)
+        return self.neck(out).contiguous()

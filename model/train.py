@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from model.clicks import interior_distance, sample_error_click, sample_point
 from model.muon import Muon, split_params
-from model.segmenter import Segmenter, preprocess, resized_shape
+from model.segmenter import PIXEL_MEAN, PIXEL_STD, Segmenter, resized_shape
 
 # A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -121,15 +121,29 @@ def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25
     return sample
 
 
-def input_frame_sampler(data: Sampler, side: int) -> Sampler:
-    """`data` with each sample resized once to the encoder's input frame (longest side `side`).
+def to_frame(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scene resized to the encoder's input frame (longest side `side`): the image antialiased
+    and rounded as `preprocess` does, masks (N, H, W) nearest. Returned as is when already there."""
+    h, w = resized_shape(image.shape[0], image.shape[1], side)
+    if (h, w) != image.shape[:2]:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        image = x[0].round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    if (h, w) != masks.shape[1:]:
+        m = F.interpolate(torch.from_numpy(np.ascontiguousarray(masks)[:, None].astype(np.float32)), (h, w),
+                          mode="nearest")
+        masks = m[:, 0].numpy() > 0.5
+    return image, masks
 
-    Resizing a scene (image antialiased as `preprocess` does, masks nearest) cost a sixth of a
-    training step on windows, every time the scene was drawn; augmentation (flips, 90° turns,
-    jitter) commutes with it, so it is done once per scene and kept while the scene is alive
-    (entries go with the original image, so a streaming sampler does not grow the cache). Scenes
-    that the frame enlarges (a small image for a 1024 px ViT) pass through as they are: kept
-    enlarged they would cost more memory than the originals.
+
+def input_frame_sampler(data: Sampler, side: int) -> Sampler:
+    """`data` with each sample resized once to the encoder's input frame (`to_frame`).
+
+    Resizing a scene cost a sixth of a training step on windows, every time the scene was drawn;
+    augmentation (flips, 90° turns, jitter) commutes with it, so it is done once per scene and kept
+    while the scene is alive (entries go with the original image, so a streaming sampler does not
+    grow the cache). Scenes that the frame enlarges (a small image for a 1024 px ViT) pass through
+    as they are: kept enlarged they would cost more memory than the originals.
     """
     cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -140,14 +154,9 @@ def input_frame_sampler(data: Sampler, side: int) -> Sampler:
             return image, masks, weights
         hit = cache.get(id(image))
         if hit is None or hit[0] is not masks:
-            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            small = x[0].round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
-            m = F.interpolate(torch.from_numpy(masks[:, None].astype(np.float32)), (h, w), mode="nearest")
-            small_masks = m[:, 0].numpy() > 0.5
             if hit is None:
                 weakref.finalize(image, cache.pop, id(image), None)
-            hit = cache[id(image)] = (masks, small, small_masks)
+            hit = cache[id(image)] = (masks, *to_frame(image, masks, side))
         return hit[1], hit[2], weights
 
     return sample
@@ -191,48 +200,74 @@ def store_training_data(store_uri: str, image_uri: str, manual_weight: float = 2
     return images, masks, weights, fingerprint
 
 
-def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random flips, 90° rotations and brightness/contrast jitter, applied alike to image and masks."""
+def _flip_turn(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random 90° rotation and horizontal flip of image (H, W, 3) and masks (N, H, W), as views."""
     k = int(rng.integers(4))
     image, masks = np.rot90(image, k, (0, 1)), np.rot90(masks, k, (1, 2))
     if rng.random() < 0.5:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
-    gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-25, 25)
+    return image, masks
+
+
+def _jitter(rng: np.random.Generator) -> tuple[float, float]:
+    """Brightness/contrast jitter: pixels -> clip(pixels * gain + bias, 0, 255)."""
+    return float(rng.uniform(0.75, 1.25)), float(rng.uniform(-25, 25))
+
+
+def augment(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, 90° rotations and brightness/contrast jitter, applied alike to image and masks."""
+    image, masks = _flip_turn(image, masks, rng)
+    gain, bias = _jitter(rng)
     image = np.clip(image.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(image), np.ascontiguousarray(masks)
+
+
+_MEAN = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+_STD = torch.tensor(PIXEL_STD).view(3, 1, 1)
+
+
+def _window(image: np.ndarray, masks: np.ndarray, ox: int, oy: int, size: int, gain: float, bias: float):
+    """The size x size window at (ox, oy) of the zero-padded input frame: pixels (3, size, size)
+    jittered and normalised as `preprocess` does (0 outside the image), masks (N, size, size) bool.
+    image (h, w, 3) uint8 and masks (N, h, w) in the input frame, views allowed: only the window
+    is copied."""
+    img = image[oy:oy + size, ox:ox + size]
+    ph, pw = img.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    x = (x * gain + bias).clamp_(0, 255).trunc_()  # as the uint8 jitter of `augment`
+    pixels = torch.zeros((3, size, size))
+    pixels[:, :ph, :pw] = (x - _MEAN) / _STD
+    m = np.zeros((len(masks), size, size), bool)
+    m[:, :ph, :pw] = masks[:, oy:oy + size, ox:ox + size]
+    return pixels, torch.from_numpy(m)
 
 
 def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int, crop: int | None = None,
            stride: int = 8):
     """B images -> pixels (B, 3, F, F), gt (P, F, F) bool, weights (P,), image index (P,), window
     offsets (B, 2) XY input px. F = side, or `crop` for windows at offsets that are multiples of
-    `stride` (the embedding's cell size in input px)."""
-    imgs, gts, ws, owner, offsets = [], [], [], [], []
-    while len(imgs) < (s.crop_batch_images if crop else s.batch_images):
+    `stride` (the embedding's cell size in input px). Only each window is copied and normalised."""
+    pixels, gts, ws, owner, offsets = [], [], [], [], []
+    size = crop or side
+    while len(pixels) < (s.crop_batch_images if crop else s.batch_images):
         image, masks, weights = samplers(rng)
-        image, masks = augment(image, masks, rng)
-        h, w = resized_shape(image.shape[0], image.shape[1], side)
-        m = torch.from_numpy(masks[:, None].astype(np.float32))
-        if (h, w) != masks.shape[1:]:
-            m = F.interpolate(m, (h, w), mode="nearest")
-        m = F.pad(m[:, 0], (0, side - w, 0, side - h)) > 0.5
+        image, masks = to_frame(image, masks, side)  # a no-op for scenes from `input_frame_sampler`
+        image, masks = _flip_turn(image, masks, rng)
+        gain, bias = _jitter(rng)
         ox = oy = 0
         if crop:
             ox, oy = (int(v) * stride for v in rng.integers(0, (side - crop) // stride + 1, 2))
-            m = m[:, oy:oy + crop, ox:ox + crop]
+        px, m = _window(image, masks, ox, oy, size, gain, bias)
         ok = np.nonzero(m.sum((1, 2)).numpy() >= s.min_area)[0]
         if len(ok) == 0:
             continue
         pick = rng.choice(ok, size=min(s.masks_per_image, len(ok)), replace=False)
         gts.append(m[pick])
         ws.append(torch.as_tensor(weights[pick], dtype=torch.float32))
-        owner.extend([len(imgs)] * len(pick))
-        imgs.append(image)
+        owner.extend([len(pixels)] * len(pick))
+        pixels.append(px)
         offsets.append((ox, oy))
-    pixels, _ = preprocess(imgs, side)
-    if crop:
-        pixels = torch.stack([pixels[i, :, oy:oy + crop, ox:ox + crop] for i, (ox, oy) in enumerate(offsets)])
-    return pixels, torch.cat(gts), torch.cat(ws), torch.as_tensor(owner), torch.as_tensor(offsets)
+    return torch.stack(pixels), torch.cat(gts), torch.cat(ws), torch.as_tensor(owner), torch.as_tensor(offsets)
 
 
 # ---- loss ------------------------------------------------------------------------------------
@@ -370,6 +405,9 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     if s.threads:
         torch.set_num_threads(s.threads)
     rng = np.random.default_rng(s.seed + 1000 * _rank())
+    # Box or point steps are drawn alike on every data-parallel worker: a point step costs more
+    # (first points by depth), and each step waits for the slowest worker.
+    prompt_rng = np.random.default_rng([s.seed, 1])
     torch.manual_seed(s.seed)
     net, side = seg.net, seg.image_size
     stride = side // net.embed_size
@@ -416,7 +454,8 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
                 g["lr"] = lr * g["lr_scale"]
         iterations = 1 if progress < s.single_click_fraction else s.iterations
         crop = crop_px if (crop_px and progress < s.crop_share) else None
-        loss_v = _train_step(seg, opts, params, data, rng, s, side, iterations, crop)
+        use_box = bool(prompt_rng.random() < s.box_prob)
+        loss_v = _train_step(seg, opts, params, data, rng, s, side, iterations, crop, use_box)
         if ema is not None:
             ema.update(net, step)
         step += 1
@@ -442,17 +481,18 @@ def _first_points(gt: np.ndarray, rng: np.random.Generator, how: str) -> list[tu
         raise ValueError(f"train settings: first_point must be 'uniform' or 'interior', got {how!r}")
     out = []
     for m in gt:
-        ys, xs = np.nonzero(m)
-        y0, x0 = ys.min(), xs.min()
-        d = interior_distance(m[y0:ys.max() + 1, x0:xs.max() + 1]).ravel()
-        i = int(rng.choice(len(d), p=d / d.sum()))
-        y, x = divmod(i, xs.max() + 1 - x0)
+        rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+        y0, x0 = rows[0], cols[0]
+        d = interior_distance(m[y0:rows[-1] + 1, x0:cols[-1] + 1])
+        cdf = np.cumsum(d.ravel())
+        i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+        y, x = divmod(i, d.shape[1])
         out.append((int(x0 + x), int(y0 + y)))
     return out
 
 
 def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int,
-                iterations: int | None = None, crop: int | None = None) -> float:
+                iterations: int | None = None, crop: int | None = None, use_box: bool = False) -> float:
     net = seg.net
     iterations = iterations or s.iterations
     stride = side // net.embed_size
@@ -469,7 +509,6 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
         shift = offsets[owner].float()
     gt_np = gt.numpy()
     n = len(gt_np)
-    use_box = rng.random() < s.box_prob
     boxes = None
     pts: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     labs: list[list[int]] = [[] for _ in range(n)]
