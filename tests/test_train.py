@@ -324,6 +324,30 @@ def test_crop_windows_keep_pixels_and_masks_aligned():
             train(seg, dataset_sampler(images, ms), TrainSettings(max_steps=1, crop_fraction=bad, crop_share=1.0))
 
 
+def test_windows_of_a_non_square_image_pad_at_the_bottom_right_of_the_frame():
+    """A 256x160 scene fills 128x80 (or 80x128 once turned) of the 128 px frame: the rest of every
+    window is padding, 0 after normalisation (as `preprocess` pads) and outside every mask."""
+    from model.train import _batch
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (256, 160, 3), dtype=np.uint8)
+    masks = np.ones((1, 256, 160), bool)
+    sampler = input_frame_sampler(lambda r: (image, masks, np.ones(1, np.float32)), 128)
+    s = TrainSettings(crop_batch_images=8, batch_images=16, masks_per_image=1, min_area=1)
+    whole = set()
+    for crop in (64, None):
+        pixels, gt, _, owner, offsets = _batch(sampler, rng, s, 128, crop, 8)
+        for b, (ox, oy) in enumerate(offsets.tolist()):
+            pad = (pixels[b] == 0).all(0)  # jittered pixels are whole numbers, never exactly the mean
+            inside = ~pad
+            h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
+            assert inside[:h, :w].all() and not inside[h:].any() and not inside[:, w:].any()
+            assert torch.equal(gt[owner == b][0], inside)  # the mask covers the image, not the padding
+            if crop is None:
+                whole.add((h, w))
+    assert whole == {(128, 80), (80, 128)}  # both orientations, padded at the bottom or the right
+
+
 def test_decoding_a_window_with_its_positional_encodings_matches_the_whole_grid():
     seg = Segmenter.new("compact", seed=0)
     torch.manual_seed(0)
