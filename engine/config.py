@@ -91,6 +91,7 @@ class AutoStageConfig(_Section):
     crop_nms_thresh: float = 0.7  # box IoU for suppression across crops
     crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, as a share of the crop side
     crop_n_points_downscale_factor: int = 1  # points per side shrink by this per crop layer
+    max_mask_fraction: float = 0.95  # drop masks covering at least this share of the image (SA-1B)
     min_mask_region_area: int = 100  # remove islands and fill holes smaller than this (pixels)
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     num_actors: int = 2  # Ray Data actors (model copies) generating masks
@@ -126,7 +127,9 @@ class RayConfig(_Section):
 class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
     batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
-    lr: float | None = None  # AdamW peak learning rate (None: the recipe's default in model/train.py)
+    lr: float | None = None  # peak learning rate (None: the recipe's default in model/train.py; a real SAM checkpoint wants ~1e-5)
+    optimizer: Literal["muon", "adamw"] | None = None  # muon: Muon for weight matrices, AdamW for the rest (None: the recipe's default)
+    max_steps: int | None = None  # also stop after this many optimiser steps (a round reproducible across machines)
     crop_share: float | None = None  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
     manual_weight: float = 2.0  # manual masks count this much more than automatic ones
     include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
@@ -333,6 +336,10 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     for key, value in [("train.minutes", cfg.train.minutes), ("storage.shard_target_mb", cfg.storage.shard_target_mb)]:
         if not value > 0:
             problems.append(f"{key}: must be > 0, got {value}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        problems.append(f"train.max_steps: must be >= 1 (or null: the budget alone), got {cfg.train.max_steps}")
+    if not 0 < cfg.stages.auto.max_mask_fraction <= 1:
+        problems.append(f"stages.auto.max_mask_fraction: must be in (0, 1], got {cfg.stages.auto.max_mask_fraction}")
     if cfg.model.bootstrap_minutes < 0:
         problems.append(f"model.bootstrap_minutes: must be >= 0 (0 = off), got {cfg.model.bootstrap_minutes}")
     if not cfg.eval.clicks or min(cfg.eval.clicks) < 1:
@@ -415,7 +422,10 @@ def _field_comments() -> dict[tuple[str, str], str]:
 
 def _type_name(annotation) -> str:
     text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
-    return text.replace("typing.", "").replace("NoneType", "None")
+    text = text.replace("typing.", "").replace("NoneType", "None")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional["):-1] + " | None"
+    return text
 
 
 def config_reference() -> list[dict]:

@@ -727,12 +727,9 @@ def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no:
     n_masks = MaskStore(store_uri, s3_endpoint_url=endpoint).read_table(columns=["mask_id"], verified=True).num_rows
     seed = cfg.seed + round_no
     settings = TrainSettings(minutes=cfg.train.minutes, seed=seed, threads=1)
-    if cfg.train.lr is not None:
-        settings.lr = cfg.train.lr
-    if cfg.train.batch_images is not None:
-        settings.batch_images = cfg.train.batch_images
-    if cfg.train.crop_share is not None:
-        settings.crop_share = cfg.train.crop_share
+    for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
+        if getattr(cfg.train, name) is not None:
+            setattr(settings, name, getattr(cfg.train, name))
     meta = {"round": round_no, "resumed_from": init_checkpoint}
     if n_masks == 0:
         seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)

@@ -127,10 +127,13 @@ def test_missing_image_source_and_holdout(tmp_path):
 
 def test_numbers_a_run_cannot_use(tmp_path):
     data = _ready_workdir(tmp_path)
-    data["stages"] = {"manual": {"images_per_round": 0}}
+    data["stages"] = {"manual": {"images_per_round": 0}, "auto": {"max_mask_fraction": 1.5}}
     data["eval"] = {"clicks": [1, 3], "promote_metric": "miou@5"}
+    data["train"] = {"max_steps": 0}
     problems = check_config(load_config(_write(tmp_path, data)), network=False)
     assert "stages.manual.images_per_round: must be >= 1, got 0" in problems
+    assert "stages.auto.max_mask_fraction: must be in (0, 1], got 1.5" in problems
+    assert any(p.startswith("train.max_steps: must be >= 1") for p in problems)
     assert any(p.startswith("eval.promote_metric: 'miou@5' is not measured") for p in problems)
 
 
