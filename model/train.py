@@ -39,7 +39,7 @@ class TrainSettings:
     batch_images: int = 8
     masks_per_image: int = 8
     iterations: int = 2  # prompts per mask: first prompt + corrective clicks
-    corrective_share: float = 1.0  # share of a step's masks that get the corrective iterations
+    corrective_share: float = 0.5  # share of a step's masks that get the corrective iterations
     focal_alpha: float = 0.5  # 0.5 = no class re-weighting (0.25 drives small objects to empty masks)
     focal_gamma: float = 2.0
     focal_weight: float = 20.0  # SAM: focal:dice = 20:1
@@ -51,10 +51,10 @@ class TrainSettings:
     single_click_fraction: float = 0.0  # share of the budget trained with the first prompt only
     ema_decay: float | None = 0.99  # evaluate/keep an exponential moving average of the weights (None: off)
     box_prob: float = 0.5
-    lr: float = 4e-3
+    lr: float = 8e-3  # from scratch (docs/model.md "Sixth pass"); a real SAM checkpoint wants ~1e-5
     lr_floor: float = 1.0  # the cosine decay ends at lr * lr_floor (1.0: constant after the warm-up)
     adam_beta2: float = 0.95  # AdamW's second-moment decay (measured: 0.95 beat 0.999 from scratch)
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for weight matrices and conv kernels, AdamW for the rest
+    optimizer: str = "muon"  # "muon": Muon for weight matrices and conv kernels, AdamW for the rest
     muon_lr_scale: float = 1.0  # Muon's rate = lr * this (its steps are scaled to AdamW's RMS)
     weight_decay: float = 1e-4
     warmup_steps: int = 30
