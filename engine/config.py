@@ -127,7 +127,7 @@ class RayConfig(_Section):
 class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
     batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
-    lr: float | None = None  # peak learning rate (None: the recipe's default in model/train.py; a real SAM checkpoint wants ~1e-5)
+    lr: float | None = None  # peak learning rate (None: model/train.py's 8e-3 from scratch, FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
     optimizer: Literal["muon", "adamw"] | None = None  # muon: Muon for weight matrices, AdamW for the rest (None: the recipe's default)
     max_steps: int | None = None  # also stop after this many optimiser steps (a round reproducible across machines)
     crop_share: float | None = None  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)

@@ -112,6 +112,20 @@ def load_state_strict(net: SamNet, state: dict[str, torch.Tensor], source: str) 
     net.load_state_dict(full, strict=True)
 
 
+def trained_steps(path: str | Path) -> int | None:
+    """Optimisation steps behind one of our checkpoints, over its whole history (0: a fresh model);
+    None for anything else (a transformers or Meta checkpoint: trained weights of unknown history).
+    Reads only the JSON config."""
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        return None
+    try:
+        meta = json.loads((p / CONFIG_FILE).read_text()).get("metadata") or {}
+        return int(meta.get("steps_before", 0)) + int((meta.get("train") or {}).get("steps", 0))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{p / CONFIG_FILE}: not a valid sa-engine config ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[SamNet, dict, str, dict]:
     """Any supported checkpoint -> (net in eval mode, arch, model_version, metadata).
 

@@ -410,3 +410,35 @@ def test_data_parallel_workers_stop_together_on_rank_0s_clock(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     steps = [int((tmp_path / f"steps.{r}").read_text()) for r in range(2)]
     assert steps[0] == steps[1] >= 1
+
+
+def test_a_round_fine_tunes_a_trained_model_at_the_fine_tune_rate(tmp_path):
+    """A fresh model trains at the recipe's from-scratch rate; a trained one (steps in its history) at
+    FINE_TUNE_LR; `train.lr` overrides both; the history's step count carries from round to round."""
+    import yaml
+
+    from engine.config import load_config
+    from engine.rounds import default_bootstrap, default_init_model
+    from model.checkpoints import trained_steps
+    from model.train import FINE_TUNE_LR
+
+    (tmp_path / "images").mkdir()
+    data = {"workdir": str(tmp_path / "run"), "images": {"source": str(tmp_path / "images")},
+            "model": {"bootstrap_minutes": 1.0, "bootstrap_images": 2, "bootstrap_image_size": 64},
+            "train": {"use_ray": False, "max_steps": 2}}
+    (tmp_path / "engine.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "engine.yaml")
+    init = default_init_model(cfg, str(tmp_path / "r0-init"))["checkpoint"]
+    assert trained_steps(init) == 0
+
+    def round_from(start: str, out: str) -> dict:
+        default_bootstrap(cfg, start, str(tmp_path / out))
+        return json.loads((tmp_path / out / "sa_engine.json").read_text())["metadata"]
+
+    first = round_from(init, "a")
+    assert first["lr"] == TrainSettings().lr and first["steps_before"] == 0 and trained_steps(tmp_path / "a") == 2
+    second = round_from(str(tmp_path / "a"), "b")
+    assert second["lr"] == FINE_TUNE_LR < TrainSettings().lr and trained_steps(tmp_path / "b") == 4
+    cfg.train.lr = 1e-4
+    assert round_from(str(tmp_path / "b"), "c")["lr"] == 1e-4
+    assert trained_steps(tmp_path / "nowhere") is None  # not ours: real weights of unknown history
