@@ -119,10 +119,19 @@ def trained_steps(path: str | Path) -> int | None:
     p = Path(path)
     if not (p / CONFIG_FILE).is_file():
         return None
+    meta = _read_config(p)["metadata"]
     try:
-        meta = json.loads((p / CONFIG_FILE).read_text()).get("metadata") or {}
         return int(meta.get("steps_before", 0)) + int((meta.get("train") or {}).get("steps", 0))
     except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{p / CONFIG_FILE}: not a valid sa-engine config ({type(e).__name__}: {e})") from None
+
+
+def _read_config(p: Path) -> dict:
+    """Our directory's sa_engine.json: {arch, model_version, metadata (a dict, maybe empty)}."""
+    try:
+        doc = json.loads((p / CONFIG_FILE).read_text())
+        return {"arch": doc["arch"], "model_version": doc["model_version"], "metadata": doc.get("metadata") or {}}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: not a valid sa-engine config ({type(e).__name__}: {e})") from None
 
 
@@ -150,11 +159,8 @@ def _load_ours(p: Path) -> tuple[SamNet, dict, str, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    try:
-        doc = json.loads((p / CONFIG_FILE).read_text())
-        arch, version = doc["arch"], doc["model_version"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p / CONFIG_FILE}: not a valid sa-engine config ({type(e).__name__}: {e})") from None
+    doc = _read_config(p)
+    arch, version = doc["arch"], doc["model_version"]
     weights = p / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found")
@@ -164,7 +170,7 @@ def _load_ours(p: Path) -> tuple[SamNet, dict, str, dict]:
         raise CheckpointError(f"{weights}: unreadable safetensors ({e})".replace("\n", " ")) from None
     net = build_net(arch)
     load_state_strict(net, state, str(weights))
-    return net, arch, version, doc.get("metadata") or {}
+    return net, arch, version, doc["metadata"]
 
 
 def _file_digest(p: Path) -> str:
