@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from model.distributed import all_reduce_sum, world
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: the steepest slope at zero that still settles
 
 
@@ -36,7 +38,8 @@ class Muon(torch.optim.Optimizer):
 
     The step of a (A, B) matrix is lr · 0.2·sqrt(max(A, B)) · orthogonalise(momentum), which has
     about the RMS of an AdamW step of the same lr ("match_rms_adamw"), so the two share one rate.
-    Decoupled weight decay as AdamW's.
+    Decoupled weight decay as AdamW's. Under torch.distributed, the workers (which must hold the
+    same gradients, as after an all-reduce) split the Newton–Schulz work between them by shape.
     """
 
     def __init__(self, params, lr: float = 4e-3, momentum: float = 0.95, weight_decay: float = 0.0,
@@ -49,6 +52,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, workers = world()
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             by_shape: dict[tuple[int, int], list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
@@ -61,13 +65,36 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mom)
                 update = p.grad.lerp(buf, mom).reshape(p.shape[0], -1)  # Nesterov
                 by_shape.setdefault(tuple(update.shape), []).append((p, update))
-            # Matrices of one shape are orthogonalised together (one batched matmul per iteration).
+            # Matrices of one shape are orthogonalised together (one batched matmul per iteration);
+            # data-parallel workers hold the same momenta, so each orthogonalises its share of the
+            # shapes and one all-reduce hands every worker all of them.
+            owner = share_work({k: ns_cost(k, len(v)) for k, v in by_shape.items()}, workers)
+            ortho = {k: orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"]) if owner[k] == rank
+                     else torch.zeros(len(items), *k, device=items[0][1].device) for k, items in by_shape.items()}
+            all_reduce_sum(list(ortho.values()))
             for (rows, cols), items in by_shape.items():
-                ortho = orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"])
-                for (p, _), o in zip(items, ortho):
+                for (p, _), o in zip(items, ortho[(rows, cols)]):
                     if wd:
                         p.mul_(1 - lr * wd)
                     p.add_(o.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(rows, cols)))
+
+
+def ns_cost(shape: tuple[int, int], count: int) -> int:
+    """Multiply-adds of one Newton–Schulz iteration over `count` (A, B) matrices: 2·a²·b + a³, a = min(A, B)."""
+    a, b = sorted(shape)
+    return count * (2 * a * a * b + a ** 3)
+
+
+def share_work(costs: dict, workers: int) -> dict:
+    """Each key -> the worker (0..workers-1) that does it: dearest first, to the least-loaded worker.
+    Deterministic in the keys and costs, so every worker computes the same assignment."""
+    load = [0] * workers
+    owner = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        w = min(range(workers), key=lambda i: (load[i], i))
+        owner[key] = w
+        load[w] += costs[key]
+    return owner
 
 
 def split_params(net: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

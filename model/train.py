@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from model.checkpoints import trained_steps
 from model.clicks import interior_distance, sample_error_click, sample_point
+from model.distributed import all_reduce_sum, world
 from model.muon import Muon, split_params
 from model.segmenter import PIXEL_MEAN, PIXEL_STD, Segmenter, resized_shape
 
@@ -321,24 +322,18 @@ def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: t
 # ---- the loop --------------------------------------------------------------------------------
 
 def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients across Ray Train workers (no-op in a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Average gradients across data-parallel workers (no-op in a single process)."""
+    workers = world()[1]
+    if workers == 1:
         return
-    # One flat buffer with zeros for unused parameters, so every rank makes the same single call
-    # (a box-prompted step on one rank leaves other prompt embeddings without grads than a point step).
+    # Zeros for unused parameters, so every rank makes the same single call (a box-prompted step
+    # on one rank leaves other prompt embeddings without grads than a point step).
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
+    grads = [p.grad for p in params]
+    all_reduce_sum(grads)
+    torch._foreach_div_(grads, workers)
 
 
 class _Ema:
@@ -405,7 +400,7 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         raise ValueError(f"train settings: clock must be 'wall' or 'cpu', got {s.clock!r}")
     if s.threads:
         torch.set_num_threads(s.threads)
-    rng = np.random.default_rng(s.seed + 1000 * _rank())
+    rng = np.random.default_rng(s.seed + 1000 * world()[0])
     # Box or point steps are drawn alike on every data-parallel worker: a point step costs more
     # (first points by depth), and each step waits for the slowest worker.
     prompt_rng = np.random.default_rng([s.seed, 1])
@@ -574,17 +569,11 @@ def _rank0_decides(done: bool, progress: float) -> tuple[bool, float]:
     whose clocks disagree by one step would leave one of them alone in an all-reduce (a hang)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world()[1] == 1:
         return done, progress
     state = torch.tensor([float(done), progress], dtype=torch.float64)
     dist.broadcast(state, 0)
     return bool(state[0]), float(state[1])
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ---- Ray Train ---------------------------------------------------------------------------------
