@@ -5,8 +5,9 @@ nearest semi-orthogonal matrix (all singular values ~1), so every direction of t
 the same rate instead of the few that dominate the gradient. Conv kernels (out, in, kh, kw) are
 treated as (out, in·kh·kw) matrices. Vectors, embeddings and norms stay with AdamW (`split_params`).
 
-`torch.optim.Muon` exists but takes 2-D parameters only and iterates in bfloat16, which this
-project's AVX2 CPUs run slower than float32; this one is float32 and takes conv kernels.
+`torch.optim.Muon` exists but takes 2-D parameters only and iterates in bfloat16, which AVX2 CPUs
+run slower than float32; this one is float32 on every CPU (so results do not depend on the CPU: an
+AMX CPU ran the largest bf16 batch in 7.8 ms vs 17.8 ms) and takes conv kernels.
 """
 from __future__ import annotations
 
