@@ -98,14 +98,11 @@ def _split_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_workers_split_the_orthogonalisation_and_match_one_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_split_worker, args=(port, str(tmp_path / "params")), nprocs=2, join=True)
+    from engine.labelstudio import free_port
+
+    mp.spawn(_split_worker, args=(free_port(), str(tmp_path / "params")), nprocs=2, join=True)
     alone = _muon_steps(_net())
     done = []
     for rank in (0, 1):
