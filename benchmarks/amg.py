@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.synth import make_scene, scene_rng  # noqa: E402
+from engine.integrations.synth import make_scene, scene_rng  # noqa: E402
 from model.amg import AmgParams, generate_masks  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
 from tests.sam_reference_shim import import_segment_anything  # noqa: E402
@@ -198,8 +198,8 @@ def free_core_scaling(n_loop: int = 30_000_000) -> float:
 
 
 def bench_ray(args, checkpoint: Path, images_dir: Path, work: Path) -> dict:
-    from engine.cluster import init_ray, shutdown_ray
-    from engine.config import load_config
+    from engine.integrations.cluster import init_ray, shutdown_ray
+    from engine.integrations.config import load_config
     from stages.auto import run_auto_stage
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -29,10 +29,16 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from engine.labelstudio import keypoint_context
-    from engine.ml_backend import BASIC_USER, BackendState, EmbeddingCache, MaskPredictor, MLBackend, \
-        source_image_loader
-    from engine.synth import make_scene, scene_rng
+    from engine.integrations.labelstudio import keypoint_context
+    from engine.integrations.ml_backend import (
+        BASIC_USER,
+        BackendState,
+        EmbeddingCache,
+        MaskPredictor,
+        MLBackend,
+        source_image_loader,
+    )
+    from engine.integrations.synth import make_scene, scene_rng
     from model.segmenter import Segmenter
     from storage.images import ImageSource
 
@@ -78,7 +84,7 @@ def main() -> None:
         one = [click("im0.png", *random_clicks(1)) for _ in range(args.clicks)]
         multi = [click("im0.png", *random_clicks(4)) for _ in range(args.clicks)]
         # The same work in-process (cache + decoder + upsampling, no HTTP/JSON/RLE): what the model costs.
-        from engine.ml_backend import Prompt
+        from engine.integrations.ml_backend import Prompt
 
         load = lambda: None  # noqa: E731  (the embedding is cached)
         direct = []

@@ -20,7 +20,7 @@ import time
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from engine.synth import make_scene, scene_rng
+from engine.integrations.synth import make_scene, scene_rng
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks, rle_area, rle_bbox
 from storage.shards import MaskStore

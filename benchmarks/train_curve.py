@@ -4,7 +4,7 @@ Trains `Segmenter.new("compact")` for `--minutes` of this process's CPU time (`-
 default: fair on a shared machine; wall time is reported beside it) or of wall time (`--clock wall`,
 e.g. with `--procs 2`: what a user of the 2-core machine gets in that time, as two data-parallel
 workers like Ray Train's; rank 0 keeps the clock and evaluates), and evaluates SAM's point protocol on a
-held-out split (another seed of engine/synth.py) every `--eval-every` CPU-minutes; evaluation time
+held-out split (another seed of engine/integrations/synth.py) every `--eval-every` CPU-minutes; evaluation time
 is not counted. The training scenes are a pool generated before the timer starts (`--pool`; its
 generation time is printed); augmentation makes each reuse differ.
 
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.synth import make_scene, scene_rng  # noqa: E402
+from engine.integrations.synth import make_scene, scene_rng  # noqa: E402
 from model.evaluate import click_eval  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
 from model.train import TrainSettings, dataset_sampler, train  # noqa: E402

@@ -1,6 +1,11 @@
-"""`sa-engine`: the command line. Each command is a thin wrapper over a function in engine/ or stages/."""
+"""`sa-engine`: the command line. Each command is a thin wrapper over a function in engine/ or stages/.
+
+Commands import what they run inside their bodies on purpose: the stages pull in torch, Ray and pyarrow
+(seconds of start-up), which `--help`, `config` and `labelstudio status` should not pay for.
+"""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,7 +34,7 @@ def synth(out: Path = typer.Option(..., help="Output folder (images/ and annotat
           seed: int = typer.Option(0, help="Seed; different seeds give disjoint hold-out splits."),
           size: int = typer.Option(256, help="Image side in pixels.")) -> None:
     """Write the embedded default data set: synthetic scenes with exact instance masks (COCO RLE)."""
-    from engine.synth import write_synthetic_dataset
+    from engine.integrations.synth import write_synthetic_dataset
 
     summary = write_synthetic_dataset(out, n_images=images, seed=seed, size=size)
     console.print(summary)
@@ -60,7 +65,13 @@ def config_cmd(config: Optional[Path] = typer.Option(None, "--config", help="A Y
                check: bool = typer.Option(False, "--check", help="Also check paths, S3, Label Studio and Ray."),
                address: Optional[str] = typer.Option(None, help="The Ray address the run will use.")) -> None:
     """Print the defaults, or validate a config file (one line per problem)."""
-    from engine.config import ConfigError, config_reference_markdown, defaults_yaml, load_config, validate_for_run
+    from engine.integrations.config import (
+        ConfigError,
+        config_reference_markdown,
+        defaults_yaml,
+        load_config,
+        validate_for_run,
+    )
 
     if print_defaults:
         sys.stdout.write(defaults_yaml())
@@ -82,8 +93,8 @@ def run(config: Path = typer.Option(..., "--config", help="The engine's YAML con
         address: Optional[str] = typer.Option(None, help="Ray address: local, auto, ray://host:port "
                                                          "(default: ray.address from the config).")) -> None:
     """Run the data engine (manual rounds, semi rounds, automatic stage), resuming from its ledger."""
-    from engine.cluster import init_ray
-    from engine.config import ConfigError, load_config, validate_for_run
+    from engine.integrations.cluster import init_ray
+    from engine.integrations.config import ConfigError, load_config, validate_for_run
     from engine.rounds import LedgerError, StepFailed, run_rounds
 
     try:
@@ -110,7 +121,7 @@ def report(config: Path = typer.Option(..., "--config", help="The engine's YAML 
            out: Optional[Path] = typer.Option(None, help="Output folder (default: <workdir>/report)."),
            gallery: int = typer.Option(8, help="Images in the overlay gallery.")) -> None:
     """Write the report (Markdown + PNG plots) from the ledger and the shards."""
-    from engine.config import ConfigError, load_config
+    from engine.integrations.config import ConfigError, load_config
     from engine.report import ReportError, write_report
 
     try:
@@ -142,19 +153,20 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
                s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url")) -> None:
     """Export the masks as SA-1B tars or COCO JSON, filtered and split; prints a JSON summary."""
-    import json
-
-    from engine.config import ConfigError, load_config
+    from engine.integrations import runtime
+    from engine.integrations.config import ConfigError, EngineConfig, load_config
     from storage.backend import StoreError
     from storage.exports import ExportError, ExportFilters, export, parse_rounds, parse_splits, read_image_ids
-    from storage.images import ImageSource
-    from storage.shards import MaskStore
+
+    def given(uri: Optional[str]) -> Optional[str]:  # a path on the command line is relative to here
+        return uri if uri is None or "://" in uri else str(Path(uri).resolve())
 
     try:
-        cfg = load_config(config) if config is not None else None
-        endpoint = s3_endpoint_url or (cfg.storage.s3_endpoint_url if cfg else None)
-        store_uri = store or (cfg.path(cfg.storage.root) if cfg else None)
-        images_uri = images or (cfg.path(cfg.images.source) if cfg else None)
+        cfg = load_config(config) if config is not None else EngineConfig()
+        if s3_endpoint_url:
+            cfg.storage.s3_endpoint_url = s3_endpoint_url
+        store_uri = given(store) or (cfg.path(cfg.storage.root) if config else None)
+        images_uri = given(images) or (cfg.path(cfg.images.source) if config else None)
         if store_uri is None:
             fail("export: no mask store: pass --store URI or --config FILE")
         if fmt == "sa1b" and images_uri is None:
@@ -163,12 +175,10 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
                                 verified_only=verified_only, min_predicted_iou=min_predicted_iou,
                                 min_stability_score=min_stability_score,
                                 image_ids=read_image_ids(image_ids) if image_ids else None)
-        source = None
-        if fmt == "sa1b":
-            source = ImageSource(images_uri, s3_endpoint_url=endpoint)
-        summary = export(fmt, MaskStore(store_uri, s3_endpoint_url=endpoint), out, source, filters=filters,
+        source = runtime.image_source(cfg, images_uri) if fmt == "sa1b" else None
+        summary = export(fmt, runtime.mask_store(cfg, store_uri), out, source, filters=filters,
                          splits=parse_splits(split), images_per_tar=images_per_tar, overwrite=overwrite,
-                         s3_endpoint_url=endpoint)
+                         s3_endpoint_url=cfg.storage.s3_endpoint_url)
     except (ConfigError, ExportError, StoreError) as e:
         fail(str(e), code=1)
     for skipped in summary.get("skipped", []):
@@ -184,17 +194,15 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
                                                                    "else a fresh model.preset model)."),
                address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
     """Fully automatic stage: grid-prompted masks for every image not yet done for this model (resumable)."""
-    import json
-
-    from engine.cluster import init_ray
-    from engine.config import ConfigError, load_config
+    from engine.integrations.cluster import init_ray
+    from engine.integrations.config import ConfigError, load_config
     from model.checkpoints import CheckpointError
     from stages.auto import run_auto_stage
 
     try:
         cfg = load_config(config)
         init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-        summary = run_auto_stage(cfg, round_no, checkpoint)
+        summary = run_auto_stage(cfg, round_no, checkpoint).to_dict()
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -205,7 +213,7 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
 # ---- Label Studio, the ML backend, simulated annotators and the assisted-manual stage (issue 5)
 
 def _ls_config(config: Optional[Path]):
-    from engine.config import ConfigError, load_config
+    from engine.integrations.config import ConfigError, load_config
 
     try:
         return load_config(config)
@@ -216,8 +224,8 @@ def _ls_config(config: Optional[Path]):
 @labelstudio_app.command("up")
 def labelstudio_up(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
     """Install (first use) and start the managed server on 127.0.0.1; harmless if it is up."""
-    from engine.labelstudio import LabelStudioError, start_server
-    from stages.manual import server_settings
+    from engine.integrations.labelstudio import LabelStudioError, start_server
+    from engine.integrations.runtime import server_settings
 
     cfg = _ls_config(config)
     if not cfg.labelstudio.managed:
@@ -233,8 +241,8 @@ def labelstudio_up(config: Optional[Path] = typer.Option(None, "--config", help=
 @labelstudio_app.command("down")
 def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
     """Stop the managed server (by its recorded PID)."""
-    from engine.labelstudio import stop_server
-    from stages.manual import server_settings
+    from engine.integrations.labelstudio import stop_server
+    from engine.integrations.runtime import server_settings
 
     stopped = stop_server(server_settings(_ls_config(config)).data_dir)
     console.print("Label Studio stopped" if stopped else "Label Studio was not running", highlight=False)
@@ -243,10 +251,8 @@ def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", hel
 @labelstudio_app.command("status")
 def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
     """Print the managed server's status as JSON (exit 1 if it is not healthy)."""
-    import json
-
-    from engine.labelstudio import is_installed, server_status, venv_dir
-    from stages.manual import server_settings
+    from engine.integrations.labelstudio import is_installed, server_status, venv_dir
+    from engine.integrations.runtime import server_settings
 
     st = server_status(server_settings(_ls_config(config)).data_dir)
     st.update(installed=is_installed(), venv=str(venv_dir()))
@@ -266,16 +272,22 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
     """Serve our Label Studio ML backend in the foreground (credentials: user sa-engine + the backend token)."""
     import torch
 
-    from engine.ml_backend import BackendState, EmbeddingCache, MaskPredictor, MLBackend, source_image_loader
-    from stages.manual import backend_token, image_source, load_segmenter
+    from engine.integrations import runtime
+    from engine.integrations.ml_backend import (
+        BackendState,
+        EmbeddingCache,
+        MaskPredictor,
+        MLBackend,
+        source_image_loader,
+    )
 
     torch.set_num_threads(max(1, threads))
     cfg = _ls_config(config)
     try:
-        seg = load_segmenter(cfg, checkpoint)
+        seg = runtime.segmenter(cfg, checkpoint)
         state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=cfg.path("embeddings"))),
-                             token=backend_token(cfg), image_loader=None)
-        state.image_loader = source_image_loader(image_source(cfg), state=state)
+                             token=runtime.ml_backend_token(cfg), image_loader=None)
+        state.image_loader = source_image_loader(runtime.image_source(cfg), state=state)
         server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port)
     except (ValueError, OSError) as e:
         fail(f"ml-backend: {e}")
@@ -296,10 +308,8 @@ def annotate_cmd(project: str = typer.Option(..., "--project", help="Label Studi
                  via: str = typer.Option("labelstudio", help="labelstudio: clicks go through Label Studio's "
                                                              "interactive endpoint; backend: straight to ours.")) -> None:
     """Annotate a project's open tasks with a simulated annotator through the real Label Studio API."""
-    import json
-
-    from engine.labelstudio import LabelStudioError
-    from stages.manual import annotate_project
+    from engine.integrations.labelling import annotate_project
+    from engine.integrations.labelstudio import LabelStudioError
 
     if not simulate:
         fail("annotate: only --simulate is supported (people annotate in the Label Studio UI)")
@@ -339,17 +349,16 @@ def stage_semi(config: Path = typer.Option(..., "--config", help="The engine's Y
 def _run_labelstudio_stage(run_stage, config: Path, round_no: int, checkpoint: Optional[str],
                            simulate: Optional[bool]) -> None:
     """Run a Label Studio stage (manual or semi) and print its summary as JSON; user errors as one line."""
-    import json
-
-    from engine.labelstudio import LabelStudioError
+    from engine.integrations.labelstudio import LabelStudioError
     from model.checkpoints import CheckpointError
 
     cfg = _ls_config(config)
     try:
-        summary = run_stage(cfg, round_no, checkpoint, simulate=cfg.stages.simulate if simulate is None else simulate)
+        summary = run_stage(cfg, round_no, checkpoint,
+                            simulate=cfg.stages.simulate if simulate is None else simulate).to_dict()
     except (LabelStudioError, CheckpointError) as e:
         fail(str(e), code=1)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.write(json.dumps(summary, default=str) + "\n")
 
 
 @app.command("eval")
@@ -361,17 +370,15 @@ def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir
              amg: bool = typer.Option(True, "--amg/--no-amg", help="Also score automatic masks with COCOeval AP/AR."),
              points_per_side: int = typer.Option(16, help="Automatic mask generation grid (with --amg)."),
              pred_iou_thresh: float = typer.Option(0.88, help="AMG predicted-IoU filter (SAM's default)."),
-             stability_thresh: float = typer.Option(0.95, help="AMG stability-score filter (SAM's default).")) -> None:
+             stability_score_thresh: float = typer.Option(0.95, help="AMG stability-score filter (SAM's default).")) -> None:
     """Evaluate a model: mIoU at 1..N clicks (SAM's protocol), box mIoU, and automatic-mask AP/AR."""
-    import json
-
     from model.checkpoints import CheckpointError
     from model.evaluate import evaluate_folder
 
     try:
         table = evaluate_folder(checkpoint, str(data), clicks=clicks, max_objects=max_objects,
                                 amg_points_per_side=points_per_side if amg else None,
-                                pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh)
+                                pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     for key, value in table.items():
@@ -390,10 +397,8 @@ def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write 
               workers: int = typer.Option(1, help="Ray Train workers (with --ray)."),
               seed: int = typer.Option(0, help="Seed.")) -> None:
     """Train the segmenter with SAM's interactive recipe and write a checkpoint."""
-    import json
-
+    from engine.retrain import train_cli
     from model.checkpoints import CheckpointError
-    from model.train import train_cli
 
     try:
         summary = train_cli(out, init, None if data is None else str(data), minutes, round_no, use_ray, workers, seed)

@@ -13,6 +13,14 @@ from typing import Callable
 
 import yaml
 
+from engine.integrations import runtime
+from engine.integrations.cluster import init_ray
+from engine.integrations.config import load_config
+from engine.integrations.synth import write_synthetic_dataset
+from engine.report import write_report
+from engine.rounds import run_rounds
+from storage.exports import ExportFilters, export
+
 # Sized so the whole demo takes about 15 minutes on a 2-core machine (docs/model.md has the timings).
 DEMO_IMAGES = 40  # manual 2 x 6, semi 1 x 6, automatic the remaining 22
 DEMO_HOLDOUT = 12
@@ -44,14 +52,6 @@ def demo_config(workdir: Path) -> dict:
 
 def run_demo(workdir: str | Path, progress: Callable[[str], None] = print) -> dict:
     """Run the demo (resumable: a rerun continues from the ledger) and return where everything is."""
-    from engine.cluster import init_ray
-    from engine.config import load_config
-    from engine.report import write_report
-    from engine.rounds import run_rounds
-    from engine.synth import write_synthetic_dataset
-    from storage.exports import ExportFilters, export
-    from storage.images import ImageSource
-    from storage.shards import MaskStore
 
     t0 = time.monotonic()
     workdir = Path(workdir).resolve()
@@ -68,12 +68,12 @@ def run_demo(workdir: str | Path, progress: Callable[[str], None] = print) -> di
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     summary = run_rounds(cfg, progress=progress)
 
-    store = MaskStore(cfg.path(cfg.storage.root))
+    store = runtime.mask_store(cfg)
     exports = {}
     for fmt in ("sa1b", "coco"):
         out = workdir / "exports" / fmt
         progress(f"exporting {fmt} -> {out}")
-        exports[fmt] = export(fmt, store, str(out), ImageSource(cfg.path(cfg.images.source)),
+        exports[fmt] = export(fmt, store, str(out), runtime.image_source(cfg),
                               filters=ExportFilters(), overwrite=True)
     report = write_report(cfg)
     ls = cfg.labelstudio

@@ -17,9 +17,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 
-from engine.config import EngineConfig
+from engine.integrations import runtime
+from engine.integrations.config import EngineConfig
 from engine.rounds import LEDGER_FILE, Ledger
+from storage.images import BadImage
+from storage.rle import decode_rles
 
 STAGE_COLORS = {"manual": "#1f77b4", "semi": "#ff7f0e", "auto": "#2ca02c"}
 STAGE_TITLES = {"manual": "Assisted-manual", "semi": "Semi-automatic", "auto": "Fully automatic"}
@@ -35,12 +40,7 @@ class ReportError(RuntimeError):
 
 def _mask_table(cfg: EngineConfig):
     """All committed masks' light columns as a pandas DataFrame (no RLE), or an empty one."""
-    import pandas as pd
-
-    from storage.shards import MaskStore
-
-    store = MaskStore(cfg.path(cfg.storage.root), s3_endpoint_url=cfg.storage.s3_endpoint_url,
-                      s3_region=cfg.storage.s3_region)
+    store = runtime.mask_store(cfg)
     if not store.shards():
         return store, pd.DataFrame(columns=MASK_COLUMNS)
     return store, store.read_table(columns=MASK_COLUMNS).to_pandas()
@@ -133,7 +133,7 @@ def stage_table(rows: list[dict], masks) -> list[dict]:
 # --- plots ----------------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -262,11 +262,6 @@ def plot_gallery(cfg: EngineConfig, store, masks, path: Path, n_images: int) -> 
     """Up to `n_images` images with the masks of their latest stage overlaid. Returns the image ids shown."""
     if not len(masks) or n_images <= 0:
         return []
-    from PIL import Image
-
-    from storage.images import BadImage, ImageSource
-    from storage.rle import decode_rles
-
     # show the stage that covers an image last (auto > semi > manual), images with the most masks first
     rank = {"manual": 0, "semi": 1, "auto": 2}
     last = masks.assign(rank=masks["stage"].map(rank)).groupby("image_id")["rank"].max()
@@ -274,8 +269,7 @@ def plot_gallery(cfg: EngineConfig, store, masks, path: Path, n_images: int) -> 
     counts = counts[counts["rank"] == counts["last"]].groupby(["image_id", "stage"]).size()
     counts = counts.reset_index(name="n").sort_values(["n", "image_id"], ascending=[False, True])
     picks = counts.head(n_images)
-    src = ImageSource(cfg.path(cfg.images.source), max_side=cfg.images.max_side,
-                      large_images=cfg.images.large_images, s3_endpoint_url=cfg.storage.s3_endpoint_url)
+    src = runtime.image_source(cfg)
     panels = []
     for image_id, stage, n in picks.itertuples(index=False):
         table = store.read_table(columns=["rle", "height", "width"], stage=stage, image_ids=[image_id])

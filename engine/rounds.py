@@ -25,14 +25,24 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from engine.config import EngineConfig
+from engine.integrations import runtime
+from engine.integrations.config import EngineConfig
+from engine.integrations.synth import write_synthetic_dataset
+from engine.retrain import train_round
+from model.evaluate import evaluate_checkpoint
+from model.segmenter import Segmenter
+from stages.auto import run_auto_stage
+from stages.manual import run_manual_stage
+from stages.semi import run_semi_stage
+from storage.images import image_id_from_key
+from storage.records import MaskRecord, make_mask_id
 
 LEDGER_FILE = "ledger.jsonl"
 LEDGER_VERSION = 1
@@ -183,12 +193,7 @@ class WorkdirLock:
 
 def default_list_images(cfg: EngineConfig) -> list[str]:
     """The image ids of the configured source, sorted (the holdout is a separate source)."""
-    from storage.images import ImageSource
-
-    src = ImageSource(cfg.path(cfg.images.source), max_side=cfg.images.max_side,
-                      large_images=cfg.images.large_images,
-                      s3_endpoint_url=cfg.storage.s3_endpoint_url)
-    return sorted(ref.image_id for ref in src.list())
+    return sorted(ref.image_id for ref in runtime.image_source(cfg).list())
 
 
 def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
@@ -198,8 +203,6 @@ def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
     """
     if cfg.model.checkpoint:
         return {"checkpoint": cfg.path(cfg.model.checkpoint), "source": "config"}
-    from model.segmenter import Segmenter
-
     seg = Segmenter.new(preset=cfg.model.preset, seed=cfg.seed)
     version = seg.save(out_dir, metadata={"round": 0, "source": f"fresh {cfg.model.preset}", "seed": cfg.seed})
     return {"checkpoint": out_dir, "source": f"fresh {cfg.model.preset}", "model_version": version}
@@ -211,19 +214,13 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     trained on public data. The set's ground truth goes into its own shard store, and training
     uses the same `train_round` as later rounds. Returns train_round's summary.
     """
-    from engine.synth import write_synthetic_dataset
-    from model.train import train_round
-    from storage.images import image_id_from_key
-    from storage.records import MaskRecord, make_mask_id
-    from storage.shards import MaskStore
-
     root = Path(cfg.path("bootstrap"))
     data = root / "data"
     if not (data / "annotations.json").exists():
         write_synthetic_dataset(data, n_images=cfg.model.bootstrap_images, seed=cfg.model.bootstrap_seed,
                                 size=cfg.model.bootstrap_image_size)
     store_uri = str(root / "store")
-    store = MaskStore(store_uri)
+    store = runtime.mask_store(cfg, store_uri)
     if not store.images_done("manual", round=0):
         coco = json.loads((data / "annotations.json").read_text())
         files = {im["id"]: im for im in coco["images"]}
@@ -252,32 +249,22 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
 
 
 def default_manual(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
-    from stages.manual import run_manual_stage
-
-    return run_manual_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate)
+    return run_manual_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate).to_dict()
 
 
 def default_semi(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
-    from stages.semi import run_semi_stage
-
-    return run_semi_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate)
+    return run_semi_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate).to_dict()
 
 
 def default_auto(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
-    from stages.auto import run_auto_stage
-
-    return run_auto_stage(cfg, round, checkpoint, image_ids=image_ids)
+    return run_auto_stage(cfg, round, checkpoint, image_ids=image_ids).to_dict()
 
 
 def default_train(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str, round: int) -> dict:
-    from model.train import train_round
-
     return train_round(cfg, init_checkpoint, out_dir, round)
 
 
 def default_evaluate(cfg: EngineConfig, checkpoint: str | None) -> dict:
-    from model.evaluate import evaluate_checkpoint
-
     return evaluate_checkpoint(checkpoint, cfg.path(cfg.images.holdout_source),
                                cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks))
 

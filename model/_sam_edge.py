@@ -6,6 +6,7 @@ encoder and mask decoder, and decodes many prompts against cached embeddings.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -143,8 +144,6 @@ def load_hf_sam(directory: Path) -> SamNet:
 
 def hf_model_type(directory: Path) -> str | None:
     """The `model_type` in a transformers config.json, or None if there is none."""
-    import json
-
     cfg = Path(directory) / "config.json"
     if not cfg.is_file():
         return None

@@ -22,8 +22,7 @@ candidate's logits to full resolution):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -41,45 +40,11 @@ from model.amg_filters import (
     stability_score,
     support_window,
 )
+from model.amg_params import AmgParams
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
 
 ENCODE_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class AmgParams:
-    """Parameters of automatic mask generation (SAM's defaults; names as SAM's generator).
-
-    max_mask_fraction: masks covering at least this share of the image are dropped (SA-1B).
-    stability_prefilter_margin: the low-resolution stability pre-filter keeps candidates scoring
-    at least stability_score_thresh - margin; the exact (full-resolution) score then decides.
-    (Measured: full-res minus low-res score up to 0.12 for soft masks of a briefly trained model.)
-    edge_tolerance_px: a mask box side within this many pixels of an inner crop edge touches it.
-    """
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 100
-    max_mask_fraction: float = 0.95
-    stability_prefilter_margin: float = 0.15
-    mask_threshold: float = 0.0
-    edge_tolerance_px: float = 20.0
-
-    @classmethod
-    def from_config(cls, section: Any, **overrides: Any) -> "AmgParams":
-        """From any object with (some of) these attribute names, e.g. `AutoStageConfig`."""
-        values = {f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)}
-        values.update(overrides)
-        return cls(**values)
 
 
 @dataclass

@@ -5,7 +5,8 @@ stability score clear two thresholds. The thresholds are not guessed: they are c
 history so that the prefilled masks reach a target precision (e.g. 90 % of them with IoU >= 0.9 to a human
 mask).
 
-How the history is built (`stages/semi.py` does this at the start of each semi round):
+How the history is built (`history_samples`; the semi-automatic stage, and the automatic stage when
+`stages.auto.calibrate` is set, call `calibrate` at the start of a round):
   1. Take the images of earlier rounds (manual or semi) that carry verified masks in the store, newest
      round first, up to a cap.
   2. Run the *current* round's model through the automatic generator on those images with loose filters
@@ -19,7 +20,7 @@ and its scores shift. A generated mask of an object no annotator drew counts as 
 precision is a lower estimate (annotators of earlier rounds may have left objects out).
 
 How thresholds are chosen (`choose_thresholds`): over candidate (pred_iou_thresh,
-stability_thresh) pairs taken from the history's own values (every distinct predicted IoU; distinct
+stability_score_thresh) pairs taken from the history's own values (every distinct predicted IoU; distinct
 stability scores, thinned to quantiles on large histories), a pair *reaches* the target when the
 one-sided Wilson lower confidence bound of its precision (share of kept samples with best_iou >=
 precision_iou) is >= target_precision and it keeps at least `min_kept` samples. Among pairs that reach it,
@@ -27,15 +28,21 @@ the loosest wins: the one keeping the most samples (ties: the lower thresholds).
 handful of lucky samples from passing (5/5 correct has a 90 %-bound of only ~0.75). With fewer than
 `min_samples` history samples the stated defaults are used; when no pair reaches the target, the pair with
 the highest lower bound is used and the result says so (`reached=False`), so the stage's audit can show it.
-Pure numpy (plus pycocotools for IoU); no model, no I/O.
+The threshold choice is pure numpy (plus pycocotools for IoU); only `history_samples` runs the model and reads
+the store.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from statistics import NormalDist
+from typing import Callable
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from model.amg import AmgParams, generate_masks
+from storage.images import BadImage, ImageSource
+from storage.shards import MaskStore
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class Thresholds:
     """
 
     pred_iou_thresh: float
-    stability_thresh: float
+    stability_score_thresh: float
     source: str
     reached: bool
     n_history: int
@@ -149,9 +156,9 @@ def choose_thresholds(samples: CalibrationSamples, target_precision: float, prec
                       default_pred_iou: float, default_stability: float, min_samples: int = 50,
                       min_kept: int = 20, confidence: float = 0.9,
                       max_stability_candidates: int = 64) -> Thresholds:
-    """Choose (pred_iou_thresh, stability_thresh) reaching `target_precision` on the history (rule: module doc).
+    """Choose (pred_iou_thresh, stability_score_thresh) reaching `target_precision` on the history (rule: module doc).
 
-    A mask is kept when predicted_iou >= pred_iou_thresh and stability_score >= stability_thresh.
+    A mask is kept when predicted_iou >= pred_iou_thresh and stability_score >= stability_score_thresh.
     Every distinct predicted IoU of the history is a candidate; stability candidates are its distinct
     values, thinned to `max_stability_candidates` quantiles on large histories.
     """
@@ -198,3 +205,76 @@ def choose_thresholds(samples: CalibrationSamples, target_precision: float, prec
     k, m = int(good_kept[best]), int(kept[best])
     return Thresholds(float(pred_thr[best]), float(stab_thr[best]), source, reached, n, m,
                       k / m, float(lower[best]), reason)
+
+
+# --------------------------------------------------------------------------- history and the whole step
+
+@dataclass
+class CalibrationSettings:
+    """What `calibrate` aims for (the config's `stages.semi` keys of the same meaning)."""
+
+    target_precision: float
+    precision_iou: float
+    default_pred_iou_thresh: float
+    default_stability_score_thresh: float
+    history_images: int = 16
+    min_samples: int = 50
+    min_kept: int = 20
+    confidence: float = 0.9
+
+
+def history_images(store: MaskStore, round: int, limit: int) -> list[str]:
+    """Image ids with verified masks from rounds before `round`, newest round first, at most `limit`."""
+    if round <= 0 or limit <= 0:
+        return []
+    table = store.read_table(columns=["image_id", "round"], verified=True, round=(0, round - 1))
+    latest: dict[str, int] = {}
+    for image_id, r in zip(table.column("image_id").to_pylist(), table.column("round").to_pylist()):
+        latest[image_id] = max(r, latest.get(image_id, r))
+    return sorted(latest, key=lambda i: (-latest[i], i))[:limit]
+
+
+def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int, loose: AmgParams, limit: int,
+                    on_problem: Callable[[str, str], None] = lambda thing, reason: None) -> CalibrationSamples:
+    """Calibration samples: the generator (`loose` filters) on the verified images of earlier rounds, each
+    generated mask matched to that image's verified masks. Images that can't be loaded or whose verified masks
+    have another size are reported through `on_problem(thing, reason)` and skipped."""
+    parts = []
+    for image_id in history_images(store, round, limit):
+        try:
+            loaded = source.load(source.ref(image_id))
+        except BadImage as e:
+            on_problem(image_id, f"calibration image unreadable ({e})")
+            continue
+        h, w = loaded.pixels.shape[:2]
+        truth = [r.rle for r in store.iter_records(image_ids=[image_id], verified=True, round=(0, round - 1))
+                 if (r.height, r.width) == (h, w)]
+        if not truth:
+            on_problem(image_id, f"verified masks are not {w}x{h} (the image as loaded now)")
+            continue
+        masks = generate_masks(segmenter, loaded.pixels, loose)
+        if not masks:
+            continue
+        parts.append(CalibrationSamples(
+            np.array([m.predicted_iou for m in masks], np.float64),
+            np.array([m.stability_score for m in masks], np.float64),
+            best_match_iou([m.rle for m in masks], truth)))
+    return CalibrationSamples.concat(parts)
+
+
+def calibrate(segmenter, store: MaskStore, source: ImageSource, round: int, loose: AmgParams,
+              settings: CalibrationSettings,
+              on_problem: Callable[[str, str], None] = lambda thing, reason: None) -> Thresholds:
+    """History of the current model on earlier rounds' verified images -> thresholds (module doc)."""
+    samples = history_samples(segmenter, store, source, round, loose, settings.history_images, on_problem)
+    return choose_thresholds(samples, settings.target_precision, settings.precision_iou,
+                             settings.default_pred_iou_thresh, settings.default_stability_score_thresh,
+                             min_samples=settings.min_samples, min_kept=settings.min_kept,
+                             confidence=settings.confidence)
+
+
+def generator_params(params: AmgParams, thresholds: Thresholds) -> AmgParams:
+    """`params` filtering at the chosen thresholds. The generator keeps predicted IoU > its threshold while
+    calibration means >=: it is asked for a hair less, and callers that need the exact rule re-filter."""
+    return replace(params, pred_iou_thresh=max(0.0, thresholds.pred_iou_thresh - 1e-6),
+                   stability_score_thresh=thresholds.stability_score_thresh)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from model._sam_edge import SamNet, hf_model_type, load_hf_sam, sam_config, vit_encoder
 from model.encoders import COMPACT_DEFAULT, VIT_PRESETS, CompactEncoder
@@ -27,7 +30,6 @@ _ALIAS_PREFIX = "prompt_encoder.shared_embedding."
 
 class CheckpointError(ValueError):
     """A checkpoint that can't be used; the message is one line naming the file and the reason."""
-
 
 def build_net(arch: dict) -> SamNet:
     """An untrained network for an architecture dict (see `compact_arch` / `vit_arch`)."""
@@ -75,8 +77,6 @@ def _own_state(net: SamNet) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(net: SamNet, arch: dict, directory: str | Path, metadata: dict) -> str:
     """Write `directory/model.safetensors` and `directory/sa_engine.json` (last). Returns model_version."""
-    from safetensors.torch import save_file
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in _own_state(net).items()}
@@ -156,8 +156,6 @@ def load_checkpoint(path: str | Path) -> tuple[SamNet, dict, str, dict]:
 
 
 def _load_ours(p: Path) -> tuple[SamNet, dict, str, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     doc = _read_config(p)
     arch, version = doc["arch"], doc["model_version"]
@@ -311,7 +309,6 @@ def meta_arch(state: dict[str, torch.Tensor], source: str) -> dict:
 
 
 def _load_meta_pth(p: Path) -> tuple[SamNet, dict, str, dict]:
-    import pickle
 
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)

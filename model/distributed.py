@@ -7,12 +7,11 @@ as a Ray Train worker (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this worker; (0, 1) outside torch.distributed."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -21,8 +20,6 @@ def world() -> tuple[int, int]:
 def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
     """Sum each tensor over the workers, in place, through one flat buffer (one call, however many
     tensors). Every worker must pass tensors of the same shapes in the same order."""
-    import torch.distributed as dist
-
     if world()[1] == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])

@@ -10,19 +10,22 @@ prompt, as in SAM. Box mIoU: the ground truth's bounding box, single output.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
+from model.amg import AmgParams, generate_masks
 from model.clicks import first_click, next_click
+from model.iou import mask_iou
 from model.segmenter import Segmenter
-
-
-def mask_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """pred: (N, M, H, W) or (N, H, W) bool; gt: (N, H, W) bool -> IoU (N, M) or (N,)."""
-    g = gt if pred.ndim == 3 else gt[:, None]
-    inter = (pred & g).sum((-2, -1))
-    union = (pred | g).sum((-2, -1))
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def mask_boxes_xyxy(gt: np.ndarray) -> np.ndarray:
@@ -50,7 +53,7 @@ def click_eval_image(seg: Segmenter, image: np.ndarray, gt: np.ndarray, clicks: 
     pts = np.array([[first_click(m)] for m in gt], dtype=np.float64)
     lab = np.ones((n, 1), dtype=np.int64)
     p = seg.predict(emb, pts, lab, multimask=True)
-    ious = mask_iou(p.masks.numpy(), gt)
+    ious = mask_iou(p.masks.numpy(), gt[:, None])
     shown_idx = p.iou_pred.argmax(1).numpy()
     out["oracle@1"] = ious.max(1)
     out["pred@1"] = ious[np.arange(n), shown_idx]
@@ -102,11 +105,6 @@ def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict
     gt_rles: image_id -> COCO RLEs; pred: image_id -> [(rle, score)]; sizes: image_id -> (H, W).
     Returns AP, AP50, AP75, AR@1, AR@10, AR@100 (pycocotools' definitions and detection limits).
     """
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     ids = {img: i + 1 for i, img in enumerate(sorted(sizes))}
 
@@ -114,7 +112,6 @@ def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict
         c = rle["counts"]
         return {"size": list(rle["size"]), "counts": c.decode() if isinstance(c, bytes) else c}
 
-    from pycocotools import mask as mask_utils
 
     images = [{"id": ids[k], "height": h, "width": w} for k, (h, w) in sizes.items()]
     anns, dets = [], []
@@ -145,11 +142,6 @@ def coco_mask_ap(gt_rles: dict[str, list[dict]], pred: dict[str, list[tuple[dict
 def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray], list[list[dict]]]:
     """A synth-style folder (images/ + annotations.json, COCO RLE) -> (file names, images (H, W, 3)
     uint8, masks (N, H, W) bool, RLEs) per image, in annotation-file order."""
-    import json
-    from pathlib import Path
-
-    from PIL import Image
-    from pycocotools import mask as mask_utils
 
     root = Path(folder)
     ann_file = root / "annotations.json"
@@ -192,7 +184,6 @@ def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: 
     table: dict = {"model_version": seg.model_version, "images": len(images)}
     table.update(click_eval(seg, images, masks, clicks=clicks, max_objects=max_objects))
     if amg_points_per_side:
-        from model.amg import AmgParams, generate_masks
 
         params = AmgParams(points_per_side=amg_points_per_side, pred_iou_thresh=pred_iou_thresh,
                            stability_score_thresh=stability_score_thresh)
@@ -213,8 +204,6 @@ def evaluate_checkpoint(checkpoint: str | None, images_dir: str, annotations_jso
     Keys: miou@k for k in `clicks` (what the tool shows: the highest-predicted-IoU output for click 1),
     oracle@1 (best of 3, SAM's paper), box_miou, n_masks, and the automatic masks' AP/AR (COCOeval).
     """
-    from pathlib import Path
-
     folder = Path(images_dir).parent
     if Path(annotations_json).resolve() != (folder / "annotations.json").resolve():
         raise ValueError(f"{annotations_json}: the holdout's annotations must sit beside its images/ folder "

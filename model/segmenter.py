@@ -7,6 +7,7 @@ All outputs are CPU torch tensors.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 LOW_RES = 256  # side of the low-res logits in the API (SAM's), whatever the network's native size
 PROMPT_CHUNK = 64  # prompts decoded at once (bounds memory for big prompt sets)
+# Network precision: fp32, or autocast to bf16 / fp16 (weights stay fp32; outputs are returned as fp32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["Segmenter", "ImageEmbedding", "Prediction", "PromptError", "CheckpointError"]
 
@@ -129,6 +132,24 @@ class Segmenter:
         self.device = torch.device(device)
         self.metadata = dict(metadata or {})
         self.image_size = int(net.image_size)
+        self.run_as()
+
+    def run_as(self, precision: str = "fp32", compile: bool = False) -> "Segmenter":
+        """How `embed` and `predict` run the network: `precision` fp32, or autocast to bf16 / fp16 (the
+        weights stay fp32, outputs come back fp32; masks agree with fp32 ones, tests/test_precision.py), and
+        `compile`: torch.compile the encoder and the decoder (the first call of each new shape compiles).
+        Returns self."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+        self.precision, self.compiled = precision, bool(compile)
+        self._encoder = torch.compile(self.net.image_encoder) if compile else self.net.image_encoder
+        self._decoder = torch.compile(self.net.decode) if compile else self.net.decode
+        return self
+
+    def autocast(self):
+        """The autocast context of this segmenter's precision (a no-op for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -168,7 +189,8 @@ class Segmenter:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             pixels, sizes = preprocess(chunk, self.image_size)
-            feats = self.net.image_encoder(pixels.to(self.device))
+            with self.autocast():
+                feats = self._encoder(pixels.to(self.device)).float()
             for img, f, s in zip(chunk, feats, sizes):
                 out.append(ImageEmbedding(f.clone(), (int(img.shape[0]), int(img.shape[1])), s))
         return out
@@ -286,10 +308,13 @@ class Segmenter:
                 mask_input = F.interpolate(mask_input, (side, side), mode="bilinear", align_corners=False)
             mask_input = mask_input.to(self.device)
         dev = self.device
-        return self.net.decode(feats.to(dev), None if points is None else points.to(dev),
-                               None if labels is None else labels.to(dev),
-                               None if boxes is None else boxes.to(dev), mask_input, multimask,
-                               None if pe is None else pe.to(dev))
+        decode = self._decoder if not torch.is_grad_enabled() else self.net.decode  # training runs eager
+        with self.autocast():
+            low, iou = decode(feats.to(dev), None if points is None else points.to(dev),
+                              None if labels is None else labels.to(dev),
+                              None if boxes is None else boxes.to(dev), mask_input, multimask,
+                              None if pe is None else pe.to(dev))
+        return low.float(), iou.float()
 
     def _postprocess(self, low: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
         """(N, M, n, n) logits in the padded input frame -> (N, M, H, W) logits of the original image."""

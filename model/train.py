@@ -1,4 +1,5 @@
-"""SAM's interactive training recipe, as a plain function and as a Ray Train loop.
+"""SAM's interactive training recipe, as a plain function (engine/retrain.py runs it as a round's retraining
+step, in-process or on Ray Train).
 
 Per sampled mask: a first prompt from the ground truth (a box with noise, or one point inside),
 then `iterations - 1` corrective points sampled uniformly from the error region of the previous
@@ -11,22 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
-from model.checkpoints import trained_steps
 from model.clicks import interior_distance, sample_error_click, sample_point
 from model.distributed import all_reduce_sum, world
 from model.muon import Muon, split_params
 from model.segmenter import PIXEL_MEAN, PIXEL_STD, Segmenter, resized_shape
+from storage.rle import decode_rles
 
 # A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -98,31 +98,6 @@ def dataset_sampler(images: list[np.ndarray], masks: list[np.ndarray], weights: 
     return sample
 
 
-def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25) -> Sampler:
-    """Synthetic scenes (engine/synth.py) from the training generator: unlimited data.
-
-    Making a scene costs about as much as a quarter of a training step on a CPU, so a pool of up
-    to `pool` scenes is kept and a new one is made with probability `fresh_prob` (or while the pool
-    fills); augmentation makes the reused ones differ.
-    """
-    from engine.synth import make_scene
-
-    scenes: list[Sample] = []
-
-    def sample(rng: np.random.Generator) -> Sample:
-        if len(scenes) < min(pool, 64) or rng.random() < fresh_prob:
-            image, masks, _ = make_scene(rng, size)
-            item = (image, masks, np.ones(len(masks), np.float32))
-            if len(scenes) < pool:
-                scenes.append(item)
-            else:
-                scenes[int(rng.integers(pool))] = item
-            return item
-        return scenes[int(rng.integers(len(scenes)))]
-
-    return sample
-
-
 def to_frame(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
     """A scene resized to the encoder's input frame (longest side `side`): the image antialiased
     and rounded as `preprocess` does, masks (N, H, W) nearest. Returned as is when already there."""
@@ -164,24 +139,19 @@ def input_frame_sampler(data: Sampler, side: int) -> Sampler:
     return sample
 
 
-def store_training_data(store_uri: str, image_uri: str, manual_weight: float = 2.0, s3_endpoint_url: str | None = None,
-                        max_images: int | None = None, **filters) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
-    """Masks from the shard store (verified ones by default) and their images from the image source.
+def store_training_data(store, source, manual_weight: float = 2.0, max_images: int | None = None,
+                        **filters) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
+    """Masks from a shard store (`storage.shards.MaskStore`; verified ones by default) and their images from
+    an image source (`storage.images.ImageSource`).
 
     Returns images, masks (N, H, W) bool, weights (manual_weight for human-made masks, 1 for others)
-    and a data fingerprint (sha256 over the mask ids). Masks whose size differs from the stored
-    image are resized (nearest) to it.
+    and a data fingerprint (sha256 over the mask ids). Masks whose size differs from the image as the
+    source loads it (downscaled to `max_side`) are resized (nearest) to it.
     """
-    from storage.images import ImageSource
-    from storage.rle import decode_rles
-    from storage.shards import MaskStore
-
     filters.setdefault("verified", True)
-    store = MaskStore(store_uri, s3_endpoint_url=s3_endpoint_url)
     by_image: dict[str, list] = {}
     for rec in store.iter_records(**filters):
         by_image.setdefault(rec.image_id, []).append(rec)
-    source = ImageSource(image_uri, s3_endpoint_url=s3_endpoint_url)
     refs = {r.image_id: r for r in source.list()}
     images, masks, weights, ids = [], [], [], []
     for image_id in sorted(by_image)[:max_images]:
@@ -394,10 +364,13 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
 
     The budget (`minutes`) and `eval_every_s` count on `settings.clock`; the curve records both
     wall and process-CPU seconds. With `ema_decay`, the averaged weights are evaluated and kept.
+    The network runs at the segmenter's precision (`Segmenter.run_as`: fp32 or bf16 autocast).
     """
     s = settings or TrainSettings()
     if s.clock not in ("wall", "cpu"):
         raise ValueError(f"train settings: clock must be 'wall' or 'cpu', got {s.clock!r}")
+    if seg.precision == "fp16":
+        raise ValueError("train: fp16 needs loss scaling, which this recipe does not do; train in fp32 or bf16")
     if s.threads:
         torch.set_num_threads(s.threads)
     rng = np.random.default_rng(s.seed + 1000 * world()[0])
@@ -493,7 +466,8 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
     iterations = iterations or s.iterations
     stride = side // net.embed_size
     pixels, gt, w, owner, offsets = _batch(data, rng, s, side, crop, stride)
-    feats = net.image_encoder(pixels)[owner]  # (P, C, h, w)
+    with seg.autocast():  # the segmenter's precision (fp32, or bf16 / fp16 autocast)
+        feats = net.image_encoder(pixels).float()[owner]  # (P, C, h, w)
     frame = gt.shape[-1]
     pe = shift = None
     if crop:
@@ -567,188 +541,8 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
 def _rank0_decides(done: bool, progress: float) -> tuple[bool, float]:
     """Rank 0's clock decides, for every worker, when to stop and where the schedule is: workers
     whose clocks disagree by one step would leave one of them alone in an all-reduce (a hang)."""
-    import torch.distributed as dist
-
     if world()[1] == 1:
         return done, progress
     state = torch.tensor([float(done), progress], dtype=torch.float64)
     dist.broadcast(state, 0)
     return bool(state[0]), float(state[1])
-
-
-# ---- Ray Train ---------------------------------------------------------------------------------
-
-def ray_train_loop(config: dict) -> None:
-    """Ray Train worker loop. config: settings (dict of TrainSettings), init ("compact" or a checkpoint
-    path to resume from), data: {"kind": "synthetic", "size": S} or {"kind": "store", "store_uri",
-    "image_uri", "manual_weight", "filters"}, metadata (dict). Reports metrics and, from rank 0, a
-    checkpoint directory in our format."""
-    import tempfile
-
-    import ray.train
-
-    settings = TrainSettings(**config.get("settings", {}))
-    settings.threads = settings.threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    init = config.get("init", "compact")
-    seg = Segmenter.new(init) if init in ("compact",) else Segmenter.load(init)
-    data_cfg = config.get("data", {"kind": "synthetic"})
-    fingerprint = data_cfg.get("kind", "synthetic")
-    if data_cfg.get("kind") == "folder":
-        sampler, fingerprint = _folder_or_synthetic(data_cfg["folder"])
-    elif data_cfg.get("kind") == "store":
-        images, masks, weights, fingerprint = load_training_sets(data_cfg.get("sets") or [data_cfg])
-        sampler = dataset_sampler(images, masks, weights)
-    else:
-        sampler = synthetic_sampler(data_cfg.get("size", 256))
-    result = train(seg, sampler, settings)
-    metrics = {"steps": result.steps, "train_seconds": result.train_seconds, "loss": result.final_loss}
-    meta = dict(config.get("metadata", {}), data_fingerprint=fingerprint, train=metrics,
-                resumed_from=None if init == "compact" else str(init))
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as d:
-            seg.save(d, meta)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics)
-
-
-def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str | Path, storage_path: str | Path,
-                   num_workers: int = 1, use_gpu: bool = False, metadata: dict | None = None,
-                   name: str = "sa-engine-train") -> tuple[Segmenter, dict]:
-    """Run `ray_train_loop` through engine.cluster.fit_torch_trainer and copy the checkpoint to out_dir."""
-    import shutil
-
-    from engine.cluster import fit_torch_trainer
-
-    cfg = {"settings": asdict(settings), "init": str(init), "data": data, "metadata": metadata or {}}
-    result = fit_torch_trainer(ray_train_loop, cfg, num_workers=num_workers, use_gpu=use_gpu,
-                               storage_path=storage_path, name=name)
-    if result.error is not None:
-        raise RuntimeError(f"ray train: {result.error}".splitlines()[0])
-    if result.checkpoint is None:
-        raise RuntimeError("ray train: finished without a checkpoint")
-    out = Path(out_dir)
-    with result.checkpoint.as_directory() as d:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("model.safetensors", "sa_engine.json"):  # the JSON last: it is the commit point
-            shutil.copy2(Path(d) / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
-    return Segmenter.load(out), dict(result.metrics or {})
-
-
-def train_cli(out: str | Path, init: str, data_folder: str | None, minutes: float, round_no: int,
-              use_ray: bool, workers: int, seed: int) -> dict:
-    """`sa-engine train`: from scratch or from a checkpoint, on a synth-style folder or fresh synthetic scenes."""
-    settings = TrainSettings(minutes=minutes, seed=seed, threads=1)
-    meta = {"round": round_no}
-    if use_ray:
-        if data_folder is None:
-            data = {"kind": "synthetic", "size": 256}
-        else:
-            data = {"kind": "folder", "folder": str(Path(data_folder).resolve())}
-        seg, metrics = train_with_ray(settings, init, data, out, Path(out).resolve().parent / ".ray-train",
-                                      num_workers=workers, metadata=meta)
-        return {"model_version": seg.model_version, "out": str(out), **metrics}
-    seg = Segmenter.new("compact", seed=seed) if init == "compact" else Segmenter.load(init)
-    sampler, fingerprint = _folder_or_synthetic(data_folder)
-    result = train(seg, sampler, settings)
-    metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-               "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
-    version = seg.save(out, dict(meta, data_fingerprint=fingerprint, train=metrics,
-                                 resumed_from=None if init == "compact" else str(init)))
-    return {"model_version": version, "out": str(out), **metrics}
-
-
-def _folder_or_synthetic(folder: str | None) -> tuple[Sampler, str]:
-    if folder is None:
-        return synthetic_sampler(256), "synthetic-stream"
-    from model.evaluate import load_coco_folder
-
-    _, images, masks, _ = load_coco_folder(folder)
-    digest = hashlib.sha256((Path(folder) / "annotations.json").read_bytes()).hexdigest()[:16]
-    return dataset_sampler(images, masks), digest
-
-
-# ---- the round loop's retraining step ----------------------------------------------------------
-
-def load_training_sets(sets: list[dict]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
-    """Concatenate `store_training_data` over several stores. Each set: store_uri, image_uri,
-    manual_weight, s3_endpoint_url (optional), filters (optional). Fingerprint over all sets."""
-    images, masks, weights, prints = [], [], [], []
-    for d in sets:
-        i, m, w, f = store_training_data(d["store_uri"], d["image_uri"], d.get("manual_weight", 2.0),
-                                         d.get("s3_endpoint_url"), **d.get("filters", {}))
-        images += i
-        masks += m
-        weights += w
-        prints.append(f)
-    return images, masks, weights, hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
-
-
-def training_sets(cfg) -> list[dict]:
-    """What a round retrains on: every verified mask in the run's store (human masks weighted by
-    `train.manual_weight`) plus, when the run was bootstrapped, the bootstrap set at weight 1 — SAM
-    retrained on everything collected so far; a few dozen new masks alone over-fit (measured: holdout
-    1-click mIoU 0.43 -> 0.30 after 1.5 min on 26 masks)."""
-    main = {"store_uri": cfg.path(cfg.storage.root), "image_uri": cfg.path(cfg.images.source),
-            "manual_weight": cfg.train.manual_weight, "s3_endpoint_url": cfg.storage.s3_endpoint_url,
-            "filters": {"verified": True}}
-    sets = [main]
-    boot = Path(cfg.path("bootstrap"))
-    if (cfg.train.include_bootstrap and (boot / "store" / "manifest.json").is_file()
-            and Path(main["store_uri"]).resolve() != (boot / "store").resolve()):
-        sets.append({"store_uri": str(boot / "store"), "image_uri": str(boot / "data" / "images"),
-                     "manual_weight": 1.0, "filters": {"verified": True}})
-    return sets
-
-
-# Peak rate when a round fine-tunes a trained model: a quarter of the from-scratch rate. Fine-tuning the
-# demo's bootstrapped model (holdout mIoU@1 0.533) for 200 steps on its rounds' masks: Muon at 1e-3 /
-# 2e-3 / 4e-3 / 8e-3 -> 0.554 / 0.565 / 0.560 / 0.531 (AdamW at 1e-3 / 4e-3: 0.568 / 0.541).
-FINE_TUNE_LR = 2e-3
-
-
-def train_round(cfg, init_checkpoint: str | None, out_dir: str | Path, round_no: int) -> dict:
-    """Fine-tune `init_checkpoint` (None: a fresh seeded `cfg.model.preset`) on every verified mask in
-    the shard store, manual masks weighted by `train.manual_weight`, for `train.minutes`; on Ray Train
-    (`train.num_workers` workers) when `train.use_ray`, else in-process.
-
-    Returns {checkpoint, metrics, minutes, masks}. With no verified mask yet, the starting model is
-    saved unchanged (a round that collected nothing cannot change the model).
-    """
-    from storage.shards import MaskStore
-
-    t0 = time.perf_counter()
-    store_uri, endpoint = cfg.path(cfg.storage.root), cfg.storage.s3_endpoint_url
-    n_masks = MaskStore(store_uri, s3_endpoint_url=endpoint).read_table(columns=["mask_id"], verified=True).num_rows
-    seed = cfg.seed + round_no
-    settings = TrainSettings(minutes=cfg.train.minutes, seed=seed, threads=1)
-    steps_before = trained_steps(init_checkpoint) if init_checkpoint else 0
-    if steps_before != 0:  # a trained model (None: real weights of unknown history)
-        settings.lr = FINE_TUNE_LR
-    for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
-        if getattr(cfg.train, name) is not None:
-            setattr(settings, name, getattr(cfg.train, name))
-    meta = {"round": round_no, "resumed_from": init_checkpoint, "steps_before": steps_before or 0,
-            "lr": settings.lr, "optimizer": settings.optimizer}
-    if n_masks == 0:
-        seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)
-        seg.save(out_dir, dict(meta, data_fingerprint="empty", train={"steps": 0}))
-        return {"checkpoint": str(out_dir), "metrics": {"steps": 0}, "masks": 0,
-                "minutes": round((time.perf_counter() - t0) / 60, 2), "note": "no verified masks: model unchanged"}
-    sets = training_sets(cfg)
-    if cfg.train.use_ray:
-        init = init_checkpoint or cfg.model.preset
-        data = {"kind": "store", "sets": sets}
-        _, metrics = train_with_ray(settings, init, data, out_dir, Path(cfg.workdir).resolve() / "ray-train",
-                                    num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, metadata=meta,
-                                    name=f"round-{round_no}")
-    else:
-        seg = Segmenter.load(init_checkpoint) if init_checkpoint else Segmenter.new(cfg.model.preset, seed=cfg.seed)
-        images, masks, weights, fingerprint = load_training_sets(sets)
-        result = train(seg, dataset_sampler(images, masks, weights), settings)
-        metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-                   "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
-        seg.save(out_dir, dict(meta, data_fingerprint=fingerprint, train=metrics))
-    return {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks, "sets": len(sets),
-            "minutes": round((time.perf_counter() - t0) / 60, 2)}

@@ -1,7 +1,8 @@
 """The fully automatic stage: every image -> grid-prompted masks -> Parquet shards, on a Ray actor pool.
 
-images (ImageSource) -> `map_with_actor_pool` (one model per actor) -> `generate_with_fallback` ->
-MaskStore writer, committed every `images_per_commit` images. The committed image index says which
+Steps: plan (model, filters — calibrated on history when `stages.auto.calibrate` — and the images not yet
+done) -> generate (`map_with_actor_pool`, one model per actor, `generate_with_fallback`) -> write (MaskStore
+writer, committed every `images_per_commit` images) -> summarise. The committed image index says which
 images are done for this model version, so a rerun (after a crash, or a SIGKILL) does only the rest,
 and an image is never written twice: its masks and its "done" row land in the same commit.
 Bad images and images the model fails on even at a smaller scale go to the quarantine.
@@ -12,14 +13,54 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.config import EngineConfig
+from engine.integrations import runtime
+from engine.integrations.cluster import init_ray, map_with_actor_pool
+from engine.integrations.config import EngineConfig
+from model.amg import generate_with_fallback, to_records
+from model.amg_params import AmgParams
+from model.calibration import calibrate, generator_params
+from storage.images import BadImage
 
 log = logging.getLogger("sa_engine.auto")
 STAGE = "auto"
+
+
+@dataclass
+class AutoSummary:
+    """What one automatic-stage run did. images: done in this run; already_done: skipped (done before for
+    this model version, or set aside); thresholds: the filter thresholds used and where they came from;
+    seconds: from asking the pool for results to the last commit; first_result_s: pool start-up plus one
+    image; steady_images_per_s / steady_masks_per_s: the rates after each actor's first result (0.0 when
+    there are too few results to tell); actor_s_per_image / actor_cpu_s_per_image: wall and CPU time inside
+    the actors per image (equal when each actor had a core to itself)."""
+
+    round: int
+    images: int = 0
+    masks: int = 0
+    masks_per_image: float = 0.0
+    images_per_s: float = 0.0
+    quarantined: int = 0
+    already_done: int = 0
+    model_version: str = ""
+    commits: int = 0
+    seconds: float = 0.0
+    first_result_s: float = 0.0
+    steady_images_per_s: float = 0.0
+    steady_masks_per_s: float = 0.0
+    actor_s_per_image: float = 0.0
+    actor_cpu_s_per_image: float = 0.0
+    thresholds: dict = field(default_factory=dict)
+    stage: str = STAGE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class AutoMaskActor:
@@ -30,24 +71,14 @@ class AutoMaskActor:
     process's CPU time on the image)}, one row per image.
     """
 
-    def __init__(self, model_path: str | None, preset: str, device: str, params: dict, images: dict,
-                 round: int, threads: int = 1):
-        import torch
-
-        from model.amg import AmgParams
-        from model.segmenter import Segmenter
-        from storage.images import ImageSource
-
+    def __init__(self, cfg: EngineConfig, checkpoint: str | None, params: AmgParams, round: int, threads: int = 1):
         torch.set_num_threads(max(1, threads))
-        self.segmenter = Segmenter.load(model_path, device=device) if model_path else Segmenter.new(preset, device=device)
-        self.params = AmgParams(**params)
-        self.source = ImageSource(**images)
+        self.segmenter = runtime.segmenter(cfg, checkpoint)
+        self.params = params
+        self.source = runtime.image_source(cfg)
         self.round = round
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from model.amg import generate_with_fallback, to_records
-        from storage.images import BadImage
-
         out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "records", "scale", "seconds",
                                                 "cpu_seconds")}
         for image_id in batch["image_id"]:
@@ -74,134 +105,96 @@ class AutoMaskActor:
                 for k, v in out.items()}
 
 
-def resolve_model(cfg: EngineConfig, checkpoint: str | None):
-    """(checkpoint path or None for a fresh seeded preset model, the driver's Segmenter).
-
-    The driver loads the model once (its version; calibration); actors build their own copy.
-    """
-    from model.segmenter import Segmenter
-
-    path = checkpoint or cfg.model.checkpoint
-    path = cfg.path(path) if path else None
-    return path, Segmenter.load(path) if path else Segmenter.new(cfg.model.preset)
-
-
-def calibrated_thresholds(cfg: EngineConfig, segmenter, store, source, quarantine, round: int) -> dict:
-    """Filter thresholds chosen from the verified masks of earlier rounds, as the semi-automatic stage
-    chooses its prefill thresholds (stages/semi.py, model/calibration.py: the loosest pair whose
-    precision lower bound reaches `stages.semi.target_precision`). A young model's IoU head is far
-    from SAM's calibration, so SAM's fixed 0.88 / 0.95 would keep nothing or keep noise."""
-    from model.amg import AmgParams
-    from stages.semi import build_history, calibrate
-
-    s = cfg.stages.semi
-    loose = AmgParams.from_config(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
-                                  stability_score_thresh=s.calibration_stability_floor)
-    samples = build_history(segmenter, store, source, round, loose, s.calibration_images,
-                            on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
-    return calibrate(cfg, samples).to_dict()
-
-
-def _device(cfg: EngineConfig) -> str:
-    if cfg.model.device != "auto":
-        return cfg.model.device
-    if cfg.ray.gpus_per_actor > 0:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
+def filter_params(cfg: EngineConfig, segmenter, store, source, quarantine, round: int) -> tuple[AmgParams, dict]:
+    """The generator's parameters and the thresholds used. With `stages.auto.calibrate`, the thresholds are
+    chosen from the verified masks of earlier rounds as the semi-automatic stage chooses its prefill
+    thresholds (model/calibration.py: the loosest pair whose precision lower bound reaches
+    `stages.semi.target_precision`): a young model's IoU head is far from SAM's calibration, so SAM's fixed
+    0.88 / 0.95 would keep nothing or keep noise. Else the config's thresholds."""
+    a = cfg.stages.auto
+    params = runtime.amg_params(a)
+    if not a.calibrate:
+        return params, {"pred_iou_thresh": a.pred_iou_thresh, "stability_score_thresh": a.stability_score_thresh,
+                        "source": "config"}
+    thresholds = calibrate(segmenter, store, source, round, runtime.calibration_params(cfg),
+                           runtime.calibration_settings(cfg),
+                           on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
+    return generator_params(params, thresholds), thresholds.to_dict()
 
 
 def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
-                   show_progress: bool = True) -> dict:
+                   show_progress: bool = True) -> AutoSummary:
     """Generate masks for every image not yet done for this model version; resumable, idempotent.
 
-    image_ids: restrict to these (default: every image of the source). Returns a summary:
-    images (done in this run), masks, masks_per_image, images_per_s, quarantined, already_done,
-    model_version, commits, seconds, and the steady state: first_result_s (pool start-up plus one
-    image), steady_images_per_s / steady_masks_per_s over the results after each actor's first one
-    (0.0 when there are too few results to tell); actor_s_per_image / actor_cpu_s_per_image: wall
-    and CPU time inside the actors per image (equal when each actor had a core to itself).
-    """
-    from engine.cluster import init_ray, map_with_actor_pool
-    from model.amg import AmgParams
-    from storage.images import ImageSource
-    from storage.quarantine import Quarantine
-    from storage.shards import MaskStore
-
+    image_ids: restrict to these (default: every image of the source)."""
     a = cfg.stages.auto
-    params = asdict(AmgParams.from_config(a))
-    images = dict(uri=cfg.path(cfg.images.source), max_side=cfg.images.max_side,
-                  large_images=cfg.images.large_images, s3_endpoint_url=cfg.storage.s3_endpoint_url)
-    source = ImageSource(**images)
-    root = cfg.path(cfg.storage.root)
-    store = MaskStore(root, s3_endpoint_url=cfg.storage.s3_endpoint_url, shard_target_mb=cfg.storage.shard_target_mb)
-    quarantine = Quarantine(root, s3_endpoint_url=cfg.storage.s3_endpoint_url)
-    model_path, driver_model = resolve_model(cfg, checkpoint)
-    model_version = driver_model.model_version
-    thresholds = None
-    if a.calibrate:
-        thresholds = calibrated_thresholds(cfg, driver_model, store, source, quarantine, round)
-        params["pred_iou_thresh"] = max(0.0, thresholds["pred_iou_thresh"] - 1e-6)  # generator keeps >, calibration >=
-        params["stability_score_thresh"] = thresholds["stability_thresh"]
+    store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
 
+    # Plan: the model (loaded once here for its version and calibration; actors build their own), the
+    # filters, and the images not yet done for this model version.
+    driver_model = runtime.segmenter(cfg, checkpoint, on_device="cpu")
+    params, thresholds = filter_params(cfg, driver_model, store, source, quarantine, round)
     wanted = [r.image_id for r in source.list()] if image_ids is None else list(dict.fromkeys(image_ids))
-    done = store.images_done(STAGE, model_version)
+    done = store.images_done(STAGE, driver_model.model_version)
     set_aside = quarantine.things(STAGE)
     todo = [i for i in wanted if i not in done and source.ref(i).uri not in set_aside]
-    summary = dict(images=0, masks=0, masks_per_image=0.0, images_per_s=0.0, quarantined=0,
-                   already_done=len(wanted) - len(todo), model_version=model_version, commits=0, seconds=0.0,
-                   first_result_s=0.0, steady_images_per_s=0.0, steady_masks_per_s=0.0,
-                   actor_s_per_image=0.0, actor_cpu_s_per_image=0.0, thresholds=thresholds or {
-                       "pred_iou_thresh": a.pred_iou_thresh, "stability_thresh": a.stability_score_thresh,
-                       "source": "config"})
+    summary = AutoSummary(round=round, already_done=len(wanted) - len(todo),
+                          model_version=driver_model.model_version, thresholds=thresholds)
     if not todo:
         return summary
 
+    # Generate on the actor pool
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     threads = max(1, int(cfg.ray.cpus_per_actor)) if cfg.ray.gpus_per_actor == 0 else 1
     num_actors = max(1, min(a.num_actors, len(todo)))
     rows = map_with_actor_pool(
         [{"image_id": i} for i in todo], AutoMaskActor,
-        actor_args=(model_path, cfg.model.preset, _device(cfg), params, images, round, threads),
+        actor_args=(cfg, checkpoint, params, round, threads),
         num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
         gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=1)
 
+    # Write: masks and their image's "done" row land in the same commit, every `images_per_commit` images
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []  # (seconds since start, masks) per result
     actor_s = actor_cpu_s = 0.0
     since_commit = 0
-    with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, model_version) as writer:
+    with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, summary.model_version) as writer:
         for row in rows:
             image_id, status = str(row["image_id"]), str(row["status"])
+            n = 0
             if status == "ok":
                 records = pickle.loads(row["records"])
+                n = len(records)
                 writer.add(records)
-                writer.image_done(image_id, len(records))
-                summary["images"] += 1
-                summary["masks"] += len(records)
+                writer.image_done(image_id, n)
+                summary.images += 1
+                summary.masks += n
                 if float(row["scale"]) != 1.0:
                     log.warning("%s: model failed at full scale; masks made at scale %.2f", image_id, row["scale"])
             else:
                 quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE)
-                summary["quarantined"] += 1
-            arrivals.append((time.perf_counter() - start, len(records) if status == "ok" else 0))
+                summary.quarantined += 1
+            arrivals.append((time.perf_counter() - start, n))
             actor_s, actor_cpu_s = actor_s + float(row["seconds"]), actor_cpu_s + float(row["cpu_seconds"])
             since_commit += 1
             if since_commit >= a.images_per_commit:
                 writer.commit()
-                summary["commits"] += 1
+                summary.commits += 1
                 since_commit = 0
-            progress.advance(summary["images"], summary["masks"], time.perf_counter() - start)
+            progress.advance(summary.images, summary.masks, time.perf_counter() - start)
         if since_commit:
             writer.commit()
-            summary["commits"] += 1
+            summary.commits += 1
+
+    # Summarise
     seconds = time.perf_counter() - start
-    summary.update(seconds=round_(seconds), images_per_s=round_(summary["images"] / max(seconds, 1e-9)),
-                   masks_per_image=round_(summary["masks"] / max(summary["images"], 1)),
-                   actor_s_per_image=round_(actor_s / max(len(arrivals), 1)),
-                   actor_cpu_s_per_image=round_(actor_cpu_s / max(len(arrivals), 1)),
-                   **steady_rates(arrivals, num_actors))
+    summary.seconds = round_(seconds)
+    summary.images_per_s = round_(summary.images / max(seconds, 1e-9))
+    summary.masks_per_image = round_(summary.masks / max(summary.images, 1))
+    summary.actor_s_per_image = round_(actor_s / max(len(arrivals), 1))
+    summary.actor_cpu_s_per_image = round_(actor_cpu_s / max(len(arrivals), 1))
+    for key, value in steady_rates(arrivals, num_actors).items():
+        setattr(summary, key, value)
     return summary
 
 
@@ -235,9 +228,6 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.bar = Progress(TextColumn("auto"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                 TextColumn("{task.fields[rate]}"), console=Console(stderr=True))
             self.bar.__enter__()

@@ -1,25 +1,25 @@
 """Stage 2, semi-automatic: the model pre-fills what it is sure of, annotators add what it missed.
 
-`run_semi_stage(cfg, round, checkpoint, image_ids, simulate)`:
-  1. Calibrate (model/calibration.py): re-run the current model's automatic generator with loose filters on
-     the verified images of earlier rounds, match its masks to the verified ones, and choose the loosest
-     (pred_iou_thresh, stability_thresh) whose precision lower bound reaches `target_precision`; with too
-     little history, the stated defaults.
-  2. Generate with those thresholds on the round's images; the confident masks, ranked by predicted IoU
-     (then stability), are cut into pages of at most `max_prefill_per_task` (Label Studio slows down with
-     many brush regions); page k of every image goes to the round's page-k project, at most
-     `max_pages_per_image` pages, the lowest-ranked rest is dropped (counted). An image with nothing
-     confident is a plain task. The plan (thresholds and prefills) is saved before anything is imported,
-     so a rerun imports the same prefills and Label Studio's import stays idempotent.
-  3. Each page's prefills are imported as one prediction (one brush region labelled "prefill" per mask,
-     `model_version` = the round's model). Simulated annotators (engine/prefill_review.py) accept, fix or
-     delete them and, on an image's last page, click the objects no kept mask covers.
-  4. Pull (snapshot export) and write every final mask with lineage (`lineage_of`): a region that kept a
-     prefill's id and mask is prefill_accepted, one that kept the id but changed is prefill_edited (with
-     prefill_iou), a new region is manual_added; prefills missing from the annotation were deleted
-     (rejections). A random `audit_fraction` of accepted prefills is checked against the truth (simulated
-     mode; for people, `audit.json` lists the reviewer queue); a failed audit marks the mask unverified.
-Writes are upserts keyed by (image, round, region): re-running or re-pulling replaces, never duplicates.
+`run_semi_stage` reads as the paper's stage 2, one named step each:
+  1. Plan (`make_plan`): calibrate (model/calibration.py: re-run the current model's automatic generator with
+     loose filters on the verified images of earlier rounds, match its masks to the verified ones, choose the
+     loosest (pred_iou_thresh, stability_score_thresh) whose precision lower bound reaches `target_precision`;
+     with too little history, the stated defaults), generate with those thresholds on the round's images, rank
+     the confident masks by predicted IoU (then stability) and cut them into pages of at most
+     `max_prefill_per_task` (Label Studio slows down with many brush regions); page k of every image goes to
+     the round's page-k project, at most `max_pages_per_image` pages, the lowest-ranked rest is dropped
+     (counted). The plan is saved before anything is imported, so a rerun imports the same prefills.
+  2. Publish: each page's prefills as one prediction per task (one brush region labelled "prefill" per mask,
+     `model_version` = the round's model).
+  3. Review or wait: simulated annotators (engine/integrations/prefill_review.py) accept, fix or delete the
+     prefills and, on an image's last page, click the objects no kept mask covers; or people do.
+  4. Pull with lineage (`lineage_of`): a region that kept a prefill's id and mask is prefill_accepted, one that
+     kept the id but changed is prefill_edited (with prefill_iou), a new region is manual_added; prefills
+     missing from the annotation were deleted (rejections).
+  5. Audit: a random `audit_fraction` of accepted prefills is checked against the truth (simulated mode; for
+     people, `audit.json` lists the reviewer queue); a failed audit marks the mask unverified.
+  6. Write every final mask (upserts keyed by image, round, region: re-running replaces, never duplicates).
+  7. Summarise.
 
 Precision in the summary: `prefill_precision` is the measured estimate a person-run round also gets
 (accepted prefills right at the audit's pass rate, edited ones right when prefill_iou >= precision_iou,
@@ -36,10 +36,25 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import EngineConfig
-from model.calibration import CalibrationSamples, Thresholds, best_match_iou, choose_thresholds
+from engine.integrations import labelling, runtime
+from engine.integrations.annotator import GTObject, SimulatedAnnotator
+from engine.integrations.config import EngineConfig
+from engine.integrations.labelling import region_effort
+from engine.integrations.labelstudio import LabelStudio, PrefillMask, PullResult, TaskImage
+from engine.integrations.ml_backend import precompute_embeddings
+from engine.integrations.prefill_review import (
+    ImageReview,
+    PrefillReviewer,
+    ReviewPolicy,
+    choose_audit,
+    prefill_precision,
+)
+from model.amg import generate_with_fallback
+from model.calibration import Thresholds, calibrate, generator_params
+from model.iou import mask_iou
+from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import encode_masks, rle_area, rle_bbox
+from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
 
 STAGE = "semi"
 PLAN_FILE = "plan.json"
@@ -78,7 +93,7 @@ def rank_confident(masks: list, thresholds: Thresholds) -> list:
     """The masks (anything with predicted_iou / stability_score) clearing both thresholds, best first:
     by predicted IoU, then stability (descending)."""
     keep = [m for m in masks if m.predicted_iou >= thresholds.pred_iou_thresh
-            and m.stability_score >= thresholds.stability_thresh]
+            and m.stability_score >= thresholds.stability_score_thresh]
     return sorted(keep, key=lambda m: (-m.predicted_iou, -m.stability_score))
 
 
@@ -106,6 +121,7 @@ def plan_prefills(masks: list, thresholds: Thresholds, per_page: int, max_pages:
     return out, dropped
 
 
+
 # --------------------------------------------------------------------------- lineage
 
 @dataclass
@@ -118,12 +134,6 @@ class Lineage:
     prefill_iou: float | None = None
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two (H, W) bool masks (1.0 when both are empty)."""
-    union = np.count_nonzero(a | b)
-    return float(np.count_nonzero(a & b)) / union if union else 1.0
-
-
 def lineage_of(region_id: str, mask: np.ndarray, prefill_masks: dict[str, np.ndarray]) -> Lineage:
     """Where a final region came from. Label Studio keeps a prediction region's id when an annotator
     accepts or edits it, so the id says whether it started as a prefill and the mask says whether it
@@ -133,58 +143,8 @@ def lineage_of(region_id: str, mask: np.ndarray, prefill_masks: dict[str, np.nda
         return Lineage("manual_added")
     if before.shape == mask.shape and np.array_equal(before, mask):
         return Lineage("prefill_accepted", region_id)
-    return Lineage("prefill_edited", region_id, mask_iou(before, mask) if before.shape == mask.shape else 0.0)
+    return Lineage("prefill_edited", region_id, float(mask_iou(before, mask)) if before.shape == mask.shape else 0.0)
 
-
-# --------------------------------------------------------------------------- calibration history
-
-def history_images(store, round: int, limit: int) -> list[str]:
-    """Image ids with verified masks from rounds before `round`, newest round first, at most `limit`."""
-    if round <= 0 or limit <= 0:
-        return []
-    table = store.read_table(columns=["image_id", "round"], verified=True, round=(0, round - 1))
-    latest: dict[str, int] = {}
-    for image_id, r in zip(table.column("image_id").to_pylist(), table.column("round").to_pylist()):
-        latest[image_id] = max(r, latest.get(image_id, r))
-    return sorted(latest, key=lambda i: (-latest[i], i))[:limit]
-
-
-def build_history(segmenter, store, source, round: int, params, limit: int,
-                  on_problem=lambda thing, reason: None) -> CalibrationSamples:
-    """Calibration samples (model/calibration.py): the generator (loose `params`) on the verified images of
-    earlier rounds, each generated mask matched to that image's verified masks. Images that can't be
-    loaded or whose verified masks have another size are reported and skipped."""
-    from model.amg import generate_masks
-    from storage.images import BadImage
-
-    parts = []
-    for image_id in history_images(store, round, limit):
-        try:
-            loaded = source.load(source.ref(image_id))
-        except BadImage as e:
-            on_problem(image_id, f"calibration image unreadable ({e})")
-            continue
-        h, w = loaded.pixels.shape[:2]
-        truth = [r.rle for r in store.iter_records(image_ids=[image_id], verified=True, round=(0, round - 1))
-                 if (r.height, r.width) == (h, w)]
-        if not truth:
-            on_problem(image_id, f"verified masks are not {w}x{h} (the image as loaded now)")
-            continue
-        masks = generate_masks(segmenter, loaded.pixels, params)
-        if not masks:
-            continue
-        parts.append(CalibrationSamples(
-            np.array([m.predicted_iou for m in masks], np.float64),
-            np.array([m.stability_score for m in masks], np.float64),
-            best_match_iou([m.rle for m in masks], truth)))
-    return CalibrationSamples.concat(parts)
-
-
-def calibrate(cfg: EngineConfig, samples: CalibrationSamples) -> Thresholds:
-    s = cfg.stages.semi
-    return choose_thresholds(samples, s.target_precision, s.precision_iou, s.default_pred_iou_thresh,
-                             s.default_stability_thresh, min_samples=s.calibration_min_samples,
-                             min_kept=s.calibration_min_kept, confidence=s.calibration_confidence)
 
 
 # --------------------------------------------------------------------------- records
@@ -206,6 +166,7 @@ def final_record(image_id: str, round: int, model_version: str | None, region_id
         crop_box=prefill.crop_box if prefill else None,
         annotator=annotator, verified=verified, source=source, clicks=clicks, lead_time_s=lead_time_s,
         prefill_iou=lineage.prefill_iou)
+
 
 
 # --------------------------------------------------------------------------- summary
@@ -231,8 +192,6 @@ class RoundTally:
     true_known: int = 0
 
     def summary(self, precision_iou: float) -> dict:
-        from engine.prefill_review import prefill_precision
-
         n = self.prefills
         share = (lambda k: round(k / n, 4) if n else None)
         estimate = prefill_precision(n, self.accepted, self.audit_passed, self.audit_total,
@@ -258,13 +217,57 @@ class RoundTally:
         }
 
 
+
+@dataclass
+class SemiSummary:
+    """What one semi round did. Shares are of all prefills; prefill_counts: accepted, edited, rejected;
+    audit: audited, passed; thresholds: model/calibration.py's Thresholds as a dict; ls_project_ids: page ->
+    Label Studio project id."""
+
+    round: int
+    images: int
+    masks: int
+    masks_per_image: float
+    masks_per_image_before: float
+    masks_per_image_after: float
+    prefills: int
+    prefill_dropped_by_cap: int
+    prefill_accepted: float | None
+    prefill_edited: float | None
+    prefill_rejected: float | None
+    prefill_counts: dict
+    manual_added: int
+    clicks_per_added_mask: float | None
+    seconds_per_mask: float | None
+    prefill_precision: float | None
+    audit: dict
+    prefill_precision_true: float | None
+    target_precision: float
+    precision_iou: float
+    thresholds: dict
+    history_samples: int
+    pages: int
+    ls_project_id: int
+    ls_project_ids: dict
+    ls_url: str
+    model_version: str
+    written: int
+    problems: int
+    simulated: bool
+    wall_s: float
+    stage: str = STAGE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # --------------------------------------------------------------------------- files
 
 def _atomic_write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -274,41 +277,25 @@ def round_dir(cfg: EngineConfig, round: int) -> Path:
     return Path(cfg.workdir).resolve() / "semi" / f"round-{round}"
 
 
-# --------------------------------------------------------------------------- the stage
-
-def project_title(cfg: EngineConfig, round: int, page: int) -> str:
-    """Unique per work dir, round and page, within Label Studio's 50-character title limit."""
-    import hashlib
-
-    workdir = Path(cfg.workdir).resolve()
-    tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:6]
-    return f"semi r{round}{'' if page == 1 else f' p{page}'} {workdir.name[:24]} {tag}"
-
+# --------------------------------------------------------------------------- step 1: plan
 
 def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids: list[str],
               quarantine) -> dict:
-    """Calibrate, generate on the round's images and choose/page the prefills (the stage's steps 1–2).
-    Returns the plan (JSON-able): model_version, thresholds, history size, per image its size, prefills
-    and how many were generated / dropped by the cap."""
-    from model.amg import AmgParams, generate_with_fallback
-    from storage.images import BadImage
-
+    """Calibrate, generate on the round's images and choose/page the prefills. Returns the plan (JSON-able):
+    model_version, thresholds, history size, per image its size, prefills and how many were generated /
+    dropped by the cap."""
     s = cfg.stages.semi
     grid = {"points_per_side": s.points_per_side} if s.points_per_side else {}
-    loose = AmgParams.from_config(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
-                                  stability_score_thresh=s.calibration_stability_floor, **grid)
-    samples = build_history(segmenter, store, source, round, loose, s.calibration_images,
-                            on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
-    thresholds = calibrate(cfg, samples)
-    # The generator keeps pred_iou > thresh; calibration means >=: ask for a hair less, re-filter exactly.
-    strict = AmgParams.from_config(cfg.stages.auto, pred_iou_thresh=max(0.0, thresholds.pred_iou_thresh - 1e-6),
-                                   stability_score_thresh=thresholds.stability_thresh, **grid)
+    thresholds = calibrate(segmenter, store, source, round, runtime.calibration_params(cfg, **grid),
+                           runtime.calibration_settings(cfg),
+                           on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
+    strict = generator_params(runtime.amg_params(cfg.stages.auto, **grid), thresholds)
     images = {}
     for image_id in image_ids:
         ref = source.ref(image_id)
         try:
             loaded = source.load(ref)
-            masks, scale = generate_with_fallback(segmenter, loaded.pixels, strict)
+            masks, _scale = generate_with_fallback(segmenter, loaded.pixels, strict)
         except BadImage as e:
             quarantine.add(ref.uri, str(e), STAGE)
             continue
@@ -322,121 +309,107 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
                             "confident": len(prefills) + dropped, "dropped_by_cap": dropped,
                             "prefills": [p.to_json() for p in prefills]}
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
-            "history_samples": len(samples), "image_ids": list(image_ids), "images": images}
+            "history_samples": thresholds.n_history, "image_ids": list(image_ids), "images": images}
 
 
-def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
-                   simulate: bool = True, poll_s: float = 30.0) -> dict:
-    """One semi-automatic round (steps: module doc). image_ids None: the first `images_per_round` images of
-    the source that no manual or semi round has done yet. simulate=False: import and serve, wait until
-    every task has an annotation (Ctrl-C pulls what is there), then pull. Returns the stage summary."""
-    from engine.annotator import AnnotatorSettings, SimulatedAnnotator, load_ground_truth
-    from engine.labelstudio import LabelStudioError, PrefillMask
-    from engine.ml_backend import BASIC_USER, precompute_embeddings
-    from engine.prefill_review import ImageReview, PrefillReviewer, ReviewPolicy
-    from stages.manual import allow_serving, connect, image_source, load_segmenter, start_backend, task_images
-    from storage.quarantine import Quarantine
-    from storage.rle import decode_rles
-    from storage.shards import MaskStore
-
-    t0 = time.monotonic()
-    s, m = cfg.stages.semi, cfg.stages.manual
-    store = MaskStore(cfg.path(cfg.storage.root), s3_endpoint_url=cfg.storage.s3_endpoint_url,
-                      shard_target_mb=cfg.storage.shard_target_mb, s3_region=cfg.storage.s3_region)
-    quarantine = Quarantine(cfg.path(cfg.storage.root), s3_endpoint_url=cfg.storage.s3_endpoint_url)
-    source = image_source(cfg)
-    if image_ids is None:
-        done = store.images_done("manual") | store.images_done(STAGE)
-        image_ids = [r.image_id for r in source.list() if r.image_id not in done][: s.images_per_round]
-    segmenter = load_segmenter(cfg, checkpoint)
-    truth = None
-    if simulate:
-        if not cfg.images.ground_truth:
-            raise LabelStudioError("stages.simulate needs images.ground_truth (COCO JSON)")
-        truth = load_ground_truth(cfg.path(cfg.images.ground_truth))
-
-    # Steps 1–2, once per round: a rerun reuses the saved plan (same prefills, same region ids).
-    rdir = round_dir(cfg, round)
-    plan_path = rdir / PLAN_FILE
+def saved_or_new_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids: list[str],
+                      quarantine) -> dict:
+    """The round's plan: the saved one when it is for this model and these images (a rerun imports the same
+    prefills with the same region ids), else a new one, saved before anything is imported."""
+    plan_path = round_dir(cfg, round) / PLAN_FILE
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     if plan is None or plan.get("model_version") != segmenter.model_version or plan.get("image_ids") != list(image_ids):
         plan = make_plan(cfg, round, segmenter, store, source, image_ids, quarantine)
         _atomic_write_json(plan_path, plan)
-    prefills = {i: [Prefill.from_json(p) for p in im["prefills"]] for i, im in plan["images"].items()}
-    n_pages = max([1] + [p.page for ps in prefills.values() for p in ps])
+    return plan
 
-    # Step 3: one project per page; page k holds the images with at least k pages.
-    ls, _info = connect(cfg)
-    images, pixels = task_images(cfg, source, list(plan["images"]), quarantine)
-    by_id = {im.image_id: im for im in images}
-    precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
-    last_page = {i: max([1] + [p.page for p in ps]) for i, ps in prefills.items()}
-    projects: dict[int, int] = {}
-    tasks: dict[int, dict[str, int]] = {}
-    prefill_masks: dict[str, dict[str, np.ndarray]] = {}
-    for image_id, ps in prefills.items():
-        decoded = decode_rles([p.rle for p in ps]) if ps else []
-        prefill_masks[image_id] = {p.region_id: d for p, d in zip(ps, decoded)}
-    for page in range(1, n_pages + 1):
-        page_images = [by_id[i] for i in by_id if last_page[i] >= page]
-        pid = ls.ensure_project(project_title(cfg, round, page), description=(
-            f"semi-automatic round {round}, page {page} of prefills, model {segmenter.model_version}; "
-            f"thresholds {plan['thresholds']['pred_iou_thresh']:.3f}/{plan['thresholds']['stability_thresh']:.3f}"))
-        allow_serving(ls, pid, page_images, Path(cfg.workdir).resolve())
-        page_prefills = {i: [PrefillMask(mask=prefill_masks[i][p.region_id], score=p.predicted_iou,
-                                         region_id=p.region_id) for p in prefills[i] if p.page == page]
-                         for i in by_id}
-        projects[page] = pid
-        tasks[page] = ls.import_tasks(pid, page_images, page_prefills, model_version=segmenter.model_version)
 
-    with start_backend(cfg, segmenter, source) as backend:
-        backend_ids = {page: ls.connect_ml_backend(pid, backend.url, BASIC_USER, backend.state.token)
-                       for page, pid in projects.items()}
-        if simulate:
-            settings = AnnotatorSettings(max_clicks=m.max_clicks, iou_target=m.iou_target,
-                                         seconds_per_click=m.seconds_per_click, seconds_per_mask=m.seconds_per_mask,
-                                         image_time_limit_s=m.image_time_limit_s)
-            policy = ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou)
-            states = {i: ImageReview() for i in by_id}
-            for page, pid in projects.items():  # pages in order: an image's last page adds what is missing
-                reviewer = PrefillReviewer(SimulatedAnnotator(ls, backend_ids[page], settings=settings),
-                                           policy, s.seconds_per_review)
-                done = ls.annotated_task_ids(pid)
-                for image_id, task_id in tasks[page].items():
-                    if task_id in done:
-                        continue  # a resumed round: submitted before
-                    page_ps = [(p.region_id, prefill_masks[image_id][p.region_id])
-                               for p in prefills[image_id] if p.page == page]
-                    reviewer.review_task(task_id, by_id[image_id], page_ps, truth.get(image_id, []),
-                                         states[image_id], add_missing=page == last_page[image_id])
-        else:
-            print(f"Label Studio: {len(projects)} semi round {round} project(s) at {ls.url}/projects/"
-                  f"{projects[1]}: waiting for annotations (Ctrl-C to pull now)", flush=True)
-            try:
-                while any(len(ls.annotated_task_ids(pid)) < len(tasks[pg]) for pg, pid in projects.items()):
-                    time.sleep(poll_s)
-            except KeyboardInterrupt:
-                pass
+@dataclass
+class Pages:
+    """The round's prefills as Label Studio sees them. prefills: image id -> its Prefills; masks: image id ->
+    region id -> (H, W) bool; last_page: image id -> its last page; projects: page -> project id; tasks:
+    page -> image id -> task id; images: image id -> TaskImage."""
 
-    # Step 4: pull every page (all read before anything is written), lineage, audit, write.
-    pulls = {page: ls.pull(pid) for page, pid in projects.items()}
-    tally = RoundTally(images=len(by_id))
-    prefill_by_region = {i: {p.region_id: p for p in ps} for i, ps in prefills.items()}
+    prefills: dict[str, list[Prefill]]
+    masks: dict[str, dict[str, np.ndarray]]
+    last_page: dict[str, int]
+    images: dict[str, TaskImage] = field(default_factory=dict)
+    projects: dict[int, int] = field(default_factory=dict)
+    tasks: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> "Pages":
+        prefills = {i: [Prefill.from_json(p) for p in im["prefills"]] for i, im in plan["images"].items()}
+        masks = {}
+        for image_id, ps in prefills.items():
+            decoded = decode_rles([p.rle for p in ps]) if ps else []
+            masks[image_id] = {p.region_id: d for p, d in zip(ps, decoded)}
+        last_page = {i: max([1] + [p.page for p in ps]) for i, ps in prefills.items()}
+        return cls(prefills, masks, last_page)
+
+    @property
+    def n_pages(self) -> int:
+        return max([1] + list(self.last_page.values()))
+
+    def on_page(self, image_id: str, page: int) -> list[Prefill]:
+        return [p for p in self.prefills[image_id] if p.page == page]
+
+
+# --------------------------------------------------------------------------- step 2: publish
+
+def publish_pages(ls: LabelStudio, cfg: EngineConfig, round: int, pages: Pages, plan: dict,
+                  model_version: str) -> None:
+    """One project per page; page k holds the images with at least k pages, each task with its page's prefills."""
+    thr = plan["thresholds"]
+    for page in range(1, pages.n_pages + 1):
+        page_images = [im for i, im in pages.images.items() if pages.last_page[i] >= page]
+        prefills = {i: [PrefillMask(mask=pages.masks[i][p.region_id], score=p.predicted_iou, region_id=p.region_id)
+                        for p in pages.on_page(i, page)] for i in pages.images}
+        pages.projects[page], pages.tasks[page] = labelling.publish(
+            ls, cfg, labelling.project_title(cfg, STAGE, round, page),
+            f"semi-automatic round {round}, page {page} of prefills, model {model_version}; "
+            f"thresholds {thr['pred_iou_thresh']:.3f}/{thr['stability_score_thresh']:.3f}",
+            page_images, prefills, model_version=model_version)
+
+
+# --------------------------------------------------------------------------- step 3: review (simulated)
+
+def review_pages(ls: LabelStudio, cfg: EngineConfig, pages: Pages, backend_ids: dict[int, int],
+                 truth: dict[str, list[GTObject]]) -> None:
+    """Simulated annotators review every page in order; an image's last page adds what is missing."""
+    s = cfg.stages.semi
+    policy = ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou)
+    states = {i: ImageReview() for i in pages.images}
+    for page, pid in pages.projects.items():
+        reviewer = PrefillReviewer(SimulatedAnnotator(ls, backend_ids[page], settings=runtime.annotator_settings(cfg)),
+                                   policy, s.seconds_per_review)
+        done = ls.annotated_task_ids(pid)
+        for image_id, task_id in pages.tasks[page].items():
+            if task_id in done:
+                continue  # a resumed round: submitted before
+            page_ps = [(p.region_id, pages.masks[image_id][p.region_id]) for p in pages.on_page(image_id, page)]
+            reviewer.review_task(task_id, pages.images[image_id], page_ps, truth.get(image_id, []),
+                                 states[image_id], add_missing=page == pages.last_page[image_id])
+
+
+# --------------------------------------------------------------------------- step 4: pull with lineage
+
+def records_from_pulls(pulls: dict[int, PullResult], pages: Pages, round: int, model_version: str,
+                       tally: RoundTally) -> tuple[list[MaskRecord], list[int]]:
+    """Every final region of every page's latest annotation as a MaskRecord with its lineage; counts go to
+    `tally`. Returns (records, indices of the accepted prefills among them)."""
     records: list[MaskRecord] = []
-    accepted_idx: list[int] = []
-    problems = 0
+    accepted: list[int] = []
+    prefill_by_region = {i: {p.region_id: p for p in ps} for i, ps in pages.prefills.items()}
     for page, pull in pulls.items():
-        for thing, reason in pull.problems:
-            quarantine.add(f"labelstudio project {projects[page]} {thing}", reason, STAGE)
-            problems += 1
         latest = {}
         for ann in pull.annotations:  # the latest submitted annotation of each task wins
-            if ann.image_id in by_id and (ann.task_id not in latest
-                                          or (ann.updated_at or "") >= (latest[ann.task_id].updated_at or "")):
+            if ann.image_id in pages.images and (ann.task_id not in latest
+                                                 or (ann.updated_at or "") >= (latest[ann.task_id].updated_at or "")):
                 latest[ann.task_id] = ann
         for ann in latest.values():
-            page_prefill_ids = {p.region_id for p in prefills[ann.image_id] if p.page == page}
-            masks_here = {rid: prefill_masks[ann.image_id][rid] for rid in page_prefill_ids}
+            page_prefill_ids = {p.region_id for p in pages.on_page(ann.image_id, page)}
+            masks_here = {rid: pages.masks[ann.image_id][rid] for rid in page_prefill_ids}
             kept_ids = set()
             for r in ann.regions:
                 lin = lineage_of(r.region_id, r.mask, masks_here)
@@ -445,19 +418,13 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                         lin = Lineage("manual_added")  # a second region with the same id: not the prefill
                     kept_ids.add(lin.prefill_region or "")
                 pre = prefill_by_region[ann.image_id].get(lin.prefill_region) if lin.prefill_region else None
-                clicks = r.meta.get("clicks")
-                seconds = r.meta.get("lead_time_s")
-                if seconds is None and ann.lead_time_s is not None and ann.regions:
-                    seconds = float(ann.lead_time_s) / len(ann.regions)
-                rec = final_record(ann.image_id, round, segmenter.model_version, r.region_id, r.mask, lin, pre,
-                                   ann.annotator, {"ls_project": projects[page], "ls_task": ann.task_id,
-                                                   "ls_annotation": ann.annotation_id, "ls_region": r.region_id,
-                                                   "ls_updated_at": ann.updated_at, "page": page},
-                                   None if clicks is None else int(clicks),
-                                   None if seconds is None else float(seconds))
+                clicks, seconds = region_effort(ann, r)
+                source = {"ls_project": pages.projects[page], "ls_task": ann.task_id,
+                          "ls_annotation": ann.annotation_id, "ls_region": r.region_id,
+                          "ls_updated_at": ann.updated_at, "page": page}
                 if lin.origin == "prefill_accepted":
                     tally.accepted += 1
-                    accepted_idx.append(len(records))
+                    accepted.append(len(records))
                 elif lin.origin == "prefill_edited":
                     tally.edited += 1
                     tally.edited_prefill_ious.append(float(lin.prefill_iou))
@@ -465,71 +432,137 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                     tally.added += 1
                     tally.added_clicks += int(clicks or 0)
                 tally.lead_time_s += float(seconds or 0.0)
-                records.append(rec)
+                records.append(final_record(ann.image_id, round, model_version, r.region_id, r.mask, lin, pre,
+                                            ann.annotator, source, clicks, seconds))
             tally.rejected += len(page_prefill_ids - kept_ids)
-    reviewed_images = {r.image_id for r in records} | {a.image_id for p in pulls.values() for a in p.annotations}
-    tally.prefills = sum(len(prefills[i]) for i in reviewed_images if i in prefills)
-    tally.dropped_by_cap = sum(plan["images"][i]["dropped_by_cap"] for i in plan["images"])
-    tally.final_masks = len(records)
+    return records, accepted
 
-    # The audit: a random share of accepted prefills checked against the truth.
+
+# --------------------------------------------------------------------------- step 5: audit
+
+def audit_accepted(cfg: EngineConfig, round: int, records: list[MaskRecord], accepted: list[int],
+                   truth: dict[str, list[GTObject]] | None, tally: RoundTally) -> list[dict]:
+    """Check a random `audit_fraction` of the accepted prefills against the truth (when known): a mask that
+    fails its audit is no longer trusted as verified. Returns the audit rows (the reviewer queue)."""
+    s = cfg.stages.semi
     rng = np.random.default_rng([cfg.seed, round, 6])
-    from engine.prefill_review import choose_audit
-
-    audit = [accepted_idx[k] for k in choose_audit(len(accepted_idx), s.audit_fraction, rng)]
-    audit_rows = []
-    for idx in audit:
+    rows = []
+    for idx in (accepted[k] for k in choose_audit(len(accepted), s.audit_fraction, rng)):
         rec = records[idx]
         row = {"mask_id": rec.mask_id, "image_id": rec.image_id, **rec.source}
         if truth is not None:
-            iou = _truth_iou(rec, truth.get(rec.image_id, []))
+            iou = _best_iou(decode_rles([rec.rle])[0], [o.mask for o in truth.get(rec.image_id, [])])
             passed = iou >= s.precision_iou
             rec.source = {**rec.source, "audit": {"iou": float(f"{iou:.4f}"), "passed": passed}}
-            rec.verified = passed  # a mask that failed its audit is not trusted as verified
+            rec.verified = passed
             tally.audit_total += 1
             tally.audit_passed += int(passed)
             row.update(iou=float(f"{iou:.4f}"), passed=passed)
-        audit_rows.append(row)
-    _atomic_write_json(rdir / AUDIT_FILE, {"round": round, "audit_fraction": s.audit_fraction,
-                                           "status": "checked against truth" if truth is not None
-                                           else "pending: reviewer queue", "masks": audit_rows})
-    if truth is not None:  # what the audit estimates, measured on every prefill (simulation only)
-        for image_id in reviewed_images:
-            ps = prefills.get(image_id) or []
-            if ps:
-                objs = truth.get(image_id, [])
-                gt = [o.mask for o in objs]
-                tally.true_known += len(ps)
-                tally.true_right += int(sum(_best_iou(prefill_masks[image_id][p.region_id], gt) >= s.precision_iou
-                                            for p in ps))
+        rows.append(row)
+    return rows
 
-    written = 0
-    if records:
-        store.upsert(records, stage=STAGE, round=round, model_version=segmenter.model_version)
-        written = len(records)
-        counts: dict[str, int] = {}
-        for r in records:
-            counts[r.image_id] = counts.get(r.image_id, 0) + 1
-        with store.writer(stage=STAGE, round=round, model_version=segmenter.model_version) as w:
-            for image_id, n in sorted(counts.items()):
-                w.image_done(image_id, n)
-            w.commit()
 
-    summary = {"stage": STAGE, "round": round, **tally.summary(s.precision_iou),
-               "target_precision": s.target_precision, "precision_iou": s.precision_iou,
-               "thresholds": plan["thresholds"], "history_samples": plan["history_samples"],
-               "pages": n_pages, "ls_project_id": projects[1], "ls_project_ids": projects, "ls_url": ls.url,
-               "model_version": segmenter.model_version, "written": written, "problems": problems,
-               "simulated": simulate, "wall_s": float(f"{time.monotonic() - t0:.1f}")}
-    _atomic_write_json(rdir / "summary.json", summary)
-    return json.loads(json.dumps(summary, default=str))
+def true_precision(pages: Pages, image_ids: set[str], truth: dict[str, list[GTObject]], precision_iou: float,
+                   tally: RoundTally) -> None:
+    """What the audit estimates, measured on every prefill of the reviewed images (simulation only)."""
+    for image_id in image_ids:
+        ps = pages.prefills.get(image_id) or []
+        gt = [o.mask for o in truth.get(image_id, [])]
+        tally.true_known += len(ps)
+        tally.true_right += int(sum(_best_iou(pages.masks[image_id][p.region_id], gt) >= precision_iou for p in ps))
 
 
 def _best_iou(mask: np.ndarray, truth: list[np.ndarray]) -> float:
-    return max((mask_iou(mask, t) for t in truth if t.shape == mask.shape), default=0.0)
+    return max((float(mask_iou(mask, t)) for t in truth if t.shape == mask.shape), default=0.0)
 
 
-def _truth_iou(rec: MaskRecord, objects: list) -> float:
-    from storage.rle import decode_rles
+# --------------------------------------------------------------------------- step 6: write
 
-    return _best_iou(decode_rles([rec.rle])[0], [o.mask for o in objects])
+def write_final(store, records: list[MaskRecord], round: int, model_version: str) -> int:
+    """Upsert the final masks and mark their images done for this round (one commit). Returns masks written."""
+    if not records:
+        return 0
+    store.upsert(records, stage=STAGE, round=round, model_version=model_version)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.image_id] = counts.get(r.image_id, 0) + 1
+    with store.writer(stage=STAGE, round=round, model_version=model_version) as w:
+        for image_id, n in sorted(counts.items()):
+            w.image_done(image_id, n)
+        w.commit()
+    return len(records)
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
+                   simulate: bool = True, poll_s: float = 30.0) -> SemiSummary:
+    """One semi-automatic round (steps: module doc). image_ids None: the first `images_per_round` images of
+    the source that no manual or semi round has done yet. simulate=False: import and serve, wait until
+    every task has an annotation (Ctrl-C pulls what is there), then pull."""
+    t0 = time.monotonic()
+    s = cfg.stages.semi
+    store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
+    truth = runtime.ground_truth(cfg) if simulate else None
+    if image_ids is None:
+        done = store.images_done("manual") | store.images_done(STAGE)
+        image_ids = [r.image_id for r in source.list() if r.image_id not in done][: s.images_per_round]
+    segmenter = runtime.segmenter(cfg, checkpoint)
+    version = segmenter.model_version
+
+    # 1. Plan (once per round: a rerun reuses the saved plan)
+    plan = saved_or_new_plan(cfg, round, segmenter, store, source, image_ids, quarantine)
+    pages = Pages.from_plan(plan)
+
+    # 2. Publish
+    ls, _ = labelling.connect(cfg)
+    images, pixels = labelling.task_images(cfg, source, list(plan["images"]), quarantine, STAGE)
+    pages.images = {im.image_id: im for im in images}
+    precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
+    publish_pages(ls, cfg, round, pages, plan, version)
+
+    # 3. Review or wait
+    with labelling.start_ml_backend(cfg, segmenter, source) as backend:
+        backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
+        if simulate:
+            review_pages(ls, cfg, pages, backend_ids, truth)
+        else:
+            labelling.wait_for_people(
+                ls, {pid: len(pages.tasks[page]) for page, pid in pages.projects.items()}, poll_s,
+                f"Label Studio: {len(pages.projects)} semi round {round} project(s) at {ls.url}/projects/"
+                f"{pages.projects[1]}: waiting for annotations (Ctrl-C to pull now)")
+
+    # 4. Pull with lineage (every page read before anything is written)
+    pulls = {page: ls.pull(pid) for page, pid in pages.projects.items()}
+    problems = 0
+    for page, pull in pulls.items():
+        for thing, reason in pull.problems:
+            quarantine.add(f"labelstudio project {pages.projects[page]} {thing}", reason, STAGE)
+            problems += 1
+    tally = RoundTally(images=len(pages.images))
+    records, accepted = records_from_pulls(pulls, pages, round, version, tally)
+    reviewed = {r.image_id for r in records} | {a.image_id for p in pulls.values() for a in p.annotations}
+    tally.prefills = sum(len(pages.prefills[i]) for i in reviewed if i in pages.prefills)
+    tally.dropped_by_cap = sum(im["dropped_by_cap"] for im in plan["images"].values())
+    tally.final_masks = len(records)
+
+    # 5. Audit
+    audit_rows = audit_accepted(cfg, round, records, accepted, truth, tally)
+    _atomic_write_json(round_dir(cfg, round) / AUDIT_FILE, {
+        "round": round, "audit_fraction": s.audit_fraction, "masks": audit_rows,
+        "status": "checked against truth" if truth is not None else "pending: reviewer queue"})
+    if truth is not None:
+        true_precision(pages, reviewed, truth, s.precision_iou, tally)
+
+    # 6. Write
+    written = write_final(store, records, round, version)
+
+    # 7. Summarise
+    summary = SemiSummary(
+        round=round, **tally.summary(s.precision_iou), target_precision=s.target_precision,
+        precision_iou=s.precision_iou, thresholds=plan["thresholds"], history_samples=plan["history_samples"],
+        pages=pages.n_pages, ls_project_id=pages.projects[1], ls_project_ids=dict(pages.projects), ls_url=ls.url,
+        model_version=version, written=written, problems=problems, simulated=simulate,
+        wall_s=float(f"{time.monotonic() - t0:.1f}"))
+    _atomic_write_json(round_dir(cfg, round) / "summary.json", summary.to_dict())
+    return summary

@@ -27,18 +27,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from storage import exports
+from storage.backend import StoreError
+from storage.images import BadImage, ImageSource, decode_image
 from storage.rle import decode_rles
-
-if TYPE_CHECKING:
-    from storage.images import ImageSource
-    from storage.shards import MaskStore, ShardInfo
+from storage.shards import MaskStore, ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +232,6 @@ class SA1BTarDataset(_RankAware):
                         continue
                     image = None
                     if self.load_images and data:
-                        from storage.images import BadImage, decode_image
 
                         try:
                             image = decode_image(data, f"{self.entries[share.unit]['path']}:{_name}")
@@ -275,8 +273,6 @@ class MaskShardDataset(_RankAware):
                  images: "ImageSource | str | None" = None, s3_endpoint_url: str | None = None,
                  rank: int | None = None, world_size: int | None = None, **filters: Any):
         super().__init__()
-        from storage.images import ImageSource
-        from storage.shards import MaskStore
 
         self.store = store if isinstance(store, MaskStore) else MaskStore(str(store), s3_endpoint_url=s3_endpoint_url)
         self.images = images if images is None or isinstance(images, ImageSource) else \
@@ -288,8 +284,6 @@ class MaskShardDataset(_RankAware):
         self.shard_infos = list(self.store.shards())
 
     def _image(self, image_id: str) -> np.ndarray | None:
-        from storage.backend import StoreError
-        from storage.images import BadImage, decode_image
 
         ref = self.images.ref(image_id)
         try:

@@ -22,8 +22,6 @@ held for the whole run is one small row per image (id, size, mask count).
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import hashlib
 import io
 import json
@@ -34,21 +32,22 @@ import tarfile
 import tempfile
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+from PIL import Image
 
+from storage.backend import LocalStore, StoreError, open_store
+from storage.images import BadImage, ImageSource, decode_image
 from storage.records import SCHEMA_VERSION, MaskRecord
-
-if TYPE_CHECKING:  # imported lazily at run time: only the sa1b export needs images
-    from storage.images import ImageSource
-    from storage.shards import MaskStore
+from storage.shards import MaskStore
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +71,14 @@ _COCO_COLUMNS = ["image_id", "mask_id", "height", "width", "rle", "area", "bbox"
 class ExportError(ValueError):
     """An export that cannot be made as asked; the message is one line naming the thing and the reason."""
 
-
 class OutputExistsError(ExportError):
     """The output already exists and --overwrite was not given (or it is not an export of ours)."""
-
 
 class EmptySelectionError(ExportError):
     """The filters select no masks: nothing is written."""
 
-
 class CorruptExportError(ExportError):
     """A file of an export fails its checksum or is missing (raised by readers, naming the file)."""
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Filters and splits
@@ -387,7 +382,6 @@ class _S3Target(_Target):
     """An s3:// prefix, through storage.backend. The old index goes first, stale objects next, the new index last."""
 
     def __init__(self, out: str, s3_endpoint_url: str | None):
-        from storage.backend import open_store
 
         self.uri = out.rstrip("/")
         self.store = open_store(self.uri, s3_endpoint_url=s3_endpoint_url)
@@ -581,10 +575,6 @@ class _Images:
 
     def file(self, image_id: str, height: int, width: int) -> tuple[bytes, str]:
         """-> (file bytes, extension). Raises ExportError (one line) when the image can't be had."""
-        from PIL import Image
-
-        from storage.backend import StoreError
-        from storage.images import BadImage, decode_image
 
         ref = self.source.ref(image_id)  # the id is the key: no listing of the whole source
         try:
@@ -909,7 +899,6 @@ class _JsonArrayFile:
 
 
 def _export_store(out: str, s3_endpoint_url: str | None):
-    from storage.backend import open_store
 
     return open_store(str(out).rstrip("/"), s3_endpoint_url=s3_endpoint_url)
 
@@ -928,8 +917,6 @@ def open_export_file(out: str, entry: dict, s3_endpoint_url: str | None = None, 
     Streams in 1 MiB chunks (a local file is hashed in place; an S3 object is copied to a temporary
     file while hashed), so memory stays flat however large the file. Raises CorruptExportError naming it.
     """
-    from storage.backend import LocalStore, StoreError
-
     store = _export_store(out, s3_endpoint_url)
     rel = entry["path"]
     where = store.url(rel)

@@ -22,10 +22,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
@@ -62,10 +63,8 @@ IMAGES_SCHEMA = pa.schema(
 class CorruptShardError(StoreError):
     """A shard (or the manifest) disagrees with what the manifest promises; the message names it."""
 
-
 class SchemaVersionError(StoreError):
     """A shard or manifest written by a newer sa-engine than this one."""
-
 
 @dataclass
 class ShardInfo:
@@ -279,7 +278,6 @@ class MaskStore:
             if key in live:
                 continue
             if isinstance(self.store, LocalStore):
-                import os
 
                 age = now - os.stat(self.store.url(key)).st_mtime
             else:
@@ -553,7 +551,6 @@ def _history_entries(row: dict, shard: ShardInfo) -> list:
 
 
 def _with_history(record: MaskRecord, replaced: list) -> MaskRecord:
-    from dataclasses import replace
 
     # A caller that read the record back may pass its old history along: don't repeat it.
     return replace(record, history=replaced + [h for h in (record.history or []) if h not in replaced])

@@ -5,7 +5,6 @@ Each is started at most once per test run and only when a test asks for it.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 
@@ -20,7 +19,7 @@ def ray_cluster():
     """A private local Ray cluster (2 CPUs, small object store) shared by the whole run."""
     import ray
 
-    from engine.cluster import init_ray
+    from engine.integrations.cluster import init_ray
 
     init_ray("local", num_cpus=2, object_store_mb=256)
     yield ray
@@ -75,7 +74,7 @@ def labelstudio_server(tmp_path_factory):
     """One real Label Studio server for the whole run (installed into its own venv on first use, cached
     under $SA_ENGINE_HOME), on a free loopback port, serving local files under pytest's base temp dir
     (so every tmp_path is servable). Stopped by PID at the end."""
-    from engine.labelstudio import LabelStudio, ServerSettings, free_port, start_server, stop_server
+    from engine.integrations.labelstudio import LabelStudio, ServerSettings, free_port, start_server, stop_server
 
     base = tmp_path_factory.getbasetemp()
     data_dir = base / "labelstudio-server"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import load_config
-from engine.synth import write_synthetic_dataset
+from engine.integrations.config import load_config
+from engine.integrations.synth import write_synthetic_dataset
 from storage.shards import MaskStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,21 +57,21 @@ def test_auto_stage_writes_quarantines_and_resumes(ray_cluster, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     cfg = load_config(cfg_path)
     summary = run_auto_stage(cfg, 1, None, show_progress=False)
-    assert summary["images"] == 4 and summary["quarantined"] == 1 and summary["masks"] > 0
-    assert summary["masks_per_image"] == pytest.approx(summary["masks"] / 4, rel=1e-3)
+    assert summary.images == 4 and summary.quarantined == 1 and summary.masks > 0
+    assert summary.masks_per_image == pytest.approx(summary.masks / 4, rel=1e-3)
     store = MaskStore(cfg.path(cfg.storage.root))
     ids = {p.name for p in (tmp_path / "data" / "images").glob("*.png")} - {bad.name}
-    check_exactly_once(store, ids, summary["model_version"])
+    check_exactly_once(store, ids, summary.model_version)
     rec = next(store.iter_records(stage="auto"))
-    assert rec.origin == "auto" and rec.round == 1 and rec.model_version == summary["model_version"]
+    assert rec.origin == "auto" and rec.round == 1 and rec.model_version == summary.model_version
     assert rec.point_coords and rec.crop_box == [0.0, 0.0, 96.0, 96.0] and rec.predicted_iou is not None
     from storage.quarantine import Quarantine
 
     entries = Quarantine(cfg.path(cfg.storage.root)).entries()
     assert [e["stage"] for e in entries] == ["auto"] and entries[0]["thing"].endswith("zz-broken.png")
     again = run_auto_stage(cfg, 1, None, show_progress=False)
-    assert again["images"] == 0 and again["already_done"] == 5 and again["quarantined"] == 0
-    check_exactly_once(store, ids, summary["model_version"])
+    assert again.images == 0 and again.already_done == 5 and again.quarantined == 0
+    check_exactly_once(store, ids, summary.model_version)
 
 
 def test_steady_rates_leave_each_actors_first_result_out():
@@ -127,9 +127,9 @@ def test_sigkill_part_way_then_rerun_gives_each_image_exactly_once(tmp_path):
 def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     """`stages.auto.calibrate`: no history -> the semi stage's stated defaults; with verified masks of an
     earlier round, thresholds are chosen from the generator's masks matched to them."""
-    from engine.config import load_config
+    from engine.integrations.config import load_config
     from model.segmenter import Segmenter
-    from stages.auto import calibrated_thresholds
+    from stages.auto import filter_params
     from storage.images import ImageSource
     from storage.quarantine import Quarantine
     from storage.records import MaskRecord, make_mask_id
@@ -143,11 +143,11 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     quarantine = Quarantine(cfg.path(cfg.storage.root))
     model = Segmenter.new("compact", seed=0)
 
-    none = calibrated_thresholds(cfg, model, store, source, quarantine, round=2)
+    _, none = filter_params(cfg, model, store, source, quarantine, round=2)
     assert none["source"] == "default" and none["n_history"] == 0
     assert none["pred_iou_thresh"] == cfg.stages.semi.default_pred_iou_thresh
 
-    from engine.synth import make_scene, scene_rng
+    from engine.integrations.synth import make_scene, scene_rng
     _, masks, _ = make_scene(scene_rng(0, 0), 96)  # the ground truth of the first image, as human masks
     rles = encode_masks(masks)
     image_id = source.list()[0].image_id
@@ -156,5 +156,5 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
                           area=int(a), bbox=list(b), stage="manual", round=1, verified=True)
                for i, (r, a, b) in enumerate(zip(rles, rle_area(rles), rle_bbox(rles)))])
         w.image_done(image_id, len(rles))
-    got = calibrated_thresholds(cfg, model, store, source, quarantine, round=2)
+    params, got = filter_params(cfg, model, store, source, quarantine, round=2)
     assert got["n_history"] > 0 and got["source"] in ("calibrated", "unreachable")

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model.calibration import (CalibrationSamples, best_match_iou, choose_thresholds,
-                               wilson_lower_bound)
+from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds, wilson_lower_bound
 
 DEFAULTS = dict(default_pred_iou=0.92, default_stability=0.95)
 
@@ -32,7 +31,7 @@ def test_wilson_bound_known_values():
 
 def test_no_history_gives_stated_defaults():
     t = choose_thresholds(CalibrationSamples.empty(), 0.9, 0.9, **DEFAULTS)
-    assert (t.pred_iou_thresh, t.stability_thresh, t.source, t.reached) == (0.92, 0.95, "default", False)
+    assert (t.pred_iou_thresh, t.stability_score_thresh, t.source, t.reached) == (0.92, 0.95, "default", False)
     assert "no verified history" in t.reason
 
 
@@ -54,8 +53,8 @@ def test_step_function_finds_the_boundary():
     # The loosest admissible predicted-IoU threshold sits just under the boundary (a few wrong ones let in),
     # and stability is not tightened because it buys nothing.
     assert 0.76 <= t.pred_iou_thresh <= 0.81
-    assert t.stability_thresh == pytest.approx(stab.min())
-    precision, kept = _precision(_samples(pred, stab, iou), t.pred_iou_thresh, t.stability_thresh)
+    assert t.stability_score_thresh == pytest.approx(stab.min())
+    precision, kept = _precision(_samples(pred, stab, iou), t.pred_iou_thresh, t.stability_score_thresh)
     assert precision == pytest.approx(t.precision) and kept == t.n_kept
     assert t.precision_lower_bound >= 0.9
 
@@ -72,7 +71,7 @@ def test_chosen_thresholds_reach_target_and_are_loosest():
     s = _samples(pred, stab, iou)
     t = choose_thresholds(s, 0.9, 0.9, **DEFAULTS)
     assert t.reached
-    precision, kept = _precision(s, t.pred_iou_thresh, t.stability_thresh)
+    precision, kept = _precision(s, t.pred_iou_thresh, t.stability_score_thresh)
     assert (precision, kept) == (pytest.approx(t.precision), t.n_kept)
     assert wilson_lower_bound(np.array(round(precision * kept)), np.array(kept), 0.9) >= 0.9
     for a in np.unique(pred):

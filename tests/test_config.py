@@ -13,8 +13,16 @@ import yaml
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.config import (ConfigError, EngineConfig, check_config, config_reference, config_reference_markdown,
-                           defaults_yaml, load_config, ray_address_problem)
+from engine.integrations.config import (
+    ConfigError,
+    EngineConfig,
+    check_config,
+    config_reference,
+    config_reference_markdown,
+    defaults_yaml,
+    load_config,
+    ray_address_problem,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +63,7 @@ def test_docs_config_md_holds_the_generated_reference():
 def test_every_key_is_documented_with_its_default():
     rows = config_reference()
     undocumented = [r["key"] for r in rows if not r["doc"]]
-    assert not undocumented, f"add a trailing `# meaning` comment in engine/config.py for: {undocumented}"
+    assert not undocumented, f"add a trailing `# meaning` comment in engine/integrations/config.py for: {undocumented}"
     keys = {r["key"] for r in rows}
     assert {"images.source", "stages.manual.rounds", "model.bootstrap_minutes", "eval.promote_metric",
             "labelstudio.managed", "ray.address"} <= keys

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from engine.synth import write_synthetic_dataset
+from engine.integrations.synth import write_synthetic_dataset
 from model.evaluate import click_eval, coco_mask_ap, evaluate_folder, load_coco_folder, mask_boxes_xyxy, mask_iou
 from model.segmenter import Segmenter
 

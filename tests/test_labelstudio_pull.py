@@ -6,8 +6,14 @@ import urllib.request
 import numpy as np
 import pytest
 
-from engine.labelstudio import (LabelStudio, LabelStudioUnavailable, PrefillMask, TaskImage, brush_result,
-                                free_port)
+from engine.integrations.labelstudio import (
+    LabelStudio,
+    LabelStudioUnavailable,
+    PrefillMask,
+    TaskImage,
+    brush_result,
+    free_port,
+)
 from stages.manual import pull_to_store
 from storage.quarantine import Quarantine
 from storage.rle import decode_rles

@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 
 import pytest
 
-from engine.labelstudio import (LabelStudio, LabelStudioError, ServerSettings, health_ok, labeling_config,
-                                server_status, start_server, stop_server)
+from engine.integrations.labelstudio import (
+    LabelStudio,
+    LabelStudioError,
+    ServerSettings,
+    health_ok,
+    labeling_config,
+    server_status,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.labelstudio
 

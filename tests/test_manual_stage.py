@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from engine.cli import app
-from engine.labelstudio import LabelStudio, free_port
-from engine.synth import write_synthetic_dataset
+from engine.integrations.labelstudio import LabelStudio, free_port
+from engine.integrations.synth import write_synthetic_dataset
 from storage.shards import MaskStore
 
 pytestmark = pytest.mark.labelstudio
@@ -58,15 +58,16 @@ def test_simulated_manual_round_writes_verified_masks_once(config_file, tmp_path
 
 
 def test_annotate_cli_directly_against_the_backend(config_file, tmp_path, labelstudio_server):
-    from stages.manual import image_source, task_images
-    from engine.config import load_config
+    from engine.integrations.config import load_config
+    from engine.integrations.labelling import task_images
+    from engine.integrations.runtime import image_source
 
     cfg = load_config(config_file)
     ls: LabelStudio = labelstudio_server.client
     pid = ls.ensure_project(f"annotate cli {tmp_path.name[-20:]}")
     try:
         ls.add_local_storage(pid, tmp_path)
-        images, _ = task_images(cfg, image_source(cfg), ["synth-s0-00002.png"])
+        images, _ = task_images(cfg, image_source(cfg), ["synth-s0-00002.png"], None, "manual")
         ls.import_tasks(pid, images)
         res = CliRunner().invoke(app, ["annotate", "--simulate", "--project", f"annotate cli {tmp_path.name[-20:]}",
                                        "--config", str(config_file), "--via", "backend"])

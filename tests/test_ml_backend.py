@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.labelstudio import LabelStudio, LabelStudioError, TaskImage, keypoint_context
-from engine.ml_backend import (BASIC_USER, BackendState, EmbeddingCache, MaskPredictor, MLBackend,
-                               precompute_embeddings, prompt_from_context, source_image_loader)
+from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskImage, keypoint_context
+from engine.integrations.ml_backend import (
+    BASIC_USER,
+    BackendState,
+    EmbeddingCache,
+    MaskPredictor,
+    MLBackend,
+    precompute_embeddings,
+    prompt_from_context,
+    source_image_loader,
+)
 from model.segmenter import Segmenter
 from storage.brush_rle import decode_mask
 from storage.images import ImageSource
@@ -163,8 +171,8 @@ def test_label_studio_calls_our_backend_for_interactive_clicks(backend, images, 
 
 def test_backend_port_is_free_again_after_a_with_block():
     # start() followed by `with` (as the stages do) must not leave a second serve loop holding the port.
-    from engine.labelstudio import free_port
-    from engine.ml_backend import BackendState, MLBackend
+    from engine.integrations.labelstudio import free_port
+    from engine.integrations.ml_backend import BackendState, MLBackend
 
     port = free_port()
     state = BackendState(None, token="t", image_loader=None)

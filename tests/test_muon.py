@@ -100,7 +100,7 @@ def _split_worker(rank: int, port: int, out: str) -> None:
 def test_two_workers_split_the_orthogonalisation_and_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from engine.labelstudio import free_port
+    from engine.integrations.labelstudio import free_port
 
     mp.spawn(_split_worker, args=(free_port(), str(tmp_path / "params")), nprocs=2, join=True)
     alone = _muon_steps(_net())

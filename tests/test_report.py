@@ -15,10 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from engine.config import load_config
+from engine.integrations.config import load_config
+from engine.integrations.synth import write_synthetic_dataset
 from engine.report import ReportError, _overlay, write_report
 from engine.rounds import Steps, default_list_images, run_rounds
-from engine.synth import write_synthetic_dataset
 from storage.images import image_id_from_key
 from storage.records import MaskRecord, make_mask_id
 from storage.shards import MaskStore

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from engine.synth import make_scene, scene_rng
+from engine.integrations.synth import make_scene, scene_rng
 from storage.rle import column_major_runs, decode_rles, encode_masks, rle_area, rle_bbox, rle_to_str
 
 

@@ -16,9 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import EngineConfig, load_config
-from engine.rounds import (LEDGER_FILE, Ledger, LedgerError, StepFailed, Steps, WorkdirLock, promotion_decision,
-                           run_rounds, select_images)
+from engine.integrations.config import EngineConfig, load_config
+from engine.rounds import (
+    LEDGER_FILE,
+    Ledger,
+    LedgerError,
+    StepFailed,
+    Steps,
+    WorkdirLock,
+    promotion_decision,
+    run_rounds,
+    select_images,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -362,8 +371,8 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     from typer.testing import CliRunner
 
     from engine.cli import app
-    from engine.labelstudio import free_port
-    from engine.synth import write_synthetic_dataset
+    from engine.integrations.labelstudio import free_port
+    from engine.integrations.synth import write_synthetic_dataset
     from storage.shards import MaskStore
 
     write_synthetic_dataset(tmp_path / "data", n_images=6, seed=0, size=96)

@@ -9,10 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.prefill_review import (ReviewPolicy, choose_audit, pairwise_iou, prefill_precision, review_prefills,
-                                   uncovered_objects)
-from model.calibration import Thresholds
-from stages.semi import (Lineage, Prefill, history_images, lineage_of, paginate, plan_prefills, rank_confident)
+from engine.integrations.config import EngineConfig
+from engine.integrations.prefill_review import (
+    ReviewPolicy,
+    choose_audit,
+    prefill_precision,
+    review_prefills,
+    uncovered_objects,
+)
+from model.calibration import Thresholds, history_images
+from model.iou import pairwise_mask_iou
+from stages.semi import Lineage, Prefill, lineage_of, paginate, plan_prefills, rank_confident
 from storage.records import MaskRecord
 from storage.rle import encode_masks, rle_area, rle_bbox
 
@@ -119,9 +126,9 @@ def test_uncovered_objects_only_what_no_kept_mask_covers():
 
 def test_pairwise_iou():
     h, w, truth = _scene()
-    ious = pairwise_iou(truth, truth)
+    ious = pairwise_mask_iou(truth, truth)
     assert np.allclose(np.diag(ious), 1.0) and ious[0, 1] == 0.0
-    assert pairwise_iou(truth[:0], truth).shape == (0, 3)
+    assert pairwise_mask_iou(truth[:0], truth).shape == (0, 3)
 
 
 def test_audit_choice_and_precision_estimate():
@@ -174,10 +181,10 @@ def test_history_images_newest_round_first(tmp_path):
 
 # --------------------------------------------------------------------------- against the real server
 
-def _semi_cfg(tmp_path: Path, server, **semi) -> "EngineConfig":  # noqa: F821
-    from engine.config import load_config
-    from engine.labelstudio import free_port
-    from engine.synth import write_synthetic_dataset
+def _semi_cfg(tmp_path: Path, server, **semi) -> EngineConfig:
+    from engine.integrations.config import load_config
+    from engine.integrations.labelstudio import free_port
+    from engine.integrations.synth import write_synthetic_dataset
 
     data = tmp_path / "data"
     write_synthetic_dataset(data, n_images=3, seed=5, size=96)
@@ -193,7 +200,7 @@ def _semi_cfg(tmp_path: Path, server, **semi) -> "EngineConfig":  # noqa: F821
 def _crafted_plan(cfg, image_ids: list[str]) -> tuple[dict, dict]:
     """A plan whose prefills are made from the truth: one exact (accept), one shifted (edit), one off
     target (delete), one duplicate (delete) on the first image; nothing on the second (a plain task)."""
-    from engine.annotator import load_ground_truth
+    from engine.integrations.annotator import load_ground_truth
     from model.segmenter import Segmenter
     from stages.semi import Prefill
 
@@ -218,7 +225,7 @@ def _crafted_plan(cfg, image_ids: list[str]) -> tuple[dict, dict]:
     prefills = [Prefill(f"prefill-{i}", 1 + i // 2, rle, 0.99 - i / 100, 0.98, [[1.0, 1.0]], [0.0, 0.0, w, h])
                 for i, rle in enumerate(rles)]
     plan = {"round": 3, "model_version": Segmenter.new(cfg.model.preset).model_version,
-            "thresholds": {"pred_iou_thresh": 0.9, "stability_thresh": 0.95, "source": "default"},
+            "thresholds": {"pred_iou_thresh": 0.9, "stability_score_thresh": 0.95, "source": "default"},
             "history_samples": 0, "image_ids": image_ids,
             "images": {first: {"height": h, "width": w, "generated": 4, "dropped_by_cap": 0,
                                "prefills": [p.to_json() for p in prefills]},
@@ -261,29 +268,29 @@ def test_lineage_labels_on_a_simulated_round(labelstudio_server, tmp_path):
     assert sum(r["image_id"] == first for r in added) == len(whole) - 2  # the two kept prefills cover two
     assert any(r["image_id"] == second for r in added)  # the plain task: drawn by clicks only
     assert all(r["clicks"] >= 1 and r["predicted_iou"] is None for r in added)
-    assert summary["prefill_counts"] == {"accepted": 1, "edited": 1, "rejected": 2}
-    assert summary["prefill_accepted"] == 0.25 and summary["prefill_rejected"] == 0.5
-    assert summary["masks_per_image_before"] == 2.0  # 4 prefills over 2 images
-    assert summary["masks_per_image_after"] == len(rows) / 2
-    assert summary["clicks_per_added_mask"] >= 1 and summary["pages"] == 2
+    assert summary.prefill_counts == {"accepted": 1, "edited": 1, "rejected": 2}
+    assert summary.prefill_accepted == 0.25 and summary.prefill_rejected == 0.5
+    assert summary.masks_per_image_before == 2.0  # 4 prefills over 2 images
+    assert summary.masks_per_image_after == len(rows) / 2
+    assert summary.clicks_per_added_mask >= 1 and summary.pages == 2
     # Estimated precision: the audited accept passed; the edit moved too much; deletions are wrong: 1 of 4.
-    assert summary["prefill_precision"] == 0.25
+    assert summary.prefill_precision == 0.25
     # Against the truth, mask by mask (calibration's measure): the duplicate is a perfect mask too.
-    assert summary["prefill_precision_true"] == 0.5
-    assert summary["target_precision"] == 0.9 and summary["thresholds"]["source"] == "default"
+    assert summary.prefill_precision_true == 0.5
+    assert summary.target_precision == 0.9 and summary.thresholds["source"] == "default"
 
     again = run_semi_stage(cfg, 3, None, image_ids=ids[:2], simulate=True)
     assert store.read_table(stage="semi", round=3).num_rows == len(rows)
-    assert again["prefill_counts"] == summary["prefill_counts"]
+    assert again.prefill_counts == summary.prefill_counts
 
 
 # --------------------------------------------------------------------------- the plan with the real generator
 
 def _plan_setup(tmp_path: Path, **semi):
-    from engine.config import load_config
-    from engine.synth import write_synthetic_dataset
+    from engine.integrations.config import load_config
+    from engine.integrations.runtime import image_source
+    from engine.integrations.synth import write_synthetic_dataset
     from model.segmenter import Segmenter
-    from stages.manual import image_source
     from storage.quarantine import Quarantine
     from storage.shards import MaskStore
 
@@ -299,7 +306,7 @@ def _plan_setup(tmp_path: Path, **semi):
 
 
 def test_plan_calibrates_on_verified_history_with_the_real_generator(tmp_path):
-    from engine.annotator import load_ground_truth
+    from engine.integrations.annotator import load_ground_truth
     from stages.semi import make_plan
 
     cfg, store, source, quarantine, seg = _plan_setup(
@@ -321,7 +328,7 @@ def test_plan_caps_pages_and_plain_tasks(tmp_path):
 
     # No history: the stated defaults. At 0/0 everything the generator keeps is confident: cap 2, 2 pages.
     cfg, store, source, quarantine, seg = _plan_setup(
-        tmp_path, default_pred_iou_thresh=0.0, default_stability_thresh=0.0, max_prefill_per_task=2,
+        tmp_path, default_pred_iou_thresh=0.0, default_stability_score_thresh=0.0, max_prefill_per_task=2,
         max_pages_per_image=2)
     cfg.stages.auto.box_nms_thresh = 1.01  # an untrained model's masks all overlap: keep them all (many masks)
     ids = [r.image_id for r in source.list()]
@@ -341,9 +348,9 @@ def test_plan_caps_pages_and_plain_tasks(tmp_path):
 
 
 def test_project_titles_fit_label_studio_and_differ_by_page():
-    from engine.config import load_config
-    from stages.semi import project_title
+    from engine.integrations.config import load_config
+    from engine.integrations.labelling import project_title
 
     cfg = load_config(None, overrides={"workdir": "/tmp/" + "a-very-long-work-dir-name" * 3})
-    titles = {project_title(cfg, 12, page) for page in (1, 2, 3)}
+    titles = {project_title(cfg, "semi", 12, page) for page in (1, 2, 3)}
     assert len(titles) == 3 and all(len(t) <= 50 for t in titles)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.synth import make_scene, scene_rng
+from engine.integrations.synth import make_scene, scene_rng
 from storage.backend import StoreError
 from storage.records import SCHEMA_VERSION, MaskRecord, make_mask_id
 from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox

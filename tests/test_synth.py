@@ -4,7 +4,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from engine.synth import image_file_name, make_scene, scene_rng, write_synthetic_dataset
+from engine.integrations.synth import image_file_name, make_scene, scene_rng, write_synthetic_dataset
 from storage.rle import decode_rles
 
 

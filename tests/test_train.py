@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engine.synth import make_scene, scene_rng
-from model.segmenter import Segmenter
-from model.segmenter import preprocess
-from model.train import TrainSettings, augment, dataset_sampler, input_frame_sampler, learning_rate, train, train_cli
+from engine.integrations.synth import make_scene, scene_rng
+from engine.retrain import train_cli
+from model.segmenter import Segmenter, preprocess
+from model.train import TrainSettings, augment, dataset_sampler, input_frame_sampler, learning_rate, train
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,7 @@ def test_weighted_masks_and_empty_data():
 
 
 def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path):
-    from engine.synth import write_synthetic_dataset
+    from engine.integrations.synth import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=96)
     s1 = train_cli(tmp_path / "ck1", "compact", str(tmp_path / "d"), minutes=0.02, round_no=1, use_ray=False,
@@ -126,8 +126,8 @@ def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_train_loop_writes_a_checkpoint(tmp_path, ray_cluster):
-    from engine.synth import write_synthetic_dataset
-    from model.train import train_with_ray
+    from engine.integrations.synth import write_synthetic_dataset
+    from engine.retrain import train_with_ray
 
     write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=96)
     seg, metrics = train_with_ray(TrainSettings(max_steps=2, batch_images=1, masks_per_image=2, threads=1),
@@ -138,9 +138,10 @@ def test_ray_train_loop_writes_a_checkpoint(tmp_path, ray_cluster):
 
 
 def test_store_training_data_reads_shards_and_images(tmp_path):
-    from engine.synth import write_synthetic_dataset
+    from engine.integrations.synth import write_synthetic_dataset
     from model.evaluate import load_coco_folder
     from model.train import store_training_data
+    from storage.images import ImageSource
     from storage.records import MaskRecord, make_mask_id
     from storage.rle import encode_masks, rle_area, rle_bbox
     from storage.shards import MaskStore
@@ -158,7 +159,7 @@ def test_store_training_data_reads_shards_and_images(tmp_path):
             w.add(recs)
             w.image_done(name, len(recs))
         w.commit()
-    imgs, ms, ws, fp = store_training_data(str(tmp_path / "store"), str(tmp_path / "d" / "images"), manual_weight=3.0)
+    imgs, ms, ws, fp = store_training_data(store, ImageSource(str(tmp_path / "d" / "images")), manual_weight=3.0)
     assert len(imgs) == 2 and len(fp) == 16
     order = sorted(range(2), key=lambda i: names[i])
     for got_img, got_m, got_w, i in zip(imgs, ms, ws, order):
@@ -262,15 +263,15 @@ def test_loss_on_the_native_grid_matches_the_input_grid_for_blocky_masks():
 
 
 def test_rounds_retrain_on_the_bootstrap_set_too(tmp_path):
-    from engine.config import load_config
-    from model.train import training_sets
+    from engine.integrations.config import load_config
+    from engine.retrain import training_sets
 
     cfg = load_config(None, {"workdir": str(tmp_path)})
-    assert [s["store_uri"] for s in training_sets(cfg)] == [cfg.path("store")]
+    assert [s["root"] for s in training_sets(cfg)] == [cfg.path("store")]
     (tmp_path / "bootstrap" / "store").mkdir(parents=True)
     (tmp_path / "bootstrap" / "store" / "manifest.json").write_text("{}")
     sets = training_sets(cfg)
-    assert [s["store_uri"] for s in sets] == [cfg.path("store"), str(tmp_path / "bootstrap" / "store")]
+    assert [s["root"] for s in sets] == [cfg.path("store"), str(tmp_path / "bootstrap" / "store")]
     assert sets[0]["manual_weight"] == cfg.train.manual_weight and sets[1]["manual_weight"] == 1.0
     cfg.train.include_bootstrap = False
     assert len(training_sets(cfg)) == 1
@@ -417,10 +418,10 @@ def test_a_round_fine_tunes_a_trained_model_at_the_fine_tune_rate(tmp_path):
     FINE_TUNE_LR; `train.lr` overrides both; the history's step count carries from round to round."""
     import yaml
 
-    from engine.config import load_config
+    from engine.integrations.config import load_config
+    from engine.retrain import FINE_TUNE_LR
     from engine.rounds import default_bootstrap, default_init_model
     from model.checkpoints import trained_steps
-    from model.train import FINE_TUNE_LR
 
     (tmp_path / "images").mkdir()
     data = {"workdir": str(tmp_path / "run"), "images": {"source": str(tmp_path / "images")},

@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
-from engine.labelstudio import (LabelStudio, LabelStudioError, TaskImage, brush_result, keypoint_context)
+from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskImage, brush_result, keypoint_context
 from model.clicks import first_click, next_click
+from model.iou import mask_iou
+from storage.brush_rle import decode_mask
+from storage.images import image_id_from_key
 
 
 @dataclass
@@ -71,9 +75,6 @@ class ImageEffort:
 def load_ground_truth(coco_json: str | Path) -> dict[str, list[GTObject]]:
     """COCO instances (RLE segmentations, optional `parent_id`) -> image_id -> objects.
     image_id = the file name's id as storage/images.py derives it."""
-    from pycocotools import mask as mask_utils
-
-    from storage.images import image_id_from_key
 
     coco = json.loads(Path(coco_json).read_text())
     names = {im["id"]: image_id_from_key(im["file_name"]) for im in coco["images"]}
@@ -91,11 +92,6 @@ def load_ground_truth(coco_json: str | Path) -> dict[str, list[GTObject]]:
         out[names[a["image_id"]]].append(GTObject(int(a["id"]), mask_utils.decode(seg).astype(bool),
                                                   a.get("parent_id")))
     return out
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return float(np.count_nonzero(a & b)) / union if union else 1.0
 
 
 class SimulatedAnnotator:
@@ -118,8 +114,6 @@ class SimulatedAnnotator:
 
     def _ask(self, task_id: int, image: TaskImage, points: list, labels: list) -> np.ndarray:
         """The backend's mask for these clicks: (H, W) bool."""
-        from storage.brush_rle import decode_mask
-
         context = keypoint_context(points, labels, image.height, image.width)
         self.requests += 1
         if self.via == "labelstudio":
@@ -146,7 +140,7 @@ class SimulatedAnnotator:
         x, y = first_click(obj.mask)
         points, labels = [(x, y)], [1]
         pred = self._ask(task_id, image, points, labels)
-        best = iou(pred, obj.mask)
+        best = float(mask_iou(pred, obj.mask))
         while best < s.iou_target and len(points) < s.max_clicks:
             click = next_click(pred, obj.mask)
             if click is None:
@@ -154,7 +148,7 @@ class SimulatedAnnotator:
             points.append(click[:2])
             labels.append(click[2])
             pred = self._ask(task_id, image, points, labels)
-            best = iou(pred, obj.mask)
+            best = float(mask_iou(pred, obj.mask))
         fixed = best < s.iou_target
         final = obj.mask if fixed else pred
         seconds = s.seconds_per_mask + len(points) * s.seconds_per_click + (s.brush_fix_s if fixed else 0.0)

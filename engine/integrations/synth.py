@@ -277,7 +277,7 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
 
     coco = {
         "info": {"description": "sa-engine synthetic scenes", "seed": seed, "size": size,
-                 "generator": "engine.synth.make_scene"},
+                 "generator": "engine.integrations.synth.make_scene"},
         "images": coco_images,
         "annotations": coco_annotations,
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
@@ -287,3 +287,26 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
     os.replace(tmp, out / "annotations.json")
     return {"out": str(out), "images": n_images, "objects": n_objects, "parts": n_parts,
             "annotations": len(coco_annotations), "seed": seed, "size": size}
+
+
+def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25):
+    """A model.train Sampler of synthetic scenes from the training generator: unlimited data.
+
+    Making a scene costs about as much as a quarter of a training step on a CPU, so a pool of up
+    to `pool` scenes is kept and a new one is made with probability `fresh_prob` (or while the pool
+    fills); augmentation makes the reused ones differ.
+    """
+    scenes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def sample(rng: np.random.Generator):
+        if len(scenes) < min(pool, 64) or rng.random() < fresh_prob:
+            image, masks, _ = make_scene(rng, size)
+            item = (image, masks, np.ones(len(masks), np.float32))
+            if len(scenes) < pool:
+                scenes.append(item)
+            else:
+                scenes[int(rng.integers(pool))] = item
+            return item
+        return scenes[int(rng.integers(len(scenes)))]
+
+    return sample

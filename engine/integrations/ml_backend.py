@@ -34,6 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from PIL import Image
+
+from engine.integrations.labelstudio import brush_result
+from model.segmenter import ImageEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +69,6 @@ def save_embedding(directory: Path | str, model_version: str, image_id: str, emb
 
 def load_embedding(directory: Path | str, model_version: str, image_id: str):
     """The precomputed ImageEmbedding of an image, or None if there is none (or it is unreadable)."""
-    import torch
-
-    from model.segmenter import ImageEmbedding
 
     path = _embedding_path(Path(directory), model_version, image_id)
     if not path.is_file():
@@ -243,7 +245,6 @@ def predict_payload(state: BackendState, payload: dict) -> dict:
     tasks = payload.get("tasks") or []
     if not context or not (context.get("result") if isinstance(context, dict) else None):
         return {"results": []}  # batch predictions are imported by the stages, not made here
-    from engine.labelstudio import brush_result
 
     results = []
     for task in tasks[:1]:  # interactive calls carry exactly one task
@@ -399,7 +400,6 @@ def source_image_loader(image_source, fallback_ls_url: str | None = None,
         full = url if "://" in url else f"{(base or '').rstrip('/')}{url}"
 
         def fetch() -> np.ndarray:
-            from PIL import Image
 
             req = urllib.request.Request(full, headers={"Authorization": f"Token {token}"} if token else {})
             with urllib.request.urlopen(req, timeout=30) as r:

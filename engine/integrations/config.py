@@ -5,14 +5,24 @@ never silently falls back to a default. Paths that are relative are taken relati
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import io
 import json
 import os
+import socket
+import tokenize
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.amg_params import AmgParams
+
+_AMG = AmgParams()
 
 
 class _Section(BaseModel):
@@ -39,6 +49,8 @@ class ModelConfig(_Section):
     preset: Literal["compact", "sam-vit-b", "sam-vit-l", "sam-vit-h"] = "compact"  # a fresh model when no checkpoint
     checkpoint: str | None = None  # a local directory (HF format) or a Meta .pth file
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # network arithmetic: fp32, or autocast to bf16/fp16 (embedding, decoding; training: fp32/bf16)
+    compile: bool = False  # torch.compile the encoder and decoder (inference; pays off on GPUs, first call compiles)
     bootstrap_minutes: float = 0.0  # round 0: train on a separate labelled synthetic set first; 0 = off
     bootstrap_images: int = 64  # size of that synthetic set
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
@@ -61,7 +73,7 @@ class SemiStageConfig(_Section):
     target_precision: float = 0.9  # share of prefills with IoU >= precision_iou to a human mask
     precision_iou: float = 0.9  # IoU to a human mask at which a prefill counts as correct
     default_pred_iou_thresh: float = 0.92  # used when there is no verified history to calibrate on
-    default_stability_thresh: float = 0.95  # used when there is no verified history to calibrate on
+    default_stability_score_thresh: float = 0.95  # used when there is no verified history to calibrate on
     audit_fraction: float = 0.2  # share of accepted prefills checked against the truth
     max_prefill_per_task: int = 40  # Label Studio slows down with many brush regions
     max_pages_per_image: int = 3  # more confident masks than cap x pages: the lowest-ranked are dropped
@@ -73,7 +85,7 @@ class SemiStageConfig(_Section):
     calibration_min_samples: int = 50  # fewer history masks: the defaults above
     calibration_min_kept: int = 20  # thresholds must keep at least this many history masks
     calibration_confidence: float = 0.9  # one-sided confidence of the precision lower bound
-    # Simulated review (engine/prefill_review.py): what a glance accepts, fixes or deletes.
+    # Simulated review (engine/integrations/prefill_review.py): what a glance accepts, fixes or deletes.
     review_accept_iou: float = 0.85  # coarser than precision_iou on purpose: the audit measures the difference
     review_edit_iou: float = 0.5  # below: the prefill is deleted, not fixed
     cover_iou: float = 0.5  # a truth object matched by a kept mask at this IoU is not clicked again
@@ -81,18 +93,19 @@ class SemiStageConfig(_Section):
 
 
 class AutoStageConfig(_Section):
-    points_per_side: int = 32  # point grid of the full image (SAM: 32)
-    points_per_batch: int = 64  # prompts decoded at once
-    pred_iou_thresh: float = 0.88  # keep masks whose predicted IoU is at least this
-    stability_score_thresh: float = 0.95  # keep masks whose stability score is at least this
-    stability_score_offset: float = 1.0  # logit offset of the stability score
-    box_nms_thresh: float = 0.7  # box IoU for non-maximum suppression within a crop
-    crop_n_layers: int = 0  # crop layers: layer i has (2^i)^2 crops (SA-1B: 2)
-    crop_nms_thresh: float = 0.7  # box IoU for suppression across crops
-    crop_overlap_ratio: float = 512 / 1500  # overlap of neighbouring crops, as a share of the crop side
-    crop_n_points_downscale_factor: int = 1  # points per side shrink by this per crop layer
-    max_mask_fraction: float = 0.95  # drop masks covering at least this share of the image (SA-1B)
-    min_mask_region_area: int = 100  # remove islands and fill holes smaller than this (pixels)
+    # The generator's keys default to model/amg_params.py's AmgParams (SAM's values): one source of defaults.
+    points_per_side: int = _AMG.points_per_side  # point grid of the full image (SAM: 32)
+    points_per_batch: int = _AMG.points_per_batch  # prompts decoded at once
+    pred_iou_thresh: float = _AMG.pred_iou_thresh  # keep masks whose predicted IoU is at least this
+    stability_score_thresh: float = _AMG.stability_score_thresh  # keep masks whose stability score is at least this
+    stability_score_offset: float = _AMG.stability_score_offset  # logit offset of the stability score
+    box_nms_thresh: float = _AMG.box_nms_thresh  # box IoU for non-maximum suppression within a crop
+    crop_n_layers: int = _AMG.crop_n_layers  # crop layers: layer i has (2^i)^2 crops (SA-1B: 2)
+    crop_nms_thresh: float = _AMG.crop_nms_thresh  # box IoU for suppression across crops
+    crop_overlap_ratio: float = _AMG.crop_overlap_ratio  # overlap of neighbouring crops, as a share of the crop side
+    crop_n_points_downscale_factor: int = _AMG.crop_n_points_downscale_factor  # points per side shrink by this per crop layer
+    max_mask_fraction: float = _AMG.max_mask_fraction  # drop masks covering at least this share of the image (SA-1B)
+    min_mask_region_area: int = _AMG.min_mask_region_area  # remove islands and fill holes smaller than this (pixels)
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     num_actors: int = 2  # Ray Data actors (model copies) generating masks
     images_per_commit: int = 16  # images per shard commit (the unit of resume)
@@ -127,7 +140,7 @@ class RayConfig(_Section):
 class TrainConfig(_Section):
     minutes: float = 2.0  # wall-clock budget per retraining
     batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
-    lr: float | None = None  # peak learning rate (None: model/train.py's 8e-3 from scratch, FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
+    lr: float | None = None  # peak learning rate (None: model/train.py's 8e-3 from scratch, engine/retrain.py's FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
     optimizer: Literal["muon", "adamw"] | None = None  # muon: Muon for weight matrices, AdamW for the rest (None: the recipe's default)
     max_steps: int | None = None  # also stop after this many optimiser steps (a round reproducible across machines)
     crop_share: float | None = None  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
@@ -166,7 +179,6 @@ class EngineConfig(_Section):
 
 class ConfigError(ValueError):
     """A configuration that can't be used; the message is one line naming the key and the reason."""
-
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> EngineConfig:
     """Read and validate a YAML config (None: all defaults). Raises ConfigError with one line per problem."""
@@ -256,9 +268,6 @@ def _s3_problem(key: str, uri: str, cfg: EngineConfig) -> str | None:
 
 def _http_problem(key: str, url: str, timeout_s: float = 3.0) -> str | None:
     """`key: reason` if GET `url` does not answer 2xx within `timeout_s`."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
             if r.status >= 300:
@@ -272,7 +281,6 @@ def _http_problem(key: str, url: str, timeout_s: float = 3.0) -> str | None:
 
 
 def _tcp_problem(key: str, shown: str, host: str, port: int, timeout_s: float = 3.0) -> str | None:
-    import socket
 
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -402,10 +410,6 @@ def validate_for_run(cfg: EngineConfig, address: str | None = None, network: boo
 
 def _field_comments() -> dict[tuple[str, str], str]:
     """{(class name, field name): trailing comment} read from this file's source."""
-    import ast
-    import io
-    import tokenize
-
     source = Path(__file__).read_text()
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)

@@ -14,13 +14,16 @@ Decision rule (`review_prefills`), prefills taken in rank order (best first), ea
     (IoU >= accept_iou: a duplicate to the eye) -> "delete".
 Then the annotator clicks only the truth objects that no kept mask covers (`uncovered_objects`).
 The decisions are pure numpy; `PrefillReviewer` carries them out through the real Label Studio API with
-a `engine.annotator.SimulatedAnnotator` (its click loop fixes edited prefills and draws missing objects).
+a `engine.integrations.annotator.SimulatedAnnotator` (its click loop fixes edited prefills and draws missing objects).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from engine.integrations.labelstudio import OBJECT_LABEL, PREFILL_LABEL, brush_result
+from model.iou import pairwise_mask_iou
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,6 @@ class PrefillDecision:
     iou: float
 
 
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every pair. a: (P, H, W) bool, b: (T, H, W) bool -> (P, T) float64 (0 where both are empty)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    fa = a.reshape(len(a), -1).astype(np.float32)
-    fb = b.reshape(len(b), -1).astype(np.float32)
-    inter = fa @ fb.T
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1.0), 0.0).astype(np.float64)
-
-
 def review_prefills(prefills: np.ndarray, truth: np.ndarray, policy: ReviewPolicy,
                     claimed: set[int] | None = None, kept: np.ndarray | None = None) -> list[PrefillDecision]:
     """Accept / edit / delete each prefill (rule: module doc).
@@ -65,11 +57,11 @@ def review_prefills(prefills: np.ndarray, truth: np.ndarray, policy: ReviewPolic
     whatever truth object it might also match (e.g. a part covering most of its object).
     """
     taken = set(claimed or ())
-    ious = pairwise_iou(prefills, truth)
+    ious = pairwise_mask_iou(prefills, truth)
     hw = prefills.shape[1:]
     earlier = kept if kept is not None else np.zeros((0, *hw), bool)
-    same = pairwise_iou(prefills, earlier).max(axis=1) if len(earlier) else np.zeros(len(prefills))
-    among = pairwise_iou(prefills, prefills)
+    same = pairwise_mask_iou(prefills, earlier).max(axis=1) if len(earlier) else np.zeros(len(prefills))
+    among = pairwise_mask_iou(prefills, prefills)
     kept_here: list[int] = []
     decisions: list[PrefillDecision] = []
     for p in range(len(prefills)):
@@ -105,7 +97,7 @@ def uncovered_objects(kept: np.ndarray, truth: np.ndarray, cover_iou: float,
     wanted = list(range(len(truth))) if objects is None else sorted(objects)
     if len(kept) == 0:
         return wanted
-    best = pairwise_iou(truth[wanted], kept).max(axis=1) if wanted else np.zeros(0)
+    best = pairwise_mask_iou(truth[wanted], kept).max(axis=1) if wanted else np.zeros(0)
     return [t for t, b in zip(wanted, best) if b < cover_iou]
 
 
@@ -162,7 +154,7 @@ class TaskReview:
 
 
 class PrefillReviewer:
-    """A simulated annotator reviewing prefilled tasks. annotator: an `engine.annotator.SimulatedAnnotator`
+    """A simulated annotator reviewing prefilled tasks. annotator: an `engine.integrations.annotator.SimulatedAnnotator`
     (it owns the Label Studio user, the ML backend route and the click settings)."""
 
     def __init__(self, annotator, policy: ReviewPolicy, seconds_per_review: float):
@@ -174,12 +166,10 @@ class PrefillReviewer:
                     state: ImageReview, add_missing: bool) -> TaskReview:
         """Review one task's prefills, (if `add_missing`) click the objects no kept mask covers, submit.
 
-        image: `engine.labelstudio.TaskImage`; prefills: (region id, (H, W) bool) in rank order; objects:
-        the image's `engine.annotator.GTObject`s. Kept prefills keep their region id (as Label Studio does
+        image: `engine.integrations.labelstudio.TaskImage`; prefills: (region id, (H, W) bool) in rank order; objects:
+        the image's `engine.integrations.annotator.GTObject`s. Kept prefills keep their region id (as Label Studio does
         when a person accepts or edits a prediction), so the pull can tell their lineage.
         """
-        from engine.labelstudio import OBJECT_LABEL, PREFILL_LABEL, brush_result
-
         a, s = self.annotator, self.annotator.settings
         hw = (image.height, image.width)
         usable = [o for o in objects if o.mask.shape == hw and int(o.mask.sum()) >= s.min_area]

@@ -35,6 +35,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+from storage.brush_rle import BrushRLEError, decode_mask, mask_to_rle
 
 LS_VERSION = "1.23.2"
 _MARKER = ".sa-engine-installed"
@@ -43,10 +46,8 @@ _MARKER = ".sa-engine-installed"
 class LabelStudioError(RuntimeError):
     """A Label Studio problem the user can act on; the message is one line."""
 
-
 class LabelStudioUnavailable(LabelStudioError):
     """The server did not answer (after retries)."""
-
 
 # --------------------------------------------------------------------------- installation
 
@@ -427,8 +428,6 @@ class PullResult:
 def brush_result(mask, height: int, width: int, label: str = OBJECT_LABEL, region_id: str | None = None,
                  meta: dict | None = None) -> dict:
     """A Label Studio brush region for a (H, W) bool mask (RLE from storage/brush_rle.py)."""
-    from storage.brush_rle import mask_to_rle
-
     out = {"id": region_id or secrets.token_hex(5), "type": "brushlabels", "from_name": MASK_TAG,
            "to_name": IMAGE_TAG, "original_width": int(width), "original_height": int(height),
            "image_rotation": 0, "origin": "manual",
@@ -543,16 +542,18 @@ class LabelStudio:
     @staticmethod
     def local_file_url(path: Path | str, document_root: Path | str) -> str:
         """The URL Label Studio serves a local file under (relative to its document root)."""
-        from urllib.parse import quote
-
         rel = Path(path).resolve().relative_to(Path(document_root).resolve())
         return f"/data/local-files/?d={quote(str(rel))}"
 
     # ---- tasks and predictions
+    def tasks(self, project_id: int) -> list:
+        """The project's tasks as the SDK gives them (.id, .data, annotation counts)."""
+        return self._call("list tasks", lambda: list(self.sdk.tasks.list(project=project_id, fields="all")))
+
     def task_ids(self, project_id: int) -> dict[str, int]:
         """image_id -> task id of the project's tasks."""
         out = {}
-        for t in self._call("list tasks", lambda: list(self.sdk.tasks.list(project=project_id, fields="all"))):
+        for t in self.tasks(project_id):
             image_id = (t.data or {}).get("image_id")
             if image_id is not None:
                 out[image_id] = int(t.id)
@@ -560,8 +561,7 @@ class LabelStudio:
 
     def annotated_task_ids(self, project_id: int) -> set[int]:
         """Tasks that have at least one submitted (not cancelled) annotation."""
-        tasks = self._call("list tasks", lambda: list(self.sdk.tasks.list(project=project_id, fields="all")))
-        return {int(t.id) for t in tasks
+        return {int(t.id) for t in self.tasks(project_id)
                 if (getattr(t, "total_annotations", 0) or 0) - (getattr(t, "cancelled_annotations", 0) or 0) > 0}
 
     def import_tasks(self, project_id: int, images: list[TaskImage],
@@ -687,8 +687,6 @@ class LabelStudio:
 
 def _region_mask(region: dict, height: int, width: int):
     """(H, W) bool of a brush region; raises ValueError with a one-line reason."""
-    from storage.brush_rle import BrushRLEError, decode_mask
-
     value = region.get("value") or {}
     if value.get("format", "rle") != "rle" or "rle" not in value:
         raise ValueError(f"brush region without RLE (format {value.get('format')!r})")

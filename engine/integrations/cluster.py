@@ -5,10 +5,15 @@ cluster (`address="ray://…"` or `"auto"`), and as a `ray job submit` entrypoin
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 # Quiet, reproducible defaults for every Ray process we start (set before `import ray`).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -23,8 +28,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     "auto" or "ray://host:port" joins an existing cluster (then resources are the cluster's).
     Inside a Ray job (RAY_ADDRESS set by `ray job submit`) a bare `ray.init()` is used.
     """
-    import ray
-
     if ray.is_initialized():
         return
     if address in (None, "", "local") and not os.environ.get("RAY_ADDRESS"):
@@ -40,7 +43,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 
 
 def shutdown_ray() -> None:
-    import ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -58,9 +60,6 @@ def map_with_actor_pool(rows: list[dict], actor_cls: type, actor_args: tuple = (
     cpus_per_actor stays <= 0.5 on small machines: actors holding every CPU starve Ray Data's
     own tasks (Ray issue #44687).
     """
-    import logging
-
-    import ray
 
     # The stage shows its own progress line; Ray Data's bars and per-operator INFO logs would bury it.
     ctx = ray.data.DataContext.get_current()
@@ -83,9 +82,6 @@ def fit_torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, num
     storage_path must be absolute (Ray Train rejects relative paths); returns the Ray Train
     `Result` (metrics, checkpoint).
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

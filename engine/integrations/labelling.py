@@ -1,0 +1,188 @@
+"""The Label Studio workflow the people stages share: connect, publish a round's images as tasks, serve our ML
+backend, wait for people (or simulated ones), and what a pulled region's effort was.
+
+The assisted-manual and semi-automatic stages are sequences of these steps (stages/manual.py, stages/semi.py);
+`sa-engine annotate` runs simulated annotators on an existing project with them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from PIL import Image
+
+from engine.integrations import runtime
+from engine.integrations.annotator import SimulatedAnnotator, effort_summary
+from engine.integrations.config import EngineConfig
+from engine.integrations.labelstudio import (
+    LabelStudio,
+    LabelStudioError,
+    PrefillMask,
+    PulledAnnotation,
+    PulledRegion,
+    ServerInfo,
+    TaskImage,
+    start_server,
+)
+from engine.integrations.ml_backend import (
+    BASIC_USER,
+    BackendState,
+    EmbeddingCache,
+    MaskPredictor,
+    MLBackend,
+    source_image_loader,
+)
+from storage.images import BadImage, ImageSource
+from storage.quarantine import Quarantine
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- connect and serve
+
+def connect(cfg: EngineConfig, log_fn: Callable[[str], None] = log.info) -> tuple[LabelStudio, ServerInfo]:
+    """Start (or find running) the managed server, or connect to the configured existing one."""
+    ls = cfg.labelstudio
+    if ls.managed:
+        info = start_server(runtime.server_settings(cfg), log=log_fn)
+    else:
+        token = os.environ.get("SA_ENGINE_LS_TOKEN") or ls.token
+        if not ls.url or not token:
+            raise LabelStudioError("labelstudio.url and labelstudio.token (or SA_ENGINE_LS_TOKEN) are needed "
+                                   "when labelstudio.managed is false")
+        info = ServerInfo(url=ls.url, token=token, pid=None, port=0, data_dir="", managed=False)
+    return LabelStudio(info.url, info.token), info
+
+
+def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, port: int | None = None) -> MLBackend:
+    """Our ML backend in a background thread of this process, on 127.0.0.1 (a context manager)."""
+    cache = EmbeddingCache(segmenter, precomputed_dir=cfg.path("embeddings"))
+    state = BackendState(MaskPredictor(segmenter, cache), token=runtime.ml_backend_token(cfg), image_loader=None)
+    state.image_loader = source_image_loader(source, state=state)
+    port = cfg.labelstudio.ml_backend_port if port is None else port
+    try:
+        return MLBackend(state, "127.0.0.1", port).start()
+    except OSError as e:
+        raise LabelStudioError(f"ML backend: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
+                               "set labelstudio.ml_backend_port to a free port") from None
+
+
+def connect_backend(ls: LabelStudio, project_id: int, backend: MLBackend) -> int:
+    """Register the running backend with a project; returns Label Studio's id for it."""
+    return ls.connect_ml_backend(project_id, backend.url, BASIC_USER, backend.state.token)
+
+
+# --------------------------------------------------------------------------- publish
+
+def project_title(cfg: EngineConfig, stage: str, round: int, page: int = 1) -> str:
+    """Unique per work dir, stage, round and page, within Label Studio's 50-character title limit."""
+    workdir = Path(cfg.workdir).resolve()
+    tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:6]
+    return f"{stage} r{round}{'' if page == 1 else f' p{page}'} {workdir.name[:24]} {tag}"
+
+
+def task_images(cfg: EngineConfig, source: ImageSource, image_ids: list[str], quarantine: Quarantine | None,
+                stage: str) -> tuple[list[TaskImage], dict[str, np.ndarray]]:
+    """TaskImages for the ids, and their pixels. A local image used at full size is served as it is;
+    downscaled or S3 images are served from a PNG copy under <workdir>/labelstudio-media. Bad images
+    go to the quarantine and are left out."""
+    root = Path(cfg.workdir).resolve()
+    media = Path(cfg.path("labelstudio-media"))
+    out, pixels = [], {}
+    for image_id in image_ids:
+        ref = source.ref(image_id)
+        try:
+            loaded = source.load(ref)
+        except BadImage as e:
+            if quarantine is not None:
+                quarantine.add(ref.uri, str(e), stage)
+            continue
+        path = Path(ref.uri)
+        if "://" in ref.uri or loaded.scale != 1.0 or not path.resolve().is_relative_to(root):
+            path = media / (image_id.replace("/", "__") + ".png")
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.png")
+                Image.fromarray(loaded.pixels).save(tmp)
+                os.replace(tmp, path)
+        h, w = loaded.pixels.shape[:2]
+        out.append(TaskImage(image_id, LabelStudio.local_file_url(path, root), h, w))
+        pixels[image_id] = loaded.pixels
+    return out, pixels
+
+
+def allow_serving(ls: LabelStudio, project_id: int, images: list[TaskImage], root: Path) -> None:
+    """Register a Local Storage for each folder the tasks' files are in: Label Studio serves a local
+    file only under such a record, and refuses one for the document root itself."""
+    folders = set()
+    for im in images:
+        rel = parse_qs(urlparse(im.url).query).get("d")
+        if rel:
+            folders.add((root / rel[0]).parent)
+    for folder in sorted(folders):
+        ls.add_local_storage(project_id, folder)
+
+
+def publish(ls: LabelStudio, cfg: EngineConfig, title: str, description: str, images: list[TaskImage],
+            prefills: dict[str, list[PrefillMask]] | None = None,
+            model_version: str | None = None) -> tuple[int, dict[str, int]]:
+    """Create (or find) the project, let it serve the images, import them as tasks (idempotent: an image
+    already imported is not imported again). Returns (project id, {image_id: task id})."""
+    project_id = ls.ensure_project(title, description=description)
+    allow_serving(ls, project_id, images, Path(cfg.workdir).resolve())
+    return project_id, ls.import_tasks(project_id, images, prefills, model_version=model_version)
+
+
+# --------------------------------------------------------------------------- people
+
+def wait_for_people(ls: LabelStudio, projects: dict[int, int], poll_s: float, announce: str) -> None:
+    """Block until every project has an annotation on each of its tasks; Ctrl-C stops waiting (what is
+    there is pulled). projects: {project id: number of tasks}."""
+    print(announce, flush=True)
+    try:
+        while any(len(ls.annotated_task_ids(pid)) < n for pid, n in projects.items()):
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+
+
+def region_effort(ann: PulledAnnotation, region: PulledRegion) -> tuple[int | None, float | None]:
+    """(clicks, seconds) of one pulled region: what the annotator recorded on it, else the annotation's
+    lead time shared evenly by its regions."""
+    clicks = region.meta.get("clicks")
+    seconds = region.meta.get("lead_time_s")
+    if seconds is None and ann.lead_time_s is not None and ann.regions:
+        seconds = float(ann.lead_time_s) / len(ann.regions)
+    return (None if clicks is None else int(clicks)), (None if seconds is None else float(seconds))
+
+
+def annotate_project(cfg: EngineConfig, project: str | int, checkpoint: str | None = None,
+                     annotator_name: str = "sim-annotator-1", via: str = "labelstudio") -> dict:
+    """Simulated annotation of an existing project's unannotated tasks (tasks made by sa-engine:
+    data has image_id, height, width). Serves our ML backend meanwhile. Returns the effort summary."""
+    gt = runtime.ground_truth(cfg, "annotate --simulate")
+    ls, _ = connect(cfg)
+    project_id = int(project) if str(project).isdigit() else ls.find_project(str(project))
+    if project_id is None:
+        raise LabelStudioError(f"Label Studio {ls.url}: no project titled {project!r}")
+    tasks = ls.tasks(project_id)
+    done = ls.annotated_task_ids(project_id)
+    segmenter = runtime.segmenter(cfg, checkpoint)
+    efforts = []
+    with start_ml_backend(cfg, segmenter, runtime.image_source(cfg)) as backend:
+        annotator = SimulatedAnnotator(ls, connect_backend(ls, project_id, backend), annotator_name,
+                                       runtime.annotator_settings(cfg), via=via,
+                                       backend_url=backend.url, backend_token=backend.state.token)
+        for t in tasks:
+            data = t.data or {}
+            if int(t.id) in done or not {"image_id", "height", "width"} <= set(data):
+                continue
+            im = TaskImage(data["image_id"], data.get("image", ""), int(data["height"]), int(data["width"]))
+            efforts.append(annotator.annotate_image(int(t.id), im, gt.get(im.image_id, [])))
+    return {"ls_project_id": project_id, "annotator": annotator_name, "via": via, **effort_summary(efforts)}

@@ -1,0 +1,161 @@
+"""The one place where the configuration becomes runtime objects.
+
+Every stage, the retraining step, the CLI and the report ask this module for the mask store, the quarantine,
+an image source, the segmenter, the automatic generator's parameters, the annotators' settings and the ML
+backend's secret, so a storage, region, endpoint or image-size setting reaches every one of them (tested in
+tests/test_runtime.py). The Label Studio connection is built in `engine/integrations/labelling.py` from the
+server settings made here.
+
+Functions, not an object: a Ray actor or a Ray Train worker gets the (picklable) `EngineConfig` and builds
+what it needs where it runs.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+from engine.integrations.annotator import AnnotatorSettings, GTObject, load_ground_truth
+from engine.integrations.config import AutoStageConfig, EngineConfig
+from engine.integrations.labelstudio import LabelStudioError, ServerSettings
+from model.amg_params import AmgParams
+from model.calibration import CalibrationSettings
+from model.segmenter import Segmenter
+from storage.backend import Store, open_store
+from storage.images import ImageSource
+from storage.quarantine import Quarantine
+from storage.shards import MaskStore
+
+# --------------------------------------------------------------------------- storage
+
+def object_store(cfg: EngineConfig, uri: str) -> Store:
+    """A Store (local folder or s3://) for `uri` with the configured endpoint and region."""
+    return open_store(uri, s3_endpoint_url=cfg.storage.s3_endpoint_url, s3_region=cfg.storage.s3_region)
+
+
+def mask_store(cfg: EngineConfig, root: str | None = None) -> MaskStore:
+    """The run's shard store (`storage.root`), or another store root with the same settings."""
+    uri = cfg.path(root or cfg.storage.root)
+    return MaskStore(uri, shard_target_mb=cfg.storage.shard_target_mb, store=object_store(cfg, uri))
+
+
+def quarantine(cfg: EngineConfig) -> Quarantine:
+    uri = cfg.path(cfg.storage.root)
+    return Quarantine(uri, store=object_store(cfg, uri))
+
+
+def image_source(cfg: EngineConfig, uri: str | None = None) -> ImageSource:
+    """The run's images (`images.source`), or another folder/prefix read with the same rules (the holdout,
+    the bootstrap set): `images.max_side`, `images.large_images`, the S3 endpoint and region."""
+    uri = cfg.path(uri or cfg.images.source)
+    return ImageSource(uri, max_side=cfg.images.max_side, large_images=cfg.images.large_images,
+                       store=object_store(cfg, uri))
+
+
+def ground_truth(cfg: EngineConfig, what: str = "simulated annotators") -> dict[str, list[GTObject]]:
+    """`images.ground_truth` per image id; a clear error when `what` needs it and it is not set."""
+    if not cfg.images.ground_truth:
+        raise LabelStudioError(f"{what} need images.ground_truth (COCO JSON)")
+    return load_ground_truth(cfg.path(cfg.images.ground_truth))
+
+
+# --------------------------------------------------------------------------- model
+
+def device(cfg: EngineConfig) -> str:
+    """`model.device`; "auto": cuda when the stages' actors are given GPUs (`ray.gpus_per_actor`) and torch
+    sees one."""
+    if cfg.model.device != "auto":
+        return cfg.model.device
+    if cfg.ray.gpus_per_actor > 0:
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def checkpoint_path(cfg: EngineConfig, checkpoint: str | None) -> str | None:
+    """The model to use: `checkpoint`, else `model.checkpoint`, else None (a fresh `model.preset`)."""
+    path = checkpoint or cfg.model.checkpoint
+    return cfg.path(path) if path else None
+
+
+def segmenter(cfg: EngineConfig, checkpoint: str | None, on_device: str | None = None) -> Segmenter:
+    """The segmenter for `checkpoint` (see checkpoint_path); a fresh model is seeded with `seed`; it runs at
+    `model.precision`, compiled when `model.compile`."""
+    path = checkpoint_path(cfg, checkpoint)
+    dev = on_device or device(cfg)
+    seg = Segmenter.load(path, device=dev) if path else Segmenter.new(cfg.model.preset, device=dev, seed=cfg.seed)
+    return seg.run_as(cfg.model.precision, cfg.model.compile)
+
+
+def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
+    """The automatic generator's parameters from `stages.auto`, field by field. The generator's own
+    defaults (model/amg.py) are the config's defaults; the fields not in the config (points_per_batch is,
+    the rest are the generator's internals) keep them."""
+    values = dict(
+        points_per_side=section.points_per_side,
+        points_per_batch=section.points_per_batch,
+        pred_iou_thresh=section.pred_iou_thresh,
+        stability_score_thresh=section.stability_score_thresh,
+        stability_score_offset=section.stability_score_offset,
+        box_nms_thresh=section.box_nms_thresh,
+        crop_n_layers=section.crop_n_layers,
+        crop_nms_thresh=section.crop_nms_thresh,
+        crop_overlap_ratio=section.crop_overlap_ratio,
+        crop_n_points_downscale_factor=section.crop_n_points_downscale_factor,
+        min_mask_region_area=section.min_mask_region_area,
+        max_mask_fraction=section.max_mask_fraction,
+    )
+    values.update(overrides)
+    return AmgParams(**values)
+
+
+def calibration_settings(cfg: EngineConfig) -> CalibrationSettings:
+    """What the semi-automatic prefill (and a calibrating automatic stage) aims for: `stages.semi`."""
+    s = cfg.stages.semi
+    return CalibrationSettings(target_precision=s.target_precision, precision_iou=s.precision_iou,
+                               default_pred_iou_thresh=s.default_pred_iou_thresh,
+                               default_stability_score_thresh=s.default_stability_score_thresh,
+                               history_images=s.calibration_images, min_samples=s.calibration_min_samples,
+                               min_kept=s.calibration_min_kept, confidence=s.calibration_confidence)
+
+
+def calibration_params(cfg: EngineConfig, **overrides) -> AmgParams:
+    """The generator with the loose filters calibration re-runs history with (below any threshold chosen)."""
+    s = cfg.stages.semi
+    return amg_params(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
+                      stability_score_thresh=s.calibration_stability_floor, **overrides)
+
+
+# --------------------------------------------------------------------------- people and their tools
+
+def annotator_settings(cfg: EngineConfig) -> AnnotatorSettings:
+    m = cfg.stages.manual
+    return AnnotatorSettings(max_clicks=m.max_clicks, iou_target=m.iou_target,
+                             seconds_per_click=m.seconds_per_click, seconds_per_mask=m.seconds_per_mask,
+                             image_time_limit_s=m.image_time_limit_s)
+
+
+def server_settings(cfg: EngineConfig) -> ServerSettings:
+    """The managed Label Studio of this work dir: data under <workdir>/labelstudio, files served from <workdir>."""
+    ls = cfg.labelstudio
+    return ServerSettings(data_dir=Path(cfg.path("labelstudio")), port=ls.port, username=ls.username,
+                          password=ls.password, token=ls.token, document_root=Path(cfg.workdir).resolve())
+
+
+def ml_backend_token(cfg: EngineConfig) -> str:
+    """The ML backend's secret: config, env SA_ENGINE_ML_BACKEND_TOKEN, or generated once per work dir."""
+    token = os.environ.get("SA_ENGINE_ML_BACKEND_TOKEN") or cfg.labelstudio.ml_backend_token
+    if token:
+        return token
+    path = Path(cfg.path("labelstudio")) / "ml_backend_token"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(20)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(token)
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+    return token

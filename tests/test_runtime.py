@@ -1,0 +1,73 @@
+"""One runtime built from the config: every storage and image setting reaches every store and image source,
+and nothing else in the engine builds them (so no copy can drift again)."""
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from engine.integrations import runtime
+from engine.integrations.config import AutoStageConfig, load_config
+from model.amg_params import AmgParams
+
+ROOT = Path(__file__).resolve().parents[1]
+S3 = {"storage.root": "s3://bucket/store", "storage.s3_endpoint_url": "http://127.0.0.1:9",
+      "storage.s3_region": "eu-north-1", "storage.shard_target_mb": 7.0, "images.source": "s3://bucket/images",
+      "images.max_side": 640, "images.large_images": "quarantine"}
+
+
+def test_every_store_and_image_source_gets_every_setting(tmp_path):
+    cfg = load_config(None, {"workdir": str(tmp_path), **S3})
+    stores = {"mask store": runtime.mask_store(cfg).store, "quarantine": runtime.quarantine(cfg).store,
+              "image source": runtime.image_source(cfg).store,
+              "holdout source": runtime.image_source(cfg, "s3://bucket/holdout").store,
+              "other store": runtime.mask_store(cfg, "s3://bucket/bootstrap").store}
+    for name, store in stores.items():
+        assert (store.endpoint_url, store.region) == ("http://127.0.0.1:9", "eu-north-1"), name
+    assert runtime.mask_store(cfg).shard_target_bytes == 7 * 1024 * 1024
+    for source in (runtime.image_source(cfg), runtime.image_source(cfg, "s3://bucket/holdout")):
+        assert (source.max_side, source.large_images) == (640, "quarantine")
+    assert runtime.image_source(cfg, "relative/images").uri == str(tmp_path / "relative" / "images")
+
+
+def test_nothing_outside_the_runtime_builds_stores_or_image_sources():
+    """Stages, the retraining step, the CLI and the report ask the runtime; storage/ itself and the runtime
+    are the only places these constructors are called."""
+    pattern = re.compile(r"\b(MaskStore|ImageSource|Quarantine|open_store)\(")
+    found = []
+    for pkg in ("engine", "stages", "model"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            if path.name == "runtime.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line) and not line.lstrip().startswith(("#", "class ")):
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert found == []
+
+
+def test_generator_parameters_come_from_the_config_field_by_field():
+    """Every AmgParams field is either set from `stages.auto` (same name, same default) or one of the
+    generator's internals; changing a config value changes the generator's value."""
+    internal = {"stability_prefilter_margin", "mask_threshold", "edge_tolerance_px"}
+    config_keys = set(AutoStageConfig.model_fields)
+    defaults = AmgParams()
+    for f in fields(AmgParams):
+        if f.name in internal:
+            assert f.name not in config_keys, f.name
+            continue
+        assert f.name in config_keys, f"{f.name}: not in stages.auto"
+        assert AutoStageConfig.model_fields[f.name].default == getattr(defaults, f.name), f.name
+        value = getattr(defaults, f.name)
+        changed = value + 1 if isinstance(value, int) else value / 2
+        section = AutoStageConfig(**{f.name: changed})
+        assert getattr(runtime.amg_params(section), f.name) == changed, f.name
+
+
+@pytest.mark.parametrize("device", ["cpu"])
+def test_segmenter_from_config_is_seeded_and_on_the_device(tmp_path, device):
+    cfg = load_config(None, {"workdir": str(tmp_path), "model.device": device, "seed": 3})
+    a, b = runtime.segmenter(cfg, None), runtime.segmenter(cfg, None)
+    assert a.model_version == b.model_version  # the same fresh model wherever it is built (driver, actors)
+    assert runtime.checkpoint_path(cfg, "models/r1") == str(tmp_path / "models" / "r1")
