@@ -57,7 +57,8 @@ IMAGE_SEED = 7  # scene split of the benchmark images (training draws from its o
 
 def trained_pth(minutes: float, seed: int = 0) -> Path:
     """The Meta-layout .pth of a compact model trained for `minutes` on synthetic scenes (cached)."""
-    from model.train import TrainSettings, synthetic_sampler, train
+    from engine.integrations.synth import synthetic_sampler
+    from model.train import TrainSettings, train
 
     ours = CACHE / f"amg-compact-{minutes:g}min-seed{seed}"
     pth = ours / "meta_layout.pth"

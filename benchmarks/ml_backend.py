@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--clicks", type=int, default=60, help="timed requests per prompt kind")
     ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--preset", default="compact", help="a fresh model of this preset when no --checkpoint")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (fp16: GPU only)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on busy CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,7 +57,8 @@ def main() -> None:
     image, masks, _ = make_scene(scene_rng(0, 0), args.size)
     for i in range(2):
         Image.fromarray(image).save(folder / f"im{i}.png")
-    seg = Segmenter.load(args.checkpoint) if args.checkpoint else Segmenter.new("compact")
+    seg = (Segmenter.load(args.checkpoint, device=args.device) if args.checkpoint
+           else Segmenter.new(args.preset, device=args.device)).run_as(args.precision)
     state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), "bench-token", None)
     state.image_loader = source_image_loader(ImageSource(str(folder)), state=state)
     auth = "Basic " + base64.b64encode(f"{BASIC_USER}:bench-token".encode()).decode()
@@ -99,6 +103,7 @@ def main() -> None:
     print(f"cold click (embedding included) {cold:.1f} ms; image {w}x{h}; model {seg.model_version}")
     print(json.dumps({
         "image_size": args.size, "requests": int(warm.size), "model_version": seg.model_version,
+        "device": str(seg.device), "precision": seg.precision,
         "click_p50_ms": round(float(np.percentile(warm, 50)), 2),
         "click_p99_ms": round(float(np.percentile(warm, 99)), 2),
         "single_click_p50_ms": round(float(np.percentile(one, 50)), 2),

@@ -42,7 +42,7 @@ from model.amg_filters import (
 )
 from model.amg_params import AmgParams
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
+from storage.rle import decode_rles, encode_masks, encode_patches, rle_area, rle_bbox
 
 ENCODE_CHUNK = 16
 
@@ -139,8 +139,8 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
     points: (B, 2) XY pixels of the crop. Returns survivors with boxes/points in image pixels.
     The predicted-IoU filter and a stability pre-filter run on the decoder's own low-res logits;
     survivors are resized to the encoder's input frame (S x S, cheap), and from there to crop
-    pixels only inside the window where their low mask can be: the exact stability score, mask,
-    box and area come from that window alone.
+    pixels: on a CPU only inside the window where their low mask can be (`_survivors_in_windows`), on a
+    GPU whole, a chunk of masks per call (`_survivors_on_device`); both give the same masks, scores and boxes.
     """
     x0, y0, x1, y1 = crop_box
     _, pts, labels, _, _ = segmenter.prompt_tensors(emb, points[:, None, :], np.ones((len(points), 1)), None, None)
@@ -164,13 +164,30 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
     h, w = frame.input_size
     # the input-frame logits of the survivors: (n, h', w'), SAM's first resize, on survivors only
     mid = F.interpolate(low[idx][:, None], (side, side), mode="bilinear", align_corners=False)[:, 0, :h, :w]
+    survive = _survivors_in_windows if mid.device.type == "cpu" else _survivors_on_device
+    out_boxes, out_patches, out_stab, kept = survive(mid, frame, crop_box, image_size, p)
+    if not out_patches:
+        return _Candidates.empty()
+    cand = idx.cpu().numpy()[kept]
+    kept_points = points[point_of[cand]] + np.array([x0, y0])
+    return _Candidates(np.stack(out_boxes), out_patches, iou.cpu().numpy()[cand].astype(np.float32),
+                       np.asarray(out_stab, np.float32), kept_points.astype(np.float64),
+                       np.tile(np.array(crop_box, np.int64), (len(out_patches), 1)))
+
+
+def _survivors_in_windows(mid: torch.Tensor, frame: _CropFrame, crop_box: list[int], image_size: tuple[int, int],
+                          p: AmgParams) -> tuple[list[np.ndarray], list[np.ndarray], list[float], list[int]]:
+    """CPU: each survivor's second resize (input frame -> crop pixels) made only inside the window where its
+    mask can be, in numpy. mid: (n, h', w') logits. Returns boxes (XYXY inclusive, image pixels), patches,
+    stability scores and the indices (into mid) of the masks that pass the filters."""
+    x0, y0 = crop_box[0], crop_box[1]
     mid = mid.numpy()
     lo_level = p.mask_threshold - p.stability_score_offset
     hi_level = p.mask_threshold + p.stability_score_offset
     image_h, image_w = image_size
     max_area = p.max_mask_fraction * image_h * image_w
-    out_boxes, out_patches, out_iou, out_stab, out_idx = [], [], [], [], []
-    for j, cand in enumerate(idx.tolist()):
+    boxes, patches, stabs, kept = [], [], [], []
+    for j in range(len(mid)):
         above = mid[j] > min(lo_level, p.mask_threshold)
         win = support_window(above.any(1), above.any(0), frame.rows, frame.cols)
         if win is None:
@@ -189,17 +206,51 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
         box = np.array([c0 + xs[0] + x0, r0 + ys[0] + y0, c0 + xs[-1] + x0, r0 + ys[-1] + y0], np.int64)
         if near_crop_edge(torch.from_numpy(box[None]), crop_box, [0, 0, image_w, image_h], p.edge_tolerance_px)[0]:
             continue
-        out_patches.append(mask[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1])
-        out_boxes.append(box)
-        out_iou.append(float(iou[cand]))
-        out_stab.append(float(stab))
-        out_idx.append(cand)
-    if not out_patches:
-        return _Candidates.empty()
-    kept_points = points[point_of[out_idx]] + np.array([x0, y0])
-    return _Candidates(np.stack(out_boxes), out_patches, np.asarray(out_iou, np.float32),
-                       np.asarray(out_stab, np.float32), kept_points.astype(np.float64),
-                       np.tile(np.array(crop_box, np.int64), (len(out_patches), 1)))
+        patches.append(mask[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1])
+        boxes.append(box)
+        stabs.append(float(stab))
+        kept.append(j)
+    return boxes, patches, stabs, kept
+
+
+DEVICE_CHUNK_BYTES = 1 << 28  # full-resolution logits resized at once on a GPU (256 MiB)
+
+
+def _survivors_on_device(mid: torch.Tensor, frame: _CropFrame, crop_box: list[int], image_size: tuple[int, int],
+                         p: AmgParams) -> tuple[list[np.ndarray], list[np.ndarray], list[float], list[int]]:
+    """GPU: the same filters as `_survivors_in_windows`, on whole resized masks, a chunk of survivors per
+    call (no Python loop over candidates until the kept masks' patches are copied to the host)."""
+    x0, y0 = crop_box[0], crop_box[1]
+    crop_h, crop_w = len(frame.rows[0]), len(frame.cols[0])
+    image_h, image_w = image_size
+    max_area = p.max_mask_fraction * image_h * image_w
+    chunk = max(1, DEVICE_CHUNK_BYTES // (4 * crop_h * crop_w))
+    boxes, patches, stabs, kept = [], [], [], []
+    for start in range(0, len(mid), chunk):
+        logits = F.interpolate(mid[start:start + chunk, None], (crop_h, crop_w), mode="bilinear",
+                               align_corners=False)[:, 0]
+        mask = logits > p.mask_threshold
+        area = mask.sum((1, 2))
+        stab = stability_score(logits, p.mask_threshold, p.stability_score_offset)
+        rows, cols = mask.any(2), mask.any(1)
+        top, left = rows.int().argmax(1), cols.int().argmax(1)
+        bottom = crop_h - 1 - rows.flip(1).int().argmax(1)
+        right = crop_w - 1 - cols.flip(1).int().argmax(1)
+        box = torch.stack([left + x0, top + y0, right + x0, bottom + y0], 1)
+        ok = (area > 0) & (area < max_area)
+        if p.stability_score_thresh > 0:
+            ok &= stab >= p.stability_score_thresh
+        ok &= ~near_crop_edge(box, crop_box, [0, 0, image_w, image_h], p.edge_tolerance_px).to(ok.device)
+        sel = ok.nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        host_boxes = box[sel].cpu().numpy().astype(np.int64)
+        for j, b in zip(sel.tolist(), host_boxes):
+            patches.append(mask[j, b[1] - y0:b[3] - y0 + 1, b[0] - x0:b[2] - x0 + 1].cpu().numpy())
+            boxes.append(b)
+            kept.append(start + j)
+        stabs.extend(stab[sel].cpu().tolist())
+    return boxes, patches, stabs, kept
 
 
 def _process_crop(segmenter, emb, crop_box: list[int], grid: np.ndarray,
@@ -265,44 +316,44 @@ def _postprocess_small_regions(cands: _Candidates, image_size: tuple[int, int], 
 
 
 def _encode(cands: _Candidates, image_size: tuple[int, int]) -> list[AutoMask]:
-    """Paste each patch into a full frame and RLE-encode, ENCODE_CHUNK masks at a time."""
-    h, w = image_size
+    """RLE-encode each mask straight from its patch (no full-size frame is made)."""
+    rles = encode_patches(cands.patches, [(int(b[0]), int(b[1])) for b in cands.boxes], image_size)
     out: list[AutoMask] = []
-    for start in range(0, len(cands), ENCODE_CHUNK):
-        stop = min(start + ENCODE_CHUNK, len(cands))
-        frames = np.zeros((stop - start, h, w), bool)
-        for k, i in enumerate(range(start, stop)):
-            x0, y0, x1, y1 = cands.boxes[i]
-            frames[k, y0:y1 + 1, x0:x1 + 1] = cands.patches[i]
-        for k, rle in enumerate(encode_masks(frames)):
-            i = start + k
-            x0, y0, x1, y1 = (int(v) for v in cands.boxes[i])
-            cx0, cy0, cx1, cy1 = (int(v) for v in cands.crops[i])
-            out.append(AutoMask(
-                rle=rle, area=int(cands.patches[i].sum()),
-                bbox=[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
-                predicted_iou=float(cands.iou[i]), stability_score=float(cands.stability[i]),
-                point_coords=[[float(cands.points[i, 0]), float(cands.points[i, 1])]],
-                crop_box=[float(cx0), float(cy0), float(cx1 - cx0), float(cy1 - cy0)]))
+    for i, rle in enumerate(rles):
+        x0, y0, x1, y1 = (int(v) for v in cands.boxes[i])
+        cx0, cy0, cx1, cy1 = (int(v) for v in cands.crops[i])
+        out.append(AutoMask(
+            rle=rle, area=int(cands.patches[i].sum()),
+            bbox=[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+            predicted_iou=float(cands.iou[i]), stability_score=float(cands.stability[i]),
+            point_coords=[[float(cands.points[i, 0]), float(cands.points[i, 1])]],
+            crop_box=[float(cx0), float(cy0), float(cx1 - cx0), float(cy1 - cy0)]))
     return out
 
 
-def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()) -> list[AutoMask]:
+def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
+                   embedding=None) -> list[AutoMask]:
     """SAM's automatic mask generation on one image.
 
     segmenter: a `model.segmenter.Segmenter` (or anything with its image_size, embed,
-    prompt_tensors and decode). image: (H, W, 3) uint8 RGB. Returns the masks, in pixels of `image`.
+    prompt_tensors and decode). image: (H, W, 3) uint8 RGB. embedding: the whole image's
+    `ImageEmbedding` when the caller made it already (an actor embeds a batch of images in one
+    encoder call); the crops' embeddings are made here, in batched encoder calls.
+    Returns the masks, in pixels of `image`.
     """
     p = params
     h, w = image.shape[:2]
     boxes, layers = crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
     grids = layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
-    parts = []
-    for crop_box, layer in zip(boxes, layers):
-        x0, y0, x1, y1 = crop_box
-        emb = segmenter.embed([np.ascontiguousarray(image[y0:y1, x0:x1])])[0]
-        parts.append(_process_crop(segmenter, emb, crop_box, grids[layer], (h, w), p))
-        del emb
+    crops = [np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
+    # Embed the whole image (unless given) and the crops, several per encoder call
+    embeddings = [embedding] if embedding is not None else segmenter.embed(crops[:1])
+    if len(crops) > 1:
+        embeddings += segmenter.embed(crops[1:])
+    # Decode every crop's grid and filter, NMS within each crop
+    parts = [_process_crop(segmenter, emb, crop_box, grids[layer], (h, w), p)
+             for emb, crop_box, layer in zip(embeddings, boxes, layers)]
+    del embeddings
     cands = _Candidates.concat(parts)
     if len(boxes) > 1 and len(cands) > 1:
         crop_area = (cands.crops[:, 2] - cands.crops[:, 0]) * (cands.crops[:, 3] - cands.crops[:, 1])
@@ -338,16 +389,16 @@ def rescale_masks(masks: list[AutoMask], scale: float, size: tuple[int, int]) ->
 
 
 def generate_with_fallback(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
-                           scales: tuple[float, ...] = (1.0, 0.5)) -> tuple[list[AutoMask], float]:
+                           scales: tuple[float, ...] = (1.0, 0.5), embedding=None) -> tuple[list[AutoMask], float]:
     """`generate_masks`, retried at smaller scales (and half the prompt batch) when the model fails
-    (RuntimeError, e.g. out of memory; MemoryError). Returns (masks in pixels of `image`, scale used);
-    re-raises the last failure when every scale fails."""
+    (RuntimeError, e.g. out of memory; MemoryError). embedding: the whole image's, used at scale 1.
+    Returns (masks in pixels of `image`, scale used); re-raises the last failure when every scale fails."""
     h, w = image.shape[:2]
     error: BaseException | None = None
     for attempt, scale in enumerate(scales):
         try:
             if scale == 1.0:
-                return generate_masks(segmenter, image, params), 1.0
+                return generate_masks(segmenter, image, params, embedding), 1.0
             small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
                                interpolation=cv2.INTER_AREA)
             smaller = replace(params, points_per_batch=max(1, params.points_per_batch >> attempt))
@@ -356,6 +407,20 @@ def generate_with_fallback(segmenter, image: np.ndarray, params: AmgParams = Amg
             error = e
     assert error is not None
     raise error
+
+
+def device_points_per_batch(segmenter, requested: int, memory_share: float = 0.25, most: int = 1024) -> int:
+    """Prompts to decode at once: `requested` on a CPU; on a GPU as many as `memory_share` of its free memory
+    holds (each prompt's decoder pass carries copies of the image embedding), at least `requested`, at most
+    `most`, in multiples of 64."""
+    if segmenter.device.type != "cuda":
+        return requested
+    free, _ = torch.cuda.mem_get_info(segmenter.device)
+    side = int(segmenter.net.embed_size)
+    channels = int(segmenter.net.config.prompt_encoder_config.hidden_size)
+    per_prompt = 8 * channels * side * side * 4  # ~8 fp32 copies of the embedding in the two-way transformer
+    fits = int(free * memory_share // per_prompt) // 64 * 64
+    return int(max(requested, min(most, fits)))
 
 
 def to_records(masks: list[AutoMask], image_id: str, round: int,

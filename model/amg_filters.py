@@ -124,8 +124,8 @@ def near_crop_edge(boxes: torch.Tensor, crop_box: list[int], image_box: list[int
     lies within `atol` pixels of the crop's side and not within `atol` of the image's. Returns (N,) bool.
     """
     boxes = boxes.float()
-    crop = torch.as_tensor(crop_box, dtype=torch.float32)[None]
-    image = torch.as_tensor(image_box, dtype=torch.float32)[None]
+    crop = torch.as_tensor(crop_box, dtype=torch.float32, device=boxes.device)[None]
+    image = torch.as_tensor(image_box, dtype=torch.float32, device=boxes.device)[None]
     near_crop = (boxes - crop).abs() <= atol
     near_image = (boxes - image).abs() <= atol
     return (near_crop & ~near_image).any(dim=1)

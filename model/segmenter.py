@@ -141,6 +141,9 @@ class Segmenter:
         Returns self."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+        if precision == "fp16" and self.device.type == "cpu":
+            # CPU autocast runs normalisation in fp16 (CUDA's keeps it fp32): measured embedding error up to 0.2
+            raise ValueError("precision fp16: not on a CPU (normalisation overflows there); use bf16 or fp32")
         self.precision, self.compiled = precision, bool(compile)
         self._encoder = torch.compile(self.net.image_encoder) if compile else self.net.image_encoder
         self._decoder = torch.compile(self.net.decode) if compile else self.net.decode
@@ -292,7 +295,7 @@ class Segmenter:
                         F.interpolate(native, (LOW_RES, LOW_RES), mode="bilinear", align_corners=False))
             if upsample:
                 masks.append(self._postprocess(native, emb) > 0)
-        return Prediction(torch.cat(masks) if upsample else None, torch.cat(ious), torch.cat(lows))
+        return Prediction(torch.cat(masks) if upsample else None, torch.cat(ious).cpu(), torch.cat(lows).cpu())
 
     def decode(self, features: torch.Tensor, points, labels, boxes, mask_input, multimask: bool,
                pe: torch.Tensor | None = None):
@@ -326,7 +329,7 @@ class Segmenter:
     @torch.no_grad()
     def upsample_logits(self, low_res: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
         """low_res: (N, 256, 256) logits (from Prediction.low_res_logits) -> (N, H, W) float logits."""
-        low = torch.as_tensor(low_res, dtype=torch.float32)
+        low = torch.as_tensor(low_res, dtype=torch.float32).to(self.device)
         if low.dim() != 3 or tuple(low.shape[1:]) != (LOW_RES, LOW_RES):
             raise PromptError(f"low_res: expected shape (N, {LOW_RES}, {LOW_RES}), got {tuple(low.shape)}")
         return self._postprocess(low[:, None], emb)[:, 0]

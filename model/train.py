@@ -277,7 +277,7 @@ def _step_loss(low: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, w: t
         g = F.adaptive_avg_pool2d(gt[:, None].float(), size)
     per = s.focal_weight * _focal(up, g, s.focal_alpha, s.focal_gamma) + s.dice_weight * _dice(up, g)  # (P, M)
     best = per.argmin(1)
-    rows = torch.arange(len(best))
+    rows = torch.arange(len(best), device=best.device)
     with torch.no_grad():
         hard, gh = up > 0, g > 0.5
         inter = (hard & gh).sum((-2, -1)).float()
@@ -414,7 +414,7 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         t0, c0 = time.perf_counter(), time.process_time()
         done = spent() >= budget or (s.max_steps is not None and step >= s.max_steps)
         progress = min(1.0, spent() / budget) if s.max_steps is None else step / s.max_steps
-        done, progress = _rank0_decides(done, progress)
+        done, progress = _rank0_decides(done, progress, seg.device)
         if done:
             break
         lr = learning_rate(s, step, progress if s.max_steps is None else None)
@@ -466,6 +466,9 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
     iterations = iterations or s.iterations
     stride = side // net.embed_size
     pixels, gt, w, owner, offsets = _batch(data, rng, s, side, crop, stride)
+    gt_np = gt.numpy()
+    dev = seg.device  # the batch is made on the host; the network runs where the segmenter lives
+    pixels, gt, w = pixels.to(dev, non_blocking=True), gt.to(dev, non_blocking=True), w.to(dev)
     with seg.autocast():  # the segmenter's precision (fp32, or bf16 / fp16 autocast)
         feats = net.image_encoder(pixels).float()[owner]  # (P, C, h, w)
     frame = gt.shape[-1]
@@ -476,8 +479,7 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
         full, c = net.dense_pe()[0], crop // stride
         pe = torch.stack([full[:, oy // stride:oy // stride + c, ox // stride:ox // stride + c]
                           for ox, oy in offsets.tolist()])[owner]
-        shift = offsets[owner].float()
-    gt_np = gt.numpy()
+        shift = offsets[owner].float().to(dev)
     n = len(gt_np)
     boxes = None
     pts: list[list[tuple[int, int]]] = [[] for _ in range(n)]
@@ -523,7 +525,7 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
         if it + 1 < iterations:
             with torch.no_grad():
                 mask_in = chosen.detach()
-                pred = (F.interpolate(mask_in, (frame, frame), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
+                pred = (F.interpolate(mask_in, (frame, frame), mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
             for j, i in enumerate(rows):
                 x, y, lab = sample_error_click(pred[j], gt_np[i], rng)
                 pts[i].append((x, y))
@@ -538,11 +540,12 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
     return float(total.detach()) / iterations
 
 
-def _rank0_decides(done: bool, progress: float) -> tuple[bool, float]:
+def _rank0_decides(done: bool, progress: float, device: torch.device) -> tuple[bool, float]:
     """Rank 0's clock decides, for every worker, when to stop and where the schedule is: workers
-    whose clocks disagree by one step would leave one of them alone in an all-reduce (a hang)."""
+    whose clocks disagree by one step would leave one of them alone in an all-reduce (a hang).
+    device: where the collective's tensors live (NCCL takes GPU tensors only)."""
     if world()[1] == 1:
         return done, progress
-    state = torch.tensor([float(done), progress], dtype=torch.float64)
+    state = torch.tensor([float(done), progress], dtype=torch.float64, device=device)
     dist.broadcast(state, 0)
     return bool(state[0]), float(state[1])

@@ -13,7 +13,8 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engine.integrations import runtime
 from engine.integrations.cluster import init_ray, map_with_actor_pool
 from engine.integrations.config import EngineConfig
-from model.amg import generate_with_fallback, to_records
+from model.amg import device_points_per_batch, generate_with_fallback, to_records
 from model.amg_params import AmgParams
 from model.calibration import calibrate, generator_params
 from storage.images import BadImage
@@ -66,28 +67,52 @@ class AutoSummary:
 class AutoMaskActor:
     """One pool member: builds the model once, then turns image ids into pickled MaskRecords.
 
-    batch: {"image_id": (B,) str}. Returns {"image_id", "status" ("ok" | "bad" | "failed"),
-    "reason", "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this
-    process's CPU time on the image)}, one row per image.
+    batch: {"image_id": (B,) str}. The batch's files are decoded in threads while the model works, and the
+    whole images are embedded in one encoder call. Returns {"image_id", "status" ("ok" | "bad" | "failed"),
+    "reason", "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this process's CPU
+    time on the image)}, one row per image.
     """
 
     def __init__(self, cfg: EngineConfig, checkpoint: str | None, params: AmgParams, round: int, threads: int = 1):
         torch.set_num_threads(max(1, threads))
         self.segmenter = runtime.segmenter(cfg, checkpoint)
-        self.params = params
+        # On a GPU, decoder batches as large as its memory allows
+        self.params = replace(params, points_per_batch=device_points_per_batch(self.segmenter, params.points_per_batch))
         self.source = runtime.image_source(cfg)
         self.round = round
+        self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
+
+    def _load(self, image_id: str):
+        try:
+            return self.source.load(self.source.ref(image_id))
+        except BadImage as e:
+            return e
+
+    def _embed(self, images: list) -> list:
+        """The whole images' embeddings in one encoder call (None each when that call fails: the generator
+        then embeds each image itself, at a smaller scale if it must)."""
+        try:
+            return self.segmenter.embed([im.pixels for im in images], batch_size=max(1, len(images)))
+        except (RuntimeError, MemoryError):
+            return [None] * len(images)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(i) for i in batch["image_id"]]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loaded = list(self.loader.map(self._load, ids))
+        good = [im for im in loaded if not isinstance(im, BadImage)]
+        embeddings = dict(zip((im.image_id for im in good), self._embed(good)))
+        shared, cpu_shared = time.perf_counter() - start, time.process_time() - cpu_start
         out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "records", "scale", "seconds",
                                                 "cpu_seconds")}
-        for image_id in batch["image_id"]:
-            image_id = str(image_id)
+        for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
             status, reason, records, scale = "ok", "", [], 1.0
             try:
-                image = self.source.load(self.source.ref(image_id))
-                masks, scale = generate_with_fallback(self.segmenter, image.pixels, self.params)
+                if isinstance(image, BadImage):
+                    raise image
+                masks, scale = generate_with_fallback(self.segmenter, image.pixels, self.params,
+                                                      embedding=embeddings.get(image.image_id))
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
             except BadImage as e:
                 status, reason = "bad", str(e)
@@ -99,8 +124,9 @@ class AutoMaskActor:
             out["reason"].append(reason)
             out["records"].append(pickle.dumps(records))
             out["scale"].append(scale)
-            out["seconds"].append(time.perf_counter() - start)
-            out["cpu_seconds"].append(time.process_time() - cpu_start)
+            # the batch's shared work (decoding files, the encoder call) is shared evenly
+            out["seconds"].append(time.perf_counter() - start + shared / len(ids))
+            out["cpu_seconds"].append(time.process_time() - cpu_start + cpu_shared / len(ids))
         return {k: np.array(v, dtype=object) if k in ("records", "reason", "image_id", "status") else np.array(v)
                 for k, v in out.items()}
 
@@ -151,7 +177,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
         [{"image_id": i} for i in todo], AutoMaskActor,
         actor_args=(cfg, checkpoint, params, round, threads),
         num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
-        gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=1)
+        gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=a.images_per_batch)
 
     # Write: masks and their image's "done" row land in the same commit, every `images_per_commit` images
     start = time.perf_counter()

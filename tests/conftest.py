@@ -84,3 +84,24 @@ def labelstudio_server(tmp_path_factory):
     info.client = LabelStudio(info.url, info.token)
     yield info
     stop_server(data_dir)
+
+
+# ---------------------------------------------------------------- a model that has learned something (model)
+
+
+@pytest.fixture(scope="session")
+def fitted_compact():
+    """A compact model fitted for 120 steps (~35 s) on four busy 128 px synthetic scenes, and those scenes
+    (image, masks, boxes): enough to make hundreds of automatic masks and to tell a learner from a non-learner."""
+    import torch
+
+    from engine.integrations.synth import make_scene, scene_rng
+    from model.segmenter import Segmenter
+    from model.train import TrainSettings, dataset_sampler, train
+
+    torch.set_num_threads(1)
+    scenes = [make_scene(scene_rng(11, i), 128) for i in (1, 5, 7, 9)]
+    seg = Segmenter.new("compact", seed=0)
+    train(seg, dataset_sampler([s[0] for s in scenes], [s[1] for s in scenes]),
+          TrainSettings(max_steps=120, minutes=10, batch_images=4, masks_per_image=4, crop_share=0.0, threads=1))
+    return seg, scenes

@@ -214,3 +214,29 @@ def test_records_carry_lineage_and_stable_ids(same_weights):
     assert row["model_version"] == segmenter.model_version
     assert row["predicted_iou"] == pytest.approx(masks[0].predicted_iou)
     assert row["point_coords"] == masks[0].point_coords and row["crop_box"] == masks[0].crop_box
+
+
+def test_gpu_survivor_path_gives_the_cpu_path_s_masks():
+    """The GPU path (whole masks, a chunk per call) and the CPU path (windows) keep the same masks with the
+    same boxes, patches and stability scores; run here on CPU tensors, both code paths exactly as written."""
+    from model.amg import _CropFrame, _survivors_in_windows, _survivors_on_device
+    from model.amg_filters import bilinear_taps
+
+    gen = torch.Generator().manual_seed(0)
+    kept_any = 0
+    for trial in range(8):
+        h, w, ch, cw = 96, 128, 150, 200
+        mid = torch.randn(12, h, w, generator=gen) * 3
+        mid[:6, :, :20] = mid[:6, :30] = mid[:6, -30:] = mid[:6, :, -30:] = -9  # half of them off the edges
+        mid = torch.nn.functional.avg_pool2d(mid[:, None], 15, 1, 7)[:, 0] * 8 - 0.5  # smooth blobs
+        frame = _CropFrame((32, 32), (h, w), bilinear_taps(h, ch), bilinear_taps(w, cw))
+        crop, image = ([0, 0, cw, ch], (ch, cw)) if trial % 2 else ([10, 20, 10 + cw, 20 + ch], (400, 500))
+        p = AmgParams(stability_score_thresh=0.3, stability_score_offset=0.5, max_mask_fraction=0.9)
+        a = _survivors_in_windows(mid, frame, crop, image, p)
+        b = _survivors_on_device(mid, frame, crop, image, p)
+        assert a[3] == b[3]
+        assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+        assert all(np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+        assert np.allclose(a[2], b[2])
+        kept_any += len(a[3])
+    assert kept_any > 30  # the comparison saw real survivors

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -46,6 +47,27 @@ def check_exactly_once(store: MaskStore, image_ids: set[str], model_version: str
         per_image[image_id] = per_image.get(image_id, 0) + 1
     for r in index:
         assert per_image.get(r["image_id"], 0) == r["n_masks"]
+
+
+@pytest.mark.ray
+def test_batched_actors_write_the_masks_of_one_image_at_a_time(ray_cluster, tmp_path):
+    """`stages.auto.images_per_batch`: an actor decodes a batch of files in threads and embeds the whole
+    images in one encoder call; the masks are those of one image at a time, a bad file in the batch is set
+    aside and the rest goes on."""
+    from stages.auto import run_auto_stage
+
+    rows = {}
+    for per_batch in (1, 3):
+        cfg_path = write_config(tmp_path / f"b{per_batch}", n_images=5, images_per_commit=2, num_actors=1,
+                                images_per_batch=per_batch, crop_n_layers=1)
+        (tmp_path / f"b{per_batch}" / "data" / "images" / "zz-broken.png").write_bytes(b"not a png")
+        cfg = load_config(cfg_path)
+        summary = run_auto_stage(cfg, 1, None, show_progress=False)
+        assert summary.images == 5 and summary.quarantined == 1
+        table = MaskStore(cfg.path(cfg.storage.root)).read_table(columns=["mask_id", "rle", "predicted_iou"])
+        rows[per_batch] = sorted(zip(*(table.column(c).to_pylist() for c in ("mask_id", "rle", "predicted_iou"))))
+    assert rows[1] and [r[:2] for r in rows[1]] == [r[:2] for r in rows[3]]
+    assert np.allclose([r[2] for r in rows[1]], [r[2] for r in rows[3]], atol=1e-5)
 
 
 @pytest.mark.ray

@@ -112,3 +112,30 @@ def test_area_and_bbox_of_many_rles():
     rles = encode_masks(masks)
     assert rle_area(rles).tolist() == masks.sum(axis=(1, 2)).tolist()
     assert rle_bbox(rles).shape == (600, 4)
+
+
+def test_patches_encode_to_the_bytes_of_their_full_masks():
+    """RLE straight from a patch at its origin equals pycocotools' encoding of the full mask, including
+    patches touching the bottom row (runs continue into the next column) and the image's edges."""
+    from pycocotools import mask as mask_utils
+
+    from storage.rle import encode_patches
+
+    rng = np.random.default_rng(0)
+    h, w = 97, 131
+    patches, origins, full = [], [], []
+    for _ in range(200):
+        m = np.zeros((h, w), bool)
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        y1, x1 = rng.integers(y0, h) + 1, rng.integers(x0, w) + 1
+        m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.3, 0.9, 1.0])
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if rows.size == 0:
+            continue
+        patches.append(m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+        origins.append((cols[0], rows[0]))
+        full.append(m)
+    got = encode_patches(patches, origins, (h, w))
+    ref = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in full]
+    assert [g["counts"] for g in got] == [r["counts"] for r in ref]
+    assert sum(m[-1].any() for m in full) > 10  # bottom-row cases were exercised

@@ -109,6 +109,7 @@ class AutoStageConfig(_Section):
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     num_actors: int = 2  # Ray Data actors (model copies) generating masks
     images_per_commit: int = 16  # images per shard commit (the unit of resume)
+    images_per_batch: int = 1  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
 
 
 class StagesConfig(_Section):
