@@ -16,10 +16,10 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-args=(--models vit_b,vit_h --images 3 --size 1500 --budget-s 330 --compile)
+args=(--models vit_h,vit_b --images 2 --size 1500 --budget-s 230 --compile --skip-train vit_b --partial "$out/partial.json")
 [ -n "$trained" ] && args+=(--trained "$trained")
-timeout 360 python3 benchmarks/gpu.py "${args[@]}" 2>&1 | tee "$out/gpu.log"
-timeout 90 python3 benchmarks/ml_backend.py --device cuda --preset sam-vit-h --precision bf16 --clicks 40 \
+timeout 250 python3 benchmarks/gpu.py "${args[@]}" 2>&1 | tee "$out/gpu.log"
+timeout 45 python3 benchmarks/ml_backend.py --device cuda --preset sam-vit-h --precision bf16 --clicks 20 \
   2>&1 | tee "$out/ml_backend.log"
 tail -n 1 "$out/gpu.log" > "$out/gpu.json"
 tail -n 1 "$out/ml_backend.log" > "$out/ml_backend.json"
