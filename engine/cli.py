@@ -265,7 +265,9 @@ def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", h
 def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
                    checkpoint: Optional[str] = typer.Option(None, help="Model checkpoint (default: model.checkpoint, "
                                                                        "else a fresh model.preset model)."),
-                   host: str = typer.Option("127.0.0.1", help="Address to bind (never 0.0.0.0)."),
+                   host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless --allow-remote)."),
+                   allow_remote: bool = typer.Option(False, "--allow-remote", help="Serve other machines (e.g. "
+                                                     "--host 0.0.0.0 in a container); the token guards every request."),
                    port: Optional[int] = typer.Option(None, help="Port (default: labelstudio.ml_backend_port)."),
                    threads: int = typer.Option(1, help="torch CPU threads (a click is one small decoder pass; "
                                                        "more threads mostly add contention).")) -> None:
@@ -287,8 +289,8 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
         seg = runtime.segmenter(cfg, checkpoint)
         state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=cfg.path("embeddings"))),
                              token=runtime.ml_backend_token(cfg), image_loader=None)
-        state.image_loader = source_image_loader(runtime.image_source(cfg), state=state)
-        server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port)
+        state.image_loader = source_image_loader(runtime.image_source(cfg), runtime.labelstudio_url(cfg), state)
+        server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port, allow_remote)
     except (ValueError, OSError) as e:
         fail(f"ml-backend: {e}")
     console.print(f"ML backend {server.url} (model {seg.model_version}); basic auth user sa-engine, password in "

@@ -147,7 +147,7 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
 
     # 3. Annotate or wait
     efforts = []
-    with labelling.start_ml_backend(cfg, segmenter, source) as backend:
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url) as backend:
         backend_id = labelling.connect_backend(ls, project_id, backend)
         if simulate:
             annotator = SimulatedAnnotator(ls, backend_id, settings=runtime.annotator_settings(cfg))

@@ -522,7 +522,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     publish_pages(ls, cfg, round, pages, plan, version)
 
     # 3. Review or wait
-    with labelling.start_ml_backend(cfg, segmenter, source) as backend:
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url) as backend:
         backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
         if simulate:
             review_pages(ls, cfg, pages, backend_ids, truth)

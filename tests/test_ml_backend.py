@@ -136,9 +136,104 @@ def test_context_percentages_become_pixels():
         prompt_from_context({"result": []}, 100, 200)
 
 
-def test_refuses_to_bind_all_interfaces():
-    with pytest.raises(ValueError, match="0.0.0.0"):
-        MLBackend(None, host="0.0.0.0")
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "192.0.2.1"])
+def test_refuses_to_bind_anything_but_loopback_unless_told(host):
+    with pytest.raises(ValueError, match="not a loopback address"):
+        MLBackend(None, host=host)
+
+
+class _Listener:
+    """A loopback HTTP server that records every request it gets (a stand-in for any other host)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.requests = []
+        png = self.png = _png_bytes()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _png_bytes() -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_task_images_come_only_from_the_configured_label_studio(images):
+    """A task without a stored image: its URL is fetched only from the configured Label Studio (with the token
+    Label Studio handed over in /setup); any other host, another port, or file:// gets a 400 and nothing."""
+    trusted, other = _Listener(), _Listener()
+    seg = Segmenter.new("compact")
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), TOKEN, None)
+    state.image_loader = source_image_loader(images, trusted_ls_url=trusted.url, state=state)
+    ctx = keypoint_context([(40, 25)], [1], H, W)
+
+    def task(url):
+        return {"id": 9, "data": {"image": url, "height": H, "width": W}}
+
+    try:
+        with MLBackend(state) as backend:
+            auth = f"Token {TOKEN}"
+            assert _call(backend.url, "/setup", {"hostname": other.url, "access_token": "ls-secret"}, auth)[0] == 200
+            for url in (f"{other.url}/x.png", "file:///etc/passwd", f"file://{images.uri}/im0.png",
+                        "http://127.0.0.1:1/x.png", trusted.url.replace("127.0.0.1", "localhost") + "/x.png",
+                        f"{trusted.url}:99/x.png", "ftp://127.0.0.1/x.png"):
+                code, _ = _call(backend.url, "/predict", {"tasks": [task(url)], "params": {"context": ctx}}, auth)
+                assert code == 400 and "refusing to fetch" in backend.state.last_error, url
+            assert other.requests == [] and trusted.requests == []
+            code, body = _call(backend.url, "/predict", {"tasks": [task("/data/upload/1/x.png")],
+                                                         "params": {"context": ctx}}, auth)
+            assert code == 200 and body["results"]
+            assert trusted.requests == [("/data/upload/1/x.png", "Token ls-secret")] and other.requests == []
+    finally:
+        trusted.close()
+        other.close()
+
+
+def test_malformed_requests_are_400s_and_never_hang(backend):
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(backend.url)
+    auth = {"Authorization": f"Token {TOKEN}", "Content-Type": "application/json"}
+    cases = [({"Content-Length": "-1"}, b""), ({"Content-Length": str(2**40)}, b"{}"),
+             ({"Content-Length": "abc"}, b""), ({}, b"[1, 2]"), ({}, b'{"tasks": "x", "params": {}}'),
+             ({}, b'{"tasks": [], "params": "x"}'), ({}, b"not json")]
+    for headers, body in cases:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        h = {**auth, **headers}
+        h.setdefault("Content-Length", str(len(body)))
+        conn.putrequest("POST", "/predict")
+        for k, v in h.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        if body and int(h["Content-Length"]) >= 0 and h["Content-Length"].isdigit() and int(h["Content-Length"]) < 2**30:
+            conn.send(body)
+        assert conn.getresponse().status == 400, headers or body
+        conn.close()
 
 
 @pytest.mark.labelstudio

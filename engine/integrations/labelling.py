@@ -60,11 +60,13 @@ def connect(cfg: EngineConfig, log_fn: Callable[[str], None] = log.info) -> tupl
     return LabelStudio(info.url, info.token), info
 
 
-def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, port: int | None = None) -> MLBackend:
-    """Our ML backend in a background thread of this process, on 127.0.0.1 (a context manager)."""
+def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: str | None,
+                     port: int | None = None) -> MLBackend:
+    """Our ML backend in a background thread of this process, on 127.0.0.1 (a context manager). ls_url: the
+    Label Studio it serves, the one host it fetches task images from (when a task names no stored image)."""
     cache = EmbeddingCache(segmenter, precomputed_dir=cfg.path("embeddings"))
     state = BackendState(MaskPredictor(segmenter, cache), token=runtime.ml_backend_token(cfg), image_loader=None)
-    state.image_loader = source_image_loader(source, state=state)
+    state.image_loader = source_image_loader(source, trusted_ls_url=ls_url, state=state)
     port = cfg.labelstudio.ml_backend_port if port is None else port
     try:
         return MLBackend(state, "127.0.0.1", port).start()
@@ -175,7 +177,7 @@ def annotate_project(cfg: EngineConfig, project: str | int, checkpoint: str | No
     done = ls.annotated_task_ids(project_id)
     segmenter = runtime.segmenter(cfg, checkpoint)
     efforts = []
-    with start_ml_backend(cfg, segmenter, runtime.image_source(cfg)) as backend:
+    with start_ml_backend(cfg, segmenter, runtime.image_source(cfg), ls.url) as backend:
         annotator = SimulatedAnnotator(ls, connect_backend(ls, project_id, backend), annotator_name,
                                        runtime.annotator_settings(cfg), via=via,
                                        backend_url=backend.url, backend_token=backend.state.token)

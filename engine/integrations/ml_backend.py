@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -241,8 +243,11 @@ def authorized(header: str | None, token: str) -> bool:
 
 def predict_payload(state: BackendState, payload: dict) -> dict:
     """The body of a /predict answer."""
-    context = (payload.get("params") or {}).get("context")
+    params = payload.get("params") or {}
     tasks = payload.get("tasks") or []
+    if not isinstance(params, dict) or not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ValueError("predict: 'params' must be an object and 'tasks' a list of objects")
+    context = params.get("context")
     if not context or not (context.get("result") if isinstance(context, dict) else None):
         return {"results": []}  # batch predictions are imported by the stages, not made here
 
@@ -289,9 +294,19 @@ def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
             return False
 
         def _body(self) -> dict:
-            n = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(n) if n else b"{}"
-            return json.loads(raw or b"{}")
+            """The request's JSON object; ValueError (a 400) for a missing, negative or oversized length, a
+            body that is not JSON or not an object."""
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise ValueError("Content-Length is not a number") from None
+            if n < 0 or n > MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read: the connection can't be reused
+                raise ValueError(f"Content-Length {n}: must be 0..{MAX_BODY_BYTES}")
+            body = json.loads(self.rfile.read(n) if n else b"{}")
+            if not isinstance(body, dict):
+                raise ValueError(f"body must be a JSON object, got {type(body).__name__}")
+            return body
 
         def do_GET(self):
             if not self._auth():
@@ -309,8 +324,8 @@ def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?")[0].rstrip("/")
             try:
                 body = self._body()
-            except ValueError:
-                self._send(400, {"error": "body is not JSON"})
+            except ValueError as e:
+                self._send(400, {"error": f"bad request: {e}"})
                 return
             try:
                 if path == "/setup":
@@ -342,12 +357,26 @@ def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+MAX_BODY_BYTES = 64 * 2**20  # Label Studio inlines a task's annotations and predictions: generous, bounded
+
+
+def is_loopback(host: str) -> bool:
+    """A literal loopback address or `localhost` ("" and 0.0.0.0 mean every interface)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class MLBackend:
     """The HTTP server on 127.0.0.1 (by default), in a background thread or in the foreground."""
 
-    def __init__(self, state: BackendState, host: str = "127.0.0.1", port: int = 0):
-        if host == "0.0.0.0":
-            raise ValueError("ml backend: refusing to bind 0.0.0.0; give a specific address")
+    def __init__(self, state: BackendState, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False):
+        if not allow_remote and not is_loopback(host):
+            raise ValueError(f"ml backend: refusing to listen on {host!r} (not a loopback address); "
+                             "--allow-remote serves other machines (the token still guards every request)")
         self.state = state
         self.httpd = ThreadingHTTPServer((host, port), make_handler(state))
         self.httpd.daemon_threads = True
@@ -382,10 +411,28 @@ class MLBackend:
         self.stop()
 
 
-def source_image_loader(image_source, fallback_ls_url: str | None = None,
-                        fallback_token: str | None = None, state: BackendState | None = None):
-    """Resolve a task to (image_id, pixel loader): from our ImageSource by the task's image_id (the
-    same pixels the store's masks use); else fetch the task's image URL from Label Studio."""
+MAX_IMAGE_BYTES = 256 * 2**20  # an image fetched from Label Studio larger than this is refused
+
+
+def same_origin(url: str, base: str) -> bool:
+    """Whether `url` is on the server `base` names (scheme, host and port alike)."""
+    try:
+        u, b = urlsplit(url), urlsplit(base)
+        return u.scheme in ("http", "https") and (u.scheme, u.hostname, u.port or _default_port(u.scheme)) == \
+            (b.scheme, b.hostname, b.port or _default_port(b.scheme))
+    except ValueError:  # a malformed port
+        return False
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def source_image_loader(image_source, trusted_ls_url: str | None = None, state: BackendState | None = None):
+    """Resolve a task to (image_id, pixel loader): from our ImageSource by the task's image_id (the same pixels
+    the store's masks use); else the task's image from the configured Label Studio, `trusted_ls_url`, and from
+    no other host: a relative media URL is taken on that server, an absolute one must be on it (no file://, no
+    other hosts, so Label Studio's token never reaches anything else)."""
 
     def loader(task: dict):
         data = task.get("data") or {}
@@ -393,17 +440,24 @@ def source_image_loader(image_source, fallback_ls_url: str | None = None,
         if image_id is not None and image_source is not None:
             return image_id, lambda: image_source.load(image_source.ref(image_id)).pixels
         url = data.get("image")
-        if not url:
+        if not isinstance(url, str) or not url:
             raise ValueError(f"task {task.get('id')}: no image_id or image URL in its data")
-        base = (state.ls_hostname if state and state.ls_hostname else None) or fallback_ls_url
-        token = (state.ls_access_token if state and state.ls_access_token else None) or fallback_token
-        full = url if "://" in url else f"{(base or '').rstrip('/')}{url}"
+        if not trusted_ls_url:
+            raise ValueError(f"task {task.get('id')}: no image_id, and this backend fetches images only from "
+                             "the configured Label Studio, which is not set")
+        full = url if "://" in url else f"{trusted_ls_url.rstrip('/')}/{url.lstrip('/')}"
+        if not same_origin(full, trusted_ls_url):
+            raise ValueError(f"task {task.get('id')}: image URL {url[:200]!r} is not on the configured Label "
+                             f"Studio ({trusted_ls_url}); refusing to fetch it")
+        token = state.ls_access_token if state else None
 
         def fetch() -> np.ndarray:
-
             req = urllib.request.Request(full, headers={"Authorization": f"Token {token}"} if token else {})
             with urllib.request.urlopen(req, timeout=30) as r:
-                return np.asarray(Image.open(BytesIO(r.read())).convert("RGB"))
+                raw = r.read(MAX_IMAGE_BYTES + 1)
+            if len(raw) > MAX_IMAGE_BYTES:
+                raise ValueError(f"task {task.get('id')}: image at {full} is over {MAX_IMAGE_BYTES >> 20} MiB")
+            return np.asarray(Image.open(BytesIO(raw)).convert("RGB"))
 
         return image_id or url, fetch
 

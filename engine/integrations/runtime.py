@@ -144,6 +144,11 @@ def server_settings(cfg: EngineConfig) -> ServerSettings:
                           password=ls.password, token=ls.token, document_root=Path(cfg.workdir).resolve())
 
 
+def labelstudio_url(cfg: EngineConfig) -> str | None:
+    """The Label Studio the engine uses: the managed server on 127.0.0.1, or `labelstudio.url`."""
+    return f"http://127.0.0.1:{cfg.labelstudio.port}" if cfg.labelstudio.managed else cfg.labelstudio.url
+
+
 def ml_backend_token(cfg: EngineConfig) -> str:
     """The ML backend's secret: config, env SA_ENGINE_ML_BACKEND_TOKEN, or generated once per work dir."""
     token = os.environ.get("SA_ENGINE_ML_BACKEND_TOKEN") or cfg.labelstudio.ml_backend_token
