@@ -42,7 +42,7 @@ from model.amg_filters import (
 )
 from model.amg_params import AmgParams
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import decode_rles, encode_masks, encode_patches, rle_area, rle_bbox
+from storage.rle import encode_patches
 
 ENCODE_CHUNK = 16
 
@@ -332,24 +332,32 @@ def _encode(cands: _Candidates, image_size: tuple[int, int]) -> list[AutoMask]:
 
 
 def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
-                   embedding=None) -> list[AutoMask]:
+                   embedding=None, output_size: tuple[int, int] | None = None) -> list[AutoMask]:
     """SAM's automatic mask generation on one image.
 
     segmenter: a `model.segmenter.Segmenter` (or anything with its image_size, embed,
     prompt_tensors and decode). image: (H, W, 3) uint8 RGB. embedding: the whole image's
     `ImageEmbedding` when the caller made it already (an actor embeds a batch of images in one
     encoder call); the crops' embeddings are made here, in batched encoder calls.
-    Returns the masks, in pixels of `image`.
+    output_size: (H, W) of the original when `image` is a downscaled copy of it: the model sees `image`,
+    and every mask is upsampled from its logits to the original (as SAM upsamples its 1024 px logits to
+    the image it was given); crops and point grids are laid out on the original.
+    Returns the masks, in pixels of the original (of `image` when output_size is None).
     """
     p = params
-    h, w = image.shape[:2]
+    h, w = output_size or image.shape[:2]
+    sy, sx = image.shape[0] / h, image.shape[1] / w
     boxes, layers = crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
     grids = layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
-    crops = [np.ascontiguousarray(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes]
+    crops = [np.ascontiguousarray(image[min(round(y0 * sy), image.shape[0] - 1):max(round(y1 * sy), round(y0 * sy) + 1),
+                                        min(round(x0 * sx), image.shape[1] - 1):max(round(x1 * sx), round(x0 * sx) + 1)])
+             for x0, y0, x1, y1 in boxes]
     # Embed the whole image (unless given) and the crops, several per encoder call
     embeddings = [embedding] if embedding is not None else segmenter.embed(crops[:1])
     if len(crops) > 1:
         embeddings += segmenter.embed(crops[1:])
+    # Each crop's logits are upsampled to the crop's size in the output frame
+    embeddings = [replace(e, original_size=(y1 - y0, x1 - x0)) for e, (x0, y0, x1, y1) in zip(embeddings, boxes)]
     # Decode every crop's grid and filter, NMS within each crop
     parts = [_process_crop(segmenter, emb, crop_box, grids[layer], (h, w), p)
              for emb, crop_box, layer in zip(embeddings, boxes, layers)]
@@ -367,42 +375,24 @@ def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()
     return _encode(cands, (h, w))
 
 
-def rescale_masks(masks: list[AutoMask], scale: float, size: tuple[int, int]) -> list[AutoMask]:
-    """Masks made on a copy of an image resized by `scale` -> masks in pixels of the (H, W) original.
-
-    Masks are resized nearest-neighbour; area and bbox are recomputed, points and crop boxes scaled.
-    """
-    h, w = size
-    out = []
-    for start in range(0, len(masks), ENCODE_CHUNK):
-        chunk = masks[start:start + ENCODE_CHUNK]
-        small = decode_rles([m.rle for m in chunk])
-        big = np.stack([cv2.resize(s.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for s in small])
-        rles = encode_masks(big.astype(bool))
-        areas, bboxes = rle_area(rles), rle_bbox(rles)
-        for m, rle, area, bbox in zip(chunk, rles, areas, bboxes):
-            out.append(AutoMask(rle=rle, area=int(area), bbox=[float(v) for v in bbox],
-                                predicted_iou=m.predicted_iou, stability_score=m.stability_score,
-                                point_coords=[[x / scale, y / scale] for x, y in m.point_coords],
-                                crop_box=[v / scale for v in m.crop_box]))
-    return [m for m in out if m.area > 0]
-
-
 def generate_with_fallback(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
-                           scales: tuple[float, ...] = (1.0, 0.5), embedding=None) -> tuple[list[AutoMask], float]:
+                           scales: tuple[float, ...] = (1.0, 0.5), embedding=None,
+                           output_size: tuple[int, int] | None = None) -> tuple[list[AutoMask], float]:
     """`generate_masks`, retried at smaller scales (and half the prompt batch) when the model fails
-    (RuntimeError, e.g. out of memory; MemoryError). embedding: the whole image's, used at scale 1.
-    Returns (masks in pixels of `image`, scale used); re-raises the last failure when every scale fails."""
+    (RuntimeError, e.g. out of memory; MemoryError). embedding: the whole image's, used at scale 1;
+    output_size: the original's (H, W) when `image` is a downscaled copy. Returns (masks in pixels of the
+    original, scale of `image` used); re-raises the last failure when every scale fails."""
     h, w = image.shape[:2]
+    out = output_size or (h, w)
     error: BaseException | None = None
     for attempt, scale in enumerate(scales):
         try:
             if scale == 1.0:
-                return generate_masks(segmenter, image, params, embedding), 1.0
+                return generate_masks(segmenter, image, params, embedding, out), 1.0
             small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
                                interpolation=cv2.INTER_AREA)
             smaller = replace(params, points_per_batch=max(1, params.points_per_batch >> attempt))
-            return rescale_masks(generate_masks(segmenter, small, smaller), scale, (h, w)), scale
+            return generate_masks(segmenter, small, smaller, output_size=out), scale
         except (RuntimeError, MemoryError) as e:
             error = e
     assert error is not None

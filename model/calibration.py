@@ -246,13 +246,13 @@ def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int
         except BadImage as e:
             on_problem(image_id, f"calibration image unreadable ({e})")
             continue
-        h, w = loaded.pixels.shape[:2]
+        h, w = loaded.original_size
         truth = [r.rle for r in store.iter_records(image_ids=[image_id], verified=True, round=(0, round - 1))
                  if (r.height, r.width) == (h, w)]
         if not truth:
-            on_problem(image_id, f"verified masks are not {w}x{h} (the image as loaded now)")
+            on_problem(image_id, f"verified masks are not {w}x{h} (the image's size)")
             continue
-        masks = generate_masks(segmenter, loaded.pixels, loose)
+        masks = generate_masks(segmenter, loaded.pixels, loose, output_size=(h, w))
         if not masks:
             continue
         parts.append(CalibrationSamples(

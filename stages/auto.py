@@ -112,7 +112,8 @@ class AutoMaskActor:
                 if isinstance(image, BadImage):
                     raise image
                 masks, scale = generate_with_fallback(self.segmenter, image.pixels, self.params,
-                                                      embedding=embeddings.get(image.image_id))
+                                                      embedding=embeddings.get(image.image_id),
+                                                      output_size=image.original_size)
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
             except BadImage as e:
                 status, reason = "bad", str(e)

@@ -24,7 +24,7 @@ import numpy as np
 from engine.integrations import labelling, runtime
 from engine.integrations.annotator import SimulatedAnnotator, effort_summary
 from engine.integrations.config import EngineConfig
-from engine.integrations.labelling import region_effort
+from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PullResult
 from engine.integrations.ml_backend import precompute_embeddings
 from storage.records import MaskRecord, make_mask_id
@@ -61,13 +61,16 @@ class ManualSummary:
 # --------------------------------------------------------------------------- pull-back
 
 
-def records_from_pull(pull: PullResult, project_id: int, round: int, model_version: str | None) -> list[MaskRecord]:
-    """One verified MaskRecord per pulled region (COCO RLE), lineage in `source`."""
+def records_from_pull(pull: PullResult, project_id: int, round: int, model_version: str | None,
+                      full_sizes: dict[str, tuple[int, int]] | None = None) -> list[MaskRecord]:
+    """One verified MaskRecord per pulled region (COCO RLE), lineage in `source`. full_sizes: image id -> the
+    file's (H, W) where the task showed a downscaled copy: those masks are stored at the file's size."""
     out = []
     for ann in pull.annotations:
         if not ann.regions:
             continue
-        masks = np.stack([r.mask for r in ann.regions])
+        size = (full_sizes or {}).get(ann.image_id, (ann.height, ann.width))
+        masks = np.stack([at_full_size(r.mask, size) for r in ann.regions])
         rles = encode_masks(masks)
         areas, boxes = rle_area(rles), rle_bbox(rles)
         for r, rle, area, box in zip(ann.regions, rles, areas, boxes):
@@ -75,7 +78,7 @@ def records_from_pull(pull: PullResult, project_id: int, round: int, model_versi
             out.append(MaskRecord(
                 image_id=ann.image_id,
                 mask_id=make_mask_id(ann.image_id, "ls", project_id, ann.task_id, ann.annotation_id, r.region_id),
-                height=ann.height, width=ann.width, rle=rle, area=int(area), bbox=[float(v) for v in box],
+                height=size[0], width=size[1], rle=rle, area=int(area), bbox=[float(v) for v in box],
                 stage=STAGE, round=round, model_version=model_version, origin="manual",
                 annotator=ann.annotator, verified=True,
                 source={"ls_project": project_id, "ls_task": ann.task_id, "ls_annotation": ann.annotation_id,
@@ -86,11 +89,12 @@ def records_from_pull(pull: PullResult, project_id: int, round: int, model_versi
 
 
 def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_version: str | None,
-                  quarantine=None, expected_tasks: dict[str, int] | None = None) -> dict:
-    """Pull the project's annotations into the store. Returns counts: pulled, written (new + updated),
-    unchanged, problems, missing_tasks, images."""
+                  quarantine=None, expected_tasks: dict[str, int] | None = None,
+                  full_sizes: dict[str, tuple[int, int]] | None = None) -> dict:
+    """Pull the project's annotations into the store (masks at their files' sizes, see records_from_pull).
+    Returns counts: pulled, written (new + updated), unchanged, problems, missing_tasks, images."""
     pull = ls.pull(project_id)  # everything is read before anything is written
-    records = records_from_pull(pull, project_id, round, model_version)
+    records = records_from_pull(pull, project_id, round, model_version, full_sizes)
     problems = list(pull.problems)
     present = set(pull.task_ids)
     missing = sorted(tid for tid in (expected_tasks or {}).values() if tid not in present)
@@ -140,7 +144,7 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
 
     # 2. Publish
     ls, _ = labelling.connect(cfg)
-    images, pixels = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
+    images, pixels, full_sizes = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, STAGE, round),
                                           f"round {round}, model {segmenter.model_version}", images)
@@ -164,7 +168,7 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
                       "precomputed_now": precomputed}
 
     # 4. Pull with lineage
-    pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks)
+    pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks, full_sizes)
 
     # 5. Summarise
     masks = store.read_table(columns=["image_id", "clicks", "lead_time_s"], stage=STAGE, round=round,

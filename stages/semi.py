@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.integrations import labelling, runtime
-from engine.integrations.annotator import GTObject, SimulatedAnnotator
+from engine.integrations.annotator import GTObject, SimulatedAnnotator, objects_in_frame
 from engine.integrations.config import EngineConfig
-from engine.integrations.labelling import region_effort
+from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PrefillMask, PullResult, TaskImage
 from engine.integrations.ml_backend import precompute_embeddings
 from engine.integrations.prefill_review import (
@@ -327,13 +327,15 @@ def saved_or_new_plan(cfg: EngineConfig, round: int, segmenter, store, source, i
 @dataclass
 class Pages:
     """The round's prefills as Label Studio sees them. prefills: image id -> its Prefills; masks: image id ->
-    region id -> (H, W) bool; last_page: image id -> its last page; projects: page -> project id; tasks:
-    page -> image id -> task id; images: image id -> TaskImage."""
+    region id -> (h, w) bool in the task's frame (a large photo's task is a downscaled copy; final masks are
+    stored at the file's size, `full_sizes`); last_page: image id -> its last page; projects: page -> project
+    id; tasks: page -> image id -> task id; images: image id -> TaskImage."""
 
     prefills: dict[str, list[Prefill]]
     masks: dict[str, dict[str, np.ndarray]]
     last_page: dict[str, int]
     images: dict[str, TaskImage] = field(default_factory=dict)
+    full_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # image id -> the file's (H, W)
     projects: dict[int, int] = field(default_factory=dict)
     tasks: dict[int, dict[str, int]] = field(default_factory=dict)
 
@@ -432,7 +434,8 @@ def records_from_pulls(pulls: dict[int, PullResult], pages: Pages, round: int, m
                     tally.added += 1
                     tally.added_clicks += int(clicks or 0)
                 tally.lead_time_s += float(seconds or 0.0)
-                records.append(final_record(ann.image_id, round, model_version, r.region_id, r.mask, lin, pre,
+                mask = at_full_size(r.mask, pages.full_sizes.get(ann.image_id, r.mask.shape))
+                records.append(final_record(ann.image_id, round, model_version, r.region_id, mask, lin, pre,
                                             ann.annotator, source, clicks, seconds))
             tally.rejected += len(page_prefill_ids - kept_ids)
     return records, accepted
@@ -467,7 +470,10 @@ def true_precision(pages: Pages, image_ids: set[str], truth: dict[str, list[GTOb
     """What the audit estimates, measured on every prefill of the reviewed images (simulation only)."""
     for image_id in image_ids:
         ps = pages.prefills.get(image_id) or []
-        gt = [o.mask for o in truth.get(image_id, [])]
+        if not ps:
+            continue
+        frame = next(iter(pages.masks[image_id].values())).shape  # the task's frame, where prefills live
+        gt = [o.mask for o in objects_in_frame(truth.get(image_id, []), *frame)]
         tally.true_known += len(ps)
         tally.true_right += int(sum(_best_iou(pages.masks[image_id][p.region_id], gt) >= precision_iou for p in ps))
 
@@ -516,7 +522,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
 
     # 2. Publish
     ls, _ = labelling.connect(cfg)
-    images, pixels = labelling.task_images(cfg, source, list(plan["images"]), quarantine, STAGE)
+    images, pixels, pages.full_sizes = labelling.task_images(cfg, source, list(plan["images"]), quarantine, STAGE)
     pages.images = {im.image_id: im for im in images}
     precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     publish_pages(ls, cfg, round, pages, plan, version)

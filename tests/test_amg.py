@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.amg import AmgParams, clean_patch, generate_masks, generate_with_fallback, rescale_masks, to_records
+from model.amg import AmgParams, clean_patch, generate_masks, generate_with_fallback, to_records
 from model.amg_filters import remove_small_regions
 from model.segmenter import Segmenter
 from storage.records import records_to_table
-from storage.rle import decode_rles, encode_masks
+from storage.rle import decode_rles
 from tests.sam_reference_shim import import_segment_anything
 from tests.sam_reference_shim.builders import meta_sam_around, meta_vit_sam, save_meta_pth
 
@@ -189,15 +189,22 @@ def test_model_failure_retries_at_smaller_scale(same_weights):
         generate_with_fallback(budget, image, p)
 
 
-def test_rescale_masks_doubles_geometry():
-    small = np.zeros((1, 10, 20), bool)
-    small[0, 2:4, 5:9] = True
-    from model.amg import AutoMask
+def test_masks_of_a_downscaled_image_come_at_the_original_size(same_weights):
+    """`output_size`: the model sees a downscaled copy (as `images.max_side` makes for large photos), the masks
+    are upsampled from its logits to the original, with boxes, points and crops in the original's pixels;
+    they are the masks the model makes from the original image itself (same encoder input)."""
+    _, segmenter = same_weights
+    full = np.kron(scene(seed=3), np.ones((2, 2, 1), np.uint8))  # 256 x 256 original
+    small = full[::2, ::2].copy()  # the model's 128 px copy
+    p = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.5, min_mask_region_area=0)
+    got = generate_masks(segmenter, small, p, output_size=(256, 256))
+    ref = generate_masks(segmenter, full, p)
+    assert got and all(m.rle["size"] == [256, 256] and decode_rles([m.rle])[0].sum() == m.area for m in got)
+    assert all(m.crop_box == [0.0, 0.0, 256.0, 256.0] for m in got)
+    from model.iou import pairwise_mask_iou
 
-    m = AutoMask(encode_masks(small)[0], 8, [5, 2, 4, 2], 0.9, 0.96, [[6.0, 3.0]], [0, 0, 20, 10])
-    big = rescale_masks([m], 0.5, (20, 40))[0]
-    assert big.area == 32 and big.bbox == [10.0, 4.0, 8.0, 4.0]
-    assert big.point_coords == [[12.0, 6.0]] and big.crop_box == [0, 0, 40, 20]
+    best = pairwise_mask_iou(decode_rles([m.rle for m in ref]), decode_rles([m.rle for m in got])).max(1)
+    assert (best >= 0.9).mean() >= 0.9
 
 
 def test_records_carry_lineage_and_stable_ids(same_weights):

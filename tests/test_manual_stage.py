@@ -67,7 +67,7 @@ def test_annotate_cli_directly_against_the_backend(config_file, tmp_path, labels
     pid = ls.ensure_project(f"annotate cli {tmp_path.name[-20:]}")
     try:
         ls.add_local_storage(pid, tmp_path)
-        images, _ = task_images(cfg, image_source(cfg), ["synth-s0-00002.png"], None, "manual")
+        images, _, _ = task_images(cfg, image_source(cfg), ["synth-s0-00002.png"], None, "manual")
         ls.import_tasks(pid, images)
         res = CliRunner().invoke(app, ["annotate", "--simulate", "--project", f"annotate cli {tmp_path.name[-20:]}",
                                        "--config", str(config_file), "--via", "backend"])

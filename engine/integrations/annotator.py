@@ -24,6 +24,7 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -94,6 +95,14 @@ def load_ground_truth(coco_json: str | Path) -> dict[str, list[GTObject]]:
     return out
 
 
+def objects_in_frame(objects: list[GTObject], height: int, width: int) -> list[GTObject]:
+    """The objects with their masks at (height, width): the frame a task shows (nearest-neighbour resize)."""
+    return [o if o.mask.shape == (height, width) else
+            GTObject(o.ann_id, cv2.resize(o.mask.view(np.uint8), (width, height),
+                                          interpolation=cv2.INTER_NEAREST).astype(bool), o.parent_id)
+            for o in objects]
+
+
 class SimulatedAnnotator:
     """One simulated person. `name` becomes a Label Studio user (<name>@sa-engine.local)."""
 
@@ -160,8 +169,10 @@ class SimulatedAnnotator:
                 "model_iou": round(m.iou, 4), "brush_fixed": m.brush_fixed, "gt_id": m.ann_id}
 
     def annotate_image(self, task_id: int, image: TaskImage, objects: list[GTObject]) -> ImageEffort:
-        """Annotate one task and submit the annotation (if any mask was made)."""
+        """Annotate one task and submit the annotation (if any mask was made). objects: the image's ground
+        truth at any size (a large photo's task shows a downscaled copy: the truth is scaled to it)."""
         s = self.settings
+        objects = objects_in_frame(objects, image.height, image.width)
         effort = ImageEffort(image.image_id, task_id, None)
         whole = sorted((o for o in objects if o.parent_id is None), key=lambda o: -int(o.mask.sum()))
         parts = [o for o in objects if o.parent_id is not None]

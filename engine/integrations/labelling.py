@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -90,13 +91,13 @@ def project_title(cfg: EngineConfig, stage: str, round: int, page: int = 1) -> s
 
 
 def task_images(cfg: EngineConfig, source: ImageSource, image_ids: list[str], quarantine: Quarantine | None,
-                stage: str) -> tuple[list[TaskImage], dict[str, np.ndarray]]:
-    """TaskImages for the ids, and their pixels. A local image used at full size is served as it is;
-    downscaled or S3 images are served from a PNG copy under <workdir>/labelstudio-media. Bad images
-    go to the quarantine and are left out."""
+                stage: str) -> tuple[list[TaskImage], dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+    """TaskImages for the ids, their pixels (as the model and Label Studio see them) and their files' full
+    (H, W). A local image used at full size is served as it is; downscaled or S3 images are served from a PNG
+    copy under <workdir>/labelstudio-media. Bad images go to the quarantine and are left out."""
     root = Path(cfg.workdir).resolve()
     media = Path(cfg.path("labelstudio-media"))
-    out, pixels = [], {}
+    out, pixels, full_sizes = [], {}, {}
     for image_id in image_ids:
         ref = source.ref(image_id)
         try:
@@ -116,7 +117,16 @@ def task_images(cfg: EngineConfig, source: ImageSource, image_ids: list[str], qu
         h, w = loaded.pixels.shape[:2]
         out.append(TaskImage(image_id, LabelStudio.local_file_url(path, root), h, w))
         pixels[image_id] = loaded.pixels
-    return out, pixels
+        full_sizes[image_id] = tuple(loaded.original_size)
+    return out, pixels, full_sizes
+
+
+def at_full_size(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask drawn on a task's (possibly downscaled) image, at the image file's (H, W) (nearest neighbour):
+    the store keeps every mask at the size of its image."""
+    if mask.shape == tuple(size):
+        return mask
+    return cv2.resize(mask.view(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
 def allow_serving(ls: LabelStudio, project_id: int, images: list[TaskImage], root: Path) -> None:

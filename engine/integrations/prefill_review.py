@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.integrations.labelstudio import OBJECT_LABEL, PREFILL_LABEL, brush_result
+from engine.integrations.annotator import objects_in_frame
 from model.iou import pairwise_mask_iou
 
 
@@ -172,6 +173,7 @@ class PrefillReviewer:
         """
         a, s = self.annotator, self.annotator.settings
         hw = (image.height, image.width)
+        objects = objects_in_frame(objects, *hw)  # the truth in the task's frame (large photos are downscaled)
         usable = [o for o in objects if o.mask.shape == hw and int(o.mask.sum()) >= s.min_area]
         truth = np.stack([o.mask for o in usable]) if usable else np.zeros((0, *hw), bool)
         masks = np.stack([m for _, m in prefills]) if prefills else np.zeros((0, *hw), bool)
