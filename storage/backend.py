@@ -298,7 +298,7 @@ class S3Store(Store):
     @property
     def client(self):
         if self._client is None:
-            import boto3
+            import boto3  # deferred: only S3 stores need it (~0.3 s to import)
             from botocore.config import Config
 
             config = Config(retries={"max_attempts": 4, "mode": "standard"},

@@ -248,7 +248,7 @@ def _local_problem(key: str, value: str | None, cfg: EngineConfig, want: str) ->
 
 def _s3_problem(key: str, uri: str, cfg: EngineConfig) -> str | None:
     """`key: reason` if the bucket of `uri` can't be reached (short timeouts, no retries)."""
-    import boto3
+    import boto3  # deferred: only S3 URIs need it (~0.3 s to import)
     from botocore.config import Config as BotoConfig
     from botocore.exceptions import BotoCoreError, ClientError
 

@@ -462,7 +462,7 @@ class LabelStudio:
     gateway errors with exponential backoff, then raises LabelStudioUnavailable (one line)."""
 
     def __init__(self, url: str, token: str, retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 120.0):
-        from label_studio_sdk import LabelStudio as _SDK
+        from label_studio_sdk import LabelStudio as _SDK  # deferred: a ~1 s import, paid only by code that talks to a server
 
         self.url = url.rstrip("/")
         self.token = token
@@ -474,7 +474,7 @@ class LabelStudio:
             http.base_max_retries = 0
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        import httpx
+        import httpx  # deferred with the SDK (above), whose transport it is
         from label_studio_sdk.core.api_error import ApiError
 
         delay = self.backoff_s
