@@ -409,6 +409,21 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                       for r, out in semi])
         md += [""]
 
+    auto = [(e["round"], (e.get("outputs") or {}).get("truth")) for e in ledger.entries()
+            if e.get("kind") == "auto" and e.get("status") == "done"]
+    auto = [(r, t) for r, t in auto if t]
+    if auto:
+        md += ["### Automatic stage against ground truth", "",
+               "Share of the ground-truth masks that one of the stage's masks overlaps at mask IoU ≥ 0.5 / 0.75 "
+               "(recall), and share of the stage's masks that overlap a ground-truth mask (precision), on the "
+               "stage's images that have ground truth (`images.ground_truth`).", ""]
+        md += _table(["round", "images", "truth masks", "masks", "recall@0.5", "precision@0.5", "recall@0.75",
+                      "precision@0.75"],
+                     [[r, _fmt(t["images"]), _fmt(t["truth_masks"]), _fmt(t["pred_masks"]), _fmt(t["recall_50"], 3),
+                       _fmt(t["precision_50"], 3), _fmt(t["recall_75"], 3), _fmt(t["precision_75"], 3)]
+                      for r, t in auto])
+        md += [""]
+
     md += ["## Scores", ""]
     if figures["scores.png"]:
         scored = masks[masks["predicted_iou"].notna()]

@@ -24,7 +24,7 @@ from pycocotools.cocoeval import COCOeval
 
 from model.amg import AmgParams, generate_masks
 from model.clicks import first_click, next_click
-from model.iou import mask_iou
+from model.iou import mask_iou, pairwise_mask_iou
 from model.segmenter import Segmenter
 
 
@@ -95,6 +95,36 @@ def click_eval(seg: Segmenter, images: list[np.ndarray], gts: list[np.ndarray], 
         seen += len(res.get("box", []))
     out = {k: float(np.concatenate(v).mean()) for k, v in acc.items()}
     out["n_masks"] = seen
+    return out
+
+
+def match_rates(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                thresholds: tuple[float, ...] = (0.5, 0.75)) -> dict:
+    """How much of the ground truth a set of masks covers, and how much of it is right.
+
+    pred, truth: image id -> (N, H, W) bool masks of that image (same size per image). For each threshold t:
+    `recall_<t>` = share of truth masks that some predicted mask of their image overlaps at IoU >= t;
+    `precision_<t>` = share of predicted masks that overlap some truth mask at IoU >= t (t as two digits:
+    recall_50). Images only in `truth` count toward recall, images only in `pred` toward precision.
+    Returns the rates (None when there is nothing to divide by) and the counts truth_masks, pred_masks.
+    """
+    best_for_truth, best_for_pred = [], []
+    for image_id in set(pred) | set(truth):
+        p = pred.get(image_id, np.zeros((0, 1, 1), bool))
+        t = truth.get(image_id, np.zeros((0, 1, 1), bool))
+        if len(p) and len(t) and p.shape[1:] != t.shape[1:]:
+            raise ValueError(f"match_rates: {image_id}: masks are {p.shape[2]}x{p.shape[1]}, "
+                             f"truth {t.shape[2]}x{t.shape[1]}")
+        ious = pairwise_mask_iou(p, t) if len(p) and len(t) else np.zeros((len(p), len(t)))
+        best_for_truth.append(ious.max(0) if len(p) else np.zeros(len(t)))
+        best_for_pred.append(ious.max(1) if len(t) else np.zeros(len(p)))
+    bt = np.concatenate(best_for_truth) if best_for_truth else np.zeros(0)
+    bp = np.concatenate(best_for_pred) if best_for_pred else np.zeros(0)
+    out: dict = {"truth_masks": int(len(bt)), "pred_masks": int(len(bp))}
+    for thr in thresholds:
+        tag = f"{round(thr * 100):02d}"
+        out[f"recall_{tag}"] = round(float((bt >= thr).mean()), 4) if len(bt) else None
+        out[f"precision_{tag}"] = round(float((bp >= thr).mean()), 4) if len(bp) else None
     return out
 
 

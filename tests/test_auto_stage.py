@@ -77,9 +77,12 @@ def test_auto_stage_writes_quarantines_and_resumes(ray_cluster, tmp_path):
     cfg_path = write_config(tmp_path, n_images=4, images_per_commit=2)
     bad = tmp_path / "data" / "images" / "zz-broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, {"images.ground_truth": str(tmp_path / "data" / "annotations.json")})
     summary = run_auto_stage(cfg, 1, None, show_progress=False)
     assert summary.images == 4 and summary.quarantined == 1 and summary.masks > 0
+    n_truth = len(json.loads((tmp_path / "data" / "annotations.json").read_text())["annotations"])
+    assert summary.truth["images"] == 4 and summary.truth["truth_masks"] == n_truth
+    assert summary.truth["pred_masks"] == summary.masks and 0 <= summary.truth["recall_50"] <= 1
     assert summary.masks_per_image == pytest.approx(summary.masks / 4, rel=1e-3)
     store = MaskStore(cfg.path(cfg.storage.root))
     ids = {p.name for p in (tmp_path / "data" / "images").glob("*.png")} - {bad.name}

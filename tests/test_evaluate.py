@@ -47,3 +47,26 @@ def test_eval_on_a_synth_folder(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotations.json"):
         load_coco_folder(str(tmp_path))
+
+
+def test_match_rates_count_known_overlaps_against_pycocotools():
+    """Recall and precision at IoU 0.5 / 0.75 from known masks; the IoUs agree with pycocotools'."""
+    from pycocotools import mask as mask_utils
+
+    from model.evaluate import match_rates
+
+    truth = np.zeros((3, 40, 60), bool)
+    truth[0, 0:10, 0:10] = truth[1, 20:30, 0:20] = truth[2, 5:35, 40:60] = True
+    pred = np.zeros((3, 40, 60), bool)
+    pred[0] = truth[0]                      # exact
+    pred[1, 20:30, 4:20] = True             # 160 of 200: IoU 0.8
+    pred[2, 5:35, 48:60] = True             # 360 of 600: IoU 0.6
+    enc = lambda m: mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))  # noqa: E731
+    coco = np.asarray(mask_utils.iou(enc(pred), enc(truth), [0, 0, 0])).max(1)
+    assert np.allclose(coco, [1.0, 0.8, 0.6])
+    extra = np.zeros((1, 8, 8), bool)
+    extra[0, :2, :2] = True
+    out = match_rates({"a": pred, "b": extra}, {"a": truth, "c": np.ones((2, 8, 8), bool)})
+    assert out["truth_masks"] == 5 and out["pred_masks"] == 4
+    assert out["recall_50"] == 3 / 5 and out["recall_75"] == 2 / 5
+    assert out["precision_50"] == 3 / 4 and out["precision_75"] == 2 / 4
