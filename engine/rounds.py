@@ -5,8 +5,9 @@ semi-automatic stage for `stages.semi.rounds` rounds, then the fully automatic s
 remaining (or all) images with the final model. After every manual/semi round the model is
 retrained from the current checkpoint on all verified masks so far, evaluated on the frozen
 holdout, and promoted only if it beats the current model on the primary metric
-(`eval.promote_metric`, holdout 1-click mIoU by default); otherwise the current model is kept and
-the ledger says why.
+(`eval.promote_metric`, holdout 1-click mIoU by default) by more than the holdout's noise: the paired
+bootstrap interval of the per-mask differences must lie above `eval.promote_min_delta`
+(`eval.promote_confidence`); otherwise the current model is kept and the ledger says why, with the interval.
 
 The ledger (`<workdir>/ledger.jsonl`) holds one JSON line per step: its inputs, outputs, timing
 and status. It is rewritten atomically (temp + fsync + rename) after every change, so a crash,
@@ -307,10 +308,26 @@ def select_images(candidates: list[str], used: set[str], count: int | None, seed
     return sorted(pool[i] for i in order[:count])
 
 
-def promotion_decision(metric: str, candidate: dict, current: dict | None, min_delta: float) -> dict:
-    """Promote only if the candidate beats the current model by more than `min_delta` on `metric`.
+def paired_interval(candidate: list[float], current: list[float], confidence: float, resamples: int = 4000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the paired differences candidate - current (one per holdout mask) and its two-sided percentile
+    bootstrap interval at `confidence`: (mean, low, high)."""
+    d = np.asarray(candidate, np.float64) - np.asarray(current, np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
-    Returns {promoted, metric, candidate, current, reason}; `current` None (no score yet) promotes.
+
+def promotion_decision(metric: str, candidate: dict, current: dict | None, min_delta: float,
+                       confidence: float = 0.95) -> dict:
+    """Promote only if the candidate is better than the current model on `metric` by more than `min_delta`.
+
+    With both models' per-mask scores on the holdout (`per_mask`, the same masks in the same order) and
+    `confidence` > 0, "better" is the paired test: the lower end of the bootstrap interval of the mean per-mask
+    difference must exceed `min_delta`, so a difference the holdout cannot tell from noise is not promoted.
+    Otherwise (an AP metric, or confidence 0) the plain difference of the means decides.
+    Returns {promoted, metric, candidate, current, delta, interval, test, reason}; `current` None promotes.
     """
     cand = candidate.get(metric)
     if cand is None:
@@ -319,19 +336,29 @@ def promotion_decision(metric: str, candidate: dict, current: dict | None, min_d
     if cur is None:
         return {"promoted": True, "metric": metric, "candidate": cand, "current": None,
                 "reason": f"no score for the current model; candidate {metric} {cand:.4f}"}
-    delta = cand - cur
-    if delta > min_delta:
-        reason = f"candidate {metric} {cand:.4f} beats current {cur:.4f} ({delta:+.4f})"
+    a = (candidate.get("per_mask") or {}).get(metric)
+    b = ((current or {}).get("per_mask") or {}).get(metric)
+    if confidence > 0 and a and b and len(a) == len(b):
+        delta, low, high = paired_interval(a, b, confidence)
+        promoted = low > min_delta
+        interval, test = [round(low, 4), round(high, 4)], f"paired bootstrap over {len(a)} holdout masks"
+        shown = f"{delta:+.4f}, {confidence:.0%} interval [{low:+.4f}, {high:+.4f}]"
     else:
-        reason = (f"kept current model: candidate {metric} {cand:.4f} does not beat current {cur:.4f} "
-                  f"by more than {min_delta:g} ({delta:+.4f})")
-    return {"promoted": delta > min_delta, "metric": metric, "candidate": cand, "current": cur,
-            "delta": delta, "reason": reason}
+        delta = cand - cur
+        promoted, interval, test = delta > min_delta, None, "difference of means"
+        shown = f"{delta:+.4f}"
+    if promoted:
+        reason = f"candidate {metric} {cand:.4f} beats current {cur:.4f} ({shown})"
+    else:
+        reason = (f"kept current model: candidate {metric} {cand:.4f} vs current {cur:.4f} is not better by "
+                  f"more than {min_delta:g} ({shown})")
+    return {"promoted": promoted, "metric": metric, "candidate": cand, "current": cur, "delta": delta,
+            "interval": interval, "test": test, "reason": reason}
 
 
 def _promote(metric: str, candidate: str, candidate_eval: dict, current: str,
-             current_eval: dict | None, min_delta: float) -> dict:
-    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta)
+             current_eval: dict | None, min_delta: float, confidence: float) -> dict:
+    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta, confidence)
     return {**decision, "checkpoint": candidate if decision["promoted"] else current}
 
 
@@ -451,7 +478,8 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         cand_eval = run.step(f"r{r}.eval", "eval", r, {"checkpoint": cand}, lambda: steps.evaluate(cfg, cand))
         decision = run.step(f"r{r}.promote", "promote", r,
                             {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
-                            lambda: _promote(metric, cand, cand_eval, cur, current_eval, min_delta))
+                            lambda: _promote(metric, cand, cand_eval, cur, current_eval, min_delta,
+                                             cfg.eval.promote_confidence))
         if decision["promoted"]:
             current, current_eval = cand, cand_eval
         rounds.append({"round": r, "stage": stage, "images": len(image_ids), "summary": summary,

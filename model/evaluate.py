@@ -79,9 +79,10 @@ def click_eval_image(seg: Segmenter, image: np.ndarray, gt: np.ndarray, clicks: 
 
 
 def click_eval(seg: Segmenter, images: list[np.ndarray], gts: list[np.ndarray], clicks: int = 5,
-               max_objects: int | None = None) -> dict[str, float]:
+               max_objects: int | None = None, per_mask: bool = False) -> dict[str, float]:
     """mIoU over all ground-truth masks of all images (see module doc). Keys: oracle@1, pred@1,
-    clicks@k (k = 1..clicks), box, n_masks."""
+    clicks@k (k = 1..clicks), box, n_masks; with `per_mask`, also per_mask: {key: [IoU of each ground-truth
+    mask, in image then annotation order]} (two models on one holdout can then be compared mask by mask)."""
     acc: dict[str, list[np.ndarray]] = {}
     seen = 0
     for image, gt in zip(images, gts):
@@ -94,6 +95,8 @@ def click_eval(seg: Segmenter, images: list[np.ndarray], gts: list[np.ndarray], 
             acc.setdefault(k, []).append(v)
         seen += len(res.get("box", []))
     out = {k: float(np.concatenate(v).mean()) for k, v in acc.items()}
+    if per_mask:
+        out["per_mask"] = {k: [round(float(x), 5) for x in np.concatenate(v)] for k, v in acc.items()}
     out["n_masks"] = seen
     return out
 
@@ -206,13 +209,13 @@ def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.
 
 def evaluate_folder(checkpoint: str, folder: str, clicks: int = 5, max_objects: int | None = None,
                     amg_points_per_side: int | None = 16, pred_iou_thresh: float = 0.88,
-                    stability_score_thresh: float = 0.95) -> dict:
+                    stability_score_thresh: float = 0.95, per_mask: bool = False) -> dict:
     """The `sa-engine eval` table: click mIoU, box mIoU and (optionally) automatic-mask AP/AR
-    (with `amg_masks`, how many automatic masks passed the filters)."""
+    (with `amg_masks`, how many automatic masks passed the filters); per_mask: see click_eval."""
     seg = Segmenter.new("compact") if checkpoint == "compact" else Segmenter.load(checkpoint)
     names, images, masks, rles = load_coco_folder(folder)
     table: dict = {"model_version": seg.model_version, "images": len(images)}
-    table.update(click_eval(seg, images, masks, clicks=clicks, max_objects=max_objects))
+    table.update(click_eval(seg, images, masks, clicks=clicks, max_objects=max_objects, per_mask=per_mask))
     if amg_points_per_side:
 
         params = AmgParams(points_per_side=amg_points_per_side, pred_iou_thresh=pred_iou_thresh,
@@ -232,16 +235,21 @@ def evaluate_checkpoint(checkpoint: str | None, images_dir: str, annotations_jso
     """The round loop's holdout evaluation. images_dir holds the files named in annotations_json.
 
     Keys: miou@k for k in `clicks` (what the tool shows: the highest-predicted-IoU output for click 1),
-    oracle@1 (best of 3, SAM's paper), box_miou, n_masks, and the automatic masks' AP/AR (COCOeval).
+    oracle@1 (best of 3, SAM's paper), box_miou, n_masks, and the automatic masks' AP/AR (COCOeval);
+    per_mask: the IoU of every holdout mask for the click and box metrics (the promotion gate pairs them).
     """
     folder = Path(images_dir).parent
     if Path(annotations_json).resolve() != (folder / "annotations.json").resolve():
         raise ValueError(f"{annotations_json}: the holdout's annotations must sit beside its images/ folder "
                          f"as {folder / 'annotations.json'}")
     table = evaluate_folder(checkpoint or "compact", str(folder), clicks=max(clicks), max_objects=max_objects,
-                            amg_points_per_side=amg_points_per_side, pred_iou_thresh=0.5, stability_score_thresh=0.8)
+                            amg_points_per_side=amg_points_per_side, pred_iou_thresh=0.5, stability_score_thresh=0.8,
+                            per_mask=True)
     out = {f"miou@{k}": table[f"clicks@{k}"] for k in clicks}
     out.update({"oracle@1": table["oracle@1"], "box_miou": table["box"], "n_masks": table["n_masks"],
                 "model_version": table["model_version"]})
+    masks = table["per_mask"]  # the same holdout masks in the same order for every model: pairs
+    out["per_mask"] = {**{f"miou@{k}": masks[f"clicks@{k}"] for k in clicks}, "oracle@1": masks["oracle@1"],
+                       "box_miou": masks["box"]}
     out.update({k: v for k, v in table.items() if k.startswith(("AP", "AR")) or k == "amg_masks"})
     return out

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -193,7 +194,7 @@ def test_rounds_follow_the_sa1b_plan_and_promotion_is_gated(tmp_path):
     assert r1["promoted"] and r1["checkpoint"] == str(models / "r1")
     # round 2's model is worse on the holdout: kept out, and the ledger says why
     assert not r2["promoted"] and r2["checkpoint"] == str(models / "r1")
-    assert r2["reason"].startswith("kept current model: candidate miou@1 0.2000 does not beat current 0.2500")
+    assert r2["reason"].startswith("kept current model: candidate miou@1 0.2000 vs current 0.2500 is not better")
     # round 3 trains from round 1's model (the promoted one), not from round 2's
     assert ledger.get("r3.train")["inputs"]["init_checkpoint"] == str(models / "r1")
     assert ledger.get("r3.semi")["inputs"]["checkpoint"] == str(models / "r1")
@@ -246,10 +247,36 @@ def test_selection_is_deterministic_and_disjoint():
 def test_promotion_decision_edges():
     assert promotion_decision("miou@1", {"miou@1": 0.5}, None, 0.0)["promoted"]
     tie = promotion_decision("miou@1", {"miou@1": 0.5}, {"miou@1": 0.5}, 0.0)
-    assert not tie["promoted"] and "does not beat" in tie["reason"]
+    assert not tie["promoted"] and "is not better" in tie["reason"] and tie["test"] == "difference of means"
     assert not promotion_decision("miou@1", {"miou@1": 0.52}, {"miou@1": 0.5}, 0.05)["promoted"]
     with pytest.raises(StepFailed, match="the evaluation has no 'miou@1' \\(has: box_miou\\)"):
         promotion_decision("miou@1", {"box_miou": 0.5}, None, 0.0)
+
+
+def test_promotion_pairs_the_holdout_masks_and_does_not_promote_noise():
+    """Per-mask scores of both models on the same holdout masks: a gain the holdout can't tell from noise is
+    not promoted (the plain difference of means would have promoted it), a real one is, and the interval is
+    recorded; an AP metric (no per-mask scores) falls back to the difference of means."""
+    rng = np.random.default_rng(0)
+    current = rng.uniform(0.3, 0.9, 120)
+    jitter = rng.normal(0, 0.08, 120)
+    noisy = current + 0.004 + jitter - jitter.mean()  # +0.004 on average, per-mask noise 0.08
+    better = np.clip(current + rng.normal(0.05, 0.03, 120), 0, 1)
+
+    def ev(scores):
+        return {"miou@1": float(np.mean(scores)), "per_mask": {"miou@1": scores.tolist()}, "AP": 0.2}
+
+    noise = promotion_decision("miou@1", ev(noisy), ev(current), 0.0)
+    assert np.mean(noisy) > np.mean(current)  # the old rule would promote this
+    assert not noise["promoted"] and noise["interval"][0] <= 0 <= noise["interval"][1]
+    assert "paired bootstrap over 120 holdout masks" == noise["test"] and "interval" in noise["reason"]
+    real = promotion_decision("miou@1", ev(better), ev(current), 0.0)
+    assert real["promoted"] and real["interval"][0] > 0
+    assert not promotion_decision("miou@1", ev(better), ev(current), 0.2)["promoted"]  # the margin counts
+    plain = promotion_decision("miou@1", ev(noisy), ev(current), 0.0, confidence=0.0)
+    assert plain["promoted"] and plain["test"] == "difference of means"
+    ap = promotion_decision("AP", {"AP": 0.25, "per_mask": {}}, {"AP": 0.2}, 0.0)
+    assert ap["promoted"] and ap["interval"] is None
 
 
 # --- resume --------------------------------------------------------------------------------------------

@@ -157,6 +157,7 @@ class EvalConfig(_Section):
     max_objects: int = 200  # at most this many holdout objects are evaluated
     promote_metric: str = "miou@1"  # holdout metric a retrained model must beat to be promoted
     promote_min_delta: float = 0.0  # by more than this
+    promote_confidence: float = Field(0.95, ge=0.0, lt=1.0)  # paired bootstrap over holdout masks: the interval's low end must pass the delta (0: compare means)
 
 
 class EngineConfig(_Section):
