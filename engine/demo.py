@@ -6,7 +6,6 @@ the Label Studio projects (a real server with simulated annotators), the exports
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,19 +86,42 @@ def run_demo(workdir: str | Path, progress: Callable[[str], None] = print) -> di
         "label_studio": f"http://127.0.0.1:{ls.port}" if ls.managed else ls.url,
         "final_checkpoint": summary["final_checkpoint"],
         "rounds": summary["rounds"],
+        "auto": summary["auto"],
         "minutes": round((time.monotonic() - t0) / 60, 1),
     }
 
 
 def format_demo_summary(result: dict) -> str:
-    """What the demo prints at the end: where to look."""
-    lines = [f"demo finished in {result['minutes']} min",
-             f"  work dir       {result['workdir']}",
-             f"  config         {result['config']}   (sa-engine run --config … resumes / repeats it)",
-             f"  mask shards    {result['store']}",
-             f"  SA-1B export   {result['exports']['sa1b']}   ({result['export_masks']['sa1b']} masks)",
-             f"  COCO export    {result['exports']['coco']}   ({result['export_masks']['coco']} masks)",
-             f"  report         {result['report']}",
-             f"  Label Studio   {result['label_studio']}   (sa-engine labelstudio status shows the login)",
-             f"  final model    {result['final_checkpoint']}"]
-    return "\n".join(lines) + "\n" + json.dumps({"rounds": len(result["rounds"])})
+    """What the demo prints at the end: the per-round table, then where to look."""
+    lines = [f"demo finished in {result['minutes']} min", "",
+             f"{'round':>5}  {'stage':<6} {'masks/image':>11} {'clicks/mask':>11}  holdout (candidate vs in use, "
+             "95 % interval of the difference) -> decision"]
+    for r in result["rounds"]:
+        s, d = r.get("summary") or {}, r.get("decision") or {}
+        interval = d.get("interval")
+        shown = (f"{d.get('metric')} {d.get('candidate', 0):.3f} vs {d.get('current') or 0:.3f}"
+                 + (f", [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""))
+        lines.append(f"{r['round']:>5}  {r['stage']:<6} {_num(s.get('masks_per_image'), 1):>11} "
+                     f"{_num(s.get('clicks_per_mask', s.get('clicks_per_added_mask')), 1):>11}  {shown} -> "
+                     f"{'promoted' if d.get('promoted') else 'kept'}")
+    auto = result.get("auto") or {}
+    if auto:
+        truth = auto.get("truth") or {}
+        recall = (f"; recall@0.5 {truth['recall_50']:.2f}, precision@0.5 {truth['precision_50']:.2f} "
+                  f"against {truth['truth_masks']} ground-truth masks" if truth.get("recall_50") is not None else "")
+        lines.append(f"{auto.get('round', ''):>5}  {'auto':<6} {_num(auto.get('masks_per_image'), 1):>11} "
+                     f"{'-':>11}  {auto.get('masks', 0)} masks on {auto.get('images', 0)} images{recall}")
+    lines += ["",
+              f"  work dir       {result['workdir']}",
+              f"  config         {result['config']}   (sa-engine run --config … resumes / repeats it)",
+              f"  mask shards    {result['store']}",
+              f"  SA-1B export   {result['exports']['sa1b']}   ({result['export_masks']['sa1b']} masks)",
+              f"  COCO export    {result['exports']['coco']}   ({result['export_masks']['coco']} masks)",
+              f"  report         {result['report']}",
+              f"  Label Studio   {result['label_studio']}   (sa-engine labelstudio status shows the login)",
+              f"  final model    {result['final_checkpoint']}"]
+    return "\n".join(lines)
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
