@@ -15,6 +15,7 @@ import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -181,7 +182,9 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     num_actors = max(1, min(a.num_actors, len(todo)))
     rows = map_with_actor_pool(
         [{"image_id": i} for i in todo], AutoMaskActor,
-        actor_args=(cfg, checkpoint, params, round, threads),
+        # paths resolved here, where the work dir is known: an actor may run elsewhere, in another folder
+        actor_args=(cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())}),
+                    runtime.checkpoint_path(cfg, checkpoint), params, round, threads),
         num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
         gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=a.images_per_batch)
 
