@@ -41,7 +41,10 @@ def synth(out: Path = typer.Option(..., help="Output folder (images/ and annotat
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Everything the demo writes goes here.")) -> None:
+def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Everything the demo writes goes here."),
+         port: Optional[int] = typer.Option(None, "--port", min=1024, max=65534,
+                                            help="Label Studio's port (the ML backend takes the next one); "
+                                                 "default 8089.")) -> None:
     """The whole engine from nothing on the embedded synthetic data: Label Studio with simulated annotators,
     2 manual rounds, 1 semi round, the automatic stage, retraining between rounds, exports and the report.
     Rerunning resumes from the ledger."""
@@ -49,7 +52,8 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Ever
     from engine.rounds import LedgerError, StepFailed
 
     try:
-        result = run_demo(workdir, progress=lambda msg: console.print(f"[cyan]demo[/cyan] {msg}", highlight=False))
+        result = run_demo(workdir, progress=lambda msg: console.print(f"[cyan]demo[/cyan] {msg}", highlight=False),
+                          port=port)
     except (StepFailed, LedgerError) as e:
         fail(f"{e} (rerun the same command to resume)", code=1)
     except KeyboardInterrupt:

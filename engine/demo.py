@@ -49,8 +49,10 @@ def demo_config(workdir: Path) -> dict:
     }
 
 
-def run_demo(workdir: str | Path, progress: Callable[[str], None] = print) -> dict:
-    """Run the demo (resumable: a rerun continues from the ledger) and return where everything is."""
+def run_demo(workdir: str | Path, progress: Callable[[str], None] = print, port: int | None = None) -> dict:
+    """Run the demo (resumable: a rerun continues from the ledger) and return where everything is.
+    port: the managed Label Studio's port (our ML backend takes the next one), so two demos can run side by
+    side; None: the config's (8089 / 9099)."""
 
     t0 = time.monotonic()
     workdir = Path(workdir).resolve()
@@ -62,7 +64,8 @@ def run_demo(workdir: str | Path, progress: Callable[[str], None] = print) -> di
     config_path = workdir / "engine.yaml"
     if not config_path.exists():
         config_path.write_text(yaml.safe_dump(demo_config(workdir), sort_keys=False))
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, None if port is None else {"labelstudio.port": port,
+                                                               "labelstudio.ml_backend_port": port + 1})
 
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     summary = run_rounds(cfg, progress=progress)

@@ -87,3 +87,50 @@ def test_labeling_config_is_accepted_by_the_server(labelstudio_server):
     project = ls.sdk.projects.get(id=pid)
     assert "BrushLabels" in project.label_config and project.label_config.strip() == labeling_config().strip()
     ls.delete_project(pid)
+
+
+def test_a_port_taken_during_start_is_noticed_and_our_token_goes_nowhere_else(tmp_path, monkeypatch):
+    """Another server takes the port between the free-port check and the start (the check is made to pass):
+    Label Studio silently moves to the next port; the engine finds ours by the process listening there, records
+    it, and never calls the other server with our token; `labelstudio status` reports ours, not the other one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import engine.integrations.labelstudio as lsmod
+
+    seen = []
+
+    class Other(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    for _ in range(50):  # a port whose next one is free too (where ours will move)
+        other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+        port = other.server_address[1]
+        if lsmod.port_is_free(port + 1):
+            break
+        other.server_close()
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    monkeypatch.setattr(lsmod, "port_is_free", lambda p, host="127.0.0.1": True)  # the race window
+    data_dir = tmp_path / "ls"
+    try:
+        info = start_server(ServerSettings(data_dir=data_dir, port=port, document_root=tmp_path), wait_s=300,
+                            log=lambda m: None)
+        try:
+            assert info.port == port + 1 and info.url.endswith(f":{port + 1}")
+            assert LabelStudio(info.url, info.token).sdk.users.whoami().email == "admin@sa-engine.local"
+            status = server_status(data_dir)
+            assert status["healthy"] and status["url"] == info.url
+            assert all(auth is None for _, auth in seen)  # nothing carrying our token reached the other server
+        finally:
+            stop_server(data_dir)
+    finally:
+        other.shutdown()
+        other.server_close()

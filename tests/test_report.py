@@ -115,8 +115,8 @@ def test_report_numbers_match_the_shards_and_the_ledger(engine_run):
     r2 = _row(md, "2")
     assert r2[1] == "manual" and r2[2] == "2" and r2[3] == str(per_round[2]) and r2[5] == "4.0"
     assert r2[-1] == "no" and _row(md, "1")[-1] == "yes"
-    assert re.search(r"- round 2 \(manual\): kept — kept current model: candidate miou@1 0\.2000 does not beat "
-                     r"current 0\.2500", md)
+    assert re.search(r"- round 2 \(manual\): kept — kept current model: candidate miou@1 0\.2000 vs current "
+                     r"0\.2500 is not better", md)
     assert "| holdout miou@1 | holdout miou@3 | holdout miou@5 | holdout box_miou |" in md
 
     semi = json.loads((out / "report.json").read_text())["rounds"][2]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import re
 import os
 import secrets
 import shutil
@@ -192,6 +193,63 @@ def health_ok(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def listening_pids(port: int) -> set[int] | None:
+    """PIDs holding a listening TCP socket on `port` (Linux /proc); None where that can't be read."""
+    inodes = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            if not os.path.exists(table):
+                continue
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{parts[9]}]")
+    except (OSError, ValueError):
+        return None
+    if not inodes:
+        return set()
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def served_by_group(port: int, pgid: int) -> bool | None:
+    """Whether a process of process group `pgid` (our server: started in a session of its own) listens on
+    `port`; None where that can't be told (no /proc)."""
+    pids = listening_pids(port)
+    if pids is None:
+        return None
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == pgid:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def moved_port(logfile: Path, asked: int) -> int | None:
+    """The port Label Studio moved to when `asked` was taken, read from the server's log ("* Port P is in use.
+    * Trying to start at Q", then "Starting development server at http://127.0.0.1:Q/"); None if it did not."""
+    try:
+        text = logfile.read_text(errors="replace")
+    except OSError:
+        return None
+    started = re.findall(r"Starting development server at https?://[^:/\s]+:(\d+)", text)
+    trying = re.findall(rf"Port {asked} is in use\.\s*\*?\s*Trying to start at (\d+)", text)
+    for found in (started, trying):
+        if found and int(found[-1]) != asked:
+            return int(found[-1])
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -214,8 +272,11 @@ def server_status(data_dir: Path) -> dict:
         return {"running": False, "healthy": False, "pid": None, "url": None, "port": None}
     info = json.loads(pf.read_text())
     alive = _pid_alive(info["pid"])
-    return {"running": alive, "healthy": alive and health_ok(info["url"]), "pid": info["pid"],
-            "url": info["url"], "port": info["port"], "log": info.get("log")}
+    # healthy: it answers, and it is ours that listens there (not another server that took the port)
+    healthy = alive and health_ok(info["url"]) and served_by_group(info["port"], info["pid"]) is not False
+    return {"running": alive, "healthy": healthy, "pid": info["pid"], "url": info["url"], "port": info["port"],
+            "asked_port": info.get("asked_port"), "log": info.get("log")}
+
 
 
 def server_env(settings: ServerSettings, password: str, token: str) -> dict[str, str]:
@@ -263,13 +324,13 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
     with _file_lock(data_dir / ".server.lock"):
         st = server_status(data_dir)
         if st["running"]:
-            if st["port"] != settings.port:
+            if settings.port not in (st["port"], st.get("asked_port")):
                 raise LabelStudioError(f"{data_dir}: a server for this data directory already runs on "
                                        f"port {st['port']} (pid {st['pid']}); stop it first")
-            if not _wait_healthy(st["url"], st["pid"], wait_s):
-                raise LabelStudioError(f"Label Studio (pid {st['pid']}) runs but {st['url']}/health "
-                                       f"does not answer; see {st.get('log')}")
-            return ServerInfo(url=st["url"], token=token, pid=st["pid"], port=settings.port,
+            if not _wait_healthy(st["url"], st["pid"], wait_s) or served_by_group(st["port"], st["pid"]) is False:
+                raise LabelStudioError(f"Label Studio (pid {st['pid']}) runs but {st['url']} does not answer as "
+                                       f"ours; see {st.get('log')}")
+            return ServerInfo(url=st["url"], token=token, pid=st["pid"], port=st["port"],
                               data_dir=str(data_dir), username=settings.username)
         if not port_is_free(settings.port):
             raise LabelStudioError(f"port {settings.port} on 127.0.0.1 is in use by another program; "
@@ -287,13 +348,45 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
                                    "log": str(logfile), "started_at": time.time()}))
         os.replace(tmp, _pid_file(data_dir))
         log(f"Label Studio starting on {url} (pid {proc.pid}, log {logfile})")
+        port = settings.port
         if not _wait_healthy(url, proc.pid, wait_s):
             alive = _pid_alive(proc.pid)
             stop_server(data_dir)
             reason = "did not answer /health in time" if alive else "exited during start"
             raise LabelStudioError(f"Label Studio {reason}; see {logfile}")
-    return ServerInfo(url=url, token=token, pid=proc.pid, port=settings.port, data_dir=str(data_dir),
+        where = _where_ours_listens(settings.port, proc.pid, logfile, wait_s)
+        if where is None:
+            stop_server(data_dir)
+            raise LabelStudioError(f"port {settings.port} on 127.0.0.1 was taken by another program while our "
+                                   "Label Studio started; set labelstudio.port to a free port")
+        if where != settings.port:
+            # Another server took the port between our check and the start, and ours moved to the next one
+            # (Label Studio does that silently; /health on the asked port answers for the other server).
+            port, url = where, f"http://127.0.0.1:{where}"
+            tmp.write_text(json.dumps({"pid": proc.pid, "port": port, "url": url, "log": str(logfile),
+                                       "started_at": time.time(), "asked_port": settings.port}))
+            os.replace(tmp, _pid_file(data_dir))
+            log(f"Label Studio: port {settings.port} was taken during start; ours runs on {url}")
+    return ServerInfo(url=url, token=token, pid=proc.pid, port=port, data_dir=str(data_dir),
                       username=settings.username)
+
+
+def _where_ours_listens(asked: int, pid: int, logfile: Path, wait_s: float) -> int | None:
+    """The port our server (process group `pid`) serves on: `asked`, or the one it moved to when another
+    program held `asked` (its log says so); None if it is not up on either in `wait_s`. Where the listening
+    process can't be read (no /proc), the asked port is taken as ours. Our token is sent to neither."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        ours = served_by_group(asked, pid)
+        if ours is None or ours:
+            return asked
+        moved = moved_port(logfile, asked)
+        if moved is not None and served_by_group(moved, pid) and health_ok(f"http://127.0.0.1:{moved}"):
+            return moved
+        if not _pid_alive(pid):
+            return None
+        time.sleep(0.5)
+    return None
 
 
 def _wait_healthy(url: str, pid: int, wait_s: float) -> bool:
