@@ -254,12 +254,20 @@ def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", hel
 
 @labelstudio_app.command("status")
 def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
-    """Print the managed server's status as JSON (exit 1 if it is not healthy)."""
+    """Print the managed server's status as JSON, with the URL and the login to open it with (exit 1 if it
+    is not healthy)."""
     from engine.integrations.labelstudio import is_installed, server_status, venv_dir
     from engine.integrations.runtime import server_settings
 
-    st = server_status(server_settings(_ls_config(config)).data_dir)
-    st.update(installed=is_installed(), venv=str(venv_dir()))
+    settings = server_settings(_ls_config(config))
+    st = server_status(settings.data_dir)
+    st.update(installed=is_installed(), venv=str(venv_dir()), username=settings.username)
+    creds = Path(settings.data_dir) / "credentials.json"  # mode 600, written at the first start
+    if creds.is_file():
+        st["password"] = json.loads(creds.read_text()).get("password")
+    if st["healthy"]:
+        console.print(f"Label Studio {st['url']}: log in as {settings.username} / {st.get('password')}",
+                      highlight=False)
     sys.stdout.write(json.dumps(st) + "\n")
     if not st["healthy"]:
         raise typer.Exit(1)

@@ -134,3 +134,20 @@ def test_a_port_taken_during_start_is_noticed_and_our_token_goes_nowhere_else(tm
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_status_shows_the_login(tmp_path):
+    """`sa-engine labelstudio status` names the user and the password to log in with (from the 0600
+    credentials file written at the first start), and exits 1 while no server is up."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    (tmp_path / "labelstudio").mkdir()
+    (tmp_path / "labelstudio" / "credentials.json").write_text(json.dumps({"token": "a" * 40, "password": "pw-1"}))
+    (tmp_path / "engine.yaml").write_text(yaml.safe_dump({"workdir": str(tmp_path)}))
+    res = CliRunner().invoke(app, ["labelstudio", "status", "--config", str(tmp_path / "engine.yaml")])
+    assert res.exit_code == 1
+    st = json.loads(res.stdout.strip().splitlines()[-1])
+    assert st["username"] == "admin@sa-engine.local" and st["password"] == "pw-1" and not st["healthy"]
