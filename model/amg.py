@@ -331,6 +331,15 @@ def _encode(cands: _Candidates, image_size: tuple[int, int]) -> list[AutoMask]:
     return out
 
 
+def _pixels_of(image: np.ndarray, box: list[int], sy: float, sx: float) -> np.ndarray:
+    """The pixels of `image` under `box` (XYXY in the output frame, scaled by sy, sx into `image`); at least
+    one pixel each way, however small the crop becomes."""
+    x0, y0, x1, y1 = box
+    h, w = image.shape[:2]
+    top, left = min(round(y0 * sy), h - 1), min(round(x0 * sx), w - 1)
+    return np.ascontiguousarray(image[top:max(round(y1 * sy), top + 1), left:max(round(x1 * sx), left + 1)])
+
+
 def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),
                    embedding=None, output_size: tuple[int, int] | None = None) -> list[AutoMask]:
     """SAM's automatic mask generation on one image.
@@ -349,9 +358,7 @@ def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()
     sy, sx = image.shape[0] / h, image.shape[1] / w
     boxes, layers = crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
     grids = layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
-    crops = [np.ascontiguousarray(image[min(round(y0 * sy), image.shape[0] - 1):max(round(y1 * sy), round(y0 * sy) + 1),
-                                        min(round(x0 * sx), image.shape[1] - 1):max(round(x1 * sx), round(x0 * sx) + 1)])
-             for x0, y0, x1, y1 in boxes]
+    crops = [_pixels_of(image, box, sy, sx) for box in boxes]
     # Embed the whole image (unless given) and the crops, several per encoder call
     embeddings = [embedding] if embedding is not None else segmenter.embed(crops[:1])
     if len(crops) > 1:

@@ -216,7 +216,7 @@ class BackendState:
     predictor: MaskPredictor
     token: str
     image_loader: Callable[[dict], tuple[str, Callable[[], np.ndarray]]]
-    ls_hostname: str | None = None
+    ls_hostname: str | None = None  # as Label Studio sent it in /setup: shown, never trusted for fetching
     ls_access_token: str | None = None
     webhooks: int = 0
     predictions: int = 0

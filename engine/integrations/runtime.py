@@ -90,9 +90,8 @@ def segmenter(cfg: EngineConfig, checkpoint: str | None, on_device: str | None =
 
 
 def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
-    """The automatic generator's parameters from `stages.auto`, field by field. The generator's own
-    defaults (model/amg.py) are the config's defaults; the fields not in the config (points_per_batch is,
-    the rest are the generator's internals) keep them."""
+    """The automatic generator's parameters from `stages.auto`, field by field (the config's defaults are
+    model/amg_params.py's); the generator's internals that are not configuration keep their defaults."""
     values = dict(
         points_per_side=section.points_per_side,
         points_per_batch=section.points_per_batch,
