@@ -22,7 +22,7 @@ from PIL import Image
 
 from engine.integrations import runtime
 from engine.integrations.config import EngineConfig
-from engine.rounds import LEDGER_FILE, Ledger
+from engine.rounds import LEDGER_FILE, Ledger, metric_label, metric_scores
 from storage.images import BadImage
 from storage.rle import decode_rles
 
@@ -106,6 +106,64 @@ def model_curve(ledger: Ledger, metric_keys: list[str]) -> list[dict]:
             current = cand
         points.append({"round": r, "in_use": current, "candidate": cand, "promoted": e["outputs"]["promoted"]})
     return points
+
+
+def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, float]) -> list[dict]:
+    """The per-round figures a user plots to see the flywheel turn (`<report>/rounds.json`): one row per round
+    from 0 (the starting model) to the automatic stage.
+
+    Each row: round, stage, holdout (the round's candidate on `metric`), in_use (the model in use after the
+    round), interval ([low, high] of the paired difference, or None), promoted, general_delta (the candidate
+    minus the model in use on the general holdout, or None), clicks_per_mask, seconds_per_mask,
+    masks_per_image, prefill_precision (semi), auto_recall_50 / auto_precision_50 / auto_recall_75 /
+    auto_precision_75 (automatic, against ground truth where it exists), selection (how images were chosen)
+    and uncertainty (the chosen images' mean doubt, "uncertain" selection only).
+    """
+    base = (ledger.get("r0.eval") or {}).get("outputs") or {}
+    in_use = metric_scores(base, metric)[0] if base else None
+    out = [{"round": 0, "stage": "start", "holdout": in_use, "in_use": in_use, "interval": None, "promoted": None,
+            "general_delta": None, "clicks_per_mask": None, "seconds_per_mask": None, "masks_per_image": None,
+            "prefill_precision": None, "auto_recall_50": None, "auto_precision_50": None, "auto_recall_75": None,
+            "auto_precision_75": None, "selection": None, "uncertainty": None}] if base else []
+    for r in rows:
+        n = r["round"]
+        dec = (ledger.get(f"r{n}.promote") or {}).get("outputs") or {}
+        stage_out = (ledger.get(f"r{n}.{r['stage']}") or {}).get("outputs") or {}
+        sel = (ledger.get(f"r{n}.select") or {})
+        chosen = ((sel.get("outputs") or {}).get("uncertainty") or {}).values()
+        truth = stage_out.get("truth") or {}
+        if dec.get("promoted"):
+            in_use = dec.get("candidate")
+        out.append({
+            "round": n, "stage": r["stage"], "holdout": dec.get("candidate"),
+            "in_use": in_use if r["stage"] != "auto" else None, "interval": dec.get("interval"),
+            "promoted": dec.get("promoted"), "general_delta": (dec.get("general") or {}).get("delta"),
+            "clicks_per_mask": r["clicks_per_mask"], "seconds_per_mask": r["seconds_per_mask"],
+            "masks_per_image": r["masks_per_image"], "prefill_precision": stage_out.get("prefill_precision"),
+            "auto_recall_50": truth.get("recall_50"), "auto_precision_50": truth.get("precision_50"),
+            "auto_recall_75": truth.get("recall_75"), "auto_precision_75": truth.get("precision_75"),
+            "selection": (sel.get("inputs") or {}).get("how", "random"),
+            "uncertainty": _mean(list(chosen)) if chosen else None})
+    return out
+
+
+def format_rounds_table(rows: list[dict]) -> str:
+    """flywheel_rows as a plain-text table (the demo and benchmarks/flywheel.py print it)."""
+    def f(v, d=2):
+        return "-" if v is None else f"{v:.{d}f}"
+
+    lines = [f"{'round':>5} {'stage':<6} {'holdout':>7} {'95% interval':>16} {'general':>7} {'promoted':>8} "
+             f"{'clicks/mask':>11} {'s/mask':>6} {'masks/img':>9} {'prefill P':>9} {'auto R@.5':>9} {'auto P@.5':>9}"]
+    for r in rows:
+        interval = r.get("interval")
+        shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "-"
+        promoted = "-" if r.get("promoted") is None else ("yes" if r["promoted"] else "no")
+        general = "-" if r.get("general_delta") is None else f"{r['general_delta']:+.3f}"
+        lines.append(f"{r['round']:>5} {r['stage']:<6} {f(r.get('holdout'), 3):>7} {shown:>16} {general:>7} "
+                     f"{promoted:>8} {f(r.get('clicks_per_mask'), 1):>11} {f(r.get('seconds_per_mask'), 1):>6} "
+                     f"{f(r.get('masks_per_image'), 1):>9} {f(r.get('prefill_precision')):>9} "
+                     f"{f(r.get('auto_recall_50')):>9} {f(r.get('auto_precision_50')):>9}")
+    return "\n".join(lines)
 
 
 def stage_table(rows: list[dict], masks) -> list[dict]:
@@ -375,7 +433,8 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
 
     md += ["## Per round", "",
            f"Promotion is gated on the frozen holdout: a retrained model replaces the current one only if its "
-           f"`{cfg.eval.promote_metric}` beats the current model's by more than {cfg.eval.promote_min_delta:g}. "
+           f"`{metric_label(cfg.eval.promote_metric)}` beats the current model's by more than "
+           f"{cfg.eval.promote_min_delta:g}. "
            "The holdout columns are the round's retrained (candidate) model.", ""]
     header = ["round", "stage", "images", "masks", "masks / image", "clicks / mask", "s / mask"] + \
              [f"holdout {k}" for k in keys] + ["promoted"]
@@ -385,8 +444,9 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                           [_fmt(r["promoted"]) if r["promoted"] is not None else "–"] for r in rows])
     md += ["", "### Promotion decisions", ""]
     if points:
-        md.append(f"- round 0: starting model, holdout {cfg.eval.promote_metric} "
-                  f"{_fmt(points[0]['in_use'].get(cfg.eval.promote_metric), 3)}")
+        start = ((ledger.get("r0.eval") or {}).get("outputs") or {})
+        md.append(f"- round 0: starting model, holdout {metric_label(cfg.eval.promote_metric)} "
+                  f"{_fmt(metric_scores(start, cfg.eval.promote_metric)[0], 3)}")
     md += [f"- round {r['round']} ({r['stage']}): {'promoted' if r['promoted'] else 'kept'} — {r['reason']}"
            for r in rows if r["reason"]]
     md += [""]
@@ -464,6 +524,12 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(md))
     tmp.replace(report)
-    (out / "report.json").write_text(json.dumps({"rounds": rows, "stages": stages, "model_curve": points},
-                                                default=str, indent=1))
+    _write_json(out / "report.json", {"rounds": rows, "stages": stages, "model_curve": points})
+    _write_json(out / "rounds.json", flywheel_rows(ledger, rows, cfg.eval.promote_metric))
     return str(report)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, default=str, indent=1))
+    tmp.replace(path)

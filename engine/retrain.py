@@ -12,13 +12,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray.train
 
 from engine.integrations import runtime
-from engine.integrations.cluster import fit_torch_trainer
+from engine.integrations.cluster import cpus_per_train_worker, fit_torch_trainer
 from engine.integrations.config import EngineConfig
 from engine.integrations.synth import synthetic_sampler
 from model.checkpoints import trained_steps
@@ -125,10 +125,12 @@ def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str 
                    name: str = "sa-engine-train", seed: int | None = 0,
                    precision: str = "fp32") -> tuple[Segmenter, dict]:
     """Run `ray_train_loop` on Ray Train and copy the checkpoint to out_dir (the JSON last: the commit point)."""
+    cpus = cpus_per_train_worker(num_workers)
+    settings = replace(settings, threads=settings.threads or cpus)
     cfg = {"settings": asdict(settings), "init": str(init), "data": data, "metadata": metadata or {}, "seed": seed,
            "precision": precision}
     result = fit_torch_trainer(ray_train_loop, cfg, num_workers=num_workers, use_gpu=use_gpu,
-                               storage_path=storage_path, name=name)
+                               storage_path=storage_path, name=name, cpus_per_worker=cpus)
     if result.error is not None:
         raise RuntimeError(f"ray train: {result.error}".splitlines()[0])
     if result.checkpoint is None:
@@ -154,7 +156,8 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
     """
     t0 = time.perf_counter()
     n_masks = runtime.mask_store(cfg).read_table(columns=["mask_id"], verified=True).num_rows
-    settings = TrainSettings(minutes=cfg.train.minutes, seed=cfg.seed + round_no, threads=1)
+    # threads None: every CPU (Ray Train: the worker's share of the cluster's CPUs)
+    settings = TrainSettings(minutes=cfg.train.minutes, seed=cfg.seed + round_no, threads=None)
     steps_before = trained_steps(init_checkpoint) if init_checkpoint else 0
     if steps_before != 0:  # a trained model (None: real weights of unknown history)
         settings.lr = FINE_TUNE_LR
@@ -175,6 +178,7 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
                                     num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, metadata=meta,
                                     name=f"round-{round_no}", seed=cfg.seed, precision=training_precision(cfg))
     else:
+        settings.threads = os.cpu_count() or 1
         seg = _start_model(init, cfg.seed).run_as(training_precision(cfg))
         images, masks, weights, fingerprint = load_training_sets(cfg, sets)
         result = train(seg, dataset_sampler(images, masks, weights), settings)

@@ -42,7 +42,8 @@ from model.segmenter import Segmenter
 from stages.auto import run_auto_stage
 from stages.manual import run_manual_stage
 from stages.semi import run_semi_stage
-from storage.images import image_id_from_key
+from model.uncertainty import image_uncertainty
+from storage.images import BadImage, image_id_from_key
 from storage.records import MaskRecord, make_mask_id
 
 LEDGER_FILE = "ledger.jsonl"
@@ -219,7 +220,7 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     data = root / "data"
     if not (data / "annotations.json").exists():
         write_synthetic_dataset(data, n_images=cfg.model.bootstrap_images, seed=cfg.model.bootstrap_seed,
-                                size=cfg.model.bootstrap_image_size)
+                                size=cfg.model.bootstrap_image_size, family=cfg.model.bootstrap_family)
     store_uri = str(root / "store")
     store = runtime.mask_store(cfg, store_uri)
     if not store.images_done("manual", round=0):
@@ -266,14 +267,47 @@ def default_train(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str, 
 
 
 def default_evaluate(cfg: EngineConfig, checkpoint: str | None) -> dict:
-    return evaluate_checkpoint(checkpoint, cfg.path(cfg.images.holdout_source),
-                               cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks))
+    """The holdout evaluation; with a general holdout (images.general_holdout_*), its evaluation under "general"
+    (click and box metrics only: it guards against forgetting, the automatic AP is not needed there)."""
+    out = evaluate_checkpoint(checkpoint, cfg.path(cfg.images.holdout_source),
+                              cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks))
+    if cfg.images.general_holdout_source:
+        out["general"] = evaluate_checkpoint(checkpoint, cfg.path(cfg.images.general_holdout_source),
+                                             cfg.path(cfg.images.general_holdout_ground_truth),
+                                             clicks=tuple(cfg.eval.clicks), amg_points_per_side=None)
+    return out
+
+
+def default_select(cfg: EngineConfig, round: int, checkpoint: str | None, candidates: list[str], used: set[str],
+                   count: int | None, progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """The next round's images. `stages.select` "random": select_images. "uncertain": a seeded random sample of
+    up to `stages.select_pool` unannotated images is scored by the current model (model/uncertainty.py) and the
+    `count` it is least sure of are taken; an image that can't be read is left out, with a line."""
+    if cfg.stages.select == "random" or count is None:
+        return {"image_ids": select_images(candidates, used, count, cfg.seed, round), "candidates": len(candidates)}
+    pool = select_images(candidates, used, max(count, cfg.stages.select_pool), cfg.seed, round)
+    seg = runtime.segmenter(cfg, checkpoint)
+    source = runtime.image_source(cfg)
+    scores: dict[str, float] = {}
+    for image_id in pool:
+        try:
+            loaded = source.load(source.ref(image_id))
+        except BadImage as e:
+            progress(f"r{round}.select: {image_id}: left out ({e})")
+            continue
+        scores[image_id] = image_uncertainty(seg, loaded.pixels)["score"]
+    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    chosen = ranked[:count]
+    return {"image_ids": sorted(chosen), "candidates": len(candidates), "scored": len(scores),
+            "uncertainty": {i: float(np.round(scores[i], 4)) for i in sorted(chosen)},  # (`round` is the round)
+            "pool_uncertainty": float(np.round(np.mean(list(scores.values())), 4)) if scores else None}
 
 
 @dataclass
 class Steps:
     """What the loop calls. Signatures:
     list_images(cfg) -> [image_id];  init_model(cfg, out_dir) -> {checkpoint};
+    select(cfg, round, checkpoint, candidates, used, count, progress) -> {image_ids, candidates};
     bootstrap(cfg, checkpoint, out_dir) -> {checkpoint, metrics, minutes};
     manual/semi/auto(cfg, round, checkpoint, image_ids) -> stage summary;
     train(cfg, init_checkpoint, out_dir, round) -> {checkpoint, metrics, minutes};
@@ -281,6 +315,7 @@ class Steps:
     """
 
     list_images: Callable[[EngineConfig], list[str]] = default_list_images
+    select: Callable[..., dict] = default_select
     init_model: Callable[[EngineConfig, str], dict] = default_init_model
     bootstrap: Callable[[EngineConfig, str | None, str], dict] = default_bootstrap
     manual: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_manual
@@ -319,25 +354,54 @@ def paired_interval(candidate: list[float], current: list[float], confidence: fl
     return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def promotion_decision(metric: str, candidate: dict, current: dict | None, min_delta: float,
-                       confidence: float = 0.95) -> dict:
-    """Promote only if the candidate is better than the current model on `metric` by more than `min_delta`.
+def metric_label(metric: str | dict[str, float]) -> str:
+    """The promote metric as shown: its name, or the weighted mix ("0.5 miou@1 + 0.5 box_miou")."""
+    if isinstance(metric, str):
+        return metric
+    total = sum(metric.values())
+    return " + ".join(f"{w / total:.2g} {name}" for name, w in metric.items() if w > 0)
 
-    With both models' per-mask scores on the holdout (`per_mask`, the same masks in the same order) and
-    `confidence` > 0, "better" is the paired test: the lower end of the bootstrap interval of the mean per-mask
-    difference must exceed `min_delta`, so a difference the holdout cannot tell from noise is not promoted.
-    Otherwise (an AP metric, or confidence 0) the plain difference of the means decides.
-    Returns {promoted, metric, candidate, current, delta, interval, test, reason}; `current` None promotes.
+
+def metric_scores(evaluation: dict, metric: str | dict[str, float]) -> tuple[float | None, list[float] | None]:
+    """An evaluation's score on `metric` (a name, or {name: weight}: the weighted mean) and its per-mask
+    scores (None when the metric has none, e.g. AP). A mix needs every part per mask."""
+    weights = {metric: 1.0} if isinstance(metric, str) else {k: float(w) for k, w in metric.items() if w > 0}
+    total = sum(weights.values())
+    if any(evaluation.get(k) is None for k in weights):
+        return None, None
+    score = sum(w * evaluation[k] for k, w in weights.items()) / total
+    per = evaluation.get("per_mask") or {}
+    if any(not per.get(k) for k in weights) or len({len(per[k]) for k in weights}) != 1:
+        return score, None
+    per_mask = (sum(w * np.asarray(per[k], np.float64) for k, w in weights.items()) / total).tolist()
+    return score, per_mask
+
+
+def promotion_decision(metric: str | dict[str, float], candidate: dict, current: dict | None, min_delta: float,
+                       confidence: float = 0.95, general_max_drop: float | None = None) -> dict:
+    """Promote only if the candidate is better than the current model on `metric` by more than `min_delta`,
+    and (with a general holdout) does not forget the starting domain.
+
+    `metric`: a holdout metric's name, or {name: weight} for a weighted mix of per-mask metrics. With both
+    models' per-mask scores on the holdout (`per_mask`, the same masks in the same order) and `confidence` > 0,
+    "better" is the paired test: the lower end of the bootstrap interval of the mean per-mask difference must
+    exceed `min_delta`, so a difference the holdout cannot tell from noise is not promoted. Otherwise (an AP
+    metric, or confidence 0) the plain difference of the means decides.
+    Forgetting: when both evaluations hold a `general` evaluation (the general holdout) and `general_max_drop`
+    is set, a candidate whose score there is lower than the current model's by more than `general_max_drop`
+    is refused, however much better it is on the holdout.
+    Returns {promoted, metric, candidate, current, delta, interval, test, general, reason}; `current` None
+    promotes.
     """
-    cand = candidate.get(metric)
+    label = metric_label(metric)
+    cand, a = metric_scores(candidate, metric)
     if cand is None:
-        raise StepFailed(f"promote: the evaluation has no '{metric}' (has: {', '.join(sorted(candidate))})")
-    cur = None if current is None else current.get(metric)
+        raise StepFailed(f"promote: the evaluation has no '{label}' (has: "
+                         f"{', '.join(sorted(k for k in candidate if k not in ('per_mask', 'general')))})")
+    cur, b = (None, None) if current is None else metric_scores(current, metric)
     if cur is None:
-        return {"promoted": True, "metric": metric, "candidate": cand, "current": None,
-                "reason": f"no score for the current model; candidate {metric} {cand:.4f}"}
-    a = (candidate.get("per_mask") or {}).get(metric)
-    b = ((current or {}).get("per_mask") or {}).get(metric)
+        return {"promoted": True, "metric": label, "candidate": cand, "current": None, "general": None,
+                "reason": f"no score for the current model; candidate {label} {cand:.4f}"}
     if confidence > 0 and a and b and len(a) == len(b):
         delta, low, high = paired_interval(a, b, confidence)
         promoted = low > min_delta
@@ -347,18 +411,32 @@ def promotion_decision(metric: str, candidate: dict, current: dict | None, min_d
         delta = cand - cur
         promoted, interval, test = delta > min_delta, None, "difference of means"
         shown = f"{delta:+.4f}"
-    if promoted:
-        reason = f"candidate {metric} {cand:.4f} beats current {cur:.4f} ({shown})"
+    general = None
+    if general_max_drop is not None and candidate.get("general") and (current or {}).get("general"):
+        g_cand, _ = metric_scores(candidate["general"], metric)
+        g_cur, _ = metric_scores(current["general"], metric)
+        if g_cand is not None and g_cur is not None:
+            general = {"candidate": g_cand, "current": g_cur, "delta": g_cand - g_cur, "max_drop": general_max_drop,
+                       "ok": g_cand - g_cur >= -general_max_drop}
+    if promoted and general is not None and not general["ok"]:
+        promoted = False
+        reason = (f"kept current model: candidate {label} {cand:.4f} beats current {cur:.4f} ({shown}) but forgets "
+                  f"the general holdout ({general['candidate']:.4f} vs {general['current']:.4f}, "
+                  f"{general['delta']:+.4f}, more than the {general_max_drop:g} allowed)")
+    elif promoted:
+        reason = f"candidate {label} {cand:.4f} beats current {cur:.4f} ({shown})"
     else:
-        reason = (f"kept current model: candidate {metric} {cand:.4f} vs current {cur:.4f} is not better by "
+        reason = (f"kept current model: candidate {label} {cand:.4f} vs current {cur:.4f} is not better by "
                   f"more than {min_delta:g} ({shown})")
-    return {"promoted": promoted, "metric": metric, "candidate": cand, "current": cur, "delta": delta,
-            "interval": interval, "test": test, "reason": reason}
+    if general is not None and promoted:
+        reason += f"; general holdout {general['delta']:+.4f} (within {general_max_drop:g})"
+    return {"promoted": promoted, "metric": label, "candidate": cand, "current": cur, "delta": delta,
+            "interval": interval, "test": test, "general": general, "reason": reason}
 
 
-def _promote(metric: str, candidate: str, candidate_eval: dict, current: str,
-             current_eval: dict | None, min_delta: float, confidence: float) -> dict:
-    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta, confidence)
+def _promote(metric: str | dict[str, float], candidate: str, candidate_eval: dict, current: str,
+             current_eval: dict | None, min_delta: float, confidence: float, general_max_drop: float | None) -> dict:
+    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta, confidence, general_max_drop)
     return {**decision, "checkpoint": candidate if decision["promoted"] else current}
 
 
@@ -456,10 +534,12 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         per_round = getattr(cfg.stages, stage).images_per_round
         if candidates is None and not ledger.is_done(f"r{r}.select"):
             candidates = steps.list_images(cfg)
-        cands, taken = candidates, sorted(used)
-        sel = run.step(f"r{r}.select", "select", r, {"stage": stage, "count": per_round, "excluded": len(taken)},
-                       lambda: {"image_ids": select_images(cands, set(taken), per_round, cfg.seed, r),
-                                "candidates": len(cands)})
+        cands, taken, cur = candidates, sorted(used), current
+        inputs = {"stage": stage, "count": per_round, "excluded": len(taken)}
+        if cfg.stages.select != "random":  # (random keeps the inputs earlier ledgers committed)
+            inputs.update(how=cfg.stages.select, checkpoint=cur)
+        sel = run.step(f"r{r}.select", "select", r, inputs,
+                       lambda: steps.select(cfg, r, cur, cands, set(taken), per_round, run.progress))
         image_ids = sel["image_ids"]
         used.update(image_ids)
         if not image_ids:
@@ -479,7 +559,7 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         decision = run.step(f"r{r}.promote", "promote", r,
                             {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
                             lambda: _promote(metric, cand, cand_eval, cur, current_eval, min_delta,
-                                             cfg.eval.promote_confidence))
+                                             cfg.eval.promote_confidence, cfg.eval.general_max_drop))
         if decision["promoted"]:
             current, current_eval = cand, cand_eval
         rounds.append({"round": r, "stage": stage, "images": len(image_ids), "summary": summary,

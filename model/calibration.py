@@ -16,8 +16,11 @@ How the history is built (`history_samples`; the semi-automatic stage, and the a
      any of them (0 when the image has none that overlap).
   4. The samples are (predicted_iou, stability_score, best_iou) triples: `CalibrationSamples`.
 Using the current model (not the scores saved at the time) matters: the model is retrained between rounds
-and its scores shift. A generated mask of an object no annotator drew counts as a miss, so the measured
-precision is a lower estimate (annotators of earlier rounds may have left objects out).
+and its scores shift. Annotators leave objects out (an image's time limit, the demo's about half of them), and a
+generated mask of an object nobody drew would count as a miss: the measured precision fell far below the real
+one (history precision 0.5 where the ground truth said 0.98, docs/experiments/flywheel.md). So a generated mask
+lying mostly outside every verified mask of its image (less than `min_coverage` of its area on them) is left out
+of the history: nobody has said whether it is right.
 
 How thresholds are chosen (`choose_thresholds`): over candidate (pred_iou_thresh,
 stability_score_thresh) pairs taken from the history's own values (every distinct predicted IoU; distinct
@@ -113,6 +116,19 @@ def best_match_iou(pred_rles: list[dict], truth_rles: list[dict]) -> np.ndarray:
         return np.zeros(len(pred_rles), np.float64)
     ious = np.asarray(mask_utils.iou(list(pred_rles), list(truth_rles), [0] * len(truth_rles)))
     return ious.reshape(len(pred_rles), len(truth_rles)).max(axis=1).astype(np.float64)
+
+
+def on_verified(pred_rles: list[dict], truth_rles: list[dict], min_coverage: float) -> np.ndarray:
+    """Which predicted masks lie on the verified ones: (N_pred,) bool, True where at least `min_coverage` of the
+    mask's area is covered by the union of `truth_rles` (COCO RLE dicts of one image). Empty masks: False."""
+    if not pred_rles:
+        return np.zeros(0, bool)
+    if not truth_rles:
+        return np.zeros(len(pred_rles), bool)
+    drawn = mask_utils.merge(list(truth_rles), intersect=False)
+    areas = mask_utils.area(list(pred_rles)).astype(np.float64)
+    covered = mask_utils.area([mask_utils.merge([p, drawn], intersect=True) for p in pred_rles]).astype(np.float64)
+    return (areas > 0) & (covered >= min_coverage * areas)
 
 
 def wilson_lower_bound(successes: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
@@ -218,6 +234,7 @@ class CalibrationSettings:
     default_pred_iou_thresh: float
     default_stability_score_thresh: float
     history_images: int = 16
+    min_coverage: float = 0.5  # generated masks with less of their area on verified masks are not judged
     min_samples: int = 50
     min_kept: int = 20
     confidence: float = 0.9
@@ -235,10 +252,12 @@ def history_images(store: MaskStore, round: int, limit: int) -> list[str]:
 
 
 def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int, loose: AmgParams, limit: int,
-                    on_problem: Callable[[str, str], None] = lambda thing, reason: None) -> CalibrationSamples:
+                    on_problem: Callable[[str, str], None] = lambda thing, reason: None,
+                    min_coverage: float = 0.0) -> CalibrationSamples:
     """Calibration samples: the generator (`loose` filters) on the verified images of earlier rounds, each
-    generated mask matched to that image's verified masks. Images that can't be loaded or whose verified masks
-    have another size are reported through `on_problem(thing, reason)` and skipped."""
+    generated mask matched to that image's verified masks; a mask with less than `min_coverage` of its area on
+    the verified masks is left out (module doc). Images that can't be loaded or whose verified masks have
+    another size are reported through `on_problem(thing, reason)` and skipped."""
     parts = []
     for image_id in history_images(store, round, limit):
         try:
@@ -253,6 +272,9 @@ def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int
             on_problem(image_id, f"verified masks are not {w}x{h} (the image's size)")
             continue
         masks = generate_masks(segmenter, loaded.pixels, loose, output_size=(h, w))
+        if min_coverage > 0 and masks:
+            judged = on_verified([m.rle for m in masks], truth, min_coverage)
+            masks = [m for m, keep in zip(masks, judged) if keep]
         if not masks:
             continue
         parts.append(CalibrationSamples(
@@ -266,7 +288,8 @@ def calibrate(segmenter, store: MaskStore, source: ImageSource, round: int, loos
               settings: CalibrationSettings,
               on_problem: Callable[[str, str], None] = lambda thing, reason: None) -> Thresholds:
     """History of the current model on earlier rounds' verified images -> thresholds (module doc)."""
-    samples = history_samples(segmenter, store, source, round, loose, settings.history_images, on_problem)
+    samples = history_samples(segmenter, store, source, round, loose, settings.history_images, on_problem,
+                              settings.min_coverage)
     return choose_thresholds(samples, settings.target_precision, settings.precision_iou,
                              settings.default_pred_iou_thresh, settings.default_stability_score_thresh,
                              min_samples=settings.min_samples, min_kept=settings.min_kept,

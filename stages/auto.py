@@ -142,7 +142,7 @@ def filter_params(cfg: EngineConfig, segmenter, store, source, quarantine, round
     """The generator's parameters and the thresholds used. With `stages.auto.calibrate`, the thresholds are
     chosen from the verified masks of earlier rounds as the semi-automatic stage chooses its prefill
     thresholds (model/calibration.py: the loosest pair whose precision lower bound reaches
-    `stages.semi.target_precision`): a young model's IoU head is far from SAM's calibration, so SAM's fixed
+    `stages.auto.target_precision`, default `stages.semi.target_precision`): a young model's IoU head is far from SAM's calibration, so SAM's fixed
     0.88 / 0.95 would keep nothing or keep noise. Else the config's thresholds."""
     a = cfg.stages.auto
     params = runtime.amg_params(a)
@@ -150,7 +150,7 @@ def filter_params(cfg: EngineConfig, segmenter, store, source, quarantine, round
         return params, {"pred_iou_thresh": a.pred_iou_thresh, "stability_score_thresh": a.stability_score_thresh,
                         "source": "config"}
     thresholds = calibrate(segmenter, store, source, round, runtime.calibration_params(cfg),
-                           runtime.calibration_settings(cfg),
+                           runtime.calibration_settings(cfg, "auto"),
                            on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
     return generator_params(params, thresholds), thresholds.to_dict()
 

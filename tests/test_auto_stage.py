@@ -163,7 +163,8 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     path = write_config(tmp_path, 3, 1, calibrate=True)
     cfg = load_config(path, {"stages.semi.calibration_pred_iou_floor": 0.0,
                              "stages.semi.calibration_stability_floor": 0.0,
-                             "stages.semi.calibration_min_samples": 1, "stages.semi.calibration_min_kept": 1})
+                             "stages.semi.calibration_min_samples": 1, "stages.semi.calibration_min_kept": 1,
+                             "stages.semi.calibration_min_coverage": 0.0})  # an untrained model: judge all
     store, source = MaskStore(cfg.path(cfg.storage.root)), ImageSource(cfg.path(cfg.images.source))
     quarantine = Quarantine(cfg.path(cfg.storage.root))
     model = Segmenter.new("compact", seed=0)

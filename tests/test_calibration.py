@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds, wilson_lower_bound
+from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds, on_verified, wilson_lower_bound
 
 DEFAULTS = dict(default_pred_iou=0.92, default_stability=0.95)
 
@@ -165,3 +165,23 @@ def test_best_match_iou():
     assert best_match_iou([rle(b)], [rle(a)]) == pytest.approx([0.5])
     assert best_match_iou([rle(a)], []).tolist() == [0.0]
     assert best_match_iou([], [rle(a)]).shape == (0,)
+
+
+def test_only_masks_on_verified_masks_are_judged():
+    """Annotators leave objects out: a generated mask mostly off every verified mask is not judged (it would
+    count as a miss however right it is); one mostly on them is, right or wrong."""
+    def rle(y0, y1, x0, x1):
+        m = np.zeros((40, 40), np.uint8, order="F")
+        m[y0:y1, x0:x1] = 1
+        return mask_utils.encode(m)
+
+    truth = [rle(0, 10, 0, 10), rle(20, 30, 20, 30)]
+    pred = [rle(0, 10, 0, 10),    # exactly a verified mask
+            rle(0, 10, 5, 15),    # half on one: judged at 0.5
+            rle(0, 10, 6, 16),    # 40 % on one: not judged
+            rle(0, 20, 0, 20),    # a merge of the first with background: 25 % on: not judged at 0.5
+            rle(32, 40, 32, 40),  # an object nobody drew
+            rle(0, 0, 0, 0)]      # empty
+    assert on_verified(pred, truth, 0.5).tolist() == [True, True, False, False, False, False]
+    assert on_verified(pred, truth, 0.2).tolist() == [True, True, True, True, False, False]
+    assert on_verified(pred, [], 0.5).tolist() == [False] * 6 and on_verified([], truth, 0.5).shape == (0,)

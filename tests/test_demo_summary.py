@@ -1,30 +1,40 @@
-"""The demo's closing lines: the per-round table it describes (decisions with their intervals, the automatic
-stage against ground truth), then where everything is."""
+"""The demo's closing lines: the per-round table (the report's rounds.json: decisions with their intervals, the
+general holdout, cost per mask, the automatic stage against ground truth), then where everything is."""
 from __future__ import annotations
 
 from engine.demo import format_demo_summary
 
 
 def test_demo_ends_with_the_per_round_table():
-    rounds = [
-        {"round": 1, "stage": "manual", "summary": {"masks_per_image": 5.0, "clicks_per_mask": 7.3},
-         "decision": {"metric": "miou@1", "candidate": 0.5875, "current": 0.568, "promoted": False,
-                      "interval": [-0.0034, 0.0428]}},
-        {"round": 2, "stage": "semi", "summary": {"masks_per_image": 6.2, "clicks_per_added_mask": 6.6},
-         "decision": {"metric": "miou@1", "candidate": 0.5909, "current": 0.568, "promoted": True, "interval": None}},
+    def row(**kw):
+        base = {"holdout": None, "in_use": None, "interval": None, "promoted": None, "general_delta": None,
+                "clicks_per_mask": None, "seconds_per_mask": None, "masks_per_image": None,
+                "prefill_precision": None, "auto_recall_50": None, "auto_precision_50": None}
+        return {**base, **kw}
+
+    flywheel = [
+        row(round=0, stage="start", holdout=0.41, in_use=0.41),
+        row(round=1, stage="manual", holdout=0.5875, in_use=0.5875, interval=[0.0534, 0.1428], promoted=True,
+            general_delta=-0.004, clicks_per_mask=7.3, seconds_per_mask=14.0, masks_per_image=5.0),
+        row(round=2, stage="semi", holdout=0.5909, in_use=0.5875, interval=[-0.011, 0.02], promoted=False,
+            clicks_per_mask=4.4, masks_per_image=6.2, prefill_precision=0.91),
+        row(round=3, stage="auto", masks_per_image=7.7, auto_recall_50=0.655, auto_precision_50=0.871),
     ]
-    auto = {"round": 3, "masks": 38, "images": 22, "masks_per_image": 1.727,
-            "truth": {"recall_50": 0.155, "precision_50": 0.947, "truth_masks": 232}}
+    auto = {"round": 3, "masks": 170, "images": 22, "truth": {"recall_50": 0.655, "precision_50": 0.871,
+                                                              "truth_masks": 232}}
     text = format_demo_summary({
-        "minutes": 11.1, "rounds": rounds, "auto": auto, "workdir": "w", "config": "c", "store": "s",
-        "exports": {"sa1b": "e1", "coco": "e2"}, "export_masks": {"sa1b": 38, "coco": 38}, "report": "r",
+        "minutes": 11.1, "flywheel": flywheel, "auto": auto, "workdir": "w", "config": "c", "store": "s",
+        "exports": {"sa1b": "e1", "coco": "e2"}, "export_masks": {"sa1b": 170, "coco": 170}, "report": "r",
         "label_studio": "http://127.0.0.1:8089", "final_checkpoint": "m"})
     lines = text.splitlines()
-    row1 = next(line for line in lines if line.strip().startswith("1 "))
-    assert "manual" in row1 and "5.0" in row1 and "7.3" in row1 and "0.588 vs 0.568" in row1
-    assert "[-0.003, +0.043]" in row1 and row1.endswith("kept")
-    row2 = next(line for line in lines if line.strip().startswith("2 "))
-    assert "6.6" in row2 and row2.endswith("promoted")
-    row3 = next(line for line in lines if line.strip().startswith("3 "))
-    assert "38 masks on 22 images" in row3 and "recall@0.5 0.15" in row3 and "232" in row3
-    assert '{"rounds"' not in text and "SA-1B export   e1   (38 masks)" in text
+
+    def cells(n):
+        return next(line for line in lines if line.strip().startswith(f"{n} ")).split()
+
+    assert cells(0)[:3] == ["0", "start", "0.410"]
+    assert cells(1) == ["1", "manual", "0.588", "[+0.053,", "+0.143]", "-0.004", "yes", "7.3", "14.0", "5.0", "-",
+                        "-", "-"]
+    assert cells(2)[5:8] == ["-", "no", "4.4"] and cells(2)[-3] == "0.91"
+    assert cells(3)[-4:] == ["7.7", "-", "0.66", "0.87"]
+    assert "170 masks on 22 images against 232 ground-truth masks: recall@0.5 0.66, precision@0.5 0.87" in text
+    assert '{"rounds"' not in text and "SA-1B export   e1   (170 masks)" in text

@@ -122,6 +122,17 @@ def test_report_numbers_match_the_shards_and_the_ledger(engine_run):
     semi = json.loads((out / "report.json").read_text())["rounds"][2]
     assert semi["stage"] == "semi" and semi["clicks_per_mask"] == 2.0
 
+    # rounds.json: a row per round from the starting model to the automatic stage, for the user's own plots
+    flywheel = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in flywheel] == [0, 1, 2, 3, 4]
+    assert [r["stage"] for r in flywheel] == ["start", "manual", "manual", "semi", "auto"]
+    assert [r["clicks_per_mask"] for r in flywheel[1:4]] == [pytest.approx(6.0), pytest.approx(4.0), 2.0]
+    assert flywheel[1]["promoted"] is True and flywheel[2]["promoted"] is False
+    assert flywheel[2]["in_use"] == flywheel[1]["holdout"] != flywheel[2]["holdout"]  # a kept model stays in use
+    assert flywheel[0]["in_use"] == flywheel[0]["holdout"] is not None
+    assert flywheel[1]["masks_per_image"] == pytest.approx(r1_masks_per_image := float(_row(md, "1")[4]), abs=0.05)
+    assert r1_masks_per_image > 0 and flywheel[4]["selection"] == "random"
+
     for name in ("miou_by_round.png", "annotation_cost.png", "masks_per_image.png", "scores.png", "gallery.png"):
         assert f"({name})" in md
         with Image.open(out / name) as im:

@@ -279,6 +279,45 @@ def test_promotion_pairs_the_holdout_masks_and_does_not_promote_noise():
     assert ap["promoted"] and ap["interval"] is None
 
 
+def test_promotion_weighs_the_configured_metrics_and_refuses_forgetting():
+    """A candidate better on boxes but worse on 1-click mIoU: the metric mix decides. A candidate better on the
+    holdout that falls on the general holdout by more than the margin is refused (the forgetting case:
+    0.496 -> 0.270 on the starting domain), one within the margin is promoted."""
+    rng = np.random.default_rng(1)
+    n = 150
+    cur_click, cur_box = rng.uniform(0.4, 0.8, n), rng.uniform(0.5, 0.9, n)
+
+    def ev(click, box, general=None):
+        out = {"miou@1": float(np.mean(click)), "box_miou": float(np.mean(box)),
+               "per_mask": {"miou@1": click.tolist(), "box_miou": box.tolist()}}
+        if general is not None:
+            out["general"] = {"miou@1": general, "box_miou": general}
+        return out
+
+    cand_click = np.clip(cur_click - 0.017 + rng.normal(0, 0.01, n), 0, 1)
+    cand_box = np.clip(cur_box + 0.08 + rng.normal(0, 0.01, n), 0, 1)
+    current, candidate = ev(cur_click, cur_box), ev(cand_click, cand_box)
+    assert not promotion_decision("miou@1", candidate, current, 0.0)["promoted"]
+    mixed = promotion_decision({"miou@1": 1.0, "box_miou": 1.0}, candidate, current, 0.0)
+    assert mixed["promoted"] and mixed["metric"] == "0.5 miou@1 + 0.5 box_miou"
+    assert mixed["candidate"] == pytest.approx((candidate["miou@1"] + candidate["box_miou"]) / 2)
+    assert mixed["interval"][0] > 0  # the mix is paired per mask
+    click_heavy = promotion_decision({"miou@1": 9.0, "box_miou": 1.0}, candidate, current, 0.0)
+    assert not click_heavy["promoted"]
+
+    better = np.clip(cur_click + 0.06 + rng.normal(0, 0.01, n), 0, 1)
+    forgets = promotion_decision("miou@1", ev(better, cur_box, general=0.270), ev(cur_click, cur_box, general=0.496),
+                                 0.0, general_max_drop=0.02)
+    assert not forgets["promoted"] and "forgets the general holdout" in forgets["reason"]
+    assert forgets["general"]["delta"] == pytest.approx(-0.226) and not forgets["general"]["ok"]
+    keeps = promotion_decision("miou@1", ev(better, cur_box, general=0.485), ev(cur_click, cur_box, general=0.496),
+                               0.0, general_max_drop=0.02)
+    assert keeps["promoted"] and keeps["general"]["ok"] and "general holdout -0.0110" in keeps["reason"]
+    unguarded = promotion_decision("miou@1", ev(better, cur_box, general=0.270), ev(cur_click, cur_box, general=0.496),
+                                   0.0, general_max_drop=None)
+    assert unguarded["promoted"] and unguarded["general"] is None
+
+
 # --- resume --------------------------------------------------------------------------------------------
 
 def test_rerun_of_a_finished_run_redoes_nothing(tmp_path):

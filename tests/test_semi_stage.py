@@ -311,7 +311,8 @@ def test_plan_calibrates_on_verified_history_with_the_real_generator(tmp_path):
 
     cfg, store, source, quarantine, seg = _plan_setup(
         tmp_path, calibration_pred_iou_floor=0.0, calibration_stability_floor=0.0, calibration_min_samples=1,
-        calibration_min_kept=1, target_precision=0.01, precision_iou=0.01)
+        calibration_min_kept=1, target_precision=0.01, precision_iou=0.01,
+        calibration_min_coverage=0.0)  # an untrained model's masks fall anywhere: judge them all here
     ids = [r.image_id for r in source.list()]
     truth = load_ground_truth(cfg.images.ground_truth)
     with store.writer("manual", 1, "v0") as w:  # round 1: people verified the first image

@@ -75,9 +75,16 @@ def map_with_actor_pool(rows: list[dict], actor_cls: type, actor_args: tuple = (
     yield from ds.iter_rows()
 
 
+def cpus_per_train_worker(num_workers: int) -> int:
+    """The CPUs each Ray Train worker takes: the cluster's CPUs shared among the workers (training runs between
+    the stages, when nothing else computes; one CPU per worker left a 2-core machine half idle)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, num_workers))
+
+
 def fit_torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, num_workers: int,
-                      use_gpu: bool, storage_path: str | Path, name: str) -> Any:
-    """Run `train_loop(loop_config)` on `num_workers` Ray Train workers (gloo on CPU, nccl on GPU).
+                      use_gpu: bool, storage_path: str | Path, name: str, cpus_per_worker: int = 1) -> Any:
+    """Run `train_loop(loop_config)` on `num_workers` Ray Train workers (gloo on CPU, nccl on GPU), each
+    holding `cpus_per_worker` CPUs.
 
     storage_path must be absolute (Ray Train rejects relative paths); returns the Ray Train
     `Result` (metrics, checkpoint).
@@ -85,7 +92,8 @@ def fit_torch_trainer(train_loop: Callable[[dict], None], loop_config: dict, num
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name),
     )

@@ -25,6 +25,9 @@ from model.amg_params import AmgParams
 _AMG = AmgParams()
 
 
+PER_MASK_METRICS = ("oracle@1", "box_miou")  # besides miou@k: the holdout metrics scored per mask
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -36,6 +39,8 @@ class ImagesConfig(_Section):
     ground_truth: str | None = "synth/annotations.json"  # COCO JSON; drives simulated annotators
     holdout_source: str | None = "synth-holdout/images"  # frozen holdout, never annotated
     holdout_ground_truth: str | None = "synth-holdout/annotations.json"  # COCO JSON; gates promotion
+    general_holdout_source: str | None = None  # a second holdout from the starting domain; guards against forgetting
+    general_holdout_ground_truth: str | None = None  # its COCO JSON (beside its images/ folder)
 
 
 class StorageConfig(_Section):
@@ -55,6 +60,7 @@ class ModelConfig(_Section):
     bootstrap_images: int = 64  # size of that synthetic set
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
     bootstrap_image_size: int = 256  # its image side in pixels
+    bootstrap_family: Literal["shapes", "pebbles"] = "shapes"  # its synthetic scene family (engine/integrations/synth.py)
 
 
 class ManualStageConfig(_Section):
@@ -82,6 +88,7 @@ class SemiStageConfig(_Section):
     calibration_images: int = 16  # at most this many history images are re-run through the generator
     calibration_pred_iou_floor: float = 0.5  # loose generator filters for history, below any threshold chosen
     calibration_stability_floor: float = 0.5  # the same for the stability score
+    calibration_min_coverage: float = Field(0.5, ge=0.0, le=1.0)  # a generated history mask with less of its area on verified masks is not judged (nobody drew that object); 0 = judge all
     calibration_min_samples: int = 50  # fewer history masks: the defaults above
     calibration_min_kept: int = 20  # thresholds must keep at least this many history masks
     calibration_confidence: float = 0.9  # one-sided confidence of the precision lower bound
@@ -107,6 +114,8 @@ class AutoStageConfig(_Section):
     max_mask_fraction: float = _AMG.max_mask_fraction  # drop masks covering at least this share of the image (SA-1B)
     min_mask_region_area: int = _AMG.min_mask_region_area  # remove islands and fill holes smaller than this (pixels)
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
+    target_precision: float | None = None  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
+    precision_iou: float | None = None  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)
     num_actors: int = 2  # Ray Data actors (model copies) generating masks
     images_per_commit: int = 16  # images per shard commit (the unit of resume)
     images_per_batch: int = 1  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
@@ -115,6 +124,8 @@ class AutoStageConfig(_Section):
 class StagesConfig(_Section):
     simulate: bool = True  # simulated annotators (need images.ground_truth); False = people in Label Studio
     final_auto: Literal["remaining", "all", "none"] = "remaining"  # images for the last, automatic stage
+    select: Literal["random", "uncertain"] = "random"  # next round's images: seeded random, or the current model's least sure (model/uncertainty.py)
+    select_pool: int = 64  # "uncertain": score at most this many unannotated images (a seeded random sample) per round
     manual: ManualStageConfig = Field(default_factory=ManualStageConfig)
     semi: SemiStageConfig = Field(default_factory=SemiStageConfig)
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
@@ -155,9 +166,10 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     clicks: list[int] = Field(default_factory=lambda: [1, 3, 5])  # holdout mIoU after these many clicks
     max_objects: int = 200  # at most this many holdout objects are evaluated
-    promote_metric: str = "miou@1"  # holdout metric a retrained model must beat to be promoted
+    promote_metric: str | dict[str, float] = "miou@1"  # holdout metric a retrained model must beat, or {metric: weight} for a weighted mix of per-mask metrics (miou@k, oracle@1, box_miou)
     promote_min_delta: float = 0.0  # by more than this
     promote_confidence: float = Field(0.95, ge=0.0, lt=1.0)  # paired bootstrap over holdout masks: the interval's low end must pass the delta (0: compare means)
+    general_max_drop: float = Field(0.02, ge=0.0)  # with images.general_holdout_*: refuse a candidate whose promote metric there falls by more than this
 
 
 class EngineConfig(_Section):
@@ -182,6 +194,14 @@ class EngineConfig(_Section):
 class ConfigError(ValueError):
     """A configuration that can't be used; the message is one line naming the key and the reason."""
 
+def set_dotted(data: dict, key: str, value) -> None:
+    """data["a"]["b"] = value for key "a.b" (sections made as needed): config overrides."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> EngineConfig:
     """Read and validate a YAML config (None: all defaults). Raises ConfigError with one line per problem."""
     data: dict = {}
@@ -196,11 +216,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Engin
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     for key, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(data, key, value)
     try:
         return EngineConfig.model_validate(data)
     except ValidationError as e:
@@ -350,13 +366,29 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         problems.append(f"train.max_steps: must be >= 1 (or null: the budget alone), got {cfg.train.max_steps}")
     if not 0 < cfg.stages.auto.max_mask_fraction <= 1:
         problems.append(f"stages.auto.max_mask_fraction: must be in (0, 1], got {cfg.stages.auto.max_mask_fraction}")
+    for key, value in [("stages.auto.target_precision", cfg.stages.auto.target_precision),
+                       ("stages.auto.precision_iou", cfg.stages.auto.precision_iou)]:
+        if value is not None and not 0 < value <= 1:
+            problems.append(f"{key}: must be in (0, 1] (or null: stages.semi's), got {value}")
     if cfg.model.bootstrap_minutes < 0:
         problems.append(f"model.bootstrap_minutes: must be >= 0 (0 = off), got {cfg.model.bootstrap_minutes}")
     if not cfg.eval.clicks or min(cfg.eval.clicks) < 1:
         problems.append(f"eval.clicks: needs one or more click counts >= 1, got {cfg.eval.clicks}")
     metric = cfg.eval.promote_metric
-    if metric.startswith("miou@") and (not metric[5:].isdigit() or int(metric[5:]) not in cfg.eval.clicks):
-        problems.append(f"eval.promote_metric: {metric!r} is not measured (eval.clicks is {cfg.eval.clicks})")
+    weights = metric if isinstance(metric, dict) else {metric: 1.0}
+    if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+        problems.append(f"eval.promote_metric: weights must be >= 0 and not all 0, got {metric}")
+    for name in weights:
+        if name.startswith("miou@") and (not name[5:].isdigit() or int(name[5:]) not in cfg.eval.clicks):
+            problems.append(f"eval.promote_metric: {name!r} is not measured (eval.clicks is {cfg.eval.clicks})")
+        elif isinstance(metric, dict) and not name.startswith("miou@") and name not in PER_MASK_METRICS:
+            problems.append(f"eval.promote_metric: {name!r} can't be mixed (a mix takes per-mask metrics: "
+                            f"miou@k, {', '.join(PER_MASK_METRICS)})")
+    if rounds > 0 and bool(cfg.images.general_holdout_source) != bool(cfg.images.general_holdout_ground_truth):
+        problems.append("images.general_holdout_source: set it and images.general_holdout_ground_truth together")
+    elif rounds > 0 and cfg.images.general_holdout_source:
+        where("images.general_holdout_source", cfg.images.general_holdout_source, "dir")
+        where("images.general_holdout_ground_truth", cfg.images.general_holdout_ground_truth, "file")
 
     # where the data comes from and goes to
     if not cfg.images.source:

@@ -110,13 +110,19 @@ def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
     return AmgParams(**values)
 
 
-def calibration_settings(cfg: EngineConfig) -> CalibrationSettings:
-    """What the semi-automatic prefill (and a calibrating automatic stage) aims for: `stages.semi`."""
-    s = cfg.stages.semi
-    return CalibrationSettings(target_precision=s.target_precision, precision_iou=s.precision_iou,
+def calibration_settings(cfg: EngineConfig, stage: str = "semi") -> CalibrationSettings:
+    """What the semi-automatic prefill (and a calibrating automatic stage) aims for: `stages.semi`; for
+    stage "auto", `stages.auto.target_precision` / `precision_iou` where set."""
+    s, a = cfg.stages.semi, cfg.stages.auto
+    target, iou = s.target_precision, s.precision_iou
+    if stage == "auto":
+        target = a.target_precision if a.target_precision is not None else target
+        iou = a.precision_iou if a.precision_iou is not None else iou
+    return CalibrationSettings(target_precision=target, precision_iou=iou,
                                default_pred_iou_thresh=s.default_pred_iou_thresh,
                                default_stability_score_thresh=s.default_stability_score_thresh,
-                               history_images=s.calibration_images, min_samples=s.calibration_min_samples,
+                               history_images=s.calibration_images, min_coverage=s.calibration_min_coverage,
+                               min_samples=s.calibration_min_samples,
                                min_kept=s.calibration_min_kept, confidence=s.calibration_confidence)
 
 

@@ -12,11 +12,18 @@ placed, so no painted region is left without a mask.
 
 Scene `i` of seed `s` depends on (s, i) only, so data sets of different sizes share a prefix and a
 hold-out split is simply another seed (file names carry the seed, so splits never collide).
+
+Two families of scenes (`FAMILIES`), so a run can need adaptation as SAM's did (it started from a model
+trained on public data and annotated other photos): "shapes" — few, mostly large, vividly coloured objects
+on a soft background (the bootstrap family); "pebbles" — a cluttered tray of many small, dull, similar
+objects with rough textures and grain on a busy background, often touching (what the demo annotates). A
+model trained on shapes alone scores far lower on pebbles than on shapes (docs/experiments/flywheel.md).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +39,39 @@ MIN_VISIBLE_FRACTION = 0.35  # a later object may hide at most 65% of an earlier
 PLACEMENT_TRIES = 6
 
 
+@dataclass(frozen=True)
+class SceneFamily:
+    """What a family of scenes looks like. Sizes are shares of the image side; colours 0..255."""
+
+    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)  # objects per scene, inclusive
+    radius: tuple[float, float] = (0.05, 0.3)  # object radius, log-uniform
+    shapes: tuple[str, ...] = SHAPES
+    shape_weights: tuple[float, ...] | None = None  # None: uniform
+    textures: tuple[str, ...] = TEXTURES
+    colour: tuple[float, float] = (20, 235)  # object colours uniform in this range per channel
+    dull: float = 0.0  # 0: free colours; 1: every object is a grey/brown shade near the background's
+    amplitude: tuple[float, float] = (12, 40)  # texture contrast inside an object
+    background_grain: tuple[float, float] = (8, 24)
+    noise: tuple[float, float] = (3, 9)  # pixel noise sigma
+    part_probability: float = PART_PROBABILITY
+
+
+FAMILIES = {
+    "shapes": SceneFamily(),
+    "pebbles": SceneFamily(objects=(8, 16), radius=(0.05, 0.14), shapes=("blob", "ellipse", "polygon", "rectangle"),
+                           shape_weights=(0.5, 0.3, 0.1, 0.1), textures=("noise", "stripes", "flat"),
+                           dull=0.75, amplitude=(20, 45), background_grain=(25, 45), noise=(8, 14),
+                           part_probability=0.25),
+}
+
+
+def scene_family(name: str) -> SceneFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"synth: unknown scene family {name!r} (known: {', '.join(FAMILIES)})") from None
+
+
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1]: a (cells x cells) random grid upsampled bilinearly to (h, w)."""
     cells = max(2, cells)
@@ -39,9 +79,10 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return np.asarray(Image.fromarray(grid).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray, size: int) -> np.ndarray:
+def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray, size: int,
+             family: SceneFamily = FAMILIES["shapes"]) -> np.ndarray:
     """A textured fill (h, w, 3) float32 in 0..255 around `color` (3,) RGB."""
-    kind = TEXTURES[rng.integers(len(TEXTURES))]
+    kind = family.textures[rng.integers(len(family.textures))]
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     if kind == "flat":
         pattern = np.zeros((h, w), np.float32)
@@ -58,24 +99,37 @@ def _texture(rng: np.random.Generator, h: int, w: int, color: np.ndarray, size: 
         theta = rng.uniform(0, 2 * np.pi)
         ramp = xx * np.cos(theta) + yy * np.sin(theta)
         pattern = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0) * 2 - 1
-    amplitude = rng.uniform(12, 40)
+    amplitude = rng.uniform(*family.amplitude)
     tint = rng.uniform(0.6, 1.0, size=3)  # the pattern is not pure grey
     return color[None, None, :] + amplitude * pattern[..., None] * tint[None, None, :]
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, family: SceneFamily = FAMILIES["shapes"]) -> np.ndarray:
     """A textured background (size, size, 3) float32: two colours blended by smooth noise, plus grain."""
     a, b = rng.uniform(30, 225, size=3), rng.uniform(30, 225, size=3)
     blend = _smooth_noise(rng, size, size, int(rng.integers(3, 8)))[..., None]
     grain = _smooth_noise(rng, size, size, max(8, size // 6))[..., None] * 2 - 1
-    return (a * blend + b * (1 - blend) + rng.uniform(8, 24) * grain).astype(np.float32)
+    return (a * blend + b * (1 - blend) + rng.uniform(*family.background_grain) * grain).astype(np.float32)
 
 
-def _shape_mask(rng: np.random.Generator, size: int) -> np.ndarray | None:
+def _object_colour(rng: np.random.Generator, family: SceneFamily, palette: np.ndarray | None) -> np.ndarray:
+    """An object's base colour (3,): free in the family's range, or pulled towards the scene's dull palette."""
+    colour = rng.uniform(*family.colour, size=3)
+    if palette is None:
+        return colour
+    return (1 - family.dull) * colour + family.dull * (palette + rng.normal(0, 30, size=3))
+
+
+def _shape_mask(rng: np.random.Generator, size: int, family: SceneFamily = FAMILIES["shapes"]) -> np.ndarray | None:
     """One random shape as a (size, size) bool mask, or None if it fell outside the image."""
-    kind = SHAPES[rng.integers(len(SHAPES))]
+    if family.shape_weights is None:
+        kind = family.shapes[rng.integers(len(family.shapes))]
+    else:
+        weights = np.asarray(family.shape_weights, np.float64)
+        kind = family.shapes[rng.choice(len(family.shapes), p=weights / weights.sum())]
     # Log-uniform radius: many small objects, some large ones (as in real photos).
-    r = float(np.exp(rng.uniform(np.log(0.05 * size), np.log(0.3 * size))))
+    lo, hi = family.radius
+    r = float(np.exp(rng.uniform(np.log(lo * size), np.log(hi * size))))
     cx, cy = rng.uniform(-0.1, 1.1) * size, rng.uniform(-0.1, 1.1) * size
     if kind == "polygon":
         n = int(rng.integers(3, 9))
@@ -146,31 +200,36 @@ def _split_into_parts(rng: np.random.Generator, shape: np.ndarray, size: int) ->
     return parts
 
 
-def make_scene(rng: np.random.Generator, size: int = 256
+def make_scene(rng: np.random.Generator, size: int = 256, family: str = "shapes"
                ) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
-    """One synthetic scene.
+    """One synthetic scene of `family` (see FAMILIES).
 
     Returns image (size, size, 3) uint8 RGB; masks (N, size, size) bool, the visible part of every
     object and of every part; parents: N entries, None for an object, else the index (into masks)
     of the object a part belongs to. Objects come in z-order (back to front), each followed by
     its parts.
     """
-    image = _background(rng, size)
+    fam = scene_family(family)
+    image = _background(rng, size, fam)
+    # A dull family's objects share one earthy palette near the background's mean colour.
+    palette = None
+    if fam.dull > 0:
+        palette = image.reshape(-1, 3).mean(axis=0) * 0.5 + rng.uniform(60, 170) * np.array([1.0, 0.9, 0.75]) * 0.5
     owner = np.full((size, size), -1, np.int32)  # which leaf segment (part or whole object) shows
     leaf_full_area: list[int] = []  # each leaf's area when it was painted
     objects: list[list[int]] = []  # leaf ids of each placed object
     min_area = max(20, int(0.0008 * size * size))
-    n_target = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    n_target = int(rng.integers(fam.objects[0], fam.objects[1] + 1))
     attempts = 0
     # Keep trying past the budget until the minimum is met (a free spot always exists early on).
     while (len(objects) < n_target and attempts < n_target * PLACEMENT_TRIES) or (
             len(objects) < MIN_OBJECTS and attempts < 1000):
         attempts += 1
-        shape = _shape_mask(rng, size)
+        shape = _shape_mask(rng, size, fam)
         if shape is None or shape.sum() < min_area * 2:
             continue
         leaves = [shape]
-        if rng.random() < PART_PROBABILITY:
+        if rng.random() < fam.part_probability:
             parts = _split_into_parts(rng, shape, size)
             if len(parts) >= 2 and all(p.sum() >= min_area for p in parts):
                 leaves = parts  # else: a part too small to click on; keep the object whole
@@ -185,15 +244,15 @@ def make_scene(rng: np.random.Generator, size: int = 256
         colors: list[np.ndarray] = []
         ids = []
         for leaf in leaves:
-            color = rng.uniform(20, 235, size=3)
+            color = _object_colour(rng, fam, palette)
             for _ in range(10):  # parts of one object should differ visibly from each other
                 if all(np.linalg.norm(color - c) > 70 for c in colors):
                     break
-                color = rng.uniform(20, 235, size=3)
+                color = _object_colour(rng, fam, palette)
             colors.append(color)
             ys, xs = np.nonzero(leaf)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-            tex = _texture(rng, int(y1 - y0), int(x1 - x0), color, size)
+            tex = _texture(rng, int(y1 - y0), int(x1 - x0), color, size, fam)
             window = leaf[y0:y1, x0:x1]
             image[y0:y1, x0:x1][window] = tex[window]
             leaf_id = len(leaf_full_area)
@@ -202,7 +261,7 @@ def make_scene(rng: np.random.Generator, size: int = 256
             ids.append(leaf_id)
         objects.append(ids)
 
-    image += rng.normal(0, rng.uniform(3, 9), size=image.shape).astype(np.float32)
+    image += rng.normal(0, rng.uniform(*fam.noise), size=image.shape).astype(np.float32)
     image_u8 = np.clip(image, 0, 255).astype(np.uint8)
 
     masks: list[np.ndarray] = []
@@ -225,17 +284,20 @@ def scene_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def image_file_name(seed: int, index: int) -> str:
-    return f"synth-s{seed}-{index:05d}.png"
+def image_file_name(seed: int, index: int, family: str = "shapes") -> str:
+    return f"synth-s{seed}-{index:05d}.png" if family == "shapes" else f"synth-{family}-s{seed}-{index:05d}.png"
 
 
-def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, size: int = 256) -> dict:
-    """Write `out/images/*.png` and `out/annotations.json` (COCO; RLE counts as str; `parent_id`).
+def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, size: int = 256,
+                            family: str = "shapes") -> dict:
+    """Write `out/images/*.png` and `out/annotations.json` (COCO; RLE counts as str; `parent_id`), scenes of
+    `family` (FAMILIES).
 
     Re-running with the same arguments rewrites identical files; annotations.json is written last
     and atomically, so a half-written data set is never taken for a finished one.
-    Returns a summary: out, images, objects, parts, annotations, seed, size.
+    Returns a summary: out, images, objects, parts, annotations, seed, size, family.
     """
+    scene_family(family)  # an unknown family fails before anything is written
     if n_images < 0:
         raise ValueError(f"synth: --images must be >= 0, got {n_images}")
     if size < 32:
@@ -250,8 +312,8 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
     coco_images, coco_annotations = [], []
     n_objects = n_parts = 0
     for i in range(n_images):
-        image, masks, parents = make_scene(scene_rng(seed, i), size)
-        name = image_file_name(seed, i)
+        image, masks, parents = make_scene(scene_rng(seed, i), size, family)
+        name = image_file_name(seed, i, family)
         tmp = image_dir / f".{name}.tmp"
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, image_dir / name)
@@ -276,7 +338,7 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
             n_parts += parent is not None
 
     coco = {
-        "info": {"description": "sa-engine synthetic scenes", "seed": seed, "size": size,
+        "info": {"description": "sa-engine synthetic scenes", "seed": seed, "size": size, "family": family,
                  "generator": "engine.integrations.synth.make_scene"},
         "images": coco_images,
         "annotations": coco_annotations,
@@ -286,10 +348,10 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
     tmp.write_text(json.dumps(coco))
     os.replace(tmp, out / "annotations.json")
     return {"out": str(out), "images": n_images, "objects": n_objects, "parts": n_parts,
-            "annotations": len(coco_annotations), "seed": seed, "size": size}
+            "annotations": len(coco_annotations), "seed": seed, "size": size, "family": family}
 
 
-def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25):
+def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25, family: str = "shapes"):
     """A model.train Sampler of synthetic scenes from the training generator: unlimited data.
 
     Making a scene costs about as much as a quarter of a training step on a CPU, so a pool of up
@@ -300,7 +362,7 @@ def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25
 
     def sample(rng: np.random.Generator):
         if len(scenes) < min(pool, 64) or rng.random() < fresh_prob:
-            image, masks, _ = make_scene(rng, size)
+            image, masks, _ = make_scene(rng, size, family)
             item = (image, masks, np.ones(len(masks), np.float32))
             if len(scenes) < pool:
                 scenes.append(item)
