@@ -32,11 +32,16 @@ def fail(message: str, code: int = 2) -> None:
 def synth(out: Path = typer.Option(..., help="Output folder (images/ and annotations.json)."),
           images: int = typer.Option(16, help="Number of images."),
           seed: int = typer.Option(0, help="Seed; different seeds give disjoint hold-out splits."),
-          size: int = typer.Option(256, help="Image side in pixels.")) -> None:
+          size: int = typer.Option(256, help="Image side in pixels."),
+          family: str = typer.Option("shapes", help="Scene family: shapes (few large vivid objects) or pebbles "
+                                                    "(many small dull touching ones).")) -> None:
     """Write the embedded default data set: synthetic scenes with exact instance masks (COCO RLE)."""
     from engine.integrations.synth import write_synthetic_dataset
 
-    summary = write_synthetic_dataset(out, n_images=images, seed=seed, size=size)
+    try:
+        summary = write_synthetic_dataset(out, n_images=images, seed=seed, size=size, family=family)
+    except (ValueError, OSError) as e:
+        fail(str(e))
     console.print(summary)
 
 

@@ -45,6 +45,7 @@ from pycocotools import mask as mask_utils
 
 from model.amg import AmgParams, generate_masks
 from storage.images import BadImage, ImageSource
+from storage.rle import rle_area
 from storage.shards import MaskStore
 
 
@@ -126,8 +127,8 @@ def on_verified(pred_rles: list[dict], truth_rles: list[dict], min_coverage: flo
     if not truth_rles:
         return np.zeros(len(pred_rles), bool)
     drawn = mask_utils.merge(list(truth_rles), intersect=False)
-    areas = mask_utils.area(list(pred_rles)).astype(np.float64)
-    covered = mask_utils.area([mask_utils.merge([p, drawn], intersect=True) for p in pred_rles]).astype(np.float64)
+    areas = rle_area(list(pred_rles)).astype(np.float64)  # (pycocotools' own `area` fails past 255 masks)
+    covered = rle_area([mask_utils.merge([p, drawn], intersect=True) for p in pred_rles]).astype(np.float64)
     return (areas > 0) & (covered >= min_coverage * areas)
 
 

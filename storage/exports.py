@@ -225,7 +225,8 @@ class _Plan:
         """(M,) positions into the plan of `image_ids`; -1 where an id is not planned."""
         if len(self.ids) == 0:
             return np.full(len(image_ids), -1, np.int64)
-        wanted = np.asarray(image_ids.to_numpy(zero_copy_only=False), dtype=object).astype("S")
+        # utf-8 bytes (astype("S") encodes ASCII and failed on "café.jpg"); their order is the str order
+        wanted = np.array([i.encode() for i in image_ids.to_pylist()], dtype="S")
         pos = np.searchsorted(self.ids_sorted_bytes, wanted)
         pos = np.minimum(pos, len(self.ids) - 1)
         found = self.ids_sorted_bytes[pos] == wanted

@@ -185,3 +185,5 @@ def test_only_masks_on_verified_masks_are_judged():
     assert on_verified(pred, truth, 0.5).tolist() == [True, True, False, False, False, False]
     assert on_verified(pred, truth, 0.2).tolist() == [True, True, True, True, False, False]
     assert on_verified(pred, [], 0.5).tolist() == [False] * 6 and on_verified([], truth, 0.5).shape == (0,)
+    many = on_verified(pred * 50, truth, 0.5)  # a real history holds hundreds of masks per image
+    assert many.tolist() == [True, True, False, False, False, False] * 50

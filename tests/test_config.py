@@ -255,3 +255,13 @@ def test_compose_file_has_the_services_and_the_dockerfile_the_targets():
     targets = re.findall(r"^FROM \S+ AS (\w+)$", (REPO / "docker" / "Dockerfile").read_text(), re.M)
     assert {"cpu", "cuda"} <= set(targets)
     assert services["ray-gpu-worker"]["build"]["target"] == "cuda"
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; the config names the key and the line instead."""
+    path = tmp_path / "engine.yaml"
+    path.write_text("train:\n  minutes: 2\n  lr: 0.001\n  minutes: 20\n")
+    with pytest.raises(ConfigError, match=r"key 'minutes' is given twice.*line 4"):
+        load_config(path)
+    path.write_text("train:\n  minutes: 2\nstages:\n  manual:\n    rounds: 1\n")
+    assert load_config(path).train.minutes == 2

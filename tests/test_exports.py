@@ -331,3 +331,32 @@ def test_cli_export(engine_data, tmp_path):
                                          "--config", str(cfg), "--verified-only"])
     assert by_config.exit_code == 0, by_config.output
     assert json.loads(by_config.stdout.strip().splitlines()[-1])["masks"] == sum(r.verified for r in records)
+
+
+def test_unicode_file_names_export_in_both_formats(tmp_path):
+    """Accented, CJK and emoji file names go through the store and both exports, each mask at its image's id."""
+    from PIL import Image
+
+    from storage.images import ImageSource
+    from storage.shards import MaskStore
+    from tests.export_fixtures import make_records
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["café.png", "猫の写真.png", "🙂 smile.png", "plain.png"]
+    store = MaskStore(str(tmp_path / "store"))
+    with store.writer("manual", 1, "v0") as w:
+        for k, name in enumerate(names):
+            Image.fromarray(np.full((20, 30, 3), 40 * k, np.uint8)).save(folder / name)
+            w.add(make_records(name, 20, 30, k + 1, "manual", 1, k, True, "v0"))
+            w.image_done(name, k + 1)
+        w.commit()
+    source = ImageSource(str(folder))
+    sa1b = export_sa1b(store, str(tmp_path / "sa1b"), source)
+    coco = export_coco(store, str(tmp_path / "coco"))
+    assert sa1b["images"] == coco["images"] == 4 and sa1b["masks"] == coco["masks"] == 10
+    data = json.loads(next((tmp_path / "coco").rglob("*.json")).read_text())
+    by_name = {im["file_name"]: im["id"] for im in data["images"]}
+    assert set(by_name) >= set(names)
+    per_image = {name: sum(a["image_id"] == by_name[name] for a in data["annotations"]) for name in names}
+    assert per_image == {name: k + 1 for k, name in enumerate(names)}

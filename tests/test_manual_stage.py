@@ -40,6 +40,9 @@ def test_simulated_manual_round_writes_verified_masks_once(config_file, tmp_path
     sim = summary["simulated"]
     assert sim["masks"] == summary["masks"] == summary["pull"]["written"]
     assert 1 <= summary["clicks_per_mask"] <= 3 and summary["seconds_per_mask"] > 0
+    # corrective clicks are counted, and those after which the mask fitted worse
+    assert sim["corrective_clicks"] == round(sim["clicks_per_mask"] * sim["masks"]) - sim["masks"]
+    assert 0 <= sim["clicks_that_hurt"] <= sim["corrective_clicks"] and 0 <= sim["mean_first_click_iou"] <= 1
     assert summary["embeddings"]["precomputed"] == 2  # the backend read the embeddings made before annotation
     rows = MaskStore(str(tmp_path / "store")).read_table(stage="manual").to_pylist()
     assert len(rows) == summary["masks"]

@@ -95,3 +95,28 @@ def test_cli_synth(tmp_path):
                                       "--size", "64"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cli" / "images").glob("*.png"))) == 2
+
+
+def test_pebbles_are_many_small_dull_objects_unlike_shapes(tmp_path):
+    """The demo's two families differ as designed: pebbles scenes hold more, smaller objects whose colours sit
+    closer to the background's; file names carry the family; an unknown family writes nothing."""
+    import pytest
+
+    def stats(family):
+        counts, areas, contrast = [], [], []
+        for i in range(12):
+            image, masks, parents = make_scene(scene_rng(3, i), 128, family)
+            objects = [m for m, p in zip(masks, parents) if p is None]
+            counts.append(len(objects))
+            areas += [m.mean() for m in objects]
+            ground = ~np.logical_or.reduce(masks)
+            contrast += [np.abs(image[m].mean(0) - image[ground].mean(0)).mean() for m in objects]
+        return np.mean(counts), np.median(areas), np.median(contrast)
+
+    shapes, pebbles = stats("shapes"), stats("pebbles")
+    assert pebbles[0] > 1.5 * shapes[0] and pebbles[1] < 0.8 * shapes[1] and pebbles[2] < 0.6 * shapes[2]
+    summary = write_synthetic_dataset(tmp_path / "p", n_images=1, seed=2, size=64, family="pebbles")
+    assert summary["family"] == "pebbles" and (tmp_path / "p" / "images" / "synth-pebbles-s2-00000.png").exists()
+    with pytest.raises(ValueError, match="unknown scene family 'rocks'"):
+        write_synthetic_dataset(tmp_path / "r", n_images=1, seed=2, size=64, family="rocks")
+    assert not (tmp_path / "r" / "annotations.json").exists()

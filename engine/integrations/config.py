@@ -194,6 +194,24 @@ class EngineConfig(_Section):
 class ConfigError(ValueError):
     """A configuration that can't be used; the message is one line naming the key and the reason."""
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def set_dotted(data: dict, key: str, value) -> None:
     """data["a"]["b"] = value for key "a.b" (sections made as needed): config overrides."""
     *parents, leaf = key.split(".")
@@ -210,7 +228,7 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> Engin
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
         if not isinstance(data, dict):
