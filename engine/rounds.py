@@ -296,7 +296,9 @@ def default_select(cfg: EngineConfig, round: int, checkpoint: str | None, candid
             progress(f"r{round}.select: {image_id}: left out ({e})")
             continue
         scores[image_id] = image_uncertainty(seg, loaded.pixels)["score"]
-    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    # Ties (a young model's doubt saturates at 1 on every image) are broken by a seeded shuffle, not by name.
+    shuffled = {i: k for k, i in enumerate(np.random.default_rng([cfg.seed, round, 1]).permutation(sorted(scores)))}
+    ranked = sorted(scores, key=lambda i: (-scores[i], shuffled[i]))
     chosen = ranked[:count]
     return {"image_ids": sorted(chosen), "candidates": len(candidates), "scored": len(scores),
             "uncertainty": {i: float(np.round(scores[i], 4)) for i in sorted(chosen)},  # (`round` is the round)
