@@ -17,8 +17,12 @@ app = typer.Typer(help="A data engine for SA-1B-style segmentation datasets.", n
                   add_completion=False, pretty_exceptions_enable=False)
 stage_app = typer.Typer(help="Run one stage of one round.", no_args_is_help=True)
 labelstudio_app = typer.Typer(help="The managed Label Studio server.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Inputs set aside by the stages: list them, release them.", no_args_is_help=True)
+store_app = typer.Typer(help="The mask store: check it, recover its manifest.", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
 app.add_typer(labelstudio_app, name="labelstudio")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(store_app, name="store")
 console = Console(stderr=True)
 
 
@@ -204,19 +208,38 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
                address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
     """Fully automatic stage: grid-prompted masks for every image not yet done for this model (resumable)."""
     from engine.integrations.cluster import init_ray
-    from engine.integrations.config import ConfigError, load_config
+    from engine.integrations.config import ConfigError, load_config, validate_for_run
     from model.checkpoints import CheckpointError
     from stages.auto import run_auto_stage
+    from storage.backend import StoreError
 
     try:
         cfg = load_config(config)
+        validate_for_run(cfg, address=address, stage="auto")
         init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
         summary = run_auto_stage(cfg, round_no, checkpoint).to_dict()
     except (ConfigError, CheckpointError) as e:
         fail(str(e))
+    except StoreError as e:
+        fail(str(e), code=1)
     except KeyboardInterrupt:
         fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
+    _warn_if_empty(summary)
     sys.stdout.write(json.dumps(summary) + "\n")
+
+
+def _warn_if_empty(summary: dict) -> None:
+    """An empty result is not a quiet success: say what was (not) done, and where to look."""
+    if summary.get("set_aside"):
+        console.print(f"[yellow]warning:[/yellow] {summary['set_aside']} image(s) held in the quarantine were "
+                      "skipped (`sa-engine quarantine list --config ...`)", highlight=False)
+    if summary.get("images", 0) + summary.get("already_done", 0) + summary.get("set_aside", 0) == 0:
+        console.print("[yellow]warning:[/yellow] no images to process (is images.source the right folder?)",
+                      highlight=False)
+    elif summary.get("images") and not summary.get("masks"):
+        console.print(f"[yellow]warning:[/yellow] {summary['images']} image(s) processed, 0 masks kept: the "
+                      f"filters ({summary.get('thresholds')}) keep nothing of this model's masks",
+                      highlight=False)
 
 
 # ---- Label Studio, the ML backend, simulated annotators and the assisted-manual stage (issue 5)
@@ -371,11 +394,18 @@ def _run_labelstudio_stage(run_stage, config: Path, round_no: int, checkpoint: O
     from engine.integrations.labelstudio import LabelStudioError
     from model.checkpoints import CheckpointError
 
+    from engine.integrations.config import ConfigError, validate_for_run
+    from storage.backend import StoreError
+
     cfg = _ls_config(config)
+    simulate = cfg.stages.simulate if simulate is None else simulate
+    try:  # before Label Studio starts or a project is made: nothing half-made is left behind
+        validate_for_run(cfg, stage=run_stage.__module__.rsplit(".", 1)[-1], simulate=simulate)
+    except ConfigError as e:
+        fail(str(e))
     try:
-        summary = run_stage(cfg, round_no, checkpoint,
-                            simulate=cfg.stages.simulate if simulate is None else simulate).to_dict()
-    except (LabelStudioError, CheckpointError) as e:
+        summary = run_stage(cfg, round_no, checkpoint, simulate=simulate).to_dict()
+    except (LabelStudioError, CheckpointError, StoreError) as e:
         fail(str(e), code=1)
     sys.stdout.write(json.dumps(summary, default=str) + "\n")
 
@@ -424,6 +454,137 @@ def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write 
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     sys.stdout.write(json.dumps(summary) + "\n")
+
+
+# ---- the quarantine, the store's integrity, garbage (issue 17)
+
+@quarantine_app.command("list")
+def quarantine_list(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+                    stage: Optional[str] = typer.Option(None, help="Only this stage's entries.")) -> None:
+    """What is set aside now: one line each (held: a rerun skips it; retrying: a rerun tries it again),
+    then the entries as JSON."""
+    from engine.integrations import runtime
+
+    cfg = _ls_config(config)
+    rows = [e for e in runtime.quarantine(cfg).status() if stage is None or e.get("stage") == stage]
+    for e in rows:
+        state = "held" if e["held"] else f"retrying ({e['attempts']}/{cfg.images.transient_retries})"
+        console.print(f"{e['stage']:<6} {e['kind']:<9} {state:<14} {e['thing']}: {e['reason']}", highlight=False)
+    console.print(f"{len(rows)} set aside ({sum(e['held'] for e in rows)} held)", highlight=False)
+    sys.stdout.write(json.dumps(rows) + "\n")
+
+
+@quarantine_app.command("release")
+def quarantine_release(things: Optional[list[str]] = typer.Argument(None, help="The things to release, as "
+                                                                           "`quarantine list` names them."),
+                       config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+                       stage: Optional[str] = typer.Option(None, help="Only this stage's entries."),
+                       release_all: bool = typer.Option(False, "--all", help="Release every entry (of --stage).")) -> None:
+    """Let set-aside things through again: the next run of their stage tries them."""
+    from engine.integrations import runtime
+
+    if not things and not release_all:
+        fail("quarantine release: name the things to release, or pass --all")
+    cfg = _ls_config(config)
+    released = runtime.quarantine(cfg).release(None if release_all else list(things), stage=stage)
+    unknown = sorted(set(things or []) - {e["thing"] for e in released})
+    for thing in unknown:
+        console.print(f"[yellow]not set aside:[/yellow] {thing}", highlight=False)
+    console.print(f"released {len(released)}", highlight=False)
+    sys.stdout.write(json.dumps(released) + "\n")
+    if unknown:
+        raise typer.Exit(1)
+
+
+def _store_for(config: Optional[Path], store: Optional[str]):
+    """(config, MaskStore) from --config or --store."""
+    from engine.integrations import runtime
+    from engine.integrations.config import EngineConfig
+
+    cfg = _ls_config(config) if config is not None else EngineConfig()
+    if store is None and config is None:
+        fail("pass --config FILE or --store URI")
+    uri = store if store is None or "://" in store else str(Path(store).resolve())
+    return cfg, runtime.mask_store(cfg, uri)
+
+
+@store_app.command("verify")
+def store_verify(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                 store: Optional[str] = typer.Option(None, "--store", help="The mask store (instead of storage.root)."),
+                 deep: bool = typer.Option(False, "--deep", help="Also decode every RLE and check its size, area and "
+                                                                 "(with --config) its image's size."),
+                 limit: int = typer.Option(100, help="Report at most this many bad rows.")) -> None:
+    """Check every committed file against the manifest's checksums (and, --deep, every row). Exit 1 on a problem."""
+    from engine.integrations import runtime
+    from storage.backend import StoreError
+    from storage.images import image_size
+
+    cfg, mask_store = _store_for(config, store)
+    try:
+        if not deep:
+            mask_store.verify()
+            problems = []
+        else:
+            source = runtime.image_source(cfg) if config is not None else None
+            problems = mask_store.verify_deep(
+                None if source is None else (lambda image_id: image_size(source, image_id)), limit=limit)
+    except StoreError as e:
+        fail(str(e), code=1)
+    for line in problems:
+        console.print(f"[red]bad row:[/red] {line}", highlight=False)
+    manifest = mask_store.manifest()
+    sys.stdout.write(json.dumps({"shards": len(manifest.shards), "rows": sum(x.rows for x in manifest.shards),
+                                 "deep": deep, "problems": problems}) + "\n")
+    if problems:
+        raise typer.Exit(1)
+
+
+@store_app.command("rebuild-manifest")
+def store_rebuild_manifest(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                           store: Optional[str] = typer.Option(None, "--store", help="The mask store."),
+                           dry_run: bool = typer.Option(False, "--dry-run", help="Say what it would do; write nothing.")) -> None:
+    """Recover a lost or damaged manifest from the shard files on disk (finished commits only; the old
+    manifest is kept beside as manifest.json.damaged-*)."""
+    from storage.backend import StoreError
+
+    _, mask_store = _store_for(config, store)
+    try:
+        summary = mask_store.rebuild_manifest(dry_run=dry_run)
+    except StoreError as e:
+        fail(str(e), code=1)
+    for item in summary["left_out"]:
+        console.print(f"[yellow]left out[/yellow] {item['path']}: {item['reason']}", highlight=False)
+    console.print(f"manifest {'would list' if dry_run else 'rebuilt:'} {summary['shards']} shards, "
+                  f"{summary['rows']} masks", highlight=False)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
+@app.command("gc")
+def gc_cmd(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+           export_out: Optional[list[str]] = typer.Option(None, "--export", help="Also clean what killed exports to "
+                                                                              "this output left (repeatable)."),
+           min_age_hours: float = typer.Option(1.0, "--min-age-hours", help="Leave younger files: they may belong "
+                                                                            "to a writer that is still running.")) -> None:
+    """Remove orphans: shard files no commit finished, half-written temporary files, staging folders of killed
+    exports and checkpoint saves."""
+    from engine.integrations import runtime
+    from model.checkpoints import collect_checkpoint_garbage
+    from storage.backend import StoreError
+    from storage.exports import collect_export_garbage
+
+    cfg = _ls_config(config)
+    age = min_age_hours * 3600
+    try:
+        deleted = runtime.mask_store(cfg).collect_garbage(min_age_s=age)
+    except StoreError as e:
+        fail(str(e), code=1)
+    for out in export_out or []:
+        deleted += collect_export_garbage(out, min_age_s=age)
+    deleted += collect_checkpoint_garbage(cfg.path("models"), min_age_s=age)
+    for path in deleted:
+        console.print(f"removed {path}", highlight=False)
+    console.print(f"gc: removed {len(deleted)}", highlight=False)
+    sys.stdout.write(json.dumps({"removed": deleted}) + "\n")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m engine.cli`

@@ -11,6 +11,9 @@ import json
 import os
 import pickle
 import re
+import shutil
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -76,19 +79,61 @@ def _own_state(net: SamNet) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(net: SamNet, arch: dict, directory: str | Path, metadata: dict) -> str:
-    """Write `directory/model.safetensors` and `directory/sa_engine.json` (last). Returns model_version."""
+    """Write `directory` (model.safetensors + sa_engine.json, with the weights' sha256) as one unit:
+    everything goes to a hidden sibling folder first, which then takes the directory's place by rename, so
+    a crash never leaves new weights beside an old model_version. Returns model_version."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in _own_state(net).items()}
     version = metadata.get("model_version") or f"{arch.get('preset', 'model')}-{state_digest(state)}"
-    tmp = out / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, out / WEIGHTS_FILE)
-    doc = {"format": FORMAT, "model_version": version, "arch": arch, "metadata": metadata}
-    tmp = out / f".{CONFIG_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, out / CONFIG_FILE)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        doc = {"format": FORMAT, "model_version": version, "arch": arch, "metadata": metadata,
+               "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+        for f in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out.exists():  # a directory can't be renamed onto a non-empty one: move the old one aside first
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return version
+
+
+def collect_checkpoint_garbage(models_dir: str | Path, min_age_s: float = 3600.0) -> list[str]:
+    """Delete what killed saves under `models_dir` left (hidden ".<name>.tmp-*" / ".<name>.old-*" folders)
+    older than `min_age_s`; an old copy whose checkpoint is missing is moved back instead. Returns the paths
+    acted on."""
+    root, now, done = Path(models_dir), time.time(), []
+    if not root.is_dir():
+        return done
+    for path in sorted(root.glob(".*.old-*")) + sorted(root.glob(".*.tmp-*")):
+        if not path.is_dir() or now - path.stat().st_mtime < min_age_s:
+            continue
+        name = path.name[1:].rsplit(".", 1)[0]
+        if ".old-" in path.name and not (root / name).exists():
+            os.replace(path, root / name)  # the save died between its two renames: the old model is back
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(str(path))
+    return done
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_state_strict(net: SamNet, state: dict[str, torch.Tensor], source: str) -> None:
@@ -130,7 +175,8 @@ def _read_config(p: Path) -> dict:
     """Our directory's sa_engine.json: {arch, model_version, metadata (a dict, maybe empty)}."""
     try:
         doc = json.loads((p / CONFIG_FILE).read_text())
-        return {"arch": doc["arch"], "model_version": doc["model_version"], "metadata": doc.get("metadata") or {}}
+        return {"arch": doc["arch"], "model_version": doc["model_version"], "metadata": doc.get("metadata") or {},
+                "weights_sha256": doc.get("weights_sha256")}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: not a valid sa-engine config ({type(e).__name__}: {e})") from None
 
@@ -143,7 +189,9 @@ def load_checkpoint(path: str | Path) -> tuple[SamNet, dict, str, dict]:
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found")
+        left = sorted(p.parent.glob(f".{p.name}.old-*")) if p.parent.is_dir() else []
+        hint = f" (a save was interrupted: the previous copy is {left[0]}; `sa-engine gc` restores it)" if left else ""
+        raise CheckpointError(f"{p}: checkpoint not found{hint}")
     if p.is_dir() and (p / CONFIG_FILE).is_file():
         net, arch, version, meta = _load_ours(p)
     elif p.is_dir() and (p / "config.json").is_file():
@@ -162,6 +210,9 @@ def _load_ours(p: Path) -> tuple[SamNet, dict, str, dict]:
     weights = p / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file not found")
+    if doc["weights_sha256"] and _sha256(weights) != doc["weights_sha256"]:
+        raise CheckpointError(f"{weights}: sha256 does not match {CONFIG_FILE}'s weights_sha256 (damaged, or "
+                              f"replaced without its config): not loading it as {version}")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
@@ -172,11 +223,7 @@ def _load_ours(p: Path) -> tuple[SamNet, dict, str, dict]:
 
 
 def _file_digest(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return _sha256(p)[:12]
 
 
 def _load_hf(p: Path) -> tuple[SamNet, dict, str, dict]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -26,6 +25,7 @@ from model.amg import AmgParams, generate_masks
 from model.clicks import first_click, next_click
 from model.iou import mask_iou, pairwise_mask_iou
 from model.segmenter import Segmenter
+from storage.images import decode_image
 
 
 def mask_boxes_xyxy(gt: np.ndarray) -> np.ndarray:
@@ -189,7 +189,7 @@ def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.
         path = root / "images" / info["file_name"]
         if not path.is_file():
             path = root / info["file_name"]
-        img = np.asarray(Image.open(path).convert("RGB"))
+        img = decode_image(path.read_bytes(), str(path))  # the stages' decoder: the same pixels everywhere
         h, w = img.shape[:2]
         rl = []
         for a in by_image.get(info["id"], []):

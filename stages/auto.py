@@ -39,7 +39,9 @@ STAGE = "auto"
 @dataclass
 class AutoSummary:
     """What one automatic-stage run did. images: done in this run; already_done: skipped (done before for
-    this model version, or set aside); thresholds: the filter thresholds used and where they came from;
+    this model version); set_aside: skipped because the quarantine holds them (permanent, or transient
+    past `images.transient_retries`: `sa-engine quarantine release` lets them through); retried: transient
+    quarantine entries tried again in this run; quarantined: set aside in this run; thresholds: the filter thresholds used and where they came from;
     seconds: from asking the pool for results to the last commit; first_result_s: pool start-up plus one
     image; steady_images_per_s / steady_masks_per_s: the rates after each actor's first result (0.0 when
     there are too few results to tell); actor_s_per_image / actor_cpu_s_per_image: wall and CPU time inside
@@ -54,6 +56,8 @@ class AutoSummary:
     images_per_s: float = 0.0
     quarantined: int = 0
     already_done: int = 0
+    set_aside: int = 0
+    retried: int = 0
     model_version: str = ""
     commits: int = 0
     seconds: float = 0.0
@@ -75,7 +79,7 @@ class AutoMaskActor:
 
     batch: {"image_id": (B,) str}. The batch's files are decoded in threads while the model works, and the
     whole images are embedded in one encoder call. Returns {"image_id", "status" ("ok" | "bad" | "failed"),
-    "reason", "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this process's CPU
+    "reason", "kind" (the quarantine class of a bad or failed image), "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this process's CPU
     time on the image)}, one row per image.
     """
 
@@ -109,11 +113,11 @@ class AutoMaskActor:
         good = [im for im in loaded if not isinstance(im, BadImage)]
         embeddings = dict(zip((im.image_id for im in good), self._embed(good)))
         shared, cpu_shared = time.perf_counter() - start, time.process_time() - cpu_start
-        out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "records", "scale", "seconds",
-                                                "cpu_seconds")}
+        out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "kind", "records", "scale",
+                                                "seconds", "cpu_seconds")}
         for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
-            status, reason, records, scale = "ok", "", [], 1.0
+            status, reason, kind, records, scale = "ok", "", "", [], 1.0
             try:
                 if isinstance(image, BadImage):
                     raise image
@@ -122,19 +126,21 @@ class AutoMaskActor:
                                                       output_size=image.original_size)
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
             except BadImage as e:
-                status, reason = "bad", str(e)
+                status, reason, kind = "bad", str(e), e.kind
             except (RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                status, reason = "failed", f"model failed at every scale: {type(e).__name__}: {first}"
+                # transient: out of memory may pass on a quieter machine or a bigger device
+                status, reason, kind = "failed", f"model failed at every scale: {type(e).__name__}: {first}", "transient"
             out["image_id"].append(image_id)
             out["status"].append(status)
             out["reason"].append(reason)
+            out["kind"].append(kind)
             out["records"].append(pickle.dumps(records))
             out["scale"].append(scale)
             # the batch's shared work (decoding files, the encoder call) is shared evenly
             out["seconds"].append(time.perf_counter() - start + shared / len(ids))
             out["cpu_seconds"].append(time.process_time() - cpu_start + cpu_shared / len(ids))
-        return {k: np.array(v, dtype=object) if k in ("records", "reason", "image_id", "status") else np.array(v)
+        return {k: np.array(v, dtype=object) if k in ("records", "reason", "kind", "image_id", "status") else np.array(v)
                 for k, v in out.items()}
 
 
@@ -169,10 +175,15 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     params, thresholds = filter_params(cfg, driver_model, store, source, quarantine, round)
     wanted = [r.image_id for r in source.list()] if image_ids is None else list(dict.fromkeys(image_ids))
     done = store.images_done(STAGE, driver_model.model_version)
-    set_aside = quarantine.things(STAGE)
-    todo = [i for i in wanted if i not in done and source.ref(i).uri not in set_aside]
-    summary = AutoSummary(round=round, already_done=len(wanted) - len(todo),
+    held, retrying = quarantine.things(STAGE), quarantine.retrying(STAGE)
+    todo = [i for i in wanted if i not in done and source.ref(i).uri not in held]
+    summary = AutoSummary(round=round, already_done=sum(i in done for i in wanted),
+                          set_aside=sum(i not in done and source.ref(i).uri in held for i in wanted),
+                          retried=sum(source.ref(i).uri in retrying for i in todo),
                           model_version=driver_model.model_version, thresholds=thresholds)
+    if summary.set_aside:
+        log.warning("%d image(s) held in the quarantine are skipped (`sa-engine quarantine list`, then "
+                    "`release` to try them again)", summary.set_aside)
     if not todo:
         return summary
 
@@ -207,7 +218,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                 if float(row["scale"]) != 1.0:
                     log.warning("%s: model failed at full scale; masks made at scale %.2f", image_id, row["scale"])
             else:
-                quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE)
+                quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE, str(row["kind"]) or "permanent")
                 summary.quarantined += 1
             arrivals.append((time.perf_counter() - start, n))
             actor_s, actor_cpu_s = actor_s + float(row["seconds"]), actor_cpu_s + float(row["cpu_seconds"])
@@ -220,6 +231,11 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
         if since_commit:
             writer.commit()
             summary.commits += 1
+    # Images set aside as transient that are done now leave the quarantine
+    if summary.retried:
+        done_now = store.images_done(STAGE, summary.model_version)
+        quarantine.release([source.ref(i).uri for i in todo if i in done_now and source.ref(i).uri in retrying],
+                           stage=STAGE)
 
     # Summarise
     seconds = time.perf_counter() - start
@@ -242,7 +258,7 @@ def against_truth(cfg: EngineConfig, store, model_version: str, image_ids: list[
         return None  # no ground truth here (the key's default names the demo's file)
     try:
         truth = runtime.ground_truth(cfg, "recall against ground truth")
-    except (OSError, ValueError, KeyError) as e:  # scoring must not undo a stage that has written its masks
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # scoring must not undo a stage that has written its masks
         log.warning("automatic stage not scored against %s: %s", path, str(e).splitlines()[0][:200])
         return None
     ids = sorted(set(image_ids) & store.images_done(STAGE, model_version) & set(truth))

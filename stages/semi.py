@@ -297,11 +297,11 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             loaded = source.load(ref)
             masks, _scale = generate_with_fallback(segmenter, loaded.pixels, strict)
         except BadImage as e:
-            quarantine.add(ref.uri, str(e), STAGE)
+            quarantine.add(ref.uri, str(e), STAGE, e.kind)
             continue
         except (RuntimeError, MemoryError) as e:
             quarantine.add(ref.uri, f"automatic generator failed at every scale ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]})", STAGE)
+                                    f"{str(e).splitlines()[0][:200]})", STAGE, "transient")
             continue
         prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image)
         h, w = loaded.pixels.shape[:2]

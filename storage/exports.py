@@ -47,6 +47,7 @@ from PIL import Image
 from storage.backend import LocalStore, StoreError, open_store
 from storage.images import BadImage, ImageSource, decode_image
 from storage.records import SCHEMA_VERSION, MaskRecord
+from storage.rle import rle_problem
 from storage.shards import MaskStore
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class _Plan:
     number: np.ndarray  # int64: the image's numeric id in the export (1-based rank of its id)
     keep: np.ndarray  # bool: False for images left out (reason in `skipped`)
     skipped: list[dict] = field(default_factory=list)
+    skipped_masks: list[dict] = field(default_factory=list)  # damaged rows left out: mask_id, shard, reason
 
     def lookup(self, image_ids: pa.Array) -> np.ndarray:
         """(M,) positions into the plan of `image_ids`; -1 where an id is not planned."""
@@ -231,6 +233,18 @@ class _Plan:
         pos = np.minimum(pos, len(self.ids) - 1)
         found = self.ids_sorted_bytes[pos] == wanted
         return np.where(found, pos, -1)
+
+    def damaged(self, store: "MaskStore", row: dict) -> bool:
+        """True (and the row is set aside, with a one-line warning naming its shard and mask id) when the
+        row's RLE cannot be its (height, width) mask: garbage or truncated counts, a wrong size."""
+        problem = rle_problem(row["rle"], row["height"], row["width"])
+        if problem is None:
+            return False
+        shard = store.locate(row["mask_id"], row["image_id"])
+        entry = {"image_id": row["image_id"], "mask_id": row["mask_id"], "shard": shard, "reason": problem}
+        self.skipped_masks.append(entry)
+        log.warning("export: skipping mask %s of shard %s: %s", row["mask_id"], shard, problem)
+        return True
 
     def skip(self, pos: int, reason: str) -> None:
         if self.keep[pos]:
@@ -421,6 +435,25 @@ class _S3Target(_Target):
 
     def abort(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def collect_export_garbage(out: str, min_age_s: float = 3600.0) -> list[str]:
+    """Delete what killed exports to the local folder `out` left: its staging and old-copy siblings
+    (".<name>.tmp-*", ".<name>.old-*") and this machine's S3 export scratch folders (sa-export-* in the
+    temp dir), older than `min_age_s`. Returns the deleted paths."""
+    now, deleted = time.time(), []
+    candidates = list(Path(tempfile.gettempdir()).glob("sa-export-*"))
+    if not _is_s3(out):
+        target = Path(out).resolve()
+        candidates += list(target.parent.glob(f".{target.name}.tmp-*")) + list(target.parent.glob(f".{target.name}.old-*"))
+    for path in candidates:
+        try:
+            if path.is_dir() and now - path.stat().st_mtime >= min_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+                deleted.append(str(path))
+        except OSError:
+            continue
+    return deleted
 
 
 def _open_target(out: str, s3_endpoint_url: str | None) -> _Target:
@@ -706,8 +739,13 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
                         continue
                     anns = []
                     for row in group:
+                        if plan.damaged(store, row):
+                            continue
                         ann_id += 1
                         anns.append(sa1b_annotation(row, ann_id))
+                    if not anns:
+                        plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
+                        continue
                     doc = {"image": {"image_id": number, "width": w, "height": h, "file_name": f"sa_{number}.{ext}",
                                      LINEAGE_KEY: {"image_id": plan.ids[p], "split": split_names[s]}},
                            "annotations": anns}
@@ -733,7 +771,7 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
                                       f"({len(plan.skipped)} skipped, first: {plan.skipped[0]['image_id']}: "
                                       f"{plan.skipped[0]['reason']}): nothing written")
         return {"files": files, "images": n_images, "masks": n_masks, "per_split": per_split,
-                "skipped": plan.skipped, "images_per_tar": images_per_tar}
+                "skipped": plan.skipped, "skipped_masks": plan.skipped_masks, "images_per_tar": images_per_tar}
 
     return _run_export("sa1b", out, overwrite, s3_endpoint_url, body, filters, splits, store)
 
@@ -755,10 +793,14 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
         parts = [_JsonArrayFile(target.scratch / f"{name}.annotations.part") for name in split_names]
         counts = {name: {"images": 0, "masks": 0} for name in split_names}
         ann_id = 0
+        damaged = np.zeros(len(plan.ids), np.int64)
         for batch in store.iter_batches(columns=_COCO_COLUMNS, **filters.store_kwargs()):
             pos = plan.lookup(batch.column("image_id"))
             for row, p in zip(_to_rows(batch), pos.tolist()):
                 if p < 0 or not plan.keep[p]:
+                    continue
+                if plan.damaged(store, row):
+                    damaged[p] += 1
                     continue
                 ann_id += 1
                 name = split_names[plan.split[p]]
@@ -766,6 +808,8 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
                 counts[name]["masks"] += 1
         for part in parts:
             part.close()
+        for p in np.flatnonzero(plan.keep & (damaged > 0) & (damaged >= plan.n_masks)):
+            plan.skip(int(p), "every mask of it is damaged (see skipped_masks); its size is not to be trusted")
         files = []
         created = datetime.now(timezone.utc)
         for s, name in enumerate(split_names):
@@ -796,7 +840,8 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
             raise EmptySelectionError(f"no image of the selection could be exported ({len(plan.skipped)} skipped, "
                                       f"first: {plan.skipped[0]['image_id']}: {plan.skipped[0]['reason']}): "
                                       f"nothing written")
-        return {"files": files, "images": n_images, "masks": ann_id, "per_split": counts, "skipped": plan.skipped}
+        return {"files": files, "images": n_images, "masks": ann_id, "per_split": counts, "skipped": plan.skipped,
+                "skipped_masks": plan.skipped_masks}
 
     return _run_export("coco", out, overwrite, s3_endpoint_url, body, filters, splits, store)
 

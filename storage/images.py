@@ -11,7 +11,9 @@ goes on.
 from __future__ import annotations
 
 import io
-import warnings
+import os
+import stat
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
@@ -22,14 +24,35 @@ from storage.backend import Store, StoreError, open_store
 from storage.quarantine import Quarantine
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
-# More pixels than this is treated as a decompression bomb (a small file claiming a huge canvas).
+# More pixels than this is treated as a decompression bomb (a small file claiming a huge canvas). PIL's own
+# guard (Image.MAX_IMAGE_PIXELS, 89.5 Mpx, an error at twice that) is replaced by this one limit.
 MAX_PIXELS = 120_000_000
+# Seconds one image may take to read (a FIFO, a hung NFS mount or a stalled S3 read must not stop a run).
+LOAD_TIMEOUT_S = 120.0
+# High bit depth (16-bit, 32-bit integer or float grey) -> 8 bits: "percentile" stretches the image's own
+# 0.5th..99.5th percentile onto 0..255 (a 12-bit microscopy TIFF in a 16-bit container stays visible);
+# "range" divides by the container's range (16-bit / 257; float: min..max).
+HIGH_BIT_DEPTH = ("percentile", "range")
+PERCENTILES = (0.5, 99.5)
+# Our own check (`max_pixels`, per source, before any pixel is decoded) replaces PIL's global one, which
+# called a 110 Mpx photo a bomb although the documented limit is 120 Mpx.
+Image.MAX_IMAGE_PIXELS = None
 # Transparent pixels are shown over this colour (RGB).
 ALPHA_BACKGROUND = (255, 255, 255)
 
 
 class BadImage(Exception):
-    """An image that can't be used; str(e) is one line: '<image>: <reason>'."""
+    """An image that can't be used; str(e) is one line: '<image>: <reason>'. transient: trying again
+    later may work (missing, unreadable, half-written, slow), as opposed to a file that is not a usable
+    image at all; storage/quarantine.py retries the former."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+    @property
+    def kind(self) -> str:
+        return "transient" if self.transient else "permanent"
 
 
 @dataclass(frozen=True)
@@ -52,18 +75,58 @@ def image_id_from_key(key: str) -> str:
     return key.replace("\\", "/").lstrip("/")
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def match_file_names(file_names: Iterable[str], image_ids: Iterable[str]) -> dict[str, str]:
+    """Ground-truth file names -> the image ids they name. The rule: the same id (after `image_id_from_key`);
+    else the one image id that ends with the name's path, or that the name's path ends with, at a folder
+    boundary — "JPEGImages/x.jpg" (labelme, many COCO exports) names "x.jpg" of a source pointed at
+    JPEGImages/, and "x.jpg" names "train/x.jpg". A name that fits no id, or more than one, is left out."""
+    ids = list(dict.fromkeys(image_ids))
+    exact = set(ids)
+    by_base: dict[str, list[str]] = {}
+    for i in ids:
+        by_base.setdefault(i.rsplit("/", 1)[-1], []).append(i)
+    out = {}
+    for name in file_names:
+        key = image_id_from_key(name)
+        if key in exact:
+            out[name] = key
+            continue
+        fits = [i for i in by_base.get(key.rsplit("/", 1)[-1], [])
+                if i.endswith("/" + key) or key.endswith("/" + i)]
+        if len(fits) == 1:
+            out[name] = fits[0]
+    return out
+
+
+def _stretch(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values lo..hi -> 0..255 uint8 (clipped; NaN -> 0; a flat image -> 0)."""
+    arr = np.nan_to_num(arr.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _high_bit_depth_grey(img: Image.Image, mapping: str) -> np.ndarray:
+    """16-bit, 32-bit integer or float grey -> (H, W) uint8 by `mapping` (see HIGH_BIT_DEPTH)."""
+    arr = np.asarray(img).astype(np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, np.uint8)
+    if mapping == "percentile":
+        lo, hi = np.percentile(finite, PERCENTILES)
+        if hi <= lo:  # mostly flat: fall back to the full min..max
+            lo, hi = finite.min(), finite.max()
+        return _stretch(arr, lo, hi)
+    if img.mode == "F":
+        return _stretch(arr, finite.min(), finite.max())
+    return _stretch(arr, 0.0, 65535.0)  # the 16-bit container's range (32-bit values above it clip)
+
+
+def _to_rgb(img: Image.Image, high_bit_depth: str = "percentile") -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8 RGB."""
     mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit (and 32-bit integer) grey: map the 16-bit range onto 8 bits, values above clip.
-        arr = np.asarray(img).astype(np.float64)
-        grey = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if mode == "F":  # float grey: no fixed range, stretch min..max
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = np.nanmin(arr), np.nanmax(arr)
-        grey = np.zeros(arr.shape, np.uint8) if hi <= lo else np.round((arr - lo) / (hi - lo) * 255).astype(np.uint8)
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = _high_bit_depth_grey(img, high_bit_depth)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"
@@ -76,35 +139,54 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (H, W, 3) uint8 RGB in EXIF orientation. Raises BadImage."""
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
+                 high_bit_depth: str = "percentile") -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB in EXIF orientation. Raises BadImage.
+
+    The one decoder of the engine: stages, evaluation, training, the ML backend and the exports all
+    see the same pixels for the same file. Empty and truncated files are transient (a copy in progress)."""
+    if high_bit_depth not in HIGH_BIT_DEPTH:
+        raise ValueError(f"high_bit_depth={high_bit_depth!r}: expected one of {HIGH_BIT_DEPTH}")
     if len(data) == 0:
-        raise BadImage(f"{name}: empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImage(f"{name}: {w}x{h} pixels exceeds the {max_pixels} pixel limit "
-                               f"(decompression bomb?)")
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-        except BadImage:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImage(f"{name}: decompression bomb ({e})".replace("\n", " ")) from None
-        except UnidentifiedImageError:
-            raise BadImage(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-            # PIL reports truncated/corrupt data with these (e.g. 'image file is truncated').
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BadImage(f"{name}: truncated or corrupt image ({reason})") from None
+        raise BadImage(f"{name}: empty file (0 bytes)", transient=True)
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise BadImage(f"{name}: {w}x{h} pixels exceeds the {max_pixels} pixel limit "
+                           f"(decompression bomb?)")
+        if w == 0 or h == 0:
+            raise BadImage(f"{name}: {w}x{h} image has no pixels")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img, high_bit_depth)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"{name}: decompression bomb ({e})".replace("\n", " ")) from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        # PIL reports truncated/corrupt data with these (e.g. 'image file is truncated').
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadImage(f"{name}: truncated or corrupt image ({reason})", transient=True) from None
+
+
+def image_size(source: "ImageSource", image_id: str) -> tuple[int, int] | None:
+    """(H, W) of an image file after EXIF orientation, from its header alone; None when it can't be read."""
+    try:
+        with Image.open(io.BytesIO(source.read(source.ref(image_id)))) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90 degrees swap the sides
+                w, h = h, w
+            return h, w
+    except (BadImage, OSError, ValueError, SyntaxError):
+        return None
 
 
 def fit_max_side(pixels: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """Downscale so the longer side is at most `max_side` (area filter). Returns (pixels, scale)."""
+    """Downscale so the longer side is at most `max_side` (area filter). Returns (pixels, scale).
+    A thin image keeps at least 1 pixel across (3x20000 -> 1x1500, not 0x1500)."""
     h, w = pixels.shape[:2]
     if max(h, w) <= max_side:
         return pixels, 1.0
@@ -119,14 +201,19 @@ class ImageSource:
     def __init__(self, uri: str, max_side: int = 1500,
                  large_images: Literal["downscale", "quarantine"] = "downscale",
                  s3_endpoint_url: str | None = None, store: Store | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, high_bit_depth: str = "percentile",
+                 load_timeout_s: float = LOAD_TIMEOUT_S):
         if large_images not in ("downscale", "quarantine"):
             raise ValueError(f"large_images={large_images!r}: expected 'downscale' or 'quarantine'")
+        if high_bit_depth not in HIGH_BIT_DEPTH:
+            raise ValueError(f"high_bit_depth={high_bit_depth!r}: expected one of {HIGH_BIT_DEPTH}")
         self.uri = uri
         self.store = store or open_store(uri, s3_endpoint_url=s3_endpoint_url)
         self.max_side = int(max_side)
         self.large_images = large_images
         self.max_pixels = max_pixels
+        self.high_bit_depth = high_bit_depth
+        self.load_timeout_s = float(load_timeout_s)
 
     def __repr__(self) -> str:
         return f"ImageSource({self.store.uri!r})"
@@ -141,13 +228,43 @@ class ImageSource:
         """The ref of one image by id (no listing)."""
         return ImageRef(image_id=image_id, key=image_id, uri=self.store.url(image_id))
 
+    def read(self, ref: ImageRef) -> bytes:
+        """The file's bytes within `load_timeout_s`; raises BadImage (transient) when it is missing,
+        unreadable or too slow, and (permanent) when it is not a regular file (a FIFO, a device)."""
+        path = getattr(self.store, "root", None)
+        if path is not None:  # local: a FIFO or device named *.png would block the read forever
+            try:
+                st = os.stat(self.store.url(ref.key))
+            except OSError as e:
+                why = "not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e.strerror or e})"
+                raise BadImage(f"{ref.uri}: {why}", transient=True) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise BadImage(f"{ref.uri}: not a regular file (a FIFO, socket or device)")
+        result: dict = {}
+
+        def read() -> None:
+            try:
+                result["data"] = self.store.read_bytes(ref.key)
+            except BaseException as e:  # handed to the caller's thread
+                result["error"] = e
+
+        reader = threading.Thread(target=read, name="image-read", daemon=True)
+        reader.start()
+        reader.join(self.load_timeout_s)
+        if reader.is_alive():  # the thread is left behind (a blocked read can't be interrupted)
+            raise BadImage(f"{ref.uri}: not read within {self.load_timeout_s:g} s (images.load_timeout_s)",
+                           transient=True)
+        if "error" in result:
+            e = result["error"]
+            if isinstance(e, StoreError):
+                raise BadImage(str(e), transient=True) from None
+            raise e
+        return result["data"]
+
     def load(self, ref: ImageRef) -> LoadedImage:
         """Read and decode one image; raises BadImage (one line) if it can't be used."""
-        try:
-            data = self.store.read_bytes(ref.key)
-        except StoreError as e:
-            raise BadImage(str(e)) from None
-        pixels = decode_image(data, ref.uri, self.max_pixels)
+        data = self.read(ref)
+        pixels = decode_image(data, ref.uri, self.max_pixels, self.high_bit_depth)
         h, w = pixels.shape[:2]
         if max(h, w) > self.max_side and self.large_images == "quarantine":
             raise BadImage(f"{ref.uri}: {w}x{h} is larger than max_side={self.max_side} "
@@ -165,4 +282,4 @@ class ImageSource:
                 if quarantine is not None:
                     reason = str(e)
                     reason = reason[len(ref.uri) + 2:] if reason.startswith(f"{ref.uri}: ") else reason
-                    quarantine.add(ref.uri, reason, stage)
+                    quarantine.add(ref.uri, reason, stage, e.kind)

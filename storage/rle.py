@@ -137,3 +137,52 @@ def rle_to_str(rle: dict) -> dict:
     counts = rle["counts"]
     return {"size": [int(rle["size"][0]), int(rle["size"][1])],
             "counts": counts.decode("ascii") if isinstance(counts, (bytes, bytearray)) else counts}
+
+
+def compressed_counts(counts: bytes | str) -> np.ndarray:
+    """COCO compressed `counts` -> (K,) int64 run lengths, as pycocotools' rleFrString reads them, but
+    checked: raises ValueError (one line) on a byte outside the alphabet ('0'..'o') or a number cut off
+    in the middle (a truncated string). Runs are not checked here; see `rle_problem`."""
+    data = counts.encode("ascii", "replace") if isinstance(counts, str) else bytes(counts)
+    c = np.frombuffer(data, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros((0,), np.int64)
+    if c.min() < 0 or c.max() > 63:
+        bad = int(np.flatnonzero((c < 0) | (c > 63))[0])
+        raise ValueError(f"byte {bad} of the counts ({data[bad]!r}) is not in COCO's RLE alphabet")
+    more = (c & 0x20) != 0
+    if more[-1]:
+        raise ValueError("the counts end inside a number (truncated)")
+    ends = np.flatnonzero(~more)  # the last character of each number
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    number = np.repeat(np.arange(len(ends)), ends - starts + 1)
+    k = np.arange(c.size) - starts[number]  # 5-bit group index within its number
+    if k.max() > 12:
+        raise ValueError("a run length in the counts has more than 60 bits")
+    x = np.zeros(len(ends), np.int64)
+    np.add.at(x, number, (c & 0x1F) << (5 * k))
+    negative = (c[ends] & 0x10) != 0  # the sign bit of each number's last group
+    x[negative] -= np.int64(1) << (5 * (k[ends][negative] + 1))
+    # runs after the second are stored as differences to the run two before (pycocotools' m > 2)
+    runs = x.copy()
+    runs[3::2] = x[1] + np.cumsum(x[3::2]) if len(x) > 3 else runs[3::2]
+    runs[4::2] = x[2] + np.cumsum(x[4::2]) if len(x) > 4 else runs[4::2]
+    return runs
+
+
+def rle_problem(counts: bytes | str, height: int, width: int) -> str | None:
+    """Why a stored RLE cannot be a (height, width) mask, or None when it can: size not positive, counts
+    not decodable, a negative run, or runs that do not add up to height x width pixels (a truncated
+    string, a doubled height)."""
+    if not (isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer))) or height <= 0 or width <= 0:
+        return f"size {height}x{width} is not a positive size"
+    try:
+        runs = compressed_counts(counts)
+    except ValueError as e:
+        return str(e)
+    if runs.size and runs.min() < 0:
+        return "the counts hold a negative run"
+    total = int(runs.sum())
+    if total != int(height) * int(width):
+        return f"the runs cover {total} pixels, not {height}x{width} = {int(height) * int(width)}"
+    return None

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from storage.backend import ConflictError, LocalStore, ObjectNotFound, Store, StoreError, open_store
 from storage.records import MASK_SCHEMA, SCHEMA_VERSION, STAGES, MaskRecord, records_to_table
+from storage.rle import compressed_counts, rle_problem
 
 MANIFEST_KEY = "manifest.json"
 MANIFEST_FORMAT = "sa-engine-mask-store"
@@ -113,7 +114,8 @@ class Manifest:
         try:
             d = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptShardError(f"{where}: manifest is not valid JSON ({e})") from None
+            raise CorruptShardError(f"{where}: manifest is not valid JSON ({e}); recover it with "
+                                    f"`sa-engine store rebuild-manifest`") from None
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise CorruptShardError(f"{where}: not an sa-engine mask store manifest")
         if int(d.get("manifest_version", 0)) > MANIFEST_VERSION:
@@ -124,7 +126,8 @@ class Manifest:
                        image_indexes=[ShardInfo.from_json(s) for s in d.get("image_indexes", [])],
                        generation=int(d.get("generation", 0)), last_commit=d.get("last_commit"))
         except (TypeError, ValueError) as e:
-            raise CorruptShardError(f"{where}: malformed shard entry in manifest ({e})") from None
+            raise CorruptShardError(f"{where}: malformed shard entry in manifest ({e}); recover it with "
+                                    f"`sa-engine store rebuild-manifest`") from None
 
 
 def _now_iso() -> str:
@@ -159,7 +162,14 @@ class MaskStore:
 
     def manifest(self) -> Manifest:
         data, _ = self.store.read_versioned(MANIFEST_KEY)
-        return Manifest() if data is None else Manifest.parse(data, self.store.url(MANIFEST_KEY))
+        if data is None:
+            # committed data on disk without its manifest is not an empty store (a first commit in flight
+            # has its files only seconds old)
+            if any(self._age(k) > 60 for k in self.store.list(IMAGES_DIR)[:16]):
+                raise CorruptShardError(f"{self.store.url(MANIFEST_KEY)}: missing, but the store holds shard "
+                                        f"files; recover it with `sa-engine store rebuild-manifest`")
+            return Manifest()
+        return Manifest.parse(data, self.store.url(MANIFEST_KEY))
 
     def shards(self) -> list[ShardInfo]:
         return self.manifest().shards
@@ -199,10 +209,25 @@ class MaskStore:
         return MaskShardWriter(self, stage, round, model_version)
 
     def _write_table(self, table: pa.Table, folder: str, stage: str, round: int,
-                     model_version: str | None, commit: str) -> ShardInfo:
-        """Sort by image_id, write one Parquet file (atomically) and describe it."""
+                     model_version: str | None, commit: str, kind: str = "append",
+                     closing: dict | None = None) -> ShardInfo:
+        """Sort by image_id, write one Parquet file (atomically) and describe it.
+
+        The file carries its commit in its own metadata (`sa_engine_commit` …), and the last file of a
+        commit (`closing`) how many files the commit has and which shards it replaces: from the files
+        alone `rebuild_manifest` can tell a finished commit from a writer that died half-way."""
         table = table.sort_by([("image_id", "ascending")] + (
             [("mask_id", "ascending")] if "mask_id" in table.column_names else []))
+        created = _now_iso()
+        meta = dict(table.schema.metadata or {})
+        meta.update({b"sa_engine_commit": commit.encode(), b"sa_engine_kind": kind.encode(),
+                     b"sa_engine_stage": stage.encode(), b"sa_engine_round": str(int(round)).encode(),
+                     b"sa_engine_model_version": json.dumps(model_version).encode(),
+                     b"sa_engine_created_at": created.encode()})
+        if closing is not None:
+            meta[b"sa_engine_commit_files"] = str(int(closing["files"])).encode()
+            meta[b"sa_engine_replaces"] = json.dumps(list(closing.get("replaces", []))).encode()
+        table = table.replace_schema_metadata(meta)
         data = _parquet_bytes(table)
         key = f"{folder}/{uuid.uuid4().hex}.parquet"
         self.store.write_bytes(key, data)
@@ -211,7 +236,7 @@ class MaskStore:
                          stage=stage, round=int(round), model_version=model_version,
                          min_image_id=ids[0].as_py() if len(ids) else None,
                          max_image_id=ids[-1].as_py() if len(ids) else None,
-                         commit=commit, created_at=_now_iso())
+                         commit=commit, created_at=created)
 
     def upsert(self, records: Sequence[MaskRecord], stage: str, round: int,
                model_version: str | None) -> list[ShardInfo]:
@@ -240,14 +265,15 @@ class MaskStore:
                     kept = table.filter(pc.invert(hit))
                     if kept.num_rows:
                         written.append(self._write_table(kept, SHARDS_DIR, info.stage, info.round,
-                                                         info.model_version, commit))
+                                                         info.model_version, commit, kind="upsert"))
                 new_records = []
                 for r in latest.values():
                     if r.mask_id in history:
                         r = _with_history(r, history[r.mask_id])
                     new_records.append(r)
-                written.append(self._write_table(records_to_table(new_records), SHARDS_DIR, stage, round,
-                                                 model_version, commit))
+                written.append(self._write_table(  # the commit's last file: it closes the commit
+                    records_to_table(new_records), SHARDS_DIR, stage, round, model_version, commit, kind="upsert",
+                    closing={"files": len(written) + 1, "replaces": [s.path for s in replaced]}))
                 self._swap_manifest(written, [], {"id": commit, "kind": "upsert", "time": _now_iso(),
                                                   "stage": stage, "round": int(round),
                                                   "model_version": model_version, "rows": len(new_records),
@@ -277,16 +303,23 @@ class MaskStore:
         for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR):
             if key in live:
                 continue
-            if isinstance(self.store, LocalStore):
-
-                age = now - os.stat(self.store.url(key)).st_mtime
-            else:
-                head = self.store.client.head_object(Bucket=self.store.bucket, Key=self.store._key(key))
-                age = now - head["LastModified"].timestamp()
-            if age >= min_age_s:
+            if self._age(key, now) >= min_age_s:
                 self.store.delete(key)
                 deleted.append(key)
+        if isinstance(self.store, LocalStore):  # half-written files of killed atomic writes (".name.<id>.tmp")
+            for path in self.store.root.rglob(".*.tmp"):
+                if path.is_file() and now - path.stat().st_mtime >= min_age_s:
+                    path.unlink(missing_ok=True)
+                    deleted.append(path.relative_to(self.store.root).as_posix())
         return deleted
+
+    def _age(self, key: str, now: float | None = None) -> float:
+        """Seconds since `key` was last written."""
+        now = time.time() if now is None else now
+        if isinstance(self.store, LocalStore):
+            return now - os.stat(self.store.url(key)).st_mtime
+        head = self.store.client.head_object(Bucket=self.store.bucket, Key=self.store._key(key))
+        return now - head["LastModified"].timestamp()
 
     # ------------------------------------------------------------ reading
 
@@ -392,6 +425,14 @@ class MaskStore:
         """Image ids a committed `stage` run finished (optionally only for one model version / round)."""
         return set(self.images_table(stage, model_version, round).column("image_id").to_pylist())
 
+    def locate(self, mask_id: str, image_id: str) -> str | None:
+        """The URL of the committed shard holding `mask_id` (of `image_id`), or None: for messages about one row."""
+        for info in self._prune(self.manifest().shards, image_ids=[image_id]):
+            ids = self._read_shard(info, ["mask_id"], pc.field("mask_id") == mask_id)
+            if ids.num_rows:
+                return self.url(info)
+        return None
+
     def verify(self) -> None:
         """Re-hash every committed file; raise CorruptShardError naming the first that disagrees."""
         manifest = self.manifest()
@@ -406,6 +447,122 @@ class MaskStore:
                 raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's "
                                         f"{info.sha256[:12]}… (corrupted or replaced)")
             self._fragment(info)  # schema version of the file itself
+
+
+    def verify_deep(self, image_sizes=None, limit: int = 100) -> list[str]:
+        """`verify`, then every row: its RLE decodes to exactly (height, width) pixels, its area matches, and
+        (with `image_sizes`, a function image_id -> (H, W) or None) its size is the image's. Returns one line
+        per problem ('<shard> mask <id>: <reason>'), at most `limit`; raises CorruptShardError when a file
+        itself is damaged (as `verify`)."""
+        self.verify()
+        problems: list[str] = []
+        sizes: dict[str, tuple | None] = {}
+        for info in self.shards():
+            table = self._read_shard(info, ["image_id", "mask_id", "height", "width", "rle", "area"], None)
+            for row in table.to_pylist():
+                where = f"{self.url(info)} mask {row['mask_id']}"
+                problem = rle_problem(row["rle"], row["height"], row["width"])
+                if problem is None:
+                    runs = compressed_counts(row["rle"])
+                    if int(runs[1::2].sum()) != row["area"]:
+                        problem = f"area {row['area']} but the RLE holds {int(runs[1::2].sum())} pixels"
+                if problem is None and image_sizes is not None:
+                    if row["image_id"] not in sizes:
+                        sizes[row["image_id"]] = image_sizes(row["image_id"])
+                    size = sizes[row["image_id"]]
+                    if size is not None and tuple(size) != (row["height"], row["width"]):
+                        problem = (f"mask is {row['height']}x{row['width']} but image {row['image_id']} is "
+                                   f"{size[0]}x{size[1]}")
+                if problem:
+                    problems.append(f"{where}: {problem}")
+                    if len(problems) >= limit:
+                        return problems
+        return problems
+
+    def rebuild_manifest(self, dry_run: bool = False) -> dict:
+        """Recover a lost or damaged manifest from the files on disk.
+
+        The rule: a file names its commit in its metadata, and a commit's last file says how many files the
+        commit has and which shards it replaced. A commit whose files are all there is kept (its shards, minus
+        those a kept commit replaced); a commit with files missing (a writer that died before its commit)
+        and unreadable files are left out and listed. Files written before commits were recorded (no
+        metadata) are kept as they are. The old manifest, if any, is kept beside as manifest.json.damaged-*.
+        Returns {shards, image_indexes, rows, left_out: [{path, reason}], written}."""
+        files, left_out = [], []
+        for folder in (SHARDS_DIR, IMAGES_DIR):
+            for key in self.store.list(folder):
+                if not key.endswith(".parquet"):
+                    continue
+                try:
+                    data = self.store.read_bytes(key)
+                    pf = pq.ParquetFile(pa.BufferReader(data))
+                    meta = pf.schema_arrow.metadata or {}
+                    ids = pf.read(columns=["image_id"]).column("image_id")
+                except (pa.ArrowInvalid, OSError) as e:
+                    left_out.append({"path": key, "reason": f"not a readable Parquet file ({str(e).splitlines()[0]})"})
+                    continue
+                first = ids.to_pylist()
+                files.append({"key": key, "folder": folder, "meta": {k.decode(): v.decode() for k, v in meta.items()},
+                              "info": ShardInfo(
+                                  path=key, rows=len(first), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                                  stage="", round=0, model_version=None,
+                                  schema_version=int(meta.get(b"sa_engine_schema_version", b"0")),
+                                  min_image_id=min(first) if first else None,
+                                  max_image_id=max(first) if first else None)})
+        commits: dict[str, list[dict]] = {}
+        for f in files:
+            m = f["meta"]
+            f["info"].commit = m.get("sa_engine_commit")
+            f["info"].created_at = m.get("sa_engine_created_at")
+            if "sa_engine_commit" not in m:  # written before commits were recorded: keep it as it is
+                stage, rnd, mv = self._legacy_identity(f["key"], f["folder"])
+                f["info"].stage, f["info"].round, f["info"].model_version = stage, rnd, mv
+                commits[f"legacy:{f['key']}"] = [dict(f, closing=1)]
+                continue
+            f["info"].stage, f["info"].round = m["sa_engine_stage"], int(m["sa_engine_round"])
+            f["info"].model_version = json.loads(m["sa_engine_model_version"])
+            if "sa_engine_commit_files" in m:
+                f["closing"] = int(m["sa_engine_commit_files"])
+                f["replaces"] = json.loads(m.get("sa_engine_replaces", "[]"))
+            commits.setdefault(m["sa_engine_commit"], []).append(f)
+        complete, replaced = [], set()
+        for commit, group in commits.items():
+            closing = next((f for f in group if f.get("closing")), None)
+            if closing is None or closing["closing"] != len(group):
+                why = "its commit never finished (a writer stopped before its commit)"
+                left_out += [{"path": f["key"], "reason": why} for f in group]
+                continue
+            complete.append(group)
+            replaced |= set(closing.get("replaces", []))
+        kept = sorted((f for group in complete for f in group if f["key"] not in replaced),
+                      key=lambda f: (f["info"].created_at or "", f["key"]))
+        left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
+                     if any(f["key"] == k for f in files)]
+        old, version = self.store.read_versioned(MANIFEST_KEY)
+        try:
+            generation = Manifest.parse(old, "").generation + 1 if old is not None else 1
+        except StoreError:
+            generation = 1
+        manifest = Manifest(shards=[f["info"] for f in kept if f["folder"] == SHARDS_DIR],
+                            image_indexes=[f["info"] for f in kept if f["folder"] == IMAGES_DIR],
+                            generation=generation,
+                            last_commit={"id": uuid.uuid4().hex, "kind": "rebuild", "time": _now_iso(),
+                                         "left_out": len(left_out)})
+        if not dry_run:
+            if old is not None:
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+                self.store.write_bytes(f"{MANIFEST_KEY}.damaged-{stamp}", old)
+            self.store.write_if_version(MANIFEST_KEY, manifest.to_bytes(), version)
+        return {"shards": len(manifest.shards), "image_indexes": len(manifest.image_indexes),
+                "rows": sum(s.rows for s in manifest.shards), "left_out": left_out, "written": not dry_run}
+
+    def _legacy_identity(self, key: str, folder: str) -> tuple[str, int, str | None]:
+        """(stage, round, model_version) of a file without commit metadata, from its first row."""
+        t = pq.read_table(pa.BufferReader(self.store.read_bytes(key)), columns=["stage", "round", "model_version"])
+        if t.num_rows == 0:
+            return "manual", 0, None
+        row = t.slice(0, 1).to_pylist()[0]
+        return row["stage"], int(row["round"]), row["model_version"]
 
 
 class MaskShardWriter:
@@ -464,11 +621,11 @@ class MaskShardWriter:
         """Write what is buffered, then the image index, then the manifest (the commit point)."""
         try:
             self._flush()
-            indexes = []
-            if self._images:
-                indexes.append(self.mask_store._write_table(
-                    pa.Table.from_pylist(self._images, schema=IMAGES_SCHEMA), IMAGES_DIR, self.stage,
-                    self.round, self.model_version, self._commit))
+            # the image index is written last, even when empty: it closes the commit (see _write_table)
+            indexes = [self.mask_store._write_table(
+                pa.Table.from_pylist(self._images, schema=IMAGES_SCHEMA), IMAGES_DIR, self.stage,
+                self.round, self.model_version, self._commit, kind="index",
+                closing={"files": len(self._written) + 1})]
             rows = sum(s.rows for s in self._written)
             self.mask_store._swap_manifest(self._written, indexes, {
                 "id": self._commit, "kind": "append", "time": _now_iso(), "stage": self.stage,

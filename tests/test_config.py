@@ -22,6 +22,7 @@ from engine.integrations.config import (
     defaults_yaml,
     load_config,
     ray_address_problem,
+    set_dotted,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,15 +134,25 @@ def test_missing_image_source_and_holdout(tmp_path):
     assert len(problems) == 2
 
 
-def test_numbers_a_run_cannot_use(tmp_path):
+@pytest.mark.parametrize("key,value", [
+    ("stages.auto.points_per_side", -4), ("stages.auto.num_actors", 0), ("stages.auto.pred_iou_thresh", 1.5),
+    ("stages.auto.images_per_commit", -1), ("labelstudio.port", 99999), ("labelstudio.ml_backend_port", 0),
+    ("stages.manual.images_per_round", 0), ("stages.auto.max_mask_fraction", 1.5), ("train.max_steps", 0),
+    ("train.minutes", 0), ("images.max_side", 8), ("stages.auto.crop_n_layers", 9), ("ray.cpus_per_actor", 0),
+    ("stages.semi.audit_fraction", -0.1), ("images.load_timeout_s", 0), ("images.max_pixels", 0)])
+def test_every_number_is_range_checked_when_read(tmp_path, key, value):
+    data = {}
+    set_dotted(data, key, value)
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, data))
+    line = str(e.value)
+    assert "\n" not in line and f": {key}: Input should be" in line and repr(value) in line
+
+
+def test_numbers_that_must_agree_with_each_other(tmp_path):
     data = _ready_workdir(tmp_path)
-    data["stages"] = {"manual": {"images_per_round": 0}, "auto": {"max_mask_fraction": 1.5}}
     data["eval"] = {"clicks": [1, 3], "promote_metric": "miou@5"}
-    data["train"] = {"max_steps": 0}
     problems = check_config(load_config(_write(tmp_path, data)), network=False)
-    assert "stages.manual.images_per_round: must be >= 1, got 0" in problems
-    assert "stages.auto.max_mask_fraction: must be in (0, 1], got 1.5" in problems
-    assert any(p.startswith("train.max_steps: must be >= 1") for p in problems)
     assert any(p.startswith("eval.promote_metric: 'miou@5' is not measured") for p in problems)
 
 

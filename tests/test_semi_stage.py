@@ -343,7 +343,8 @@ def test_plan_caps_pages_and_plain_tasks(tmp_path):
         assert [p.predicted_iou for p in ps] == sorted((p.predicted_iou for p in ps), reverse=True)
     assert any(im["dropped_by_cap"] > 0 for im in plan["images"].values())  # the cap did bite
     # Thresholds above any score: nothing is confident, every image becomes a plain task.
-    cfg2, store2, source2, q2, _ = _plan_setup(tmp_path / "strict", default_pred_iou_thresh=1.5)
+    cfg2, store2, source2, q2, _ = _plan_setup(tmp_path / "strict")
+    cfg2.stages.semi.default_pred_iou_thresh = 1.5  # set past the config's range check (which refuses it)
     plan2 = make_plan(cfg2, 1, seg, store2, source2, [r.image_id for r in source2.list()], q2)
     assert all(im["prefills"] == [] for im in plan2["images"].values())
 

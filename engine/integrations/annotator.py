@@ -32,7 +32,7 @@ from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskI
 from model.clicks import first_click, next_click
 from model.iou import mask_iou
 from storage.brush_rle import decode_mask
-from storage.images import image_id_from_key
+from storage.images import image_id_from_key, match_file_names
 
 
 @dataclass
@@ -75,14 +75,26 @@ class ImageEffort:
     seconds: float = 0.0
 
 
-def load_ground_truth(coco_json: str | Path) -> dict[str, list[GTObject]]:
+def load_ground_truth(coco_json: str | Path, image_ids: list[str] | None = None) -> dict[str, list[GTObject]]:
     """COCO instances (RLE segmentations, optional `parent_id`) -> image_id -> objects.
-    image_id = the file name's id as storage/images.py derives it."""
+
+    image_id = the file name's id as storage/images.py derives it; with `image_ids` (the source's), file
+    names are matched to them by `storage.images.match_file_names` (folders in `file_name` allowed), and a
+    file none of whose names matches any image raises ValueError naming both sides."""
 
     coco = json.loads(Path(coco_json).read_text())
     names = {im["id"]: image_id_from_key(im["file_name"]) for im in coco["images"]}
+    if image_ids is not None:
+        matched = match_file_names([im["file_name"] for im in coco["images"]], image_ids)
+        if coco["images"] and not matched:
+            raise ValueError(f"ground truth {coco_json} matches no image of the source: its file names look like "
+                             f"{coco['images'][0]['file_name']!r}, the source's image ids like "
+                             f"{(list(image_ids) or ['(no images)'])[0]!r}")
+        names = {im["id"]: matched[im["file_name"]] for im in coco["images"] if im["file_name"] in matched}
     out: dict[str, list[GTObject]] = {n: [] for n in names.values()}
     for a in coco["annotations"]:
+        if a["image_id"] not in names:
+            continue  # an image the source does not hold
         seg = a["segmentation"]
         if isinstance(seg, dict) and isinstance(seg.get("counts"), list):
             seg = mask_utils.frPyObjects(seg, *seg["size"])

@@ -34,8 +34,12 @@ class _Section(BaseModel):
 
 class ImagesConfig(_Section):
     source: str = "synth/images"  # local folder or s3://bucket/prefix
-    max_side: int = 1500  # larger images are handled per `large_images`
+    max_side: int = Field(1500, ge=32)  # larger images are handled per `large_images`
     large_images: Literal["downscale", "quarantine"] = "downscale"  # model sees max_side, masks keep full size
+    max_pixels: int = Field(120_000_000, ge=1)  # more pixels than this is refused as a decompression bomb (PIL's own 89.5 Mpx guard is off)
+    high_bit_depth: Literal["percentile", "range"] = "percentile"  # 16-bit/float grey to 8 bits: stretch the image's 0.5..99.5th percentile, or divide by the container's range
+    load_timeout_s: float = Field(120.0, gt=0)  # an image not read within this (a FIFO, a hung mount) is set aside as transient
+    transient_retries: int = Field(3, ge=0)  # reruns that try again an image set aside as transient (missing, half-written) before it is held until released
     ground_truth: str | None = "synth/annotations.json"  # COCO JSON; drives simulated annotators
     holdout_source: str | None = "synth-holdout/images"  # frozen holdout, never annotated
     holdout_ground_truth: str | None = "synth-holdout/annotations.json"  # COCO JSON; gates promotion
@@ -45,7 +49,7 @@ class ImagesConfig(_Section):
 
 class StorageConfig(_Section):
     root: str = "store"  # local folder or s3://bucket/prefix
-    shard_target_mb: float = 64.0  # Parquet shard size to aim for
+    shard_target_mb: float = Field(64.0, gt=0)  # Parquet shard size to aim for
     s3_endpoint_url: str | None = None  # e.g. a MinIO/moto server; None = AWS
     s3_region: str | None = None  # None = the standard AWS chain
 
@@ -56,76 +60,76 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # network arithmetic: fp32, or autocast to bf16/fp16 (embedding, decoding; training: fp32/bf16)
     compile: bool = False  # torch.compile the encoder and decoder (inference; pays off on GPUs, first call compiles)
-    bootstrap_minutes: float = 0.0  # round 0: train on a separate labelled synthetic set first; 0 = off
-    bootstrap_images: int = 64  # size of that synthetic set
+    bootstrap_minutes: float = Field(0.0, ge=0)  # round 0: train on a separate labelled synthetic set first; 0 = off
+    bootstrap_images: int = Field(64, ge=1)  # size of that synthetic set
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
-    bootstrap_image_size: int = 256  # its image side in pixels
+    bootstrap_image_size: int = Field(256, ge=32)  # its image side in pixels
     bootstrap_family: Literal["shapes", "pebbles"] = "shapes"  # its synthetic scene family (engine/integrations/synth.py)
 
 
 class ManualStageConfig(_Section):
-    rounds: int = 2  # N1: assisted-manual rounds
-    images_per_round: int = 8  # images annotated per manual round
-    max_clicks: int = 10  # per object
-    iou_target: float = 0.9  # the simulated annotator stops clicking at this IoU
-    seconds_per_click: float = 1.5  # lead time charged per simulated click
-    seconds_per_mask: float = 3.0  # fixed overhead per mask (choosing the object, submitting)
-    image_time_limit_s: float = 120.0  # like SA-1B's annotators, leave an image after this long
+    rounds: int = Field(2, ge=0)  # N1: assisted-manual rounds
+    images_per_round: int = Field(8, ge=1)  # images annotated per manual round
+    max_clicks: int = Field(10, ge=1)  # per object
+    iou_target: float = Field(0.9, gt=0, le=1)  # the simulated annotator stops clicking at this IoU
+    seconds_per_click: float = Field(1.5, ge=0)  # lead time charged per simulated click
+    seconds_per_mask: float = Field(3.0, ge=0)  # fixed overhead per mask (choosing the object, submitting)
+    image_time_limit_s: float = Field(120.0, gt=0)  # like SA-1B's annotators, leave an image after this long
 
 
 class SemiStageConfig(_Section):
-    rounds: int = 1  # N2: semi-automatic rounds (after the manual ones)
-    images_per_round: int = 8  # images annotated per semi-automatic round
-    target_precision: float = 0.9  # share of prefills with IoU >= precision_iou to a human mask
-    precision_iou: float = 0.9  # IoU to a human mask at which a prefill counts as correct
-    default_pred_iou_thresh: float = 0.92  # used when there is no verified history to calibrate on
-    default_stability_score_thresh: float = 0.95  # used when there is no verified history to calibrate on
-    audit_fraction: float = 0.2  # share of accepted prefills checked against the truth
-    max_prefill_per_task: int = 40  # Label Studio slows down with many brush regions
-    max_pages_per_image: int = 3  # more confident masks than cap x pages: the lowest-ranked are dropped
-    points_per_side: int | None = None  # generator grid; None = stages.auto.points_per_side
+    rounds: int = Field(1, ge=0)  # N2: semi-automatic rounds (after the manual ones)
+    images_per_round: int = Field(8, ge=1)  # images annotated per semi-automatic round
+    target_precision: float = Field(0.9, gt=0, le=1)  # share of prefills with IoU >= precision_iou to a human mask
+    precision_iou: float = Field(0.9, gt=0, le=1)  # IoU to a human mask at which a prefill counts as correct
+    default_pred_iou_thresh: float = Field(0.92, ge=0, le=1)  # used when there is no verified history to calibrate on
+    default_stability_score_thresh: float = Field(0.95, ge=0, le=1)  # used when there is no verified history to calibrate on
+    audit_fraction: float = Field(0.2, ge=0, le=1)  # share of accepted prefills checked against the truth
+    max_prefill_per_task: int = Field(40, ge=1)  # Label Studio slows down with many brush regions
+    max_pages_per_image: int = Field(3, ge=1)  # more confident masks than cap x pages: the lowest-ranked are dropped
+    points_per_side: int | None = Field(None, ge=1)  # generator grid; None = stages.auto.points_per_side
     # Calibration history (model/calibration.py): verified images of earlier rounds, newest first.
-    calibration_images: int = 16  # at most this many history images are re-run through the generator
-    calibration_pred_iou_floor: float = 0.5  # loose generator filters for history, below any threshold chosen
-    calibration_stability_floor: float = 0.5  # the same for the stability score
+    calibration_images: int = Field(16, ge=1)  # at most this many history images are re-run through the generator
+    calibration_pred_iou_floor: float = Field(0.5, ge=0, le=1)  # loose generator filters for history, below any threshold chosen
+    calibration_stability_floor: float = Field(0.5, ge=0, le=1)  # the same for the stability score
     calibration_min_coverage: float = Field(0.5, ge=0.0, le=1.0)  # a generated history mask with less of its area on verified masks is not judged (nobody drew that object); 0 = judge all
-    calibration_min_samples: int = 50  # fewer history masks: the defaults above
-    calibration_min_kept: int = 20  # thresholds must keep at least this many history masks
-    calibration_confidence: float = 0.9  # one-sided confidence of the precision lower bound
+    calibration_min_samples: int = Field(50, ge=1)  # fewer history masks: the defaults above
+    calibration_min_kept: int = Field(20, ge=1)  # thresholds must keep at least this many history masks
+    calibration_confidence: float = Field(0.9, gt=0, lt=1)  # one-sided confidence of the precision lower bound
     # Simulated review (engine/integrations/prefill_review.py): what a glance accepts, fixes or deletes.
-    review_accept_iou: float = 0.85  # coarser than precision_iou on purpose: the audit measures the difference
-    review_edit_iou: float = 0.5  # below: the prefill is deleted, not fixed
-    cover_iou: float = 0.5  # a truth object matched by a kept mask at this IoU is not clicked again
-    seconds_per_review: float = 1.0  # lead time charged per prefill looked at (accept or delete)
+    review_accept_iou: float = Field(0.85, ge=0, le=1)  # coarser than precision_iou on purpose: the audit measures the difference
+    review_edit_iou: float = Field(0.5, ge=0, le=1)  # below: the prefill is deleted, not fixed
+    cover_iou: float = Field(0.5, ge=0, le=1)  # a truth object matched by a kept mask at this IoU is not clicked again
+    seconds_per_review: float = Field(1.0, ge=0)  # lead time charged per prefill looked at (accept or delete)
 
 
 class AutoStageConfig(_Section):
     # The generator's keys default to model/amg_params.py's AmgParams (SAM's values): one source of defaults.
-    points_per_side: int = _AMG.points_per_side  # point grid of the full image (SAM: 32)
-    points_per_batch: int = _AMG.points_per_batch  # prompts decoded at once
-    pred_iou_thresh: float = _AMG.pred_iou_thresh  # keep masks whose predicted IoU is at least this
-    stability_score_thresh: float = _AMG.stability_score_thresh  # keep masks whose stability score is at least this
-    stability_score_offset: float = _AMG.stability_score_offset  # logit offset of the stability score
-    box_nms_thresh: float = _AMG.box_nms_thresh  # box IoU for non-maximum suppression within a crop
-    crop_n_layers: int = _AMG.crop_n_layers  # crop layers: layer i has (2^i)^2 crops (SA-1B: 2)
-    crop_nms_thresh: float = _AMG.crop_nms_thresh  # box IoU for suppression across crops
-    crop_overlap_ratio: float = _AMG.crop_overlap_ratio  # overlap of neighbouring crops, as a share of the crop side
-    crop_n_points_downscale_factor: int = _AMG.crop_n_points_downscale_factor  # points per side shrink by this per crop layer
-    max_mask_fraction: float = _AMG.max_mask_fraction  # drop masks covering at least this share of the image (SA-1B)
-    min_mask_region_area: int = _AMG.min_mask_region_area  # remove islands and fill holes smaller than this (pixels)
+    points_per_side: int = Field(_AMG.points_per_side, ge=1)  # point grid of the full image (SAM: 32)
+    points_per_batch: int = Field(_AMG.points_per_batch, ge=1)  # prompts decoded at once
+    pred_iou_thresh: float = Field(_AMG.pred_iou_thresh, ge=0, le=1)  # keep masks whose predicted IoU is at least this
+    stability_score_thresh: float = Field(_AMG.stability_score_thresh, ge=0, le=1)  # keep masks whose stability score is at least this
+    stability_score_offset: float = Field(_AMG.stability_score_offset, ge=0)  # logit offset of the stability score
+    box_nms_thresh: float = Field(_AMG.box_nms_thresh, gt=0, le=1)  # box IoU for non-maximum suppression within a crop
+    crop_n_layers: int = Field(_AMG.crop_n_layers, ge=0, le=4)  # crop layers: layer i has (2^i)^2 crops (SA-1B: 2)
+    crop_nms_thresh: float = Field(_AMG.crop_nms_thresh, gt=0, le=1)  # box IoU for suppression across crops
+    crop_overlap_ratio: float = Field(_AMG.crop_overlap_ratio, ge=0, lt=1)  # overlap of neighbouring crops, as a share of the crop side
+    crop_n_points_downscale_factor: int = Field(_AMG.crop_n_points_downscale_factor, ge=1)  # points per side shrink by this per crop layer
+    max_mask_fraction: float = Field(_AMG.max_mask_fraction, gt=0, le=1)  # drop masks covering at least this share of the image (SA-1B)
+    min_mask_region_area: int = Field(_AMG.min_mask_region_area, ge=0)  # remove islands and fill holes smaller than this (pixels)
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
-    target_precision: float | None = None  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
-    precision_iou: float | None = None  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)
-    num_actors: int = 2  # Ray Data actors (model copies) generating masks
-    images_per_commit: int = 16  # images per shard commit (the unit of resume)
-    images_per_batch: int = 1  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
+    target_precision: float | None = Field(None, gt=0, le=1)  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
+    precision_iou: float | None = Field(None, gt=0, le=1)  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)
+    num_actors: int = Field(2, ge=1)  # Ray Data actors (model copies) generating masks
+    images_per_commit: int = Field(16, ge=1)  # images per shard commit (the unit of resume)
+    images_per_batch: int = Field(1, ge=1)  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
 
 
 class StagesConfig(_Section):
     simulate: bool = True  # simulated annotators (need images.ground_truth); False = people in Label Studio
     final_auto: Literal["remaining", "all", "none"] = "remaining"  # images for the last, automatic stage
     select: Literal["random", "uncertain"] = "random"  # next round's images: seeded random, or the current model's least sure (model/uncertainty.py)
-    select_pool: int = 64  # "uncertain": score at most this many unannotated images (a seeded random sample) per round
+    select_pool: int = Field(64, ge=1)  # "uncertain": score at most this many unannotated images (a seeded random sample) per round
     manual: ManualStageConfig = Field(default_factory=ManualStageConfig)
     semi: SemiStageConfig = Field(default_factory=SemiStageConfig)
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
@@ -135,39 +139,39 @@ class LabelStudioConfig(_Section):
     managed: bool = True  # start our own server; False = use `url` + `token`
     url: str | None = None  # an existing server when managed is false
     token: str | None = None  # env SA_ENGINE_LS_TOKEN overrides
-    port: int = 8089  # port of the managed server (127.0.0.1)
+    port: int = Field(8089, ge=1, le=65535)  # port of the managed server (127.0.0.1)
     username: str = "admin@sa-engine.local"  # admin user of the managed server
     password: str | None = None  # env SA_ENGINE_LS_PASSWORD overrides; generated if unset
-    ml_backend_port: int = 9099  # port of our ML backend
+    ml_backend_port: int = Field(9099, ge=1, le=65535)  # port of our ML backend
     ml_backend_token: str | None = None  # generated if unset
 
 
 class RayConfig(_Section):
     address: str = "local"  # "local", "auto", or ray://host:port
-    num_cpus: int | None = None  # local cluster only
-    cpus_per_actor: float = 0.5  # CPUs per stage actor (<= 0.5 on small machines)
-    gpus_per_actor: float = 0.0  # GPUs per stage actor (fractions share a GPU)
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only
+    cpus_per_actor: float = Field(0.5, gt=0)  # CPUs per stage actor (<= 0.5 on small machines)
+    gpus_per_actor: float = Field(0.0, ge=0)  # GPUs per stage actor (fractions share a GPU)
 
 
 class TrainConfig(_Section):
-    minutes: float = 2.0  # wall-clock budget per retraining
-    batch_images: int | None = None  # images per step per worker (None: the recipe's default in model/train.py)
-    lr: float | None = None  # peak learning rate (None: model/train.py's 8e-3 from scratch, engine/retrain.py's FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
+    minutes: float = Field(2.0, gt=0)  # wall-clock budget per retraining
+    batch_images: int | None = Field(None, ge=1)  # images per step per worker (None: the recipe's default in model/train.py)
+    lr: float | None = Field(None, gt=0)  # peak learning rate (None: model/train.py's 8e-3 from scratch, engine/retrain.py's FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
     optimizer: Literal["muon", "adamw"] | None = None  # muon: Muon for weight matrices, AdamW for the rest (None: the recipe's default)
-    max_steps: int | None = None  # also stop after this many optimiser steps (a round reproducible across machines)
-    crop_share: float | None = None  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
-    manual_weight: float = 2.0  # manual masks count this much more than automatic ones
+    max_steps: int | None = Field(None, ge=1)  # also stop after this many optimiser steps (a round reproducible across machines)
+    crop_share: float | None = Field(None, ge=0, le=1)  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
+    manual_weight: float = Field(2.0, ge=0)  # manual masks count this much more than automatic ones
     include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
-    num_workers: int = 1  # Ray Train workers
+    num_workers: int = Field(1, ge=1)  # Ray Train workers
     use_gpu: bool = False  # one GPU per Ray Train worker
     use_ray: bool = True  # False: train in-process (no Ray Train)
 
 
 class EvalConfig(_Section):
     clicks: list[int] = Field(default_factory=lambda: [1, 3, 5])  # holdout mIoU after these many clicks
-    max_objects: int = 200  # at most this many holdout objects are evaluated
+    max_objects: int = Field(200, ge=1)  # at most this many holdout objects are evaluated
     promote_metric: str | dict[str, float] = "miou@1"  # holdout metric a retrained model must beat, or {metric: weight} for a weighted mix of per-mask metrics (miou@k, oracle@1, box_miou)
-    promote_min_delta: float = 0.0  # by more than this
+    promote_min_delta: float = Field(0.0, ge=0)  # by more than this
     promote_confidence: float = Field(0.95, ge=0.0, lt=1.0)  # paired bootstrap over holdout masks: the interval's low end must pass the delta (0: compare means)
     general_max_drop: float = Field(0.02, ge=0.0)  # with images.general_holdout_*: refuse a candidate whose promote metric there falls by more than this
 
@@ -347,14 +351,23 @@ def ray_address_problem(address: str, key: str = "ray.address") -> str | None:
     return _tcp_problem(key, address, host, int(port))
 
 
-def check_config(cfg: EngineConfig, address: str | None = None, network: bool = True) -> list[str]:
+def check_config(cfg: EngineConfig, address: str | None = None, network: bool = True,
+                 stage: str | None = None, simulate: bool | None = None) -> list[str]:
     """What a run needs beyond valid types, one `key: reason` line per problem (empty: all good).
 
     address: the Ray address the run will use (None: `ray.address`). network=False skips the
-    reachability checks (S3 buckets, Label Studio, Ray) and keeps the local ones.
+    reachability checks (S3 buckets, Label Studio, Ray) and keeps the local ones. stage: check for one
+    stage command ("manual", "semi", "auto") instead of the round loop: no holdout is needed (promotion
+    is the loop's), and Label Studio and ground truth only for the stages that use them; simulate
+    overrides `stages.simulate` (the stage's --simulate/--people).
     """
     problems: list[str | None] = []
-    rounds = cfg.stages.manual.rounds + cfg.stages.semi.rounds
+    simulate = cfg.stages.simulate if simulate is None else simulate
+    if stage is None:
+        rounds = cfg.stages.manual.rounds + cfg.stages.semi.rounds
+    else:  # one stage: "rounds" below means "Label Studio and annotators are needed"
+        rounds = 1 if stage in ("manual", "semi") else 0
+    loop = stage is None
 
     def where(key: str, value: str | None, want: str) -> None:
         if value is None:
@@ -367,29 +380,8 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         else:
             problems.append(_local_problem(key, value, cfg, want))
 
-    # numbers the types allow but a run can't use
-    for key, value, low in [("stages.manual.rounds", cfg.stages.manual.rounds, 0),
-                            ("stages.semi.rounds", cfg.stages.semi.rounds, 0),
-                            ("stages.manual.images_per_round", cfg.stages.manual.images_per_round, 1),
-                            ("stages.semi.images_per_round", cfg.stages.semi.images_per_round, 1),
-                            ("images.max_side", cfg.images.max_side, 32),
-                            ("train.num_workers", cfg.train.num_workers, 1),
-                            ("model.bootstrap_images", cfg.model.bootstrap_images, 1)]:
-        if value < low:
-            problems.append(f"{key}: must be >= {low}, got {value}")
-    for key, value in [("train.minutes", cfg.train.minutes), ("storage.shard_target_mb", cfg.storage.shard_target_mb)]:
-        if not value > 0:
-            problems.append(f"{key}: must be > 0, got {value}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
-        problems.append(f"train.max_steps: must be >= 1 (or null: the budget alone), got {cfg.train.max_steps}")
-    if not 0 < cfg.stages.auto.max_mask_fraction <= 1:
-        problems.append(f"stages.auto.max_mask_fraction: must be in (0, 1], got {cfg.stages.auto.max_mask_fraction}")
-    for key, value in [("stages.auto.target_precision", cfg.stages.auto.target_precision),
-                       ("stages.auto.precision_iou", cfg.stages.auto.precision_iou)]:
-        if value is not None and not 0 < value <= 1:
-            problems.append(f"{key}: must be in (0, 1] (or null: stages.semi's), got {value}")
-    if cfg.model.bootstrap_minutes < 0:
-        problems.append(f"model.bootstrap_minutes: must be >= 0 (0 = off), got {cfg.model.bootstrap_minutes}")
+    # numbers: each key's range is checked when the file is read (Field bounds above); what is left
+    # here relates keys to each other
     if not cfg.eval.clicks or min(cfg.eval.clicks) < 1:
         problems.append(f"eval.clicks: needs one or more click counts >= 1, got {cfg.eval.clicks}")
     metric = cfg.eval.promote_metric
@@ -402,9 +394,9 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         elif isinstance(metric, dict) and not name.startswith("miou@") and name not in PER_MASK_METRICS:
             problems.append(f"eval.promote_metric: {name!r} can't be mixed (a mix takes per-mask metrics: "
                             f"miou@k, {', '.join(PER_MASK_METRICS)})")
-    if rounds > 0 and bool(cfg.images.general_holdout_source) != bool(cfg.images.general_holdout_ground_truth):
+    if loop and rounds > 0 and bool(cfg.images.general_holdout_source) != bool(cfg.images.general_holdout_ground_truth):
         problems.append("images.general_holdout_source: set it and images.general_holdout_ground_truth together")
-    elif rounds > 0 and cfg.images.general_holdout_source:
+    elif loop and rounds > 0 and cfg.images.general_holdout_source:
         where("images.general_holdout_source", cfg.images.general_holdout_source, "dir")
         where("images.general_holdout_ground_truth", cfg.images.general_holdout_ground_truth, "file")
 
@@ -413,15 +405,15 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         problems.append("images.source: required (a local folder or s3://bucket/prefix)")
     else:
         where("images.source", cfg.images.source, "dir")
-    if rounds > 0 and cfg.stages.simulate and not cfg.images.ground_truth:
+    if rounds > 0 and simulate and not cfg.images.ground_truth:
         problems.append("images.ground_truth: required when stages.simulate is true (simulated annotators)")
-    if rounds > 0 or cfg.model.bootstrap_minutes > 0:
+    if loop and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
         for key in ("holdout_source", "holdout_ground_truth"):
             if not getattr(cfg.images, key):
                 problems.append(f"images.{key}: required: promotion between rounds is gated on the holdout")
-    if rounds > 0 and cfg.stages.simulate:
+    if rounds > 0 and simulate:
         where("images.ground_truth", cfg.images.ground_truth, "file")
-    if rounds > 0 or cfg.model.bootstrap_minutes > 0:
+    if loop and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
         where("images.holdout_source", cfg.images.holdout_source, "dir")
         where("images.holdout_ground_truth", cfg.images.holdout_ground_truth, "file")
     if cfg.model.checkpoint:
@@ -451,9 +443,10 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     return [p for p in problems if p]
 
 
-def validate_for_run(cfg: EngineConfig, address: str | None = None, network: bool = True) -> None:
+def validate_for_run(cfg: EngineConfig, address: str | None = None, network: bool = True,
+                     stage: str | None = None, simulate: bool | None = None) -> None:
     """Raise ConfigError listing every problem `check_config` finds (one line each)."""
-    problems = check_config(cfg, address=address, network=network)
+    problems = check_config(cfg, address=address, network=network, stage=stage, simulate=simulate)
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -104,7 +104,7 @@ def task_images(cfg: EngineConfig, source: ImageSource, image_ids: list[str], qu
             loaded = source.load(ref)
         except BadImage as e:
             if quarantine is not None:
-                quarantine.add(ref.uri, str(e), stage)
+                quarantine.add(ref.uri, str(e), stage, e.kind)
             continue
         path = Path(ref.uri)
         if "://" in ref.uri or loaded.scale != 1.0 or not path.resolve().is_relative_to(root):

@@ -158,12 +158,25 @@ def _credentials(settings: ServerSettings) -> tuple[str, str]:
     if len(token) != 40 or any(c not in "0123456789abcdef" for c in token.lower()):
         raise LabelStudioError("labelstudio.token: must be 40 hex characters (a legacy API token)")
     if not saved:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"token": token, "password": password}))
-        tmp.chmod(0o600)
-        os.replace(tmp, path)
+        write_private_file(path, json.dumps({"token": token, "password": password}))
     return password, token
+
+
+def private_dir(path: Path) -> Path:
+    """Make `path` (and its missing parents) a folder only its owner can enter (mode 700)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write a secret atomically, mode 600 from its first byte, in a mode-700 folder."""
+    private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -317,8 +330,7 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
     Calling it while our server is already up returns the running one. Raises LabelStudioError
     if the port is taken by something else or the server does not come up in `wait_s`.
     """
-    data_dir = Path(settings.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = private_dir(Path(settings.data_dir).resolve())  # SQLite (admin token), media, credentials
     password, token = _credentials(settings)
     url = f"http://127.0.0.1:{settings.port}"
     with _file_lock(data_dir / ".server.lock"):
@@ -333,8 +345,8 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
             return ServerInfo(url=st["url"], token=token, pid=st["pid"], port=st["port"],
                               data_dir=str(data_dir), username=settings.username)
         if not port_is_free(settings.port):
-            raise LabelStudioError(f"port {settings.port} on 127.0.0.1 is in use by another program; "
-                                   "set labelstudio.port to a free one")
+            raise LabelStudioError(f"port {settings.port} on 127.0.0.1 is in use by another program (another "
+                                   "sa-engine run?); set labelstudio.port to a free one (`sa-engine demo --port P`)")
         exe = ensure_installed(log=log)
         logfile = data_dir / "server.log"
         cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",

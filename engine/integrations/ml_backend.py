@@ -37,10 +37,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from PIL import Image
 
 from engine.integrations.labelstudio import brush_result
 from model.segmenter import ImageEmbedding
+from storage.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def source_image_loader(image_source, trusted_ls_url: str | None = None, state: 
                 raw = r.read(MAX_IMAGE_BYTES + 1)
             if len(raw) > MAX_IMAGE_BYTES:
                 raise ValueError(f"task {task.get('id')}: image at {full} is over {MAX_IMAGE_BYTES >> 20} MiB")
-            return np.asarray(Image.open(BytesIO(raw)).convert("RGB"))
+            return decode_image(raw, full)  # the stages' decoder: the same pixels as the store's copy
 
         return image_id or url, fetch
 

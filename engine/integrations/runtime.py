@@ -19,7 +19,7 @@ import torch
 
 from engine.integrations.annotator import AnnotatorSettings, GTObject, load_ground_truth
 from engine.integrations.config import AutoStageConfig, EngineConfig
-from engine.integrations.labelstudio import LabelStudioError, ServerSettings
+from engine.integrations.labelstudio import LabelStudioError, ServerSettings, write_private_file
 from model.amg_params import AmgParams
 from model.calibration import CalibrationSettings
 from model.segmenter import Segmenter
@@ -42,23 +42,30 @@ def mask_store(cfg: EngineConfig, root: str | None = None) -> MaskStore:
 
 
 def quarantine(cfg: EngineConfig) -> Quarantine:
+    """The run's quarantine (under `storage.root`), retrying transient entries `images.transient_retries` times."""
     uri = cfg.path(cfg.storage.root)
-    return Quarantine(uri, store=object_store(cfg, uri))
+    return Quarantine(uri, store=object_store(cfg, uri), retries=cfg.images.transient_retries)
 
 
 def image_source(cfg: EngineConfig, uri: str | None = None) -> ImageSource:
     """The run's images (`images.source`), or another folder/prefix read with the same rules (the holdout,
-    the bootstrap set): `images.max_side`, `images.large_images`, the S3 endpoint and region."""
+    the bootstrap set): `images.max_side`, `images.large_images`, `images.max_pixels`, `images.high_bit_depth`,
+    `images.load_timeout_s`, the S3 endpoint and region."""
     uri = cfg.path(uri or cfg.images.source)
     return ImageSource(uri, max_side=cfg.images.max_side, large_images=cfg.images.large_images,
-                       store=object_store(cfg, uri))
+                       store=object_store(cfg, uri), max_pixels=cfg.images.max_pixels,
+                       high_bit_depth=cfg.images.high_bit_depth, load_timeout_s=cfg.images.load_timeout_s)
 
 
 def ground_truth(cfg: EngineConfig, what: str = "simulated annotators") -> dict[str, list[GTObject]]:
     """`images.ground_truth` per image id; a clear error when `what` needs it and it is not set."""
     if not cfg.images.ground_truth:
         raise LabelStudioError(f"{what} need images.ground_truth (COCO JSON)")
-    return load_ground_truth(cfg.path(cfg.images.ground_truth))
+    ids = [r.image_id for r in image_source(cfg).list()]
+    try:
+        return load_ground_truth(cfg.path(cfg.images.ground_truth), image_ids=ids)
+    except ValueError as e:  # matches no image: a run would make 0 masks and call it success
+        raise LabelStudioError(f"images.ground_truth: {e} (images.source {cfg.path(cfg.images.source)})") from None
 
 
 # --------------------------------------------------------------------------- model
@@ -162,10 +169,6 @@ def ml_backend_token(cfg: EngineConfig) -> str:
     path = Path(cfg.path("labelstudio")) / "ml_backend_token"
     if path.is_file():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(20)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(token)
-    tmp.chmod(0o600)
-    os.replace(tmp, path)
+    write_private_file(path, token)
     return token
