@@ -5,13 +5,16 @@
   signals      per-image doubt signals of a model (model/uncertainty.py) against that image's 1-click error on
                unseen pebbles scenes: rank correlations;
   calibration  on a finished flywheel/demo work dir: the automatic stage's recall/precision against ground
-               truth under several calibration settings, with the final model and the same images.
+               truth under several calibration settings, with the final model and the same images;
+  clicks       on a finished work dir: which corrective clicks lower the IoU, and whether feeding the previous
+               mask (SAM's loop) or choosing among 3 masks at every click changes that.
 
 Last line of each: one JSON object with the figures.
 
     .venv/bin/python benchmarks/flywheel_probes.py gap --base benchmarks/.cache/amg-compact-3min-seed0
     .venv/bin/python benchmarks/flywheel_probes.py signals --checkpoint benchmarks/.cache/amg-compact-3min-seed0
     .venv/bin/python benchmarks/flywheel_probes.py calibration --workdir /tmp/fw-random
+    .venv/bin/python benchmarks/flywheel_probes.py clicks --workdir /tmp/fw-random
 """
 from __future__ import annotations
 
@@ -131,6 +134,71 @@ def calibration(args) -> dict:
     return {"settings": out}
 
 
+def clicks(args) -> dict:
+    """Why do some corrective clicks lower the IoU? The simulated annotator's protocol (model/clicks.py, up to 10
+    clicks, stop at IoU 0.9) on the pebbles holdout with a finished run's final model, each click sequence run
+    three ways: as our ML backend answers (click 1: best of 3 masks; later clicks: one mask, fed the previous
+    low-res logits), without the previous logits, and choosing the best of 3 at every click. Per corrective
+    click: did it lower the IoU, its label, the depth (px) of the error region it was put in, the object's area."""
+    from model.clicks import first_click, interior_distance, next_click
+    from model.iou import mask_iou
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    cfg = load_config(workdir / "engine.yaml")
+    checkpoint = runtime.current_model(cfg) or args.checkpoint
+    seg = runtime.segmenter(cfg, checkpoint)
+    _, images, masks, _ = load_coco_folder(str(workdir / "synth-holdout"))
+    ways = {"backend": dict(feed=True, multi=False), "no_logits": dict(feed=False, multi=False),
+            "best_of_3": dict(feed=True, multi=True)}
+    out = {}
+    for way, how in ways.items():
+        rows, finals, counts = [], [], []
+        for image, objects in zip(images, masks):
+            emb = seg.embed([image])[0]
+            for gt in objects[: args.objects]:
+                x, y = first_click(gt)
+                pts, labs, prev, best = [(x, y)], [1], None, 0.0
+                history = []
+                for k in range(10):
+                    kw = {"points": np.array([pts], np.float32), "labels": np.array([labs], np.int64)}
+                    if how["feed"] and prev is not None:
+                        kw["mask_input"] = prev[None, None]
+                    pred = seg.predict(emb, multimask=(k == 0) or how["multi"], upsample=False, **kw)
+                    i = int(pred.iou_pred[0].argmax())
+                    prev = pred.low_res_logits[0, i].numpy()
+                    mask = (seg.upsample_logits(pred.low_res_logits[0, i][None], emb)[0] > 0).numpy()
+                    iou = float(mask_iou(mask, gt))
+                    if history:
+                        rows.append({"hurt": iou < history[-1], "label": labs[-1], "depth": depth,
+                                     "area": int(gt.sum()), "k": k})
+                    history.append(iou)
+                    if iou >= 0.9:
+                        break
+                    click = next_click(mask, gt)
+                    if click is None:
+                        break
+                    err = (gt & ~mask) if click[2] else (mask & ~gt)
+                    depth = float(interior_distance(err)[click[1], click[0]])
+                    pts.append(click[:2])
+                    labs.append(click[2])
+                finals.append(max(history))
+                counts.append(len(history))
+        hurt = np.array([r["hurt"] for r in rows])
+        neg = np.array([r["label"] == 0 for r in rows])
+        shallow = np.array([r["depth"] <= 2.0 for r in rows])
+        out[way] = {"corrective_clicks": len(rows), "hurt_share": round(float(hurt.mean()), 3),
+                    "hurt_share_negative": round(float(hurt[neg].mean()), 3) if neg.any() else None,
+                    "hurt_share_positive": round(float(hurt[~neg].mean()), 3) if (~neg).any() else None,
+                    "hurt_share_depth_le_2px": round(float(hurt[shallow].mean()), 3) if shallow.any() else None,
+                    "hurt_share_depth_gt_2px": round(float(hurt[~shallow].mean()), 3) if (~shallow).any() else None,
+                    "share_depth_le_2px": round(float(shallow.mean()), 3),
+                    "clicks_per_object": round(float(np.mean(counts)), 2),
+                    "best_iou": round(float(np.mean(finals)), 4), "objects": len(finals)}
+        print(way, out[way], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="probe", required=True)
@@ -142,10 +210,15 @@ def main() -> None:
     s.add_argument("--images", type=int, default=20)
     c = sub.add_parser("calibration")
     c.add_argument("--workdir", required=True, help="a finished demo / benchmarks/flywheel.py work dir")
-    for p in (g, s, c):
+    k = sub.add_parser("clicks")
+    k.add_argument("--workdir", required=True, help="a finished demo / benchmarks/flywheel.py work dir")
+    k.add_argument("--checkpoint", default=None, help="the model (default: the run's model in use)")
+    k.add_argument("--objects", type=int, default=100, help="at most this many objects per image")
+    for p in (g, s, c, k):
         p.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    print(json.dumps({"probe": args.probe, **{"gap": gap, "signals": signals, "calibration": calibration}[args.probe](args)}))
+    probes = {"gap": gap, "signals": signals, "calibration": calibration, "clicks": clicks}
+    print(json.dumps({"probe": args.probe, **probes[args.probe](args)}))
 
 
 if __name__ == "__main__":

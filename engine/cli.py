@@ -26,6 +26,65 @@ app.add_typer(store_app, name="store")
 console = Console(stderr=True)
 
 
+# Exit statuses (README "Exit statuses"): what a script driving the engine can tell apart.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_MASKS, EXIT_MISSED_TARGET = 0, 1, 2, 3, 4
+
+
+def ending_problems(summaries: list[dict]) -> tuple[int, list[str]]:
+    """(exit status, one line each) for finished stage summaries that did not deliver. A line for each stage
+    that processed images and wrote 0 masks, and for each semi round whose measured prefill precision missed its
+    target. Status: EXIT_NO_MASKS when no stage wrote a mask at all, else EXIT_MISSED_TARGET when a target was
+    missed, else EXIT_OK (one stage of a run writing nothing is a warning, not the run's failure)."""
+    lines, missed = [], False
+    for s in summaries:
+        where = f"{s.get('stage', 'stage')} round {s.get('round')}"
+        if s.get("images") and "masks" in s and not s["masks"]:
+            lines.append(f"{where}: {s['images']} image(s) processed, 0 masks written"
+                         + (f" (filters: {s['thresholds']})" if s.get("thresholds") else ""))
+        precision, target = s.get("prefill_precision"), s.get("target_precision")
+        if precision is not None and target is not None and precision < target:
+            lines.append(f"{where}: prefill precision {precision:.3f} missed its target {target:.3f} "
+                         "(stages.semi.target_precision); the next round recalibrates on these decisions")
+            missed = True
+    writers = [s for s in summaries if "masks" in s]  # (a review writes decisions, not masks)
+    if any(s.get("images") for s in writers) and not any(s.get("masks") for s in writers):
+        return EXIT_NO_MASKS, lines
+    return (EXIT_MISSED_TARGET if missed else EXIT_OK), lines
+
+
+def end(summaries: list[dict]) -> None:
+    """Print the ending's warnings, one line each, and exit with its status (0 when all delivered)."""
+    code, lines = ending_problems(summaries)
+    for line in lines:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+    if code:
+        raise typer.Exit(code)
+
+
+def _show_progress_logs() -> None:
+    """The engine's INFO lines (Label Studio installing and starting, the ML backend service, the stages) on
+    stderr, so a long first start is not silence. Once per process."""
+    import logging
+
+    class StderrLines(logging.Handler):  # whatever sys.stderr is at the time (test runners swap it)
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                sys.stderr.write(self.format(record) + "\n")
+            except (OSError, ValueError):
+                self.handleError(record)
+
+    for name in ("engine", "stages", "sa_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, StderrLines) or type(h).__name__ == "StderrLines" for h in logger.handlers):
+            logger.addHandler(StderrLines())
+            logger.setLevel(logging.INFO)
+
+
+@app.callback()
+def _main() -> None:
+    _show_progress_logs()
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback for errors the user can fix)."""
     console.print(f"[red]error:[/red] {message}", highlight=False)
@@ -127,6 +186,9 @@ def run(config: Path = typer.Option(..., "--config", help="The engine's YAML con
         console.print(f"round {r['round']} ({r['stage']}): {r['images']} images; {d.get('reason', r.get('note', ''))}",
                       highlight=False)
     console.print(f"final model: {summary['final_checkpoint']}\nledger: {summary['ledger']}", highlight=False)
+    stages = [dict(r.get("summary") or {}, stage=r["stage"], round=r["round"]) for r in summary["rounds"]
+              if r.get("summary")] + ([summary["auto"]] if summary.get("auto") else [])
+    end(stages)
 
 
 @app.command()
@@ -224,22 +286,15 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
         fail(str(e), code=1)
     except KeyboardInterrupt:
         fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
-    _warn_if_empty(summary)
     sys.stdout.write(json.dumps(summary) + "\n")
-
-
-def _warn_if_empty(summary: dict) -> None:
-    """An empty result is not a quiet success: say what was (not) done, and where to look."""
     if summary.get("set_aside"):
         console.print(f"[yellow]warning:[/yellow] {summary['set_aside']} image(s) held in the quarantine were "
                       "skipped (`sa-engine quarantine list --config ...`)", highlight=False)
-    if summary.get("images", 0) + summary.get("already_done", 0) + summary.get("set_aside", 0) == 0:
-        console.print("[yellow]warning:[/yellow] no images to process (is images.source the right folder?)",
-                      highlight=False)
-    elif summary.get("images") and not summary.get("masks"):
-        console.print(f"[yellow]warning:[/yellow] {summary['images']} image(s) processed, 0 masks kept: the "
-                      f"filters ({summary.get('thresholds')}) keep nothing of this model's masks",
-                      highlight=False)
+    if summary.get("images", 0) + summary.get("already_done", 0) + summary.get("set_aside", 0) + \
+            summary.get("quarantined", 0) == 0:
+        console.print("[yellow]warning:[/yellow] no images under images.source: nothing done", highlight=False)
+        raise typer.Exit(EXIT_NO_MASKS)
+    end([summary])
 
 
 # ---- Label Studio, the ML backend, simulated annotators and the assisted-manual stage (issue 5)
@@ -276,8 +331,13 @@ def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", hel
     from engine.integrations.labelstudio import stop_server
     from engine.integrations.runtime import server_settings
 
-    stopped = stop_server(server_settings(_ls_config(config)).data_dir)
+    from engine.integrations.labelling import stop_ml_backend_service
+
+    cfg = _ls_config(config)
+    stopped = stop_server(server_settings(cfg).data_dir)
     console.print("Label Studio stopped" if stopped else "Label Studio was not running", highlight=False)
+    if stop_ml_backend_service(cfg):
+        console.print("ML backend service stopped", highlight=False)
 
 
 @labelstudio_app.command("status")
@@ -310,8 +370,13 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
                                                      "--host 0.0.0.0 in a container); the token guards every request."),
                    port: Optional[int] = typer.Option(None, help="Port (default: labelstudio.ml_backend_port)."),
                    threads: int = typer.Option(1, help="torch CPU threads (a click is one small decoder pass; "
-                                                       "more threads mostly add contention).")) -> None:
-    """Serve our Label Studio ML backend in the foreground (credentials: user sa-engine + the backend token)."""
+                                                       "more threads mostly add contention)."),
+                   follow: bool = typer.Option(True, "--follow/--no-follow", help="Switch to each newly promoted "
+                                               "model without a restart (<workdir>/models/current.json)."),
+                   poll_s: float = typer.Option(5.0, "--poll-s", help="How often to look for a newly promoted model.")) -> None:
+    """Serve our Label Studio ML backend in the foreground, as long as Label Studio runs: the model in use (the
+    round loop's promoted one; --checkpoint to start from another), switched without a restart when a round
+    promotes a new one. Stages use it when it runs. Credentials: user sa-engine + the backend token."""
     import torch
 
     from engine.integrations import runtime
@@ -320,25 +385,35 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
         EmbeddingCache,
         MaskPredictor,
         MLBackend,
+        ModelFollower,
         source_image_loader,
     )
+    from model.checkpoints import CheckpointError
 
     torch.set_num_threads(max(1, threads))
     cfg = _ls_config(config)
     try:
-        seg = runtime.segmenter(cfg, checkpoint)
-        state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=cfg.path("embeddings"))),
+        seg = runtime.segmenter(cfg, checkpoint or runtime.current_model(cfg))
+        embeddings = cfg.path("embeddings")
+        state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=embeddings)),
                              token=runtime.ml_backend_token(cfg), image_loader=None)
         state.image_loader = source_image_loader(runtime.image_source(cfg), runtime.labelstudio_url(cfg), state)
         server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port, allow_remote)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CheckpointError) as e:
         fail(f"ml-backend: {e}")
-    console.print(f"ML backend {server.url} (model {seg.model_version}); basic auth user sa-engine, password in "
-                  f"{cfg.path('labelstudio')}/ml_backend_token or labelstudio.ml_backend_token", highlight=False)
+    say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    follower = ModelFollower(state, lambda: runtime.current_model(cfg), lambda ck: runtime.segmenter(cfg, ck),
+                             embeddings, every=poll_s, log=say).start() if follow else None
+    say(f"ML backend {server.url} (model {seg.model_version}{', following the promoted model' if follow else ''}); "
+        f"basic auth user sa-engine, password in {cfg.path('labelstudio')}/ml_backend_token or "
+        "labelstudio.ml_backend_token")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         server.stop()
+    finally:
+        if follower is not None:
+            follower.stop()
 
 
 @app.command("annotate")
@@ -408,6 +483,21 @@ def _run_labelstudio_stage(run_stage, config: Path, round_no: int, checkpoint: O
     except (LabelStudioError, CheckpointError, StoreError) as e:
         fail(str(e), code=1)
     sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    end([dict(summary, stage=run_stage.__module__.rsplit(".", 1)[-1])])
+
+
+@stage_app.command("review")
+def stage_review(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+                 round_no: int = typer.Option(..., "--round", help="The round whose doubted masks go to review."),
+                 checkpoint: Optional[str] = typer.Option(None, help="Model the ML backend serves (default: "
+                                                                     "model.checkpoint, else a fresh model)."),
+                 simulate: Optional[bool] = typer.Option(None, "--simulate/--people",
+                                                         help="Simulated reviewers (default: stages.simulate).")) -> None:
+    """Review queue: the round's masks the engine doubts (audit picks, failed audits, low predicted IoU) go back
+    to people; their accept / fix / reject decisions go into the lineage."""
+    from stages.review import run_review_stage
+
+    _run_labelstudio_stage(run_review_stage, config, round_no, checkpoint, simulate)
 
 
 @app.command("eval")
@@ -418,11 +508,19 @@ def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir
              max_objects: Optional[int] = typer.Option(None, help="Evaluate at most this many ground-truth masks."),
              amg: bool = typer.Option(True, "--amg/--no-amg", help="Also score automatic masks with COCOeval AP/AR."),
              points_per_side: int = typer.Option(16, help="Automatic mask generation grid (with --amg)."),
-             pred_iou_thresh: float = typer.Option(0.88, help="AMG predicted-IoU filter (SAM's default)."),
-             stability_score_thresh: float = typer.Option(0.95, help="AMG stability-score filter (SAM's default).")) -> None:
+             pred_iou_thresh: float = typer.Option(0.5, help="AMG predicted-IoU filter before AP/AR (the round "
+                                                             "loop's holdout evaluation and the report use 0.5 too; "
+                                                             "SAM's 0.88 keeps nothing of a young model)."),
+             stability_score_thresh: float = typer.Option(0.8, help="AMG stability-score filter before AP/AR (as "
+                                                                    "the round loop and the report; SAM's: 0.95).")) -> None:
     """Evaluate a model: mIoU at 1..N clicks (SAM's protocol), box mIoU, and automatic-mask AP/AR."""
     from model.checkpoints import CheckpointError
-    from model.evaluate import evaluate_folder
+    from model.evaluate import EVAL_PRED_IOU_THRESH, EVAL_STABILITY_SCORE_THRESH, evaluate_folder
+
+    if amg and (pred_iou_thresh, stability_score_thresh) != (EVAL_PRED_IOU_THRESH, EVAL_STABILITY_SCORE_THRESH):
+        console.print(f"note: AP/AR at predicted IoU >= {pred_iou_thresh:g}, stability >= {stability_score_thresh:g}; "
+                      f"the round loop and the report use {EVAL_PRED_IOU_THRESH:g} / {EVAL_STABILITY_SCORE_THRESH:g}, "
+                      "so the figures differ", highlight=False)
 
     try:
         table = evaluate_folder(checkpoint, str(data), clicks=clicks, max_objects=max_objects,

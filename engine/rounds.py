@@ -41,10 +41,12 @@ from model.evaluate import evaluate_checkpoint
 from model.segmenter import Segmenter
 from stages.auto import run_auto_stage
 from stages.manual import run_manual_stage
+from stages.review import run_review_stage
 from stages.semi import run_semi_stage
 from model.uncertainty import image_uncertainty
 from storage.images import BadImage, image_id_from_key
 from storage.records import MaskRecord, make_mask_id
+from storage.rle import rle_to_str
 
 LEDGER_FILE = "ledger.jsonl"
 LEDGER_VERSION = 1
@@ -258,6 +260,52 @@ def default_semi(cfg: EngineConfig, round: int, checkpoint: str | None, image_id
     return run_semi_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate).to_dict()
 
 
+def default_holdout(cfg: EngineConfig, checkpoint: str | None, image_ids: list[str]) -> dict:
+    """The frozen holdout drawn by people: `image_ids` (carved out of `images.source`) are annotated as a manual
+    round in a Label Studio project of their own ("holdout r0 …"), their masks kept in a store of their own
+    (<workdir>/holdout/store: never read by training), then written as <workdir>/holdout/images/ +
+    annotations.json (COCO RLE), which promotion reads exactly as a holdout the user brings."""
+    folder = Path(cfg.path("holdout"))
+    hold_cfg = cfg.model_copy(deep=True)
+    hold_cfg.storage.root = str(folder / "store")
+    summary = run_manual_stage(hold_cfg, 0, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate,
+                               purpose="holdout")
+    written = write_holdout_folder(runtime.mask_store(hold_cfg), runtime.image_source(cfg), image_ids, folder)
+    if written["masks"] == 0:
+        raise ValueError(f"holdout: no masks were drawn on its {len(image_ids)} images (Label Studio project "
+                         f"{summary.ls_project_id}); annotate them and rerun")
+    return {**written, "ls_project_id": summary.ls_project_id}
+
+
+def write_holdout_folder(store, source, image_ids: list[str], folder: Path) -> dict:
+    """`folder`/images/ (the files, copied) and `folder`/annotations.json (COCO, RLE counts as str, sizes of the
+    files) from the verified masks in `store`; images nobody drew on are left out. Returns {source,
+    ground_truth, images, masks}."""
+    records: dict[str, list[MaskRecord]] = {}
+    for rec in store.iter_records(image_ids=image_ids, verified=True):
+        records.setdefault(rec.image_id, []).append(rec)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    for number, image_id in enumerate(sorted(records), 1):
+        target = folder / "images" / image_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read(source.ref(image_id)))
+        h, w = records[image_id][0].height, records[image_id][0].width
+        coco["images"].append({"id": number, "file_name": image_id, "height": h, "width": w})
+        for rec in records[image_id]:
+            coco["annotations"].append({
+                "id": len(coco["annotations"]) + 1, "image_id": number, "category_id": 1, "iscrowd": 0,
+                "segmentation": rle_to_str(rec.rle), "area": int(rec.area), "bbox": [float(v) for v in rec.bbox]})
+    tmp = folder / ".annotations.json.tmp"
+    tmp.write_text(json.dumps(coco))
+    os.replace(tmp, folder / "annotations.json")
+    return {"source": str(folder / "images"), "ground_truth": str(folder / "annotations.json"),
+            "images": len(coco["images"]), "masks": len(coco["annotations"])}
+
+
+def default_review(cfg: EngineConfig, round: int, checkpoint: str | None) -> dict:
+    return run_review_stage(cfg, round, checkpoint, simulate=cfg.stages.simulate).to_dict()
+
+
 def default_auto(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
     return run_auto_stage(cfg, round, checkpoint, image_ids=image_ids).to_dict()
 
@@ -311,7 +359,9 @@ class Steps:
     list_images(cfg) -> [image_id];  init_model(cfg, out_dir) -> {checkpoint};
     select(cfg, round, checkpoint, candidates, used, count, progress) -> {image_ids, candidates};
     bootstrap(cfg, checkpoint, out_dir) -> {checkpoint, metrics, minutes};
+    holdout(cfg, checkpoint, image_ids) -> {source, ground_truth, images, masks};
     manual/semi/auto(cfg, round, checkpoint, image_ids) -> stage summary;
+    review(cfg, round, checkpoint) -> review summary (after a semi round, with stages.review.enabled);
     train(cfg, init_checkpoint, out_dir, round) -> {checkpoint, metrics, minutes};
     evaluate(cfg, checkpoint) -> {"miou@1": …, …}.
     """
@@ -320,8 +370,10 @@ class Steps:
     select: Callable[..., dict] = default_select
     init_model: Callable[[EngineConfig, str], dict] = default_init_model
     bootstrap: Callable[[EngineConfig, str | None, str], dict] = default_bootstrap
+    holdout: Callable[[EngineConfig, str | None, list[str]], dict] = default_holdout
     manual: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_manual
     semi: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_semi
+    review: Callable[[EngineConfig, int, str | None], dict] = default_review
     auto: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_auto
     train: Callable[[EngineConfig, str | None, str, int], dict] = default_train
     evaluate: Callable[[EngineConfig, str | None], dict] = default_evaluate
@@ -442,6 +494,32 @@ def _promote(metric: str | dict[str, float], candidate: str, candidate_eval: dic
     return {**decision, "checkpoint": candidate if decision["promoted"] else current}
 
 
+HEARTBEAT_S = 30.0  # a long step says it is still running at least this often
+
+
+class _Heartbeat:
+    """While a step runs, a line every `every` seconds: which step, how long so far (a user watching a
+    two-minute retraining must not take silence for a hang)."""
+
+    def __init__(self, step: str, progress: Callable[[str], None], every: float = HEARTBEAT_S):
+        self.step, self.progress, self.every = step, progress, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{step}", daemon=True)
+        self.t0 = time.monotonic()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every):
+            self.progress(f"{self.step}: running, {time.monotonic() - self.t0:.0f} s so far")
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=1)
+
+
 class _Runner:
     def __init__(self, ledger: Ledger, progress: Callable[[str], None]):
         self.ledger = ledger
@@ -466,7 +544,8 @@ class _Runner:
         self.ledger.begin(step, kind, round, inputs)
         t0 = time.monotonic()
         try:
-            out = fn()
+            with _Heartbeat(step, self.progress):
+                out = fn()
         except KeyboardInterrupt:
             self.ledger.fail(step, "interrupted", time.monotonic() - t0, status=INTERRUPTED)
             raise
@@ -522,14 +601,25 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
                         {"checkpoint": current, "minutes": cfg.model.bootstrap_minutes},
                         lambda: steps.bootstrap(cfg, current, str(models / "r0-bootstrap")))
         current = boot["checkpoint"]
+    runtime.record_current_model(cfg, current, 0)
+    candidates: list[str] | None = None
+    used: set[str] = set()
+    if cfg.images.holdout_from_source > 0 and n_rounds > 0:
+        # The holdout from the user's own images: chosen first, drawn by people, never selected or trained on
+        candidates = steps.list_images(cfg)
+        held = select_images(candidates, set(), cfg.images.holdout_from_source, cfg.seed, 0)
+        cur = current
+        hold = run.step("r0.holdout", "holdout", 0, {"checkpoint": cur, "image_ids": held},
+                        lambda: steps.holdout(cfg, cur, held))
+        cfg = cfg.model_copy(deep=True)
+        cfg.images.holdout_source, cfg.images.holdout_ground_truth = hold["source"], hold["ground_truth"]
+        used.update(held)
     current_eval = None
     if n_rounds > 0:
         cur = current
         current_eval = run.step("r0.eval", "eval", 0, {"checkpoint": cur},
                                 lambda: steps.evaluate(cfg, cur))
 
-    candidates: list[str] | None = None
-    used: set[str] = set()
     rounds: list[dict] = []
     for r in range(1, n_rounds + 1):
         stage = stage_of_round(cfg, r)
@@ -553,6 +643,8 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         cur = current
         summary = run.step(f"r{r}.{stage}", stage, r, {"checkpoint": cur, "image_ids": image_ids},
                            lambda: getattr(steps, stage)(cfg, r, cur, image_ids))
+        if stage == "semi" and cfg.stages.review.enabled:  # doubted masks back to people before training
+            run.step(f"r{r}.review", "review", r, {"checkpoint": cur}, lambda: steps.review(cfg, r, cur))
         out_dir = str(models / f"r{r}")
         trained = run.step(f"r{r}.train", "train", r, {"init_checkpoint": cur, "out_dir": out_dir},
                            lambda: steps.train(cfg, cur, out_dir, r))
@@ -564,6 +656,7 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
                                              cfg.eval.promote_confidence, cfg.eval.general_max_drop))
         if decision["promoted"]:
             current, current_eval = cand, cand_eval
+            runtime.record_current_model(cfg, current, r)  # the ML backend service switches to it
         rounds.append({"round": r, "stage": stage, "images": len(image_ids), "summary": summary,
                        "decision": decision, "checkpoint": current})
 

@@ -128,10 +128,11 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
 
 
 def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
-                     simulate: bool = True, poll_s: float = 30.0) -> ManualSummary:
+                     simulate: bool = True, poll_s: float = 30.0, purpose: str = STAGE) -> ManualSummary:
     """One assisted-manual round (steps: module doc). image_ids None: the first `images_per_round` images of
     the source that no manual round has done yet. simulate=False: set up and serve, wait until every task has
-    an annotation (Ctrl-C pulls what is there), then pull."""
+    an annotation (Ctrl-C pulls what is there), then pull. purpose: names the Label Studio project ("manual",
+    or "holdout" when the round loop has people draw its holdout)."""
     t0 = time.monotonic()
     store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
     truth = runtime.ground_truth(cfg) if simulate else None
@@ -143,15 +144,15 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     segmenter = runtime.segmenter(cfg, checkpoint)
 
     # 2. Publish
-    ls, _ = labelling.connect(cfg)
+    ls, server = labelling.connect(cfg)
     images, pixels, full_sizes = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
-    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, STAGE, round),
+    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round),
                                           f"round {round}, model {segmenter.model_version}", images)
 
     # 3. Annotate or wait
     efforts = []
-    with labelling.start_ml_backend(cfg, segmenter, source, ls.url) as backend:
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate, checkpoint=checkpoint) as backend:
         backend_id = labelling.connect_backend(ls, project_id, backend)
         if simulate:
             annotator = SimulatedAnnotator(ls, backend_id, settings=runtime.annotator_settings(cfg))
@@ -162,10 +163,12 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
         else:
             labelling.wait_for_people(ls, {project_id: len(tasks)}, poll_s,
                                       f"Label Studio project {project_id} at {ls.url}/projects/{project_id}: "
-                                      "waiting for annotations (Ctrl-C to pull now)")
-        cache = backend.state.predictor.cache
+                                      "waiting for annotations (Ctrl-C to pull now)",
+                                      labelling.login_line(cfg, server))
+        cache = getattr(backend.state.predictor, "cache", None)  # None: the service (another process) served
         embeddings = {"hits": cache.hits, "misses": cache.misses, "precomputed": cache.precomputed,
-                      "precomputed_now": precomputed}
+                      "precomputed_now": precomputed} if cache is not None else {"service": backend.url,
+                                                                                  "precomputed_now": precomputed}
 
     # 4. Pull with lineage
     pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks, full_sizes)

@@ -461,6 +461,8 @@ def audit_accepted(cfg: EngineConfig, round: int, records: list[MaskRecord], acc
             tally.audit_total += 1
             tally.audit_passed += int(passed)
             row.update(iou=float(f"{iou:.4f}"), passed=passed)
+        else:  # people: nobody has checked it yet; the review queue (stages/review.py) sends it to a reviewer
+            rec.source = {**rec.source, "audit": {"pending": True}}
         rows.append(row)
     return rows
 
@@ -521,14 +523,14 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     pages = Pages.from_plan(plan)
 
     # 2. Publish
-    ls, _ = labelling.connect(cfg)
+    ls, server = labelling.connect(cfg)
     images, pixels, pages.full_sizes = labelling.task_images(cfg, source, list(plan["images"]), quarantine, STAGE)
     pages.images = {im.image_id: im for im in images}
     precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     publish_pages(ls, cfg, round, pages, plan, version)
 
     # 3. Review or wait
-    with labelling.start_ml_backend(cfg, segmenter, source, ls.url) as backend:
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate, checkpoint=checkpoint) as backend:
         backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
         if simulate:
             review_pages(ls, cfg, pages, backend_ids, truth)
@@ -536,7 +538,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
             labelling.wait_for_people(
                 ls, {pid: len(pages.tasks[page]) for page, pid in pages.projects.items()}, poll_s,
                 f"Label Studio: {len(pages.projects)} semi round {round} project(s) at {ls.url}/projects/"
-                f"{pages.projects[1]}: waiting for annotations (Ctrl-C to pull now)")
+                f"{pages.projects[1]}: waiting for annotations (Ctrl-C to pull now)", labelling.login_line(cfg, server))
 
     # 4. Pull with lineage (every page read before anything is written)
     pulls = {page: ls.pull(pid) for page, pid in pages.projects.items()}

@@ -416,3 +416,28 @@ def test_secrets_are_readable_by_the_owner_only(tmp_path):
     _credentials(ServerSettings(data_dir=str(data_dir), port=1, username="u"))
     assert (data_dir / "credentials.json").stat().st_mode & 0o777 == 0o600
     assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+# ------------------------------------------------------------------------------------------ endings
+
+def test_endings_that_did_not_deliver_have_their_own_exit_status():
+    from engine.cli import EXIT_MISSED_TARGET, EXIT_NO_MASKS, EXIT_OK, ending_problems
+
+    assert ending_problems([{"stage": "auto", "round": 4, "images": 8, "masks": 31}]) == (EXIT_OK, [])
+    code, lines = ending_problems([{"stage": "auto", "round": 4, "images": 8, "masks": 0,
+                                    "thresholds": {"pred_iou_thresh": 0.88}}])
+    assert code == EXIT_NO_MASKS and lines == ["auto round 4: 8 image(s) processed, 0 masks written "
+                                               "(filters: {'pred_iou_thresh': 0.88})"]
+    code, lines = ending_problems([{"stage": "semi", "round": 3, "images": 6, "masks": 40,
+                                    "prefill_precision": 0.0, "target_precision": 0.9}])
+    assert code == EXIT_MISSED_TARGET and lines[0].startswith("semi round 3: prefill precision 0.000 missed its "
+                                                              "target 0.900")
+    assert ending_problems([{"stage": "semi", "round": 3, "images": 6, "masks": 40, "prefill_precision": None,
+                             "target_precision": 0.9}])[0] == EXIT_OK  # nothing measured: nothing claimed
+
+
+@pytest.mark.ray
+def test_stage_auto_on_an_empty_folder_says_so_and_exits_3(ray_cluster, tmp_path):
+    cfg = write_config(tmp_path)
+    out = runner.invoke(app, ["stage", "auto", "--config", str(cfg)])
+    assert out.exit_code == 3 and "no images under images.source: nothing done" in out.output

@@ -274,3 +274,73 @@ def test_backend_port_is_free_again_after_a_with_block():
     for _ in range(3):
         with MLBackend(state, "127.0.0.1", port).start():
             pass
+
+
+def test_a_running_backend_switches_to_a_newly_promoted_model_without_a_restart(images, tmp_path):
+    """The service follows <workdir>/models/current.json: the answers' model_version changes, the server stays."""
+    from engine.integrations.ml_backend import ModelFollower
+
+    old, new = Segmenter.new("compact", seed=0), Segmenter.new("compact", seed=1)
+    new.save(tmp_path / "r1")
+    pointer = tmp_path / "current.json"
+    pointer.write_text(json.dumps({"checkpoint": None}))
+    current = lambda: json.loads(pointer.read_text())["checkpoint"]  # noqa: E731
+    state = BackendState(MaskPredictor(old, EmbeddingCache(old)), TOKEN, None)
+    state.image_loader = source_image_loader(images, state=state)
+    said = []
+    follower = ModelFollower(state, current, Segmenter.load, every=0.1, log=said.append)
+    click = {"tasks": [_task("im1.png")], "params": {"context": keypoint_context([(40, 25)], [1], H, W)}}
+    with MLBackend(state) as b:
+        port = b.port
+        assert _call(b.url, "/predict", click, _basic(BASIC_USER, TOKEN))[1]["results"][0]["model_version"] == \
+            old.model_version
+        assert not follower.check()  # nothing promoted yet
+        pointer.write_text(json.dumps({"checkpoint": str(tmp_path / "r1")}))  # a round promotes r1
+        follower.start()
+        for _ in range(100):
+            if follower.switches:
+                break
+            import time
+
+            time.sleep(0.05)
+        follower.stop()
+        status, answer = _call(b.url, "/predict", click, _basic(BASIC_USER, TOKEN))
+        assert status == 200 and answer["results"][0]["model_version"] == new.model_version != old.model_version
+        assert _call(b.url, "/health", None, _basic(BASIC_USER, TOKEN))[1]["model_version"] == new.model_version
+        assert b.port == port and said == [f"ML backend: now serving {new.model_version} ({tmp_path / 'r1'})"]
+        # a broken checkpoint promoted next is reported once and the model in use goes on serving
+        (tmp_path / "broken").mkdir()
+        pointer.write_text(json.dumps({"checkpoint": str(tmp_path / "broken")}))
+        assert not follower.check() and not follower.check() and len(said) == 2 and "cannot switch" in said[1]
+        assert _call(b.url, "/predict", click, _basic(BASIC_USER, TOKEN))[1]["results"][0]["model_version"] == \
+            new.model_version
+
+
+def test_a_stage_uses_the_running_service_and_leaves_it_running(images, tmp_path, monkeypatch):
+    """A stage finds the service on labelstudio.ml_backend_port (our token, its model) and uses it instead of a
+    backend of its own; leaving the stage's block does not stop it. Another model there: the stage's own
+    backend goes beside it (simulated), or the stage says which model runs (people)."""
+    import socket
+
+    from engine.integrations import labelling, runtime
+    from engine.integrations.config import load_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    monkeypatch.setattr(labelling, "SERVICE_SWITCH_WAIT_S", 0.5)
+    cfg = load_config(None, {"workdir": str(tmp_path / "work"), "labelstudio.ml_backend_port": free})
+    token = runtime.ml_backend_token(cfg)
+    seg, other = Segmenter.new("compact", seed=0), Segmenter.new("compact", seed=2)
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), token, None)
+    state.image_loader = source_image_loader(images, state=state)
+    with MLBackend(state, port=free) as service:
+        with labelling.start_ml_backend(cfg, seg, images, None) as used:
+            assert isinstance(used, labelling.RunningBackend) and used.url == service.url
+            assert used.state.token == token
+        assert labelling.backend_health(service.url, token)["model_version"] == seg.model_version  # still up
+        assert labelling.backend_health(service.url, "not-our-token") is None
+        with pytest.raises(LabelStudioError, match=f"serves {seg.model_version}, not this stage's model"):
+            labelling.start_ml_backend(cfg, other, images, None, people=True)
+        with labelling.start_ml_backend(cfg, other, images, None) as own:  # simulated: its own, beside
+            assert isinstance(own, MLBackend) and own.port != free

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.integrations.config import EngineConfig, load_config
+from engine.integrations.config import EngineConfig, check_config, load_config
 from engine.rounds import (
     LEDGER_FILE,
     Ledger,
@@ -206,6 +206,51 @@ def test_rounds_follow_the_sa1b_plan_and_promotion_is_gated(tmp_path):
     assert [len(p) for p in picked] == [4, 4, 5, 7]
     assert len(set().union(*picked)) == 20
     assert [r["decision"]["promoted"] for r in summary["rounds"]] == [True, False, True]
+
+
+def test_a_holdout_carved_from_the_users_images_gates_promotion_and_is_never_selected(tmp_path):
+    """images.holdout_from_source: N images are chosen first and drawn (here: a cheap step standing in for the
+    people's project), the evaluation reads the folder the step wrote, and no round ever selects them."""
+    def holdout(cfg, checkpoint, image_ids):
+        _trace(cfg, "holdout", checkpoint, image_ids)
+        folder = Path(cfg.workdir) / "holdout"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "annotations.json").write_text("{}")
+        return {"source": str(folder / "images"), "ground_truth": str(folder / "annotations.json"),
+                "images": len(image_ids), "masks": 3 * len(image_ids)}
+
+    seen = []
+
+    def evaluate_here(cfg, checkpoint):
+        seen.append((cfg.images.holdout_source, cfg.images.holdout_ground_truth))
+        return evaluate(cfg, checkpoint)
+
+    cfg = load_config(_config(tmp_path, **{"images.holdout_from_source": 3, "images.holdout_source": None,
+                                           "images.holdout_ground_truth": None}))
+    assert not [p for p in check_config(cfg, network=False) if p.startswith("images.holdout")]  # no COCO holdout
+    steps = Steps(**{**CHEAP.__dict__, "holdout": holdout, "evaluate": evaluate_here})
+    run_rounds(cfg, steps)
+    trace = _trace_lines(cfg)
+    [held] = [e[2] for e in trace if e[0] == "holdout"]
+    assert len(held) == 3 and [e[0] for e in trace].index("holdout") < [e[0] for e in trace].index("eval")
+    selected = [i for e in trace if e[0] in ("manual", "semi", "auto") for i in e[3]]
+    assert selected and not set(held) & set(selected)  # never annotated in a round, never trained on
+    folder = str(Path(cfg.workdir) / "holdout")
+    assert seen and all(src == f"{folder}/images" and gt == f"{folder}/annotations.json" for src, gt in seen)
+    assert [e["step"] for e in Ledger(Path(cfg.workdir) / LEDGER_FILE).entries()][:3] == [
+        "r0.init", "r0.holdout", "r0.eval"]
+
+
+def test_a_review_follows_each_semi_round_when_enabled(tmp_path):
+    def review(cfg, round, checkpoint):
+        _trace(cfg, "review", round, checkpoint)
+        return {"round": round, "queued": 2, "accepted": 1, "fixed": 0, "rejected": 1}
+
+    cfg = load_config(_config(tmp_path, **{"stages.review.enabled": True}))
+    run_rounds(cfg, Steps(**{**CHEAP.__dict__, "review": review}))
+    steps = [e["step"] for e in Ledger(Path(cfg.workdir) / LEDGER_FILE).entries()]
+    assert steps[steps.index("r3.semi") + 1] == "r3.review" and steps[steps.index("r3.review") + 1] == "r3.train"
+    assert "r1.review" not in steps  # manual rounds' masks are drawn by people: nothing to doubt
 
 
 def test_final_auto_over_all_images_and_bootstrap_round(tmp_path):
@@ -441,14 +486,14 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     from engine.integrations.synth import write_synthetic_dataset
     from storage.shards import MaskStore
 
-    write_synthetic_dataset(tmp_path / "data", n_images=6, seed=0, size=96)
-    write_synthetic_dataset(tmp_path / "holdout", n_images=2, seed=1, size=96)
+    write_synthetic_dataset(tmp_path / "data", n_images=8, seed=0, size=96)
     data = {
         "workdir": str(tmp_path / "run"),
+        # No COCO holdout: 2 of the 8 images are carved out and drawn (by the simulated annotators, through the
+        # real Label Studio) in a project of their own before round 1, as a team without a holdout file runs it.
         "images": {"source": str(tmp_path / "data" / "images"),
                    "ground_truth": str(tmp_path / "data" / "annotations.json"),
-                   "holdout_source": str(tmp_path / "holdout" / "images"),
-                   "holdout_ground_truth": str(tmp_path / "holdout" / "annotations.json")},
+                   "holdout_from_source": 2, "holdout_source": None, "holdout_ground_truth": None},
         "storage": {"root": str(tmp_path / "store")},
         "stages": {"manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 3},
                    "semi": {"rounds": 1, "images_per_round": 2},
@@ -464,14 +509,23 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["run", "--config", str(path)])
-    assert result.exit_code == 0, result.output
+    # 4: a six-step model's prefills usually miss the semi round's precision target, and the run says so
+    assert result.exit_code in (0, 4), result.output
+    assert (result.exit_code == 4) == ("missed its target" in result.output)
 
     cfg = load_config(path)
     ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
     steps = [e["step"] for e in ledger.entries()]
-    assert steps == ["r0.init", "r0.eval", "r1.select", "r1.manual", "r1.train", "r1.eval", "r1.promote",
-                     "r2.select", "r2.semi", "r2.train", "r2.eval", "r2.promote", "r3.select", "r3.auto"]
+    assert steps == ["r0.init", "r0.holdout", "r0.eval", "r1.select", "r1.manual", "r1.train", "r1.eval",
+                     "r1.promote", "r2.select", "r2.semi", "r2.train", "r2.eval", "r2.promote", "r3.select", "r3.auto"]
     assert all(e["status"] == "done" for e in ledger.entries())
+    held = ledger.get("r0.holdout")["inputs"]["image_ids"]
+    hold = ledger.get("r0.holdout")["outputs"]
+    assert len(held) == 2 and 0 < ledger.get("r0.eval")["outputs"]["n_masks"] <= hold["masks"]
+    annotated = {i for r in (1, 2, 3) for i in ledger.get(f"r{r}.select")["outputs"]["image_ids"]}
+    assert not annotated & set(held)  # the holdout is never annotated in a round, nor trained on
+    current = json.loads((Path(cfg.workdir) / "models" / "current.json").read_text())["checkpoint"]
+    assert current == ledger.get("r2.promote")["outputs"]["checkpoint"]  # what the ML backend service follows
     for r in (1, 2):
         decision = ledger.get(f"r{r}.promote")["outputs"]
         assert decision["metric"] == "miou@1" and decision["reason"]
@@ -483,6 +537,7 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     assert {"manual", "semi"} <= set(table["stage"]) <= {"manual", "semi", "auto"}
     auto_ids = set(ledger.get("r3.select")["outputs"]["image_ids"])
     assert len(auto_ids) == 2 and set(table.loc[table["stage"] == "auto", "image_id"]) <= auto_ids
+    assert not set(table["image_id"]) & set(held)  # the holdout's masks live in a store of their own
     auto = ledger.get("r3.auto")["outputs"]
     assert auto["images"] == 2 and auto["quarantined"] == 0
     assert int((table["stage"] == "auto").sum()) == auto["masks"]
@@ -490,7 +545,7 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
 
     before = (Path(cfg.workdir) / LEDGER_FILE).read_text()
     again = CliRunner().invoke(app, ["run", "--config", str(path)])
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == result.exit_code, again.output
     assert (Path(cfg.workdir) / LEDGER_FILE).read_text() == before  # nothing redone
 
     report = CliRunner().invoke(app, ["report", "--config", str(path)])

@@ -41,6 +41,7 @@ class ImagesConfig(_Section):
     load_timeout_s: float = Field(120.0, gt=0)  # an image not read within this (a FIFO, a hung mount) is set aside as transient
     transient_retries: int = Field(3, ge=0)  # reruns that try again an image set aside as transient (missing, half-written) before it is held until released
     ground_truth: str | None = "synth/annotations.json"  # COCO JSON; drives simulated annotators
+    holdout_from_source: int = Field(0, ge=0)  # > 0: carve this many images out of `source` as the frozen holdout, annotated by people (or the simulated annotators) in their own Label Studio project before round 1 and never trained on; 0: use holdout_source / holdout_ground_truth
     holdout_source: str | None = "synth-holdout/images"  # frozen holdout, never annotated
     holdout_ground_truth: str | None = "synth-holdout/annotations.json"  # COCO JSON; gates promotion
     general_holdout_source: str | None = None  # a second holdout from the starting domain; guards against forgetting
@@ -125,6 +126,12 @@ class AutoStageConfig(_Section):
     images_per_batch: int = Field(1, ge=1)  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
 
 
+class ReviewStageConfig(_Section):
+    enabled: bool = False  # after each semi round, send the masks the engine doubts back to people (stages/review.py)
+    max_predicted_iou: float = Field(0.8, ge=0, le=1)  # an accepted prefill under this predicted IoU is doubted
+    max_masks: int = Field(200, ge=1)  # at most this many masks per review, least trusted first
+
+
 class StagesConfig(_Section):
     simulate: bool = True  # simulated annotators (need images.ground_truth); False = people in Label Studio
     final_auto: Literal["remaining", "all", "none"] = "remaining"  # images for the last, automatic stage
@@ -133,6 +140,7 @@ class StagesConfig(_Section):
     manual: ManualStageConfig = Field(default_factory=ManualStageConfig)
     semi: SemiStageConfig = Field(default_factory=SemiStageConfig)
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
+    review: ReviewStageConfig = Field(default_factory=ReviewStageConfig)
 
 
 class LabelStudioConfig(_Section):
@@ -366,7 +374,7 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     if stage is None:
         rounds = cfg.stages.manual.rounds + cfg.stages.semi.rounds
     else:  # one stage: "rounds" below means "Label Studio and annotators are needed"
-        rounds = 1 if stage in ("manual", "semi") else 0
+        rounds = 1 if stage in ("manual", "semi", "review") else 0
     loop = stage is None
 
     def where(key: str, value: str | None, want: str) -> None:
@@ -407,13 +415,15 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         where("images.source", cfg.images.source, "dir")
     if rounds > 0 and simulate and not cfg.images.ground_truth:
         problems.append("images.ground_truth: required when stages.simulate is true (simulated annotators)")
-    if loop and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
+    carved = cfg.images.holdout_from_source > 0  # the holdout comes from the source: nothing else to point at
+    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
         for key in ("holdout_source", "holdout_ground_truth"):
             if not getattr(cfg.images, key):
-                problems.append(f"images.{key}: required: promotion between rounds is gated on the holdout")
+                problems.append(f"images.{key}: required: promotion between rounds is gated on the holdout "
+                                "(or carve one out of your images: images.holdout_from_source: N)")
     if rounds > 0 and simulate:
         where("images.ground_truth", cfg.images.ground_truth, "file")
-    if loop and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
+    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
         where("images.holdout_source", cfg.images.holdout_source, "dir")
         where("images.holdout_ground_truth", cfg.images.holdout_ground_truth, "file")
     if cfg.model.checkpoint:

@@ -6,16 +6,25 @@ The assisted-manual and semi-automatic stages are sequences of these steps (stag
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
 import cv2
 import numpy as np
+import yaml
 from PIL import Image
 
 from engine.integrations import runtime
@@ -29,6 +38,7 @@ from engine.integrations.labelstudio import (
     PulledRegion,
     ServerInfo,
     TaskImage,
+    private_dir,
     start_server,
 )
 from engine.integrations.ml_backend import (
@@ -61,10 +71,131 @@ def connect(cfg: EngineConfig, log_fn: Callable[[str], None] = log.info) -> tupl
     return LabelStudio(info.url, info.token), info
 
 
+SERVICE_SWITCH_WAIT_S = 12.0  # a running service follows a promotion within its poll (5 s): wait that long for it
+
+
+class RunningBackend:
+    """The ML backend service (`sa-engine ml-backend`, another process) as a stage uses it: its URL and token.
+    A context manager like MLBackend, but leaving the block does not stop it: it outlives the stage, so
+    annotators keep the model after the stage has pulled."""
+
+    def __init__(self, url: str, token: str, model_version: str, pid: int | None = None):
+        self.url, self.model_version, self.pid = url, model_version, pid
+        self.state = SimpleNamespace(token=token, predictor=None)  # as MLBackend.state, for connect_backend
+
+    def __enter__(self) -> "RunningBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def backend_health(url: str, token: str, timeout_s: float = 2.0) -> dict | None:
+    """GET /health of the ML backend at `url` with our token: its answer, or None when nothing answers there or
+    it is not ours (another token)."""
+    auth = base64.b64encode(f"{BASIC_USER}:{token}".encode()).decode()
+    req = urllib.request.Request(url.rstrip("/") + "/health", headers={"Authorization": f"Basic {auth}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            answer = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) and answer.get("status") == "UP" else None
+
+
+def running_backend(cfg: EngineConfig, model_version: str, wait_s: float = 0.0,
+                    pid: int | None = None) -> RunningBackend | None:
+    """The ML backend service on `labelstudio.ml_backend_port` if it is ours and serves `model_version` (waiting
+    up to `wait_s` for it to switch: it follows the model in use every few seconds); else None."""
+    url, token = f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}", runtime.ml_backend_token(cfg)
+    deadline = time.monotonic() + wait_s
+    while True:
+        health = backend_health(url, token)
+        if health is not None and health.get("model_version") == model_version:
+            return RunningBackend(url, token, model_version, pid)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1.0)
+
+
+def service_file(cfg: EngineConfig) -> Path:
+    """Where a spawned ML backend service records its PID and URL (beside Label Studio's own)."""
+    return Path(cfg.path("labelstudio")) / "ml_backend.json"
+
+
+def spawn_ml_backend_service(cfg: EngineConfig, checkpoint: str | None, model_version: str,
+                             log_fn: Callable[[str], None] = log.info, wait_s: float = 180.0) -> RunningBackend:
+    """Start `sa-engine ml-backend` as a process of its own that outlives this stage (and follows the model in
+    use), and wait until it serves `model_version`. `sa-engine labelstudio down` stops it with the server."""
+    folder = private_dir(Path(cfg.path("labelstudio")))
+    config = folder / "ml_backend.yaml"  # the stage's config as the service will read it
+    config.write_text(yaml.safe_dump(json.loads(cfg.model_copy(
+        update={"workdir": str(Path(cfg.workdir).resolve())}).model_dump_json())))
+    cmd = [sys.executable, "-m", "engine.cli", "ml-backend", "--config", str(config)]
+    if checkpoint:
+        cmd += ["--checkpoint", runtime.checkpoint_path(cfg, checkpoint)]
+    logfile = open(folder / "ml_backend.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
+    logfile.close()
+    url = f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}"
+    service_file(cfg).write_text(json.dumps({"pid": proc.pid, "url": url, "log": str(folder / "ml_backend.log")}))
+    log_fn(f"ML backend service starting at {url} (pid {proc.pid}); it stays up after this stage")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LabelStudioError(f"ML backend service exited with status {proc.returncode}; see "
+                                   f"{folder / 'ml_backend.log'}")
+        found = running_backend(cfg, model_version)
+        if found is not None:
+            found.pid = proc.pid
+            return found
+        time.sleep(1.0)
+    raise LabelStudioError(f"ML backend service did not serve {model_version} within {wait_s:.0f} s; see "
+                           f"{folder / 'ml_backend.log'}")
+
+
+def stop_ml_backend_service(cfg: EngineConfig) -> bool:
+    """Stop a service `spawn_ml_backend_service` started (by its recorded PID). True if one was running."""
+    path = service_file(cfg)
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        running = True
+    except (ProcessLookupError, PermissionError):
+        running = False
+    path.unlink(missing_ok=True)
+    return running
+
+
 def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: str | None,
-                     port: int | None = None) -> MLBackend:
-    """Our ML backend in a background thread of this process, on 127.0.0.1 (a context manager). ls_url: the
-    Label Studio it serves, the one host it fetches task images from (when a task names no stored image)."""
+                     port: int | None = None, people: bool = False,
+                     checkpoint: str | None = None) -> "MLBackend | RunningBackend":
+    """The ML backend a stage connects its projects to (a context manager).
+
+    The service (`sa-engine ml-backend`, another process) when one runs on `labelstudio.ml_backend_port` with our
+    token and this model (waiting a little for it to switch to it); else, for people (`people`), such a service
+    is started, so that annotators keep the model after the stage; else (simulated annotators) one in a
+    background thread of this process, on 127.0.0.1, stopped with the stage. ls_url: the Label Studio it
+    serves, the one host it fetches task images from (when a task names no stored image)."""
+    if port is None:
+        url = f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}"
+        service = backend_health(url, runtime.ml_backend_token(cfg))
+        found = running_backend(cfg, segmenter.model_version, wait_s=SERVICE_SWITCH_WAIT_S if service else 0.0)
+        if found is not None:
+            log.info("using the ML backend service at %s (%s)", found.url, found.model_version)
+            return found
+        if service is not None and people:
+            raise LabelStudioError(f"the ML backend service at {url} serves {service.get('model_version')}, not this "
+                                   f"stage's model {segmenter.model_version}; stop it (`sa-engine labelstudio down`) "
+                                   "so that the stage starts one with its model")
+        if people:
+            return spawn_ml_backend_service(cfg, checkpoint, segmenter.model_version)
+        if service is not None:  # the service keeps its port and model; this stage's own goes beside it
+            port = 0
     cache = EmbeddingCache(segmenter, precomputed_dir=cfg.path("embeddings"))
     state = BackendState(MaskPredictor(segmenter, cache), token=runtime.ml_backend_token(cfg), image_loader=None)
     state.image_loader = source_image_loader(source, trusted_ls_url=ls_url, state=state)
@@ -153,15 +284,33 @@ def publish(ls: LabelStudio, cfg: EngineConfig, title: str, description: str, im
 
 # --------------------------------------------------------------------------- people
 
-def wait_for_people(ls: LabelStudio, projects: dict[int, int], poll_s: float, announce: str) -> None:
+def wait_for_people(ls: LabelStudio, projects: dict[int, int], poll_s: float, announce: str,
+                    login: str | None = None) -> None:
     """Block until every project has an annotation on each of its tasks; Ctrl-C stops waiting (what is
-    there is pulled). projects: {project id: number of tasks}."""
+    there is pulled). projects: {project id: number of tasks}. Prints the announcement and the login, then a
+    line at each poll (every `poll_s`, at most 30 s) with how far the annotators are."""
     print(announce, flush=True)
+    if login:
+        print(login, flush=True)
+    every = min(float(poll_s), 30.0)
     try:
-        while any(len(ls.annotated_task_ids(pid)) < n for pid, n in projects.items()):
-            time.sleep(poll_s)
+        while True:
+            done = {pid: len(ls.annotated_task_ids(pid)) for pid in projects}
+            if all(done[pid] >= n for pid, n in projects.items()):
+                return
+            print(f"waiting for annotators: {sum(min(done[p], n) for p, n in projects.items())}/"
+                  f"{sum(projects.values())} tasks annotated", flush=True)
+            time.sleep(every)
     except KeyboardInterrupt:
         pass
+
+
+def login_line(cfg: EngineConfig, info: ServerInfo) -> str:
+    """How a person logs in to the server the stage uses."""
+    if not info.managed:
+        return f"log in to {info.url} with your Label Studio account"
+    return (f"log in to {info.url} as {info.username or cfg.labelstudio.username} (password: "
+            f"`sa-engine labelstudio status --config …` prints it)")
 
 
 def region_effort(ann: PulledAnnotation, region: PulledRegion) -> tuple[int | None, float | None]:

@@ -443,24 +443,35 @@ MASK_TAG, IMAGE_TAG, CLICK_TAG, BOX_TAG = "mask", "image", "click", "box"
 OBJECT_LABEL, PREFILL_LABEL = "object", "prefill"
 
 
-def labeling_config() -> str:
-    """The project's labeling config: brush masks, smart positive/negative keypoints and smart boxes.
+ANNOTATOR_INSTRUCTIONS = (
+    "Switch on Auto-Annotation (top of the image) once. Then press 1 (positive) and click an object: the model "
+    "draws its mask. Press 2 (negative) and click to remove a wrong part, or press 3 and drag a box around the "
+    "object. Fix edges with the brush (B). Orange masks are the model's suggestions: keep the good ones, fix or "
+    "delete the rest. Submit when every object has one mask.")
 
-    Brush labels: "object" (drawn or accepted by an annotator) and "prefill" (imported predictions).
-    The keypoints and boxes are prompts for our ML backend (smartOnly: they are not kept as regions).
+
+def labeling_config() -> str:
+    """The project's labeling config: brush masks, smart positive/negative keypoints and smart boxes, and the
+    instructions above the image.
+
+    Brush labels: "object" (drawn or accepted by an annotator, blue) and "prefill" (imported predictions,
+    orange: distinct from the annotator's own). The keypoints and boxes are prompts for our ML backend; they are
+    shown in the toolbar at all times (not smartOnly, which hid them until Auto-Annotation was on) with hotkeys
+    1/2/3; the pull reads brush regions only, so prompts left in an annotation are ignored.
     """
     return f"""<View>
+  <Header value="{ANNOTATOR_INSTRUCTIONS}" size="6"/>
   <Image name="{IMAGE_TAG}" value="$image" zoom="true" zoomControl="true" rotateControl="false"/>
   <BrushLabels name="{MASK_TAG}" toName="{IMAGE_TAG}">
-    <Label value="{OBJECT_LABEL}" background="#1f77b4"/>
+    <Label value="{OBJECT_LABEL}" background="#1f77b4" hotkey="b"/>
     <Label value="{PREFILL_LABEL}" background="#ff7f0e"/>
   </BrushLabels>
-  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
-    <Label value="positive" background="#2ca02c"/>
-    <Label value="negative" background="#d62728"/>
+  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true">
+    <Label value="positive" background="#2ca02c" hotkey="1"/>
+    <Label value="negative" background="#d62728" hotkey="2"/>
   </KeyPointLabels>
-  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
-    <Label value="{OBJECT_LABEL}" background="#9467bd"/>
+  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true">
+    <Label value="{OBJECT_LABEL}" background="#9467bd" hotkey="3"/>
   </RectangleLabels>
 </View>"""
 
@@ -626,6 +637,7 @@ class LabelStudio:
             return pid
         project = self._call("create project", lambda: self.sdk.projects.create(
             title=title, description=description, label_config=labeling_config(),
+            expert_instruction=f"<p>{ANNOTATOR_INSTRUCTIONS}</p>", show_instruction=True,
             show_collab_predictions=True, evaluate_predictions_automatically=False))
         return int(project.id)
 

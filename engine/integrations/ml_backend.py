@@ -252,17 +252,18 @@ def predict_payload(state: BackendState, payload: dict) -> dict:
         return {"results": []}  # batch predictions are imported by the stages, not made here
 
     results = []
+    predictor = state.predictor  # once: a model switch during this request must not mix two models' answers
     for task in tasks[:1]:  # interactive calls carry exactly one task
         data = task.get("data") or {}
         height, width = int(data["height"]), int(data["width"])
         prompt = prompt_from_context(context, height, width)
         image_id, load_pixels = state.image_loader(task)
-        mask, score = state.predictor.predict(image_id, load_pixels, prompt)
+        mask, score = predictor.predict(image_id, load_pixels, prompt)
         if mask.shape != (height, width):
             raise ValueError(f"task {task.get('id')}: image is {mask.shape[1]}x{mask.shape[0]}, "
                              f"task says {width}x{height}")
         results.append({"result": [brush_result(mask, height, width)], "score": score,
-                        "model_version": state.predictor.model_version})
+                        "model_version": predictor.model_version})
     state.predictions += len(results)
     return {"results": results}
 
@@ -409,6 +410,53 @@ class MLBackend:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ModelFollower:
+    """Keeps a running backend on the model in use: every `every` seconds it asks `current()` for the checkpoint
+    in use; when that changes, `load(checkpoint)` builds the new segmenter and the backend's predictor is swapped
+    (a new embedding cache: caches are per model version). No restart: requests in flight finish on the old
+    model, the next answers carry the new `model_version`. A checkpoint that fails to load is reported through
+    `log` once and the old model goes on serving."""
+
+    def __init__(self, state: BackendState, current: Callable[[], str | None], load: Callable[[str | None], object],
+                 precomputed_dir: Path | str | None = None, every: float = 5.0,
+                 log: Callable[[str], None] = lambda msg: None):
+        self.state, self.current, self.load = state, current, load
+        self.precomputed_dir, self.every, self.log = precomputed_dir, every, log
+        self.following = current()
+        self.failed: str | None = None
+        self.switches = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ml-backend-model-follower", daemon=True)
+
+    def check(self) -> bool:
+        """One look at the model in use; True when the backend switched to it."""
+        wanted = self.current()
+        if wanted is None or wanted == self.following or wanted == self.failed:
+            return False
+        try:
+            segmenter = self.load(wanted)
+        except Exception as e:  # a half-written or broken checkpoint must not take the backend down
+            self.failed = wanted
+            self.log(f"ML backend: cannot switch to {wanted} ({' '.join(str(e).split())[:200]}); still serving "
+                     f"{self.state.predictor.model_version}")
+            return False
+        self.state.predictor = MaskPredictor(segmenter, EmbeddingCache(segmenter, precomputed_dir=self.precomputed_dir))
+        self.following, self.switches = wanted, self.switches + 1
+        self.log(f"ML backend: now serving {segmenter.model_version} ({wanted})")
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.check()
+
+    def start(self) -> "ModelFollower":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 MAX_IMAGE_BYTES = 256 * 2**20  # an image fetched from Label Studio larger than this is refused

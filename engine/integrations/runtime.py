@@ -11,6 +11,7 @@ what it needs where it runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -79,6 +80,28 @@ def device(cfg: EngineConfig) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cpu"
+
+
+def current_model_file(cfg: EngineConfig) -> Path:
+    """`<workdir>/models/current.json`: the model in use (promoted), for the ML backend service to follow."""
+    return Path(cfg.path("models")) / "current.json"
+
+
+def record_current_model(cfg: EngineConfig, checkpoint: str | None, round: int) -> None:
+    """Say which checkpoint is in use now (atomically); the ML backend service switches to it."""
+    path = current_model_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"checkpoint": checkpoint, "round": int(round)}))
+    os.replace(tmp, path)
+
+
+def current_model(cfg: EngineConfig) -> str | None:
+    """The checkpoint the round loop has in use (None: none recorded yet, or a fresh preset)."""
+    try:
+        return json.loads(current_model_file(cfg).read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def checkpoint_path(cfg: EngineConfig, checkpoint: str | None) -> str | None:
