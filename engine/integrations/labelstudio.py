@@ -444,10 +444,11 @@ OBJECT_LABEL, PREFILL_LABEL = "object", "prefill"
 
 
 ANNOTATOR_INSTRUCTIONS = (
-    "Switch on Auto-Annotation (top of the image) once. Then press 1 (positive) and click an object: the model "
-    "draws its mask. Press 2 (negative) and click to remove a wrong part, or press 3 and drag a box around the "
-    "object. Fix edges with the brush (B). Orange masks are the model's suggestions: keep the good ones, fix or "
-    "delete the rest. Submit when every object has one mask.")
+    "Switch on Auto-Annotation (below the image) once. Pick the Auto-Detect point tool (pink dots, at the bottom "
+    "of the toolbar; M switches between the Auto-Detect tools), press 1 (positive) and click an object: the "
+    "model draws its mask. Press 2 (negative) and click to remove a wrong part; the Auto-Detect box (3) takes a "
+    "box around the object. Fix edges with the brush (B). Orange masks are the model's suggestions: keep the good "
+    "ones, fix or delete the rest. Submit when every object has one mask.")
 
 
 def labeling_config() -> str:
@@ -455,9 +456,10 @@ def labeling_config() -> str:
     instructions above the image.
 
     Brush labels: "object" (drawn or accepted by an annotator, blue) and "prefill" (imported predictions,
-    orange: distinct from the annotator's own). The keypoints and boxes are prompts for our ML backend; they are
-    shown in the toolbar at all times (not smartOnly, which hid them until Auto-Annotation was on) with hotkeys
-    1/2/3; the pull reads brush regions only, so prompts left in an annotation are ignored.
+    orange: distinct from the annotator's own). The keypoints and boxes are prompts for our ML backend only
+    (smartOnly: Label Studio offers them as its Auto-Detect tools once Auto-Annotation is on, which the
+    instructions above the image say; a plain keypoint tool would only make useless regions), labels on hotkeys
+    1/2/3; the pull reads brush regions only. tests/test_browser.py drives this page in a real browser.
     """
     return f"""<View>
   <Header value="{ANNOTATOR_INSTRUCTIONS}" size="6"/>
@@ -466,11 +468,11 @@ def labeling_config() -> str:
     <Label value="{OBJECT_LABEL}" background="#1f77b4" hotkey="b"/>
     <Label value="{PREFILL_LABEL}" background="#ff7f0e"/>
   </BrushLabels>
-  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true">
+  <KeyPointLabels name="{CLICK_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
     <Label value="positive" background="#2ca02c" hotkey="1"/>
     <Label value="negative" background="#d62728" hotkey="2"/>
   </KeyPointLabels>
-  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true">
+  <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
     <Label value="{OBJECT_LABEL}" background="#9467bd" hotkey="3"/>
   </RectangleLabels>
 </View>"""
