@@ -146,6 +146,22 @@ def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str 
 
 # ---- the two callers -----------------------------------------------------------------------------
 
+def round_settings(cfg: EngineConfig, init_checkpoint: str | None, round_no: int) -> tuple[TrainSettings, int | None]:
+    """A round's TrainSettings from `train.*` (None keys: the recipe's defaults; a trained starting model gets the
+    fine-tune rate) and the starting model's steps so far (None: weights of unknown history)."""
+    # threads None: every CPU (Ray Train: the worker's share of the cluster's CPUs)
+    settings = TrainSettings(minutes=cfg.train.minutes, seed=cfg.seed + round_no, threads=None)
+    steps_before = trained_steps(init_checkpoint) if init_checkpoint else 0
+    if steps_before != 0:  # a trained model (None: real weights of unknown history)
+        settings.lr = FINE_TUNE_LR
+    for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
+        if getattr(cfg.train, name) is not None:
+            setattr(settings, name, getattr(cfg.train, name))
+    if cfg.train.prompts_per_mask is not None:
+        settings.iterations = cfg.train.prompts_per_mask
+    return settings, steps_before
+
+
 def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | Path, round_no: int) -> dict:
     """Fine-tune `init_checkpoint` (None: a fresh seeded `model.preset`) on every verified mask in the shard
     store (training_sets), for `train.minutes`; on Ray Train (`train.num_workers` workers) when
@@ -156,14 +172,7 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
     """
     t0 = time.perf_counter()
     n_masks = runtime.mask_store(cfg).read_table(columns=["mask_id"], verified=True).num_rows
-    # threads None: every CPU (Ray Train: the worker's share of the cluster's CPUs)
-    settings = TrainSettings(minutes=cfg.train.minutes, seed=cfg.seed + round_no, threads=None)
-    steps_before = trained_steps(init_checkpoint) if init_checkpoint else 0
-    if steps_before != 0:  # a trained model (None: real weights of unknown history)
-        settings.lr = FINE_TUNE_LR
-    for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
-        if getattr(cfg.train, name) is not None:
-            setattr(settings, name, getattr(cfg.train, name))
+    settings, steps_before = round_settings(cfg, init_checkpoint, round_no)
     meta = {"round": round_no, "resumed_from": init_checkpoint, "steps_before": steps_before or 0,
             "lr": settings.lr, "optimizer": settings.optimizer}
     init = init_checkpoint or cfg.model.preset

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from model._sam_edge import SamNet, hf_model_type, load_hf_sam, sam_config, vit_encoder
 from model.encoders import COMPACT_DEFAULT, VIT_PRESETS, CompactEncoder
+from storage.backend import sha256_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "sa_engine.json"
@@ -129,11 +130,7 @@ def collect_checkpoint_garbage(models_dir: str | Path, min_age_s: float = 3600.0
 
 
 def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 def load_state_strict(net: SamNet, state: dict[str, torch.Tensor], source: str) -> None:

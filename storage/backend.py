@@ -55,6 +55,15 @@ class ConflictError(StoreError):
     """A conditional write lost: the object changed since it was read."""
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 4 MiB blocks (checkpoints, export files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 from PIL import Image
 
-from storage.backend import LocalStore, StoreError, open_store
+from storage.backend import LocalStore, StoreError, open_store, sha256_file
 from storage.images import BadImage, ImageSource, decode_image
 from storage.records import SCHEMA_VERSION, MaskRecord
 from storage.rle import rle_problem
@@ -461,11 +461,7 @@ def _open_target(out: str, s3_endpoint_url: str | None) -> _Target:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -443,3 +443,14 @@ def test_a_round_fine_tunes_a_trained_model_at_the_fine_tune_rate(tmp_path):
     cfg.train.lr = 1e-4
     assert round_from(str(tmp_path / "b"), "c")["lr"] == 1e-4
     assert trained_steps(tmp_path / "nowhere") is None  # not ours: real weights of unknown history
+
+
+def test_train_keys_reach_a_rounds_settings():
+    from engine.integrations.config import load_config
+    from engine.retrain import round_settings
+
+    default, _ = round_settings(load_config(None), None, 2)
+    assert default.iterations == TrainSettings().iterations and default.seed == 2
+    cfg = load_config(None, {"train.prompts_per_mask": 6, "train.lr": 1e-3, "train.max_steps": 9})
+    settings, steps = round_settings(cfg, None, 1)
+    assert (settings.iterations, settings.lr, settings.max_steps, steps) == (6, 1e-3, 9, 0)
