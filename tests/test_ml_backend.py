@@ -344,3 +344,31 @@ def test_a_stage_uses_the_running_service_and_leaves_it_running(images, tmp_path
             labelling.start_ml_backend(cfg, other, images, None, people=True)
         with labelling.start_ml_backend(cfg, other, images, None) as own:  # simulated: its own, beside
             assert isinstance(own, MLBackend) and own.port != free
+
+
+def test_a_configured_backend_service_url_is_used_and_never_replaced(images, tmp_path):
+    """labelstudio.ml_backend_url (docker-compose's http://ml-backend:9099): the stage uses the service there, and
+    one that does not answer or serves another model is an error, not a silent stand-in."""
+    from engine.integrations import labelling, runtime
+    from engine.integrations.config import load_config
+
+    cfg = load_config(None, {"workdir": str(tmp_path / "work")})
+    token = runtime.ml_backend_token(cfg)
+    seg, other = Segmenter.new("compact", seed=0), Segmenter.new("compact", seed=2)
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), token, None)
+    state.image_loader = source_image_loader(images, state=state)
+    with MLBackend(state) as service:
+        cfg = load_config(None, {"workdir": str(tmp_path / "work"), "labelstudio.ml_backend_url": service.url + "/"})
+        with labelling.start_ml_backend(cfg, seg, images, None) as used:
+            assert isinstance(used, labelling.RunningBackend) and used.url == service.url
+        labelling.SERVICE_SWITCH_WAIT_S, saved = 0.2, labelling.SERVICE_SWITCH_WAIT_S
+        try:
+            with pytest.raises(LabelStudioError, match=f"serves {seg.model_version}, not this stage's model"):
+                labelling.start_ml_backend(cfg, other, images, None)
+        finally:
+            labelling.SERVICE_SWITCH_WAIT_S = saved
+        port = service.port
+    cfg = load_config(None, {"workdir": str(tmp_path / "work"),
+                             "labelstudio.ml_backend_url": f"http://127.0.0.1:{port}"})
+    with pytest.raises(LabelStudioError, match="does not answer with our token"):
+        labelling.start_ml_backend(cfg, seg, images, None)

@@ -151,6 +151,7 @@ class LabelStudioConfig(_Section):
     username: str = "admin@sa-engine.local"  # admin user of the managed server
     password: str | None = None  # env SA_ENGINE_LS_PASSWORD overrides; generated if unset
     ml_backend_port: int = Field(9099, ge=1, le=65535)  # port of our ML backend
+    ml_backend_url: str | None = None  # the ML backend service where it runs elsewhere (docker-compose: http://ml-backend:9099): stages use it and register it with Label Studio; None: 127.0.0.1:ml_backend_port
     ml_backend_token: str | None = None  # generated if unset
 
 

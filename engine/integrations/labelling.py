@@ -103,11 +103,16 @@ def backend_health(url: str, token: str, timeout_s: float = 2.0) -> dict | None:
     return answer if isinstance(answer, dict) and answer.get("status") == "UP" else None
 
 
+def service_url(cfg: EngineConfig) -> str:
+    """Where the ML backend service is looked for: `labelstudio.ml_backend_url`, else 127.0.0.1:ml_backend_port."""
+    return (cfg.labelstudio.ml_backend_url or f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}").rstrip("/")
+
+
 def running_backend(cfg: EngineConfig, model_version: str, wait_s: float = 0.0,
                     pid: int | None = None) -> RunningBackend | None:
-    """The ML backend service on `labelstudio.ml_backend_port` if it is ours and serves `model_version` (waiting
-    up to `wait_s` for it to switch: it follows the model in use every few seconds); else None."""
-    url, token = f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}", runtime.ml_backend_token(cfg)
+    """The ML backend service (`service_url`) if it is ours and serves `model_version` (waiting up to `wait_s` for
+    it to switch: it follows the model in use every few seconds); else None."""
+    url, token = service_url(cfg), runtime.ml_backend_token(cfg)
     deadline = time.monotonic() + wait_s
     while True:
         health = backend_health(url, token)
@@ -182,12 +187,17 @@ def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: 
     background thread of this process, on 127.0.0.1, stopped with the stage. ls_url: the Label Studio it
     serves, the one host it fetches task images from (when a task names no stored image)."""
     if port is None:
-        url = f"http://127.0.0.1:{cfg.labelstudio.ml_backend_port}"
+        url = service_url(cfg)
         service = backend_health(url, runtime.ml_backend_token(cfg))
         found = running_backend(cfg, segmenter.model_version, wait_s=SERVICE_SWITCH_WAIT_S if service else 0.0)
         if found is not None:
             log.info("using the ML backend service at %s (%s)", found.url, found.model_version)
             return found
+        if cfg.labelstudio.ml_backend_url:  # a service configured elsewhere is the one to use: never a stand-in
+            raise LabelStudioError(
+                f"labelstudio.ml_backend_url: {url} " + ("does not answer with our token" if service is None else
+                                                         f"serves {service.get('model_version')}, not this stage's "
+                                                         f"model {segmenter.model_version}"))
         if service is not None and people:
             raise LabelStudioError(f"the ML backend service at {url} serves {service.get('model_version')}, not this "
                                    f"stage's model {segmenter.model_version}; stop it (`sa-engine labelstudio down`) "
