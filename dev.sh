@@ -22,6 +22,10 @@ setup() {
     # torch first, pinned, so nothing else can pull a CUDA build.
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
     "$VENV/bin/python" -m pip install -q -e ".[test]"
+    # Reference implementations for the parity tests (tests/sam_reference_shim stands in for torchvision):
+    # no dependencies (they name torchvision) and no CUDA extension build.
+    SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation \
+      "sam2==1.1.0" "segment-anything-hq==0.3"
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"

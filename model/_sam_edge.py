@@ -70,7 +70,15 @@ class SamNet(nn.Module):
     """Image encoder + SAM prompt encoder + SAM mask decoder.
 
     Coordinates handed to `decode` are pixels of the resized (not yet padded) S×S encoder input.
+
+    The surface every network of the Segmenter has (SamNet, Sam2Net, SamHQNet): `image_encoder` (pixels -> the
+    embedding, or a tuple (embedding, *extras) of per-image features the decoder also reads), `decode`,
+    `dense_pe`, `image_size`, `embed_size`, `prompt_dim`, `family` and `resize` ("pad": SAM's longest side to S
+    and zero padding; "squash": SAM 2's S×S resize).
     """
+
+    resize = "pad"
+    family = "sam"
 
     def __init__(self, image_encoder: nn.Module, config: SamConfig, reinit_pe: bool = True):
         super().__init__()
@@ -90,6 +98,7 @@ class SamNet(nn.Module):
                 self.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
         self.image_size = int(config.prompt_encoder_config.image_size)
         self.embed_size = int(config.prompt_encoder_config.image_embedding_size)
+        self.prompt_dim = int(config.prompt_encoder_config.hidden_size)
 
     @classmethod
     def from_sam_model(cls, model: SamModel) -> "SamNet":
@@ -111,8 +120,8 @@ class SamNet(nn.Module):
 
     def decode(self, embeddings: torch.Tensor, points: torch.Tensor | None, labels: torch.Tensor | None,
                boxes: torch.Tensor | None, mask_input: torch.Tensor | None,
-               multimask: bool, pe: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt per row.
+               multimask: bool, pe: torch.Tensor | None = None, extras: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt per row (SAM has no per-image `extras`).
 
         embeddings: (P, C, h, w) (expanded views are fine); points: (P, K, 2) input-frame px;
         labels: (P, K); boxes: (P, 4) XYXY input-frame px; mask_input: (P, 1, 4h, 4w) logits;

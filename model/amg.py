@@ -125,9 +125,12 @@ class _CropFrame:
     cols: tuple[np.ndarray, np.ndarray, np.ndarray]
 
     @classmethod
-    def of(cls, emb, native_side: int) -> "_CropFrame":
-        h, w = emb.input_size
+    def of(cls, emb, native_side: int, squash: bool = False) -> "_CropFrame":
         ch, cw = emb.original_size
+        if squash:  # SAM 2: the low-res logits cover the whole crop and are resized straight to it
+            n = native_side
+            return cls((n, n), (n, n), bilinear_taps(n, ch), bilinear_taps(n, cw))
+        h, w = emb.input_size
         return cls(valid_low_res_size((h, w), native_side), (h, w), bilinear_taps(h, ch), bilinear_taps(w, cw))
 
 
@@ -144,11 +147,19 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
     """
     x0, y0, x1, y1 = crop_box
     _, pts, labels, _, _ = segmenter.prompt_tensors(emb, points[:, None, :], np.ones((len(points), 1)), None, None)
-    native, iou_pred = segmenter.decode(emb.features, pts, labels, None, None, multimask=True)
-    low = native.flatten(0, 1).float()  # (3B, n, n), padded input frame
+    native, iou_pred = segmenter.decode(emb.features, pts, labels, None, None, multimask=p.multimask_output,
+                                        extras=emb.extras)
+    m = iou_pred.shape[1]
+    point_of = np.repeat(np.arange(len(points)), m)
+    if p.use_m2m:
+        # SAM 2's one-step refinement: every candidate again, its own (clamped) logits as the mask prompt
+        native, iou_pred = segmenter.decode(
+            emb.features, pts.repeat_interleave(m, 0), labels.repeat_interleave(m, 0), None,
+            native.flatten(0, 1)[:, None].clamp(-32.0, 32.0), multimask=False, extras=emb.extras)
+    low = native.flatten(0, 1).float()  # (MB, n, n), padded input frame (SAM) or the whole crop (SAM 2)
     iou = iou_pred.flatten().float()
-    point_of = np.repeat(np.arange(len(points)), iou_pred.shape[1])
-    frame = _CropFrame.of(emb, low.shape[-1])
+    squash = segmenter.net.resize == "squash"
+    frame = _CropFrame.of(emb, low.shape[-1], squash)
 
     keep = iou > p.pred_iou_thresh if p.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
     if p.stability_score_thresh > 0 and keep.any():
@@ -162,8 +173,9 @@ def _process_batch(segmenter, emb, points: np.ndarray, crop_box: list[int],
 
     side = segmenter.image_size
     h, w = frame.input_size
-    # the input-frame logits of the survivors: (n, h', w'), SAM's first resize, on survivors only
-    mid = F.interpolate(low[idx][:, None], (side, side), mode="bilinear", align_corners=False)[:, 0, :h, :w]
+    # the input-frame logits of the survivors: (n, h', w'), SAM's first resize, on survivors only (SAM 2 has none)
+    mid = low[idx] if squash else \
+        F.interpolate(low[idx][:, None], (side, side), mode="bilinear", align_corners=False)[:, 0, :h, :w]
     survive = _survivors_in_windows if mid.device.type == "cpu" else _survivors_on_device
     out_boxes, out_patches, out_stab, kept = survive(mid, frame, crop_box, image_size, p)
     if not out_patches:
@@ -414,7 +426,7 @@ def device_points_per_batch(segmenter, requested: int, memory_share: float = 0.2
         return requested
     free, _ = torch.cuda.mem_get_info(segmenter.device)
     side = int(segmenter.net.embed_size)
-    channels = int(segmenter.net.config.prompt_encoder_config.hidden_size)
+    channels = int(segmenter.net.prompt_dim)
     per_prompt = 8 * channels * side * side * 4  # ~8 fp32 copies of the embedding in the two-way transformer
     fits = int(free * memory_share // per_prompt) // 64 * 64
     return int(max(requested, min(most, fits)))

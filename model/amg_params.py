@@ -18,6 +18,7 @@ class AmgParams:
     at least stability_score_thresh - margin; the exact (full-resolution) score then decides.
     (Measured: full-res minus low-res score up to 0.12 for soft masks of a briefly trained model.)
     edge_tolerance_px: a mask box side within this many pixels of an inner crop edge touches it.
+    multimask_output, use_m2m: Meta's SAM2AutomaticMaskGenerator's options of the same names.
     """
 
     points_per_side: int = 32
@@ -35,3 +36,5 @@ class AmgParams:
     stability_prefilter_margin: float = 0.15
     mask_threshold: float = 0.0
     edge_tolerance_px: float = 20.0
+    multimask_output: bool = True  # 3 masks per point (False: one, SAM 2's generator option)
+    use_m2m: bool = False  # SAM 2's generator option: refine every candidate once with its own logits as a mask prompt

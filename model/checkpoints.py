@@ -20,7 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model._sam2_edge import HF_CLASSES, SAM2_TRUNKS, build_hf_family_net, build_sam2_net, is_meta_sam2_state, \
+    load_hf_sam2, map_meta_sam2_state, meta_sam2_arch, sam2_arch
 from model._sam_edge import SamNet, hf_model_type, load_hf_sam, sam_config, vit_encoder
+from model._samhq_edge import build_hq_net, hq_arch, hq_config, is_meta_hq_state, load_hf_sam_hq, map_meta_hq_state
 from model.encoders import COMPACT_DEFAULT, VIT_PRESETS, CompactEncoder
 from storage.backend import sha256_file
 
@@ -35,8 +38,25 @@ _ALIAS_PREFIX = "prompt_encoder.shared_embedding."
 class CheckpointError(ValueError):
     """A checkpoint that can't be used; the message is one line naming the file and the reason."""
 
-def build_net(arch: dict) -> SamNet:
-    """An untrained network for an architecture dict (see `compact_arch` / `vit_arch`)."""
+# Fresh models of each family (`Segmenter.new(preset)`, `model.preset`): docs/models.md.
+SAM2_PRESETS = tuple(SAM2_TRUNKS)
+HQ_PRESETS = tuple(f"sam-hq-vit-{s}" for s in "blh")
+
+
+def family_presets() -> list[str]:
+    """Every preset name `Segmenter.new` takes."""
+    return ["compact", *sorted(VIT_PRESETS), *HQ_PRESETS, *SAM2_PRESETS]
+
+
+def build_net(arch: dict):
+    """An untrained network for an architecture dict (see `compact_arch` / `vit_arch` / `preset_arch`)."""
+    family = arch.get("family", "sam")
+    if family == "sam2" and "trunk" in arch:
+        return build_sam2_net(arch)
+    if family in HF_CLASSES:
+        return build_hf_family_net(arch)
+    if family == "sam_hq":
+        return build_hq_net(arch)
     kind = arch.get("encoder")
     if kind == "compact":
         size, stride, dim = arch["image_size"], arch["out_stride"], arch["prompt_dim"]
@@ -57,10 +77,24 @@ def compact_arch(**overrides) -> dict:
     return arch
 
 
+def preset_arch(preset: str) -> dict:
+    """The architecture dict of a named fresh model: compact, sam-vit-b/l/h, sam-hq-vit-b/l/h, sam2.1-hiera-*."""
+    if preset == "compact":
+        return compact_arch()
+    if preset in SAM2_TRUNKS:
+        return sam2_arch(SAM2_TRUNKS[preset], preset=preset)
+    if preset in HQ_PRESETS:
+        vit = vit_arch(preset.replace("sam-hq-", "sam-"))
+        size, patch = vit["image_size"], vit["vision"]["patch_size"]
+        cfg = sam_config(size, size // patch, vit["prompt_dim"], vit["decoder"], vision=vit["vision"])
+        return hq_arch(hq_config(cfg, vit["vision"]["hidden_size"]), preset)
+    return vit_arch(preset)
+
+
 def vit_arch(preset: str) -> dict:
     """SAM ViT-B/L/H at 1024 px with SAM's prompt encoder and decoder (untrained)."""
     if preset not in VIT_PRESETS:
-        raise CheckpointError(f"preset {preset!r}: unknown (expected compact or one of {sorted(VIT_PRESETS)})")
+        raise CheckpointError(f"preset {preset!r}: unknown (expected one of {family_presets()})")
     vision = dict(VIT_PRESETS[preset], patch_size=16, window_size=14, mlp_ratio=4.0)
     return dict(encoder="vit", preset=preset, image_size=1024, prompt_dim=256, vision=vision,
                 decoder=dict(mlp_dim=2048, depth=2, heads=8, iou_head_hidden_dim=256))
@@ -223,19 +257,35 @@ def _file_digest(p: Path) -> str:
     return _sha256(p)[:12]
 
 
+HF_FAMILIES = ("sam", "sam_hq", *HF_CLASSES)
+
+
 def _load_hf(p: Path) -> tuple[SamNet, dict, str, dict]:
     model_type = hf_model_type(p)
-    if model_type != "sam":
-        raise CheckpointError(f"{p}: transformers model_type {model_type!r} is not supported by the Segmenter "
-                              "(supported: 'sam'; SAM-HQ and SAM 2 need extra encoder outputs)")
+    if model_type == "sam3":
+        raise CheckpointError(f"{p}: a full SAM 3 model (model_type 'sam3'); for points and boxes point the engine "
+                              "at its tracker part (model_type 'sam3_tracker'), see docs/models.md")
+    if model_type not in HF_FAMILIES:
+        raise CheckpointError(f"{p}: transformers model_type {model_type!r} is not a SAM family model "
+                              f"(supported: {', '.join(HF_FAMILIES)})")
     weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{p}: no weights file (*.safetensors or *.bin) next to config.json")
     try:
-        net = load_hf_sam(p)
+        if model_type == "sam_hq":
+            net, arch = load_hf_sam_hq(p)
+        elif model_type in HF_CLASSES:
+            net, arch = load_hf_sam2(p, model_type)
+        else:
+            net = load_hf_sam(p)
+    except ImportError as e:  # EdgeTAM's encoder comes from timm
+        raise CheckpointError(f"{p}: {model_type} needs a package that is not installed ({e})"
+                              .replace("\n", " ")[:500]) from None
     except Exception as e:  # transformers raises many kinds; the user needs one line naming the dir
         raise CheckpointError(f"{p}: transformers could not load it ({type(e).__name__}: {e})"
                               .replace("\n", " ")[:500]) from None
+    if model_type != "sam":
+        return net, arch, f"{model_type}-hf-{_file_digest(weights[0])}", {"source": str(p.resolve())}
     cfg = net.config
     vc, dc = cfg.vision_config, cfg.mask_decoder_config
     vision = {k: getattr(vc, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -368,6 +418,16 @@ def _load_meta_pth(p: Path) -> tuple[SamNet, dict, str, dict]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p}: expected a state dict of tensors, got {type(obj).__name__}")
+    if is_meta_sam2_state(obj):
+        return _load_meta_sam2(p, obj)
+    if is_meta_hq_state(obj):
+        arch = meta_arch(obj, str(p))
+        size, patch = arch["image_size"], arch["vision"]["patch_size"]
+        cfg = sam_config(size, size // patch, arch["prompt_dim"], arch["decoder"], vision=arch["vision"])
+        arch = hq_arch(hq_config(cfg, arch["vision"]["hidden_size"]), arch["preset"].replace("sam-", "sam-hq-"))
+        net = build_net(arch)
+        load_state_strict(net.model, map_meta_hq_state(obj, map_meta_state), str(p))
+        return net, arch, f"{arch['preset']}-{_file_digest(p)}", {"source": str(p.resolve())}
     if isinstance(named_arch, dict) and named_arch.get("encoder") == "compact":
         arch = compact_arch(**{k: v for k, v in named_arch.items() if k not in ("encoder", "preset")})
         net = build_net(arch)
@@ -376,4 +436,25 @@ def _load_meta_pth(p: Path) -> tuple[SamNet, dict, str, dict]:
     arch = meta_arch(obj, str(p))
     net = build_net(arch)
     load_state_strict(net, map_meta_state(obj), str(p))
+    return net, arch, f"{arch['preset']}-{_file_digest(p)}", {"source": str(p.resolve())}
+
+
+def _load_meta_sam2(p: Path, state: dict[str, torch.Tensor]):
+    """A Meta SAM 2 / 2.1 checkpoint: the size from the weights (a Meta preset), or named by Meta's yaml config
+    beside it (`<name>.yaml`, its `model:` section); the video-memory weights are left out."""
+    named = None
+    yml = p.with_suffix(".yaml")
+    if yml.is_file():
+        import yaml
+
+        try:
+            doc = yaml.safe_load(yml.read_text())
+            named = doc["model"] if isinstance(doc, dict) and isinstance(doc.get("model"), dict) else None
+        except (yaml.YAMLError, OSError) as e:
+            raise CheckpointError(f"{yml}: not a readable yaml config ({type(e).__name__})") from None
+        if named is None:
+            raise CheckpointError(f"{yml}: no `model:` section (expected one of Meta's sam2 configs)")
+    arch = meta_sam2_arch(state, str(p), named)
+    net = build_net(arch)
+    load_state_strict(net.model, map_meta_sam2_state(state), str(p))
     return net, arch, f"{arch['preset']}-{_file_digest(p)}", {"source": str(p.resolve())}

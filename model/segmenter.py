@@ -1,9 +1,10 @@
 """The promptable segmenter: embed an image once, then decode many prompts against the embedding.
 
 SAM's pre-processing (resize the longest side to S, normalise, pad to S×S) and post-processing
-(upsample the low-res logits to S×S, crop the padding, resize to the original size) in plain torch.
-Prompts are pixels of the original image; they are rescaled to the encoder input here.
-All outputs are CPU torch tensors.
+(upsample the low-res logits to S×S, crop the padding, resize to the original size) in plain torch; for the
+SAM 2 family (`net.resize == "squash"`), SAM 2's (resize to S×S, normalise; upsample the low-res logits
+straight to the original size). Prompts are pixels of the original image; they are rescaled to the encoder
+input here. All outputs are CPU torch tensors. Families: docs/models.md.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from model.checkpoints import CheckpointError, build_net, compact_arch, load_checkpoint, save_checkpoint, \
-    state_digest, vit_arch
+from model.checkpoints import CheckpointError, build_net, compact_arch, load_checkpoint, preset_arch, \
+    save_checkpoint, state_digest
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -34,11 +35,14 @@ class PromptError(ValueError):
 
 @dataclass
 class ImageEmbedding:
-    """features: (C, h, w); original_size: (H, W) of the image; input_size: (h', w') after resize to S."""
+    """features: (C, h, w); original_size: (H, W) of the image; input_size: (h', w') after resize to S;
+    extras: the family's other per-image features the decoder reads (SAM 2: the 1/4 and 1/8 scale features
+    (C/8, 4h, 4w), (C/4, 2h, 2w); SAM-HQ: the early ViT features (D, h, w); SAM: none)."""
 
     features: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    extras: tuple = ()
 
 
 @dataclass
@@ -72,19 +76,21 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
     return image
 
 
-def preprocess(images: list[np.ndarray], side: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """(H, W, 3) uint8 images -> (B, 3, S, S) normalised, zero-padded batch and the resized (h', w')."""
+def preprocess(images: list[np.ndarray], side: int, resize: str = "pad") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(H, W, 3) uint8 images -> (B, 3, S, S) normalised batch and the resized (h', w').
+    resize "pad": longest side to S, zero padding (SAM); "squash": every image to S×S (SAM 2)."""
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
     out = torch.zeros((len(images), 3, side, side))
     sizes = []
     for i, img in enumerate(images):
-        h, w = resized_shape(img.shape[0], img.shape[1], side)
+        h, w = (side, side) if resize == "squash" else resized_shape(img.shape[0], img.shape[1], side)
         arr = np.ascontiguousarray(img)
         x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1).float()[None]
         if (h, w) != img.shape[:2]:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            x = x.round().clamp(0, 255)  # the reference resizes uint8 images; keep the same quantisation
+            if resize != "squash":  # SAM resizes uint8 images (keep its quantisation); SAM 2 resizes floats
+                x = x.round().clamp(0, 255)
         out[i, :, :h, :w] = (x[0] - mean) / std
         sizes.append((h, w))
     return out, sizes
@@ -132,6 +138,7 @@ class Segmenter:
         self.device = torch.device(device)
         self.metadata = dict(metadata or {})
         self.image_size = int(net.image_size)
+        self.family = getattr(net, "family", "sam")
         self.run_as()
 
     def run_as(self, precision: str = "fp32", compile: bool = False) -> "Segmenter":
@@ -157,11 +164,12 @@ class Segmenter:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def new(cls, preset: str = "compact", device: str = "cpu", seed: int | None = 0, **overrides) -> "Segmenter":
-        """An untrained model: preset "compact" (overrides change COMPACT_DEFAULT) or "sam-vit-b/l/h"."""
+        """An untrained model: preset "compact" (overrides change COMPACT_DEFAULT), "sam-vit-b/l/h",
+        "sam-hq-vit-b/l/h" or "sam2.1-hiera-tiny/small/base-plus/large" (`family_presets()`)."""
         if seed is not None:
             torch.manual_seed(seed)
         attn_init = overrides.pop("attn_init", 2.5 if preset == "compact" else 0.0)
-        arch = compact_arch(**overrides) if preset == "compact" else vit_arch(preset)
+        arch = compact_arch(**overrides) if preset == "compact" else preset_arch(preset)
         net = build_net(arch)
         if attn_init:
             localising_init(net, attn_init)
@@ -191,11 +199,14 @@ class Segmenter:
         out: list[ImageEmbedding] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            pixels, sizes = preprocess(chunk, self.image_size)
+            pixels, sizes = preprocess(chunk, self.image_size, self.net.resize)
             with self.autocast():
-                feats = self._encoder(pixels.to(self.device)).float()
-            for img, f, s in zip(chunk, feats, sizes):
-                out.append(ImageEmbedding(f.clone(), (int(img.shape[0]), int(img.shape[1])), s))
+                feats = self._encoder(pixels.to(self.device))
+            feats, extras = (feats, ()) if isinstance(feats, torch.Tensor) else (feats[0], tuple(feats[1:]))
+            feats, extras = feats.float(), [e.float() for e in extras]
+            for j, (img, f, s) in enumerate(zip(chunk, feats, sizes)):
+                out.append(ImageEmbedding(f.clone(), (int(img.shape[0]), int(img.shape[1])), s,
+                                          tuple(e[j].clone() for e in extras)))
         return out
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -289,38 +300,47 @@ class Segmenter:
         for s in range(0, n, PROMPT_CHUNK):
             sl = slice(s, s + PROMPT_CHUNK)
             native, iou = self.decode(emb.features, None if pt is None else pt[sl], None if lb is None else lb[sl],
-                                      None if bx is None else bx[sl], None if mi is None else mi[sl], multimask)
+                                      None if bx is None else bx[sl], None if mi is None else mi[sl], multimask,
+                                      extras=emb.extras)
             ious.append(iou)
-            lows.append(native if native.shape[-1] == LOW_RES else
-                        F.interpolate(native, (LOW_RES, LOW_RES), mode="bilinear", align_corners=False))
+            low = native.clamp(-32.0, 32.0) if self.net.resize == "squash" else native  # SAM 2 hands these back clamped
+            lows.append(low if low.shape[-1] == LOW_RES else
+                        F.interpolate(low, (LOW_RES, LOW_RES), mode="bilinear", align_corners=False))
             if upsample:
                 masks.append(self._postprocess(native, emb) > 0)
         return Prediction(torch.cat(masks) if upsample else None, torch.cat(ious).cpu(), torch.cat(lows).cpu())
 
     def decode(self, features: torch.Tensor, points, labels, boxes, mask_input, multimask: bool,
-               pe: torch.Tensor | None = None):
-        """Network call (gradients flow if enabled): features (C, h, w) or (P, C, h, w); prompts in the
-        input frame. Returns native low-res logits (P, M, 4h, 4w) and IoU predictions (P, M).
-        pe: (P, C, h, w) positional encodings of the features' cells, for a window of the embedding
-        grid (training on crops); None = the whole grid."""
+               pe: torch.Tensor | None = None, extras: tuple = ()):
+        """Network call (gradients flow if enabled): features (C, h, w) or (P, C, h, w), extras likewise (the
+        embedding's); prompts in the input frame. Returns native low-res logits (P, M, 4h, 4w) and IoU
+        predictions (P, M). pe: (P, C, h, w) positional encodings of the features' cells, for a window of the
+        embedding grid (training on crops); None = the whole grid."""
         n = next(x.shape[0] for x in (points, boxes, mask_input) if x is not None)
-        feats = features[None].expand(n, -1, -1, -1) if features.dim() == 3 else features
+        dev = self.device
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # moved first, then expanded: one copy per image, not per row
+            x = x.to(dev)
+            return x[None].expand(n, *x.shape) if x.dim() == 3 else x
+
+        feats, extras = rows(features), tuple(rows(e) for e in extras)
         if mask_input is not None:
             side = 4 * feats.shape[-1]
             if mask_input.shape[-1] != side:
                 mask_input = F.interpolate(mask_input, (side, side), mode="bilinear", align_corners=False)
-            mask_input = mask_input.to(self.device)
-        dev = self.device
+            mask_input = mask_input.to(dev)
         decode = self._decoder if not torch.is_grad_enabled() else self.net.decode  # training runs eager
         with self.autocast():
-            low, iou = decode(feats.to(dev), None if points is None else points.to(dev),
+            low, iou = decode(feats, None if points is None else points.to(dev),
                               None if labels is None else labels.to(dev),
                               None if boxes is None else boxes.to(dev), mask_input, multimask,
-                              None if pe is None else pe.to(dev))
+                              None if pe is None else pe.to(dev), extras)
         return low.float(), iou.float()
 
     def _postprocess(self, low: torch.Tensor, emb: ImageEmbedding) -> torch.Tensor:
         """(N, M, n, n) logits in the padded input frame -> (N, M, H, W) logits of the original image."""
+        if self.net.resize == "squash":  # SAM 2: the S×S frame is the whole image, stretched
+            return F.interpolate(low.float(), emb.original_size, mode="bilinear", align_corners=False).cpu()
         S = self.image_size
         h, w = emb.input_size
         x = F.interpolate(low.float(), (S, S), mode="bilinear", align_corners=False)[..., :h, :w]

@@ -17,6 +17,7 @@ from engine.integrations.ml_backend import (
     EmbeddingCache,
     MaskPredictor,
     MLBackend,
+    load_embedding,
     precompute_embeddings,
     prompt_from_context,
     source_image_loader,
@@ -372,3 +373,39 @@ def test_a_configured_backend_service_url_is_used_and_never_replaced(images, tmp
                              "labelstudio.ml_backend_url": f"http://127.0.0.1:{port}"})
     with pytest.raises(LabelStudioError, match="does not answer with our token"):
         labelling.start_ml_backend(cfg, seg, images, None)
+
+
+@pytest.mark.parametrize("family", ["sam2", "sam_hq"])
+def test_family_models_answer_through_the_backend_from_the_cache_on_disk(images, tmp_path, family):
+    """A SAM 2 / SAM-HQ model behind the real HTTP backend: the embedding comes from the precomputed cache (with
+    the family's extra features: SAM 2's high-resolution maps, SAM-HQ's early ViT features, stored float16) and
+    the brush mask equals the model's own best mask for the click (computed here from a fresh embedding)."""
+    from model.checkpoints import build_net
+    from model._sam2_edge import sam2_arch
+    from tests.test_families import SMALL_HIERA, meta_sam_hq
+
+    if family == "sam2":
+        arch = sam2_arch(dict(SMALL_HIERA, window_pos_embed_bkg_spatial_size=[7, 7]), 256, 64)
+        seg = Segmenter(build_net(arch), arch, "sam2-test")
+    else:
+        path = tmp_path / "hq.pth"
+        torch.save(meta_sam_hq().state_dict(), path)
+        seg = Segmenter.load(path)
+    px = images.load(images.ref("im0.png")).pixels
+    emb_dir = tmp_path / "emb"
+    precompute_embeddings(seg, [("im0.png", px)], emb_dir)
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=emb_dir)), TOKEN, None)
+    state.image_loader = source_image_loader(images, state=state)
+    with MLBackend(state) as b:
+        code, body = _call(b.url, "/predict", {"tasks": [_task("im0.png")],
+                                               "params": {"context": keypoint_context([(40, 25)], [1], H, W)}},
+                           _basic(BASIC_USER, TOKEN))
+    assert code == 200 and state.predictor.cache.precomputed == 1 and state.predictor.cache.misses == 1
+    got = decode_mask(body["results"][0]["result"][0]["value"]["rle"], H, W)
+    cached = load_embedding(emb_dir, seg.model_version, "im0.png")
+    assert len(cached.extras) == len(seg.embed([px])[0].extras) > 0
+    pred = seg.predict(cached, points=[[[40.0, 25.0]]], labels=[[1]], upsample=False)
+    low = pred.low_res_logits[0, int(pred.iou_pred[0].argmax())]
+    assert np.array_equal(got, (seg.upsample_logits(low[None], cached)[0] > 0).numpy())
+    fresh = seg.predict(seg.embed([px])[0], points=[[[40.0, 25.0]]], labels=[[1]])
+    assert (got == fresh.masks[0, int(fresh.iou_pred[0].argmax())].numpy()).mean() >= 0.98  # float16 cache

@@ -48,11 +48,11 @@ def test_hf_directory_loads_and_matches_transformers(hf_dir):
 
 
 def test_unsupported_model_type_and_missing_weights(tmp_path, hf_dir):
-    d = tmp_path / "sam2"
+    d = tmp_path / "clip"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "sam2"}))
+    (d / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (d / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="model_type 'sam2' is not supported"):
+    with pytest.raises(CheckpointError, match="model_type 'clip' is not a SAM family model"):
         Segmenter.load(d)
     e = tmp_path / "noweights"
     e.mkdir()

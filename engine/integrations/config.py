@@ -118,6 +118,8 @@ class AutoStageConfig(_Section):
     crop_n_points_downscale_factor: int = Field(_AMG.crop_n_points_downscale_factor, ge=1)  # points per side shrink by this per crop layer
     max_mask_fraction: float = Field(_AMG.max_mask_fraction, gt=0, le=1)  # drop masks covering at least this share of the image (SA-1B)
     min_mask_region_area: int = Field(_AMG.min_mask_region_area, ge=0)  # remove islands and fill holes smaller than this (pixels)
+    multimask_output: bool = _AMG.multimask_output  # 3 masks per grid point (False: 1, as SAM 2's generator allows)
+    use_m2m: bool = _AMG.use_m2m  # SAM 2's mask-to-mask refinement: each candidate decoded again with its own logits as the mask prompt
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     target_precision: float | None = Field(None, gt=0, le=1)  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
     precision_iou: float | None = Field(None, gt=0, le=1)  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)

@@ -56,13 +56,15 @@ def _embedding_path(directory: Path, model_version: str, image_id: str) -> Path:
 
 
 def save_embedding(directory: Path | str, model_version: str, image_id: str, emb) -> Path:
-    """Write one ImageEmbedding (features stored float16) atomically. Returns its path."""
+    """Write one ImageEmbedding (features and the family's extras, e.g. SAM 2's high-resolution features, stored
+    float16) atomically. Returns its path."""
     path = _embedding_path(Path(directory), model_version, image_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = BytesIO()
+    extras = {f"extra{i}": e.detach().cpu().numpy().astype(np.float16) for i, e in enumerate(emb.extras)}
     np.savez(buf, features=emb.features.detach().cpu().numpy().astype(np.float16),
              original_size=np.asarray(emb.original_size), input_size=np.asarray(emb.input_size),
-             image_id=np.asarray(image_id))
+             image_id=np.asarray(image_id), **extras)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
@@ -79,8 +81,11 @@ def load_embedding(directory: Path | str, model_version: str, image_id: str):
         with np.load(path) as z:
             if str(z["image_id"]) != image_id:
                 return None
+            extras = tuple(torch.from_numpy(z[f"extra{i}"].astype(np.float32))
+                           for i in range(sum(1 for k in z.files if k.startswith("extra"))))
             return ImageEmbedding(torch.from_numpy(z["features"].astype(np.float32)),
-                                  tuple(int(v) for v in z["original_size"]), tuple(int(v) for v in z["input_size"]))
+                                  tuple(int(v) for v in z["original_size"]), tuple(int(v) for v in z["input_size"]),
+                                  extras)
     except (OSError, ValueError, KeyError) as e:
         log.warning("%s: unreadable precomputed embedding (%s); recomputing", path, e)
         return None

@@ -135,6 +135,8 @@ def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
         crop_n_points_downscale_factor=section.crop_n_points_downscale_factor,
         min_mask_region_area=section.min_mask_region_area,
         max_mask_fraction=section.max_mask_fraction,
+        multimask_output=section.multimask_output,
+        use_m2m=section.use_m2m,
     )
     values.update(overrides)
     return AmgParams(**values)
