@@ -157,6 +157,7 @@ def round_settings(cfg: EngineConfig, init_checkpoint: str | None, round_no: int
     for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
         if getattr(cfg.train, name) is not None:
             setattr(settings, name, getattr(cfg.train, name))
+    settings.parts = cfg.train.parts
     if cfg.train.prompts_per_mask is not None:
         settings.iterations = cfg.train.prompts_per_mask
     return settings, steps_before

@@ -70,6 +70,11 @@ class TrainSettings:
     crop_share: float = 0.75
     crop_batch_images: int = 16
     threads: int | None = None
+    # Which parts learn: "all", "prompt_decoder" (the image encoder frozen: it runs without gradients),
+    # "decoder" (the mask decoder only), or "auto": all for SAM-architecture models (the compact one, SAM 1), the
+    # decoder for SAM 2 / SAM-HQ / SAM 3's tracker (a 30 M-600 M parameter pretrained encoder is a GPU job to
+    # train, and the decoder is where a new domain's masks are learned first; docs/models.md).
+    parts: str = "auto"
 
 
 @dataclass
@@ -98,10 +103,11 @@ def dataset_sampler(images: list[np.ndarray], masks: list[np.ndarray], weights: 
     return sample
 
 
-def to_frame(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """A scene resized to the encoder's input frame (longest side `side`): the image antialiased
-    and rounded as `preprocess` does, masks (N, H, W) nearest. Returned as is when already there."""
-    h, w = resized_shape(image.shape[0], image.shape[1], side)
+def to_frame(image: np.ndarray, masks: np.ndarray, side: int, resize: str = "pad") -> tuple[np.ndarray, np.ndarray]:
+    """A scene resized to the encoder's input frame (longest side `side`; "squash": side x side, SAM 2's):
+    the image antialiased and rounded as `preprocess` does, masks (N, H, W) nearest. Returned as is when
+    already there."""
+    h, w = (side, side) if resize == "squash" else resized_shape(image.shape[0], image.shape[1], side)
     if (h, w) != image.shape[:2]:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
@@ -113,7 +119,7 @@ def to_frame(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarra
     return image, masks
 
 
-def input_frame_sampler(data: Sampler, side: int) -> Sampler:
+def input_frame_sampler(data: Sampler, side: int, resize: str = "pad") -> Sampler:
     """`data` with each sample resized once to the encoder's input frame (`to_frame`).
 
     Resizing a scene cost a sixth of a training step on windows, every time the scene was drawn;
@@ -126,14 +132,14 @@ def input_frame_sampler(data: Sampler, side: int) -> Sampler:
 
     def sample(rng: np.random.Generator) -> Sample:
         image, masks, weights = data(rng)
-        h, w = resized_shape(image.shape[0], image.shape[1], side)
+        h, w = (side, side) if resize == "squash" else resized_shape(image.shape[0], image.shape[1], side)
         if h * w >= image.shape[0] * image.shape[1]:
             return image, masks, weights
         hit = cache.get(id(image))
         if hit is None or hit[0] is not masks:
             if hit is None:
                 weakref.finalize(image, cache.pop, id(image), None)
-            hit = cache[id(image)] = (masks, *to_frame(image, masks, side))
+            hit = cache[id(image)] = (masks, *to_frame(image, masks, side, resize))
         return hit[1], hit[2], weights
 
     return sample
@@ -215,7 +221,7 @@ def _window(image: np.ndarray, masks: np.ndarray, ox: int, oy: int, size: int, g
 
 
 def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int, crop: int | None = None,
-           stride: int = 8):
+           stride: int = 8, resize: str = "pad"):
     """B images -> pixels (B, 3, F, F), gt (P, F, F) bool, weights (P,), image index (P,), window
     offsets (B, 2) XY input px. F = side, or `crop` for windows at offsets that are multiples of
     `stride` (the embedding's cell size in input px). Only each window is copied and normalised."""
@@ -223,7 +229,7 @@ def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: 
     size = crop or side
     while len(pixels) < (s.crop_batch_images if crop else s.batch_images):
         image, masks, weights = samplers(rng)
-        image, masks = to_frame(image, masks, side)  # a no-op for scenes from `input_frame_sampler`
+        image, masks = to_frame(image, masks, side, resize)  # a no-op for scenes from `input_frame_sampler`
         image, masks = _flip_turn(image, masks, rng)
         gain, bias = _jitter(rng)
         ox = oy = 0
@@ -385,10 +391,12 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         if not 0 < s.crop_fraction <= 1:
             raise ValueError(f"train settings: crop_fraction must be in (0, 1], got {s.crop_fraction}")
         crop_px = max(1, round(s.crop_fraction * net.embed_size)) * stride
+    parts = s.parts if s.parts != "auto" else ("all" if seg.family == "sam" else "decoder")
+    frozen = _choose_trainable(net, parts)
     params = [p for p in net.parameters() if p.requires_grad]
     opts = _optimisers(net, s)
     ema = _Ema(net, s.ema_decay) if s.ema_decay else None
-    data = input_frame_sampler(data, side)
+    data = input_frame_sampler(data, side, net.resize)
     budget = s.minutes * 60
     curve: list[dict] = []
     train_s, cpu_s, step, last_eval, loss_v = 0.0, 0.0, 0, 0.0, float("nan")
@@ -424,7 +432,9 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
         iterations = 1 if progress < s.single_click_fraction else s.iterations
         crop = crop_px if (crop_px and progress < s.crop_share) else None
         use_box = bool(prompt_rng.random() < s.box_prob)
-        loss_v = _train_step(seg, opts, params, data, rng, s, side, iterations, crop, use_box)
+        if frozen:
+            frozen.eval()  # a frozen encoder keeps its normalisation statistics
+        loss_v = _train_step(seg, opts, params, data, rng, s, side, iterations, crop, use_box, frozen is not None)
         if ema is not None:
             ema.update(net, step)
         step += 1
@@ -461,16 +471,20 @@ def _first_points(gt: np.ndarray, rng: np.random.Generator, how: str) -> list[tu
 
 
 def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data: Sampler, rng: np.random.Generator, s: TrainSettings, side: int,
-                iterations: int | None = None, crop: int | None = None, use_box: bool = False) -> float:
+                iterations: int | None = None, crop: int | None = None, use_box: bool = False,
+                encoder_frozen: bool = False) -> float:
     net = seg.net
     iterations = iterations or s.iterations
     stride = side // net.embed_size
-    pixels, gt, w, owner, offsets = _batch(data, rng, s, side, crop, stride)
+    pixels, gt, w, owner, offsets = _batch(data, rng, s, side, crop, stride, net.resize)
     gt_np = gt.numpy()
     dev = seg.device  # the batch is made on the host; the network runs where the segmenter lives
     pixels, gt, w = pixels.to(dev, non_blocking=True), gt.to(dev, non_blocking=True), w.to(dev)
-    with seg.autocast():  # the segmenter's precision (fp32, or bf16 / fp16 autocast)
-        feats = net.image_encoder(pixels).float()[owner]  # (P, C, h, w)
+    with seg.autocast(), torch.set_grad_enabled(not encoder_frozen):  # the segmenter's precision
+        out = net.image_encoder(pixels)
+    # (P, C, h, w) per mask, and the family's extra per-image features likewise (SAM 2, SAM-HQ)
+    out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    feats, extras = out[0].float()[owner], tuple(e.float()[owner] for e in out[1:])
     frame = gt.shape[-1]
     pe = shift = None
     if crop:
@@ -507,6 +521,7 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
             keep = np.sort(rng.choice(n, size=max(1, round(n * s.corrective_share)), replace=False))
             k = torch.as_tensor(keep)
             rows, mask_in, feats, gt, w = rows[keep], mask_in[k], feats[k], gt[k], w[k]
+            extras = tuple(e[k] for e in extras)
             boxes = None if boxes is None else boxes[k]
         points = labels = None
         if pts[rows[0]]:
@@ -519,7 +534,7 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
             bx = None if boxes is None else boxes + sh.repeat(1, 2)
             p_rows = pe[torch.as_tensor(rows)]
         low, iou = seg.decode(feats, points, labels, bx, mask_in, multimask=(it == 0),
-                              pe=None if shift is None else p_rows)
+                              pe=None if shift is None else p_rows, extras=extras)
         loss, _, chosen = _step_loss(low, iou, gt, w, frame, s)
         total = total + loss
         if it + 1 < iterations:
@@ -538,6 +553,29 @@ def _train_step(seg: Segmenter, opts: list[torch.optim.Optimizer], params, data:
     for opt in opts:
         opt.step()
     return float(total.detach()) / iterations
+
+
+TRAIN_PARTS = ("auto", "all", "prompt_decoder", "decoder")
+
+
+def _choose_trainable(net: torch.nn.Module, parts: str) -> torch.nn.Module | None:
+    """Set requires_grad by `parts` (TRAIN_PARTS); returns the frozen image encoder module (None: it trains).
+    Parts by parameter name: the image encoder ("image_encoder.", transformers' "model.vision_encoder."), the
+    prompt encoder and positional encodings, the mask decoder (with SAM 2's no-memory token)."""
+    if parts not in TRAIN_PARTS:
+        raise ValueError(f"train settings: parts must be one of {TRAIN_PARTS}, got {parts!r}")
+    encoder = ("image_encoder.", "model.vision_encoder.")
+    decoder = ("mask_decoder.", "model.mask_decoder.", "model.no_memory_embedding")
+    for name, p in net.named_parameters():
+        if parts == "all":
+            p.requires_grad_(True)
+        elif parts == "prompt_decoder":
+            p.requires_grad_(not name.startswith(encoder))
+        else:
+            p.requires_grad_(name.startswith(decoder))
+    if parts == "all":
+        return None
+    return net.model.vision_encoder if hasattr(net, "model") else net.image_encoder
 
 
 def _rank0_decides(done: bool, progress: float, device: torch.device) -> tuple[bool, float]:

@@ -60,7 +60,7 @@ def test_generator_parameters_come_from_the_config_field_by_field():
         assert f.name in config_keys, f"{f.name}: not in stages.auto"
         assert AutoStageConfig.model_fields[f.name].default == getattr(defaults, f.name), f.name
         value = getattr(defaults, f.name)
-        changed = value + 1 if isinstance(value, int) else value / 2
+        changed = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, int) else value / 2
         section = AutoStageConfig(**{f.name: changed})
         assert getattr(runtime.amg_params(section), f.name) == changed, f.name
 

@@ -81,10 +81,10 @@ def test_corrective_iterations_on_a_share_of_the_masks():
     calls = []
     decode = seg.decode
 
-    def spy(feats, points, labels, boxes, mask_input, multimask, pe=None):
+    def spy(feats, points, labels, boxes, mask_input, multimask, pe=None, extras=()):
         calls.append(dict(rows=feats.shape[0], points=points is not None, boxes=boxes is not None,
                           mask=mask_input is not None, multimask=multimask))
-        out = decode(feats, points, labels, boxes, mask_input, multimask, pe)
+        out = decode(feats, points, labels, boxes, mask_input, multimask, pe, extras)
         assert out[0].shape[0] == feats.shape[0] and (points is None or points.shape[0] == feats.shape[0])
         return out
 
