@@ -248,9 +248,8 @@ def map_meta_sam2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def meta_sam2_arch(state: dict[str, torch.Tensor], source: str, named: dict | None = None) -> dict:
     """The architecture of a Meta SAM 2 state dict: stages and widths from the shapes, heads and windows from
-    the matching Meta preset, or from `named` (a Meta yaml's `model` section) when one is given."""
-    from model.checkpoints import CheckpointError
-
+    the matching Meta preset, or from `named` (a Meta yaml's `model` section) when one is given.
+    Raises ValueError (one line) for a size that is neither."""
     dim = int(state["image_encoder.trunk.patch_embed.proj.weight"].shape[0])
     blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))})
     stages, count = [], 0
@@ -272,5 +271,5 @@ def meta_sam2_arch(state: dict[str, torch.Tensor], source: str, named: dict | No
     for name, trunk in SAM2_TRUNKS.items():
         if trunk["embed_dim"] == dim and trunk["stages"] == stages and trunk["window_pos_embed_bkg_spatial_size"] == bkg:
             return sam2_arch(trunk, 1024, d_model, preset=name)
-    raise CheckpointError(f"{source}: a SAM 2 checkpoint of no known size (embed_dim {dim}, stages {stages}); "
+    raise ValueError(f"{source}: a SAM 2 checkpoint of no known size (embed_dim {dim}, stages {stages}); "
                           f"put Meta's yaml config beside it as {Path(source).with_suffix('.yaml').name} to name it")

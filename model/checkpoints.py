@@ -454,7 +454,10 @@ def _load_meta_sam2(p: Path, state: dict[str, torch.Tensor]):
             raise CheckpointError(f"{yml}: not a readable yaml config ({type(e).__name__})") from None
         if named is None:
             raise CheckpointError(f"{yml}: no `model:` section (expected one of Meta's sam2 configs)")
-    arch = meta_sam2_arch(state, str(p), named)
+    try:
+        arch = meta_sam2_arch(state, str(p), named)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     net = build_net(arch)
     load_state_strict(net.model, map_meta_sam2_state(state), str(p))
     return net, arch, f"{arch['preset']}-{_file_digest(p)}", {"source": str(p.resolve())}

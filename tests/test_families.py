@@ -415,3 +415,45 @@ def test_a_sam2_model_retrains_its_decoder_and_leaves_the_encoder(tmp_path):
     back = Segmenter.load(tmp_path / "trained")
     assert back.model_version == version and back.family == "sam2"
     assert abs(_one_click_miou(back, held_imgs, held_masks) - after) < 1e-6
+
+
+# ---- the stages ----------------------------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.parametrize("family", ["sam2", "sam_hq"])
+def test_the_automatic_stage_runs_a_family_checkpoint_on_ray(ray_cluster, tmp_path, family):
+    """`model.checkpoint` naming a SAM 2 checkpoint (ours) or a Meta SAM-HQ .pth: the automatic stage's Ray actors
+    load it, the generator runs in its frame, and the masks' lineage names the family's model_version; the
+    evaluation reads the same model."""
+    import yaml
+
+    from engine.integrations import runtime
+    from engine.integrations.config import load_config
+    from model.checkpoints import build_net
+    from model._sam2_edge import sam2_arch
+    from stages.auto import run_auto_stage
+    from storage.shards import MaskStore
+    from tests.test_auto_stage import write_config
+
+    if family == "sam2":
+        arch = sam2_arch(dict(SMALL_HIERA, window_pos_embed_bkg_spatial_size=[7, 7]), 256, 64)
+        ckpt = tmp_path / "sam2-small"
+        torch.manual_seed(0)
+        Segmenter(build_net(arch), arch, "x").save(ckpt)
+    else:
+        ckpt = tmp_path / "sam_hq_small.pth"
+        torch.save(meta_sam_hq().state_dict(), ckpt)
+    cfg_path = write_config(tmp_path, n_images=3, images_per_commit=2, num_actors=1, max_mask_fraction=1.0,
+                            min_mask_region_area=0)
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["model"] = {"checkpoint": str(ckpt)}
+    cfg_path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(cfg_path)
+    seg = runtime.segmenter(cfg, cfg.model.checkpoint)
+    assert seg.family == family
+    summary = run_auto_stage(cfg, 1, None, show_progress=False)
+    assert summary.images == 3 and summary.quarantined == 0
+    table = MaskStore(cfg.path(cfg.storage.root)).read_table(columns=["model_version", "height", "width"], stage="auto")
+    assert table.num_rows > 0
+    assert set(table.column("model_version").to_pylist()) == {seg.model_version}
+    assert set(table.column("height").to_pylist()) == {96} and set(table.column("width").to_pylist()) == {96}
