@@ -437,6 +437,36 @@ def annotate_cmd(project: str = typer.Option(..., "--project", help="Label Studi
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@stage_app.command("concept")
+def stage_concept(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
+                  phrases: Path = typer.Option(..., "--phrases", help="Noun phrases, one per line."),
+                  round_no: int = typer.Option(0, "--round", help="The round these masks belong to."),
+                  address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
+    """Concept stage (SAM 3): every instance of each noun phrase in every image (stages.concept.checkpoint)."""
+    from engine.integrations.cluster import init_ray
+    from engine.integrations.config import ConfigError, load_config, validate_for_run
+    from model.checkpoints import CheckpointError
+    from stages.concept import read_phrases, run_concept_stage
+    from storage.backend import StoreError
+
+    try:
+        cfg = load_config(config)
+        validate_for_run(cfg, address=address, stage="concept")
+        wanted = read_phrases(phrases)
+        init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+        summary = run_concept_stage(cfg, wanted, round_no).to_dict()
+    except (ConfigError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    except StoreError as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    if summary["images"] + summary["already_done"] + summary["set_aside"] + summary["quarantined"] == 0:
+        console.print("[yellow]warning:[/yellow] no images under images.source: nothing done", highlight=False)
+        raise typer.Exit(EXIT_NO_MASKS)
+
+
 @stage_app.command("manual")
 def stage_manual(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
                  round_no: int = typer.Option(1, "--round", help="The round."),

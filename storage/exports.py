@@ -3,12 +3,12 @@
 Two formats:
 - **sa1b**: SA-1B's own layout. One JSON per image (`image`: image_id, width, height, file_name;
   `annotations`: id, segmentation as COCO RLE with counts as str, bbox XYWH, area, predicted_iou,
-  stability_score, crop_box XYWH, point_coords) beside the image file, packed into tar shards of N
+  stability_score, crop_box XYWH, point_coords; `prompt_text` for the concept stage's masks) beside the image file, packed into tar shards of N
   images (`sa_000000.tar`, …). Our lineage rides under the key `"sa_engine"` of each image and
   annotation, so SA-1B readers that know only SA-1B's keys still work. Human masks have no predicted
   IoU or stability score: those fields are `null`.
-- **coco**: one COCO instances JSON per split (`instances_<split>.json`): RLE segmentations, one
-  class-agnostic category "object", iscrowd 0.
+- **coco**: one COCO instances JSON per split (`instances_<split>.json`): RLE segmentations, the
+  class-agnostic category "object" (id 1) and one category per concept phrase (ids 2, 3, …), iscrowd 0.
 
 Both end with `index.json` (the files with their sha256, counts, filters, splits): it is written last,
 so an export without it is incomplete. Locally everything is staged in a sibling folder that replaces
@@ -61,11 +61,11 @@ DEFAULT_SPLITS = {"all": 1.0}
 
 # Columns each format reads from the store (the filters may use others; the store applies them).
 _SA1B_COLUMNS = ["image_id", "mask_id", "height", "width", "rle", "area", "bbox", "predicted_iou",
-                 "stability_score", "point_coords", "crop_box", "stage", "origin", "round", "model_version",
+                 "stability_score", "point_coords", "crop_box", "prompt_text", "stage", "origin", "round", "model_version",
                  "annotator", "verified", "source", "clicks", "lead_time_s", "prefill_iou", "history",
                  "created_at"]
 _COCO_COLUMNS = ["image_id", "mask_id", "height", "width", "rle", "area", "bbox", "predicted_iou",
-                 "stability_score", "point_coords", "crop_box", "stage", "origin", "round", "model_version",
+                 "stability_score", "point_coords", "crop_box", "prompt_text", "stage", "origin", "round", "model_version",
                  "verified"]
 
 
@@ -543,16 +543,18 @@ def sa1b_annotation(row: dict, ann_id: int) -> dict:
         "crop_box": [float(v) for v in row["crop_box"]] if row.get("crop_box") is not None
         else [0.0, 0.0, float(row["width"]), float(row["height"])],
         "point_coords": [[float(x), float(y)] for x, y in (row.get("point_coords") or [])],
+        **({"prompt_text": row["prompt_text"]} if row.get("prompt_text") is not None else {}),
         LINEAGE_KEY: _lineage(row),
     }
 
 
-def coco_annotation(row: dict, ann_id: int, image_number: int) -> dict:
-    """A store row -> one COCO instance annotation (class-agnostic, iscrowd 0, RLE counts as str)."""
+def coco_annotation(row: dict, ann_id: int, image_number: int, category_id: int = COCO_CATEGORY["id"]) -> dict:
+    """A store row -> one COCO instance annotation (iscrowd 0, RLE counts as str); category: "object", or the
+    concept stage's phrase (`coco_categories`)."""
     return {
         "id": ann_id,
         "image_id": int(image_number),
-        "category_id": COCO_CATEGORY["id"],
+        "category_id": int(category_id),
         "segmentation": {"size": [row["height"], row["width"]], "counts": _counts_str(row["rle"])},
         "area": int(row["area"]),
         "bbox": [float(v) for v in row["bbox"]],
@@ -565,6 +567,12 @@ def coco_annotation(row: dict, ann_id: int, image_number: int) -> dict:
                       "origin": row.get("origin"), "round": row["round"],
                       "model_version": row.get("model_version"), "verified": bool(row.get("verified"))},
     }
+
+
+def coco_categories(phrases: dict[str, int]) -> list[dict]:
+    """"object" (id 1) for masks without a phrase, then one category per concept phrase."""
+    return [COCO_CATEGORY] + [{"id": i, "name": name, "supercategory": "concept"}
+                              for name, i in sorted(phrases.items(), key=lambda kv: kv[1])]
 
 
 def sa1b_to_records(image_json: dict) -> list[MaskRecord]:
@@ -580,7 +588,7 @@ def sa1b_to_records(image_json: dict) -> list[MaskRecord]:
             area=int(ann["area"]), bbox=list(ann["bbox"]), stage=lin["stage"], round=int(lin["round"]),
             model_version=lin.get("model_version"), predicted_iou=ann.get("predicted_iou"),
             stability_score=ann.get("stability_score"), point_coords=[list(p) for p in ann["point_coords"]],
-            crop_box=list(ann["crop_box"]), origin=lin.get("origin"), annotator=lin.get("annotator"),
+            crop_box=list(ann["crop_box"]), prompt_text=ann.get("prompt_text"), origin=lin.get("origin"), annotator=lin.get("annotator"),
             verified=bool(lin.get("verified")), source=lin.get("source"), clicks=lin.get("clicks"),
             lead_time_s=lin.get("lead_time_s"), prefill_iou=lin.get("prefill_iou"), history=lin.get("history"),
             created_at=datetime.fromisoformat(lin["created_at"]),
@@ -789,6 +797,7 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
         parts = [_JsonArrayFile(target.scratch / f"{name}.annotations.part") for name in split_names]
         counts = {name: {"images": 0, "masks": 0} for name in split_names}
         ann_id = 0
+        phrases: dict[str, int] = {}  # concept phrase -> category id (2, 3, … in order of first appearance)
         damaged = np.zeros(len(plan.ids), np.int64)
         for batch in store.iter_batches(columns=_COCO_COLUMNS, **filters.store_kwargs()):
             pos = plan.lookup(batch.column("image_id"))
@@ -800,7 +809,9 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
                     continue
                 ann_id += 1
                 name = split_names[plan.split[p]]
-                parts[plan.split[p]].write(coco_annotation(row, ann_id, int(plan.number[p])))
+                phrase = row.get("prompt_text")
+                category = COCO_CATEGORY["id"] if phrase is None else phrases.setdefault(phrase, len(phrases) + 2)
+                parts[plan.split[p]].write(coco_annotation(row, ann_id, int(plan.number[p]), category))
                 counts[name]["masks"] += 1
         for part in parts:
             part.close()
@@ -814,7 +825,7 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
                 f.write('{"info": ' + json.dumps({"description": f"sa-engine export, split {name}",
                                                   "version": str(SCHEMA_VERSION),
                                                   "date_created": created.isoformat()}))
-                f.write(', "licenses": [], "categories": ' + json.dumps([COCO_CATEGORY]) + ', "images": [')
+                f.write(', "licenses": [], "categories": ' + json.dumps(coco_categories(phrases)) + ', "images": [')
                 first = True
                 for p in np.flatnonzero((plan.split == s) & plan.keep):
                     image_id = plan.ids[p]

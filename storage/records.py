@@ -14,11 +14,12 @@ from typing import Any
 import pyarrow as pa
 
 # Bump when a column is added or changes meaning; readers refuse shards from a newer version.
-SCHEMA_VERSION = 1
+# 2: `prompt_text` (the concept stage's noun phrase); shards of version 1 read with it null.
+SCHEMA_VERSION = 2
 
-STAGES = ("manual", "semi", "auto")
+STAGES = ("manual", "semi", "auto", "concept")
 # How a mask came to be (finer than `stage`): semi-automatic rounds mix prefilled and manual masks.
-ORIGINS = ("manual", "auto", "prefill_accepted", "prefill_edited", "manual_added")
+ORIGINS = ("manual", "auto", "prefill_accepted", "prefill_edited", "manual_added", "concept")
 
 MASK_SCHEMA = pa.schema(
     [
@@ -33,6 +34,7 @@ MASK_SCHEMA = pa.schema(
         ("stability_score", pa.float32()),  # null for human masks
         ("point_coords", pa.list_(pa.list_(pa.float64(), 2))),  # (K, 2) XY pixels of the prompt points
         ("crop_box", pa.list_(pa.float64(), 4)),  # XYWH pixels of the crop the mask came from
+        ("prompt_text", pa.string()),  # the noun phrase that prompted it (concept stage; null otherwise)
         # lineage
         ("stage", pa.string()),  # one of STAGES
         ("origin", pa.string()),  # one of ORIGINS
@@ -79,6 +81,7 @@ class MaskRecord:
     stability_score: float | None = None
     point_coords: list[list[float]] = field(default_factory=list)
     crop_box: list[float] | None = None  # XYWH pixels; None means the whole image
+    prompt_text: str | None = None  # the concept stage's noun phrase
     origin: str | None = None  # defaults to `stage` ("manual"/"auto") when None
     annotator: str | None = None
     verified: bool = False
@@ -106,8 +109,9 @@ class MaskRecord:
             "crop_box": [0.0, 0.0, float(self.width), float(self.height)]
             if self.crop_box is None
             else [float(v) for v in self.crop_box],
+            "prompt_text": self.prompt_text,
             "stage": self.stage,
-            "origin": self.origin or ("auto" if self.stage == "auto" else "manual"),
+            "origin": self.origin or (self.stage if self.stage in ("auto", "concept") else "manual"),
             "round": int(self.round),
             "model_version": self.model_version,
             "annotator": self.annotator,
@@ -138,6 +142,7 @@ class MaskRecord:
             stability_score=row.get("stability_score"),
             point_coords=[list(p) for p in (row.get("point_coords") or [])],
             crop_box=list(row["crop_box"]) if row.get("crop_box") is not None else None,
+            prompt_text=row.get("prompt_text"),
             origin=row.get("origin"),
             annotator=row.get("annotator"),
             verified=bool(row.get("verified")),

@@ -134,6 +134,15 @@ class ReviewStageConfig(_Section):
     max_masks: int = Field(200, ge=1)  # at most this many masks per review, least trusted first
 
 
+class ConceptStageConfig(_Section):
+    checkpoint: str | None = None  # a transformers SAM 3 directory (model_type sam3, with its tokenizer files): docs/models.md
+    score_thresh: float = Field(0.5, ge=0, le=1)  # keep instances whose score (query x presence) is above this
+    mask_thresh: float = Field(0.5, ge=0, le=1)  # a pixel belongs to the instance above this probability
+    max_instances: int = Field(100, ge=1)  # per image and phrase, best first
+    num_actors: int = Field(1, ge=1)  # Ray Data actors (model copies)
+    images_per_commit: int = Field(16, ge=1)  # images per shard commit (the unit of resume)
+
+
 class StagesConfig(_Section):
     simulate: bool = True  # simulated annotators (need images.ground_truth); False = people in Label Studio
     final_auto: Literal["remaining", "all", "none"] = "remaining"  # images for the last, automatic stage
@@ -143,6 +152,7 @@ class StagesConfig(_Section):
     semi: SemiStageConfig = Field(default_factory=SemiStageConfig)
     auto: AutoStageConfig = Field(default_factory=AutoStageConfig)
     review: ReviewStageConfig = Field(default_factory=ReviewStageConfig)
+    concept: ConceptStageConfig = Field(default_factory=ConceptStageConfig)
 
 
 class LabelStudioConfig(_Section):
@@ -381,6 +391,10 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     else:  # one stage: "rounds" below means "Label Studio and annotators are needed"
         rounds = 1 if stage in ("manual", "semi", "review") else 0
     loop = stage is None
+    if stage == "concept" and not cfg.stages.concept.checkpoint:
+        problems.append("stages.concept.checkpoint: not set (a transformers SAM 3 directory; docs/models.md)")
+    elif stage == "concept" and not Path(cfg.path(cfg.stages.concept.checkpoint)).is_dir():
+        problems.append(f"stages.concept.checkpoint: {cfg.stages.concept.checkpoint}: no such directory")
 
     def where(key: str, value: str | None, want: str) -> None:
         if value is None:

@@ -23,6 +23,7 @@ from engine.integrations.config import AutoStageConfig, EngineConfig
 from engine.integrations.labelstudio import LabelStudioError, ServerSettings, write_private_file
 from model.amg_params import AmgParams
 from model.calibration import CalibrationSettings
+from model.concept import ConceptSegmenter
 from model.segmenter import Segmenter
 from storage.backend import Store, open_store
 from storage.images import ImageSource
@@ -108,6 +109,14 @@ def checkpoint_path(cfg: EngineConfig, checkpoint: str | None) -> str | None:
     """The model to use: `checkpoint`, else `model.checkpoint`, else None (a fresh `model.preset`)."""
     path = checkpoint or cfg.model.checkpoint
     return cfg.path(path) if path else None
+
+
+def concept_segmenter(cfg: EngineConfig, on_device: str | None = None) -> ConceptSegmenter:
+    """SAM 3's concept segmenter from `stages.concept.checkpoint` (a transformers SAM 3 directory)."""
+    path = cfg.stages.concept.checkpoint
+    if not path:
+        raise ValueError("stages.concept.checkpoint: not set (a transformers SAM 3 directory; docs/models.md)")
+    return ConceptSegmenter.load(cfg.path(path), device=on_device or device(cfg))
 
 
 def segmenter(cfg: EngineConfig, checkpoint: str | None, on_device: str | None = None) -> Segmenter:
