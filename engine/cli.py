@@ -380,6 +380,7 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
     import torch
 
     from engine.integrations import runtime
+    from engine.integrations.labelling import concept_predictor
     from engine.integrations.ml_backend import (
         BackendState,
         EmbeddingCache,
@@ -396,7 +397,7 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
         seg = runtime.segmenter(cfg, checkpoint or runtime.current_model(cfg))
         embeddings = cfg.path("embeddings")
         state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=embeddings)),
-                             token=runtime.ml_backend_token(cfg), image_loader=None)
+                             token=runtime.ml_backend_token(cfg), image_loader=None, concept=concept_predictor(cfg))
         state.image_loader = source_image_loader(runtime.image_source(cfg), runtime.labelstudio_url(cfg), state)
         server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port, allow_remote)
     except (ValueError, OSError, CheckpointError) as e:

@@ -191,3 +191,61 @@ def test_stage_concept_command_checks_before_it_starts(tmp_path, sam3_dir):
     r = subprocess.run(cmd[:-1] + [str(tmp_path / "p.txt")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "stages.concept.checkpoint" in r.stderr + r.stdout
     assert not (tmp_path / "run" / "store").exists()
+
+
+def text_context(phrase: str, height: int, width: int) -> dict:
+    """Interactive context as Label Studio's editor sends it for a smart TextArea."""
+    from engine.integrations.labelstudio import CONCEPT_TAG, IMAGE_TAG
+
+    return {"result": [{"type": "textarea", "from_name": CONCEPT_TAG, "to_name": IMAGE_TAG,
+                        "original_width": width, "original_height": height, "value": {"text": [phrase]}}]}
+
+
+@pytest.mark.labelstudio
+def test_label_studio_text_prompt_gets_every_instance_as_brush_regions(sam3_dir, tmp_path, labelstudio_server):
+    """Through the real Label Studio: a project with the concept TextArea, our backend registered, a typed
+    phrase -> one brush region per instance SAM 3 finds, equal to `ConceptSegmenter.segment`'s masks.
+    A text prompt to a backend without a SAM 3 model is a 400 naming the setting."""
+    from PIL import Image
+
+    from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskImage, labeling_config
+    from engine.integrations.ml_backend import (BASIC_USER, BackendState, ConceptPredictor, EmbeddingCache,
+                                                MaskPredictor, MLBackend, source_image_loader)
+    from model.segmenter import Segmenter
+    from storage.brush_rle import decode_mask
+    from storage.images import ImageSource
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    px = np.random.default_rng(1).integers(0, 255, (60, 80, 3)).astype(np.uint8)
+    Image.fromarray(px).save(folder / "im0.png")
+    source = ImageSource(str(folder))
+    concept = ConceptSegmenter.load(sam3_dir)
+    seg = Segmenter.new("compact")
+    ls: LabelStudio = labelstudio_server.client
+    assert "TextArea" in labeling_config(concept=True) and "TextArea" not in labeling_config()
+    for with_concept in (True, False):
+        state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), "concept-token", None,
+                             concept=ConceptPredictor(concept, score_thresh=0.0, max_instances=5) if with_concept else None)
+        state.image_loader = source_image_loader(source, state=state)
+        pid = ls.ensure_project(f"concept prompts {with_concept}", concept=True)
+        try:
+            ls.add_local_storage(pid, str(folder))
+            im = TaskImage("im0.png", LabelStudio.local_file_url(source.ref("im0.png").uri,
+                                                                 labelstudio_server.document_root), 60, 80)
+            task_id = ls.import_tasks(pid, [im])["im0.png"]
+            with MLBackend(state) as backend:
+                backend_id = ls.connect_ml_backend(pid, backend.url, BASIC_USER, "concept-token")
+                if not with_concept:
+                    with pytest.raises(LabelStudioError, match="400"):
+                        ls.predict_interactive(backend_id, task_id, text_context("red disc", 60, 80))
+                    assert "stages.concept.checkpoint" in (state.last_error or "")  # what the backend logged
+                    continue
+                answer = ls.predict_interactive(backend_id, task_id, text_context("red disc", 60, 80))
+            want = concept.segment(concept.embed(px), "red disc", score_thresh=0.0, max_instances=5)
+            assert answer["model_version"] == concept.model_version and len(answer["result"]) == len(want) > 0
+            for region, m in zip(answer["result"], want):
+                assert region["type"] == "brushlabels"
+                assert np.array_equal(decode_mask(region["value"]["rle"], 60, 80), m.mask)
+        finally:
+            ls.delete_project(pid)

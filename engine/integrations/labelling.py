@@ -44,6 +44,7 @@ from engine.integrations.labelstudio import (
 from engine.integrations.ml_backend import (
     BASIC_USER,
     BackendState,
+    ConceptPredictor,
     EmbeddingCache,
     MaskPredictor,
     MLBackend,
@@ -207,7 +208,8 @@ def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: 
         if service is not None:  # the service keeps its port and model; this stage's own goes beside it
             port = 0
     cache = EmbeddingCache(segmenter, precomputed_dir=cfg.path("embeddings"))
-    state = BackendState(MaskPredictor(segmenter, cache), token=runtime.ml_backend_token(cfg), image_loader=None)
+    state = BackendState(MaskPredictor(segmenter, cache), token=runtime.ml_backend_token(cfg), image_loader=None,
+                         concept=concept_predictor(cfg))
     state.image_loader = source_image_loader(source, trusted_ls_url=ls_url, state=state)
     port = cfg.labelstudio.ml_backend_port if port is None else port
     try:
@@ -215,6 +217,14 @@ def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: 
     except OSError as e:
         raise LabelStudioError(f"ML backend: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
                                "set labelstudio.ml_backend_port to a free port") from None
+
+
+def concept_predictor(cfg: EngineConfig) -> ConceptPredictor | None:
+    """The ML backend's SAM 3 text prompts when `stages.concept.checkpoint` is set, else None."""
+    c = cfg.stages.concept
+    if not c.checkpoint:
+        return None
+    return ConceptPredictor(runtime.concept_segmenter(cfg), c.score_thresh, c.mask_thresh, c.max_instances)
 
 
 def connect_backend(ls: LabelStudio, project_id: int, backend: MLBackend) -> int:
@@ -287,7 +297,7 @@ def publish(ls: LabelStudio, cfg: EngineConfig, title: str, description: str, im
             model_version: str | None = None) -> tuple[int, dict[str, int]]:
     """Create (or find) the project, let it serve the images, import them as tasks (idempotent: an image
     already imported is not imported again). Returns (project id, {image_id: task id})."""
-    project_id = ls.ensure_project(title, description=description)
+    project_id = ls.ensure_project(title, description=description, concept=bool(cfg.stages.concept.checkpoint))
     allow_serving(ls, project_id, images, Path(cfg.workdir).resolve())
     return project_id, ls.import_tasks(project_id, images, prefills, model_version=model_version)
 

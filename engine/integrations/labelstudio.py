@@ -451,7 +451,16 @@ ANNOTATOR_INSTRUCTIONS = (
     "ones, fix or delete the rest. Submit when every object has one mask.")
 
 
-def labeling_config() -> str:
+CONCEPT_TAG = "concept"
+
+
+def concept_prompt_tag() -> str:
+    """The TextArea that sends a noun phrase to our ML backend (SAM 3 concept prompts: every instance)."""
+    return (f'  <TextArea name="{CONCEPT_TAG}" toName="{IMAGE_TAG}" smart="true" editable="true" maxSubmissions="1"'
+            ' placeholder="a noun phrase: every instance becomes a mask"/>\n')
+
+
+def labeling_config(concept: bool = False) -> str:
     """The project's labeling config: brush masks, smart positive/negative keypoints and smart boxes, and the
     instructions above the image.
 
@@ -460,6 +469,7 @@ def labeling_config() -> str:
     (smartOnly: Label Studio offers them as its Auto-Detect tools once Auto-Annotation is on, which the
     instructions above the image say; a plain keypoint tool would only make useless regions), labels on hotkeys
     1/2/3; the pull reads brush regions only. tests/test_browser.py drives this page in a real browser.
+    concept: add the TextArea of SAM 3 concept prompts (a phrase -> every instance as brush regions).
     """
     return f"""<View>
   <Header value="{ANNOTATOR_INSTRUCTIONS}" size="6"/>
@@ -475,7 +485,7 @@ def labeling_config() -> str:
   <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
     <Label value="{OBJECT_LABEL}" background="#9467bd" hotkey="3"/>
   </RectangleLabels>
-</View>"""
+{concept_prompt_tag() if concept else ""}</View>"""
 
 
 # --------------------------------------------------------------------------- project types
@@ -632,13 +642,14 @@ class LabelStudio:
                 return int(p.id)
         return None
 
-    def ensure_project(self, title: str, description: str = "") -> int:
-        """The project with this title (created with our labeling config if missing)."""
+    def ensure_project(self, title: str, description: str = "", concept: bool = False) -> int:
+        """The project with this title (created with our labeling config if missing; concept: with the
+        TextArea of SAM 3 concept prompts)."""
         pid = self.find_project(title)
         if pid is not None:
             return pid
         project = self._call("create project", lambda: self.sdk.projects.create(
-            title=title, description=description, label_config=labeling_config(),
+            title=title, description=description, label_config=labeling_config(concept),
             expert_instruction=f"<p>{ANNOTATOR_INSTRUCTIONS}</p>", show_instruction=True,
             show_collab_predictions=True, evaluate_predictions_automatically=False))
         return int(project.id)

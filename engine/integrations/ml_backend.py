@@ -170,6 +170,45 @@ def prompt_from_context(context: dict, height: int, width: int) -> Prompt:
     return Prompt(np.asarray(pts, np.float64).reshape(-1, 2), np.asarray(labs, np.int64), box)
 
 
+def text_from_context(context: dict) -> str | None:
+    """The noun phrase of a TextArea in Label Studio's interactive context (SAM 3 concept prompt), or None."""
+    for r in (context or {}).get("result") or []:
+        if str(r.get("type", "")).lower() == "textarea":
+            texts = (r.get("value") or {}).get("text") or []
+            texts = [texts] if isinstance(texts, str) else texts
+            phrase = " ".join(str(t).strip() for t in texts if str(t).strip())
+            if phrase:
+                return phrase
+    return None
+
+
+class ConceptPredictor:
+    """A phrase on an image -> every instance (SAM 3), the image's vision features cached. Thread-safe."""
+
+    def __init__(self, concept, score_thresh: float = 0.5, mask_thresh: float = 0.5, max_instances: int = 100,
+                 cache_items: int = 16):
+        self.concept = concept
+        self.score_thresh, self.mask_thresh, self.max_instances = score_thresh, mask_thresh, max_instances
+        self._lock = threading.Lock()
+        self._embeddings: OrderedDict[str, object] = OrderedDict()
+        self._items = cache_items
+
+    @property
+    def model_version(self) -> str:
+        return self.concept.model_version
+
+    def predict(self, image_id: str, load_pixels: Callable[[], np.ndarray], phrase: str) -> list:
+        """-> ConceptMasks (mask (H, W) bool, score, box), best first."""
+        with self._lock:
+            emb = self._embeddings.get(image_id)
+            if emb is None:
+                emb = self._embeddings[image_id] = self.concept.embed(load_pixels())
+                while len(self._embeddings) > self._items:
+                    self._embeddings.popitem(last=False)
+            self._embeddings.move_to_end(image_id)
+            return self.concept.segment(emb, phrase, self.score_thresh, self.mask_thresh, self.max_instances)
+
+
 class MaskPredictor:
     """Prompts on an image -> one mask, from a Segmenter with an embedding cache. Thread-safe."""
 
@@ -227,6 +266,7 @@ class BackendState:
     predictions: int = 0
     last_error: str | None = None
     timings_ms: list = field(default_factory=list)
+    concept: ConceptPredictor | None = None  # SAM 3 text prompts (stages.concept.checkpoint), else None
 
 
 def authorized(header: str | None, token: str) -> bool:
@@ -258,6 +298,10 @@ def predict_payload(state: BackendState, payload: dict) -> dict:
 
     results = []
     predictor = state.predictor  # once: a model switch during this request must not mix two models' answers
+    phrase = text_from_context(context)
+    if phrase is not None and not any(str(r.get("type", "")).lower() in ("keypointlabels", "rectanglelabels")
+                                      for r in context.get("result") or []):
+        return concept_payload(state, tasks, phrase)
     for task in tasks[:1]:  # interactive calls carry exactly one task
         data = task.get("data") or {}
         height, width = int(data["height"]), int(data["width"])
@@ -269,6 +313,26 @@ def predict_payload(state: BackendState, payload: dict) -> dict:
                              f"task says {width}x{height}")
         results.append({"result": [brush_result(mask, height, width)], "score": score,
                         "model_version": predictor.model_version})
+    state.predictions += len(results)
+    return {"results": results}
+
+
+def concept_payload(state: BackendState, tasks: list[dict], phrase: str) -> dict:
+    """A text prompt: every instance of `phrase` as one brush region each, in one answer (best first)."""
+    if state.concept is None:
+        raise ValueError(f"text prompt {phrase!r}: this backend has no SAM 3 model (stages.concept.checkpoint)")
+    results = []
+    for task in tasks[:1]:
+        data = task.get("data") or {}
+        height, width = int(data["height"]), int(data["width"])
+        image_id, load_pixels = state.image_loader(task)
+        found = state.concept.predict(image_id, load_pixels, phrase)
+        if found and found[0].mask.shape != (height, width):
+            raise ValueError(f"task {task.get('id')}: image is {found[0].mask.shape[1]}x{found[0].mask.shape[0]}, "
+                             f"task says {width}x{height}")
+        regions = [brush_result(m.mask, height, width, meta={"text": [f"{phrase} {m.score:.2f}"]}) for m in found]
+        results.append({"result": regions, "score": max((m.score for m in found), default=0.0),
+                        "model_version": state.concept.model_version})
     state.predictions += len(results)
     return {"results": results}
 
