@@ -8,6 +8,7 @@ Tolerances as SAM 1's (tests/test_parity_reference.py): logits and IoU predictio
 >= 99.9 % of pixels.
 """
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,58 @@ def test_the_automatic_stage_runs_a_family_checkpoint_on_ray(ray_cluster, tmp_pa
     assert table.num_rows > 0
     assert set(table.column("model_version").to_pylist()) == {seg.model_version}
     assert set(table.column("height").to_pylist()) == {96} and set(table.column("width").to_pylist()) == {96}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.labelstudio
+def test_the_round_loop_runs_end_to_end_on_a_sam2_model(tmp_path, labelstudio_server, ray_cluster):
+    """`sa-engine run` with `model.checkpoint` a (tiny) SAM 2 model: the simulated annotators click through the
+    real Label Studio and our backend (SAM 2's cached high-res features), the semi stage prefills, Ray Train
+    retrains the decoder, the holdout gate decides, the automatic stage runs; every mask's lineage names a
+    SAM 2 model version."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.integrations.config import load_config
+    from engine.integrations.labelstudio import free_port
+    from engine.integrations.synth import write_synthetic_dataset
+    from model.checkpoints import build_net
+    from model._sam2_edge import sam2_arch
+    from storage.shards import MaskStore
+
+    arch = sam2_arch(dict(SMALL_HIERA, window_pos_embed_bkg_spatial_size=[7, 7]), 256, 64)
+    torch.manual_seed(0)
+    version = Segmenter(build_net(arch), arch, "x").save(tmp_path / "sam2-small")
+    write_synthetic_dataset(tmp_path / "data", n_images=6, seed=0, size=96)
+    data = {
+        "workdir": str(tmp_path / "run"),
+        "model": {"checkpoint": str(tmp_path / "sam2-small")},
+        "images": {"source": str(tmp_path / "data" / "images"),
+                   "ground_truth": str(tmp_path / "data" / "annotations.json"),
+                   "holdout_from_source": 2, "holdout_source": None, "holdout_ground_truth": None},
+        "storage": {"root": str(tmp_path / "store")},
+        "stages": {"manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 2},
+                   "semi": {"rounds": 1, "images_per_round": 1},
+                   "auto": {"points_per_side": 4, "num_actors": 1, "pred_iou_thresh": 0.0,
+                            "stability_score_thresh": 0.0, "min_mask_region_area": 0, "max_mask_fraction": 1.0}},
+        "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
+                        "ml_backend_port": free_port()},
+        "train": {"minutes": 5, "max_steps": 3},
+    }
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", "--config", str(path)])
+    assert result.exit_code in (0, 4), result.output
+    cfg = load_config(path)
+    store = MaskStore(cfg.storage.root)
+    table = store.read_table(columns=["stage", "model_version"]).to_pylist()
+    assert {"manual", "semi"} <= {r["stage"] for r in table}
+    machine = {r["model_version"] for r in table if r["stage"] in ("semi", "auto") and r["model_version"]}
+    assert machine and all(v.startswith("sam2") for v in machine), machine
+    current = json.loads((Path(cfg.workdir) / "models" / "current.json").read_text())["checkpoint"]
+    assert Segmenter.load(current).family == "sam2"
+    assert version.startswith("sam2")
