@@ -513,3 +513,17 @@ def test_the_round_loop_runs_end_to_end_on_a_sam2_model(tmp_path, labelstudio_se
     current = json.loads((Path(cfg.workdir) / "models" / "current.json").read_text())["checkpoint"]
     assert Segmenter.load(current).family == "sam2"
     assert version.startswith("sam2")
+
+
+def test_every_preset_the_config_names_builds():
+    """`model.preset`'s choices are exactly the presets `Segmenter.new` builds (a name in one and not the other
+    would fail only at run time)."""
+    import typing
+
+    from engine.integrations.config import ModelConfig
+    from model.checkpoints import family_presets, preset_arch
+
+    names = set(typing.get_args(ModelConfig.model_fields["preset"].annotation))
+    assert names == set(family_presets())
+    for name in names:  # the architecture of each (building every large network would take minutes)
+        assert preset_arch(name)["preset"] == name
