@@ -7,6 +7,7 @@ Nothing is fetched from the network; `.pth` files are read with `weights_only=Tr
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -271,6 +272,9 @@ def _load_hf(p: Path) -> tuple[SamNet, dict, str, dict]:
     weights = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
     if not weights:
         raise CheckpointError(f"{p}: no weights file (*.safetensors or *.bin) next to config.json")
+    if model_type == "edgetam" and importlib.util.find_spec("timm") is None:
+        raise CheckpointError(f"{p}: EdgeTAM's image encoder comes from timm, which is not installed "
+                              "(timm needs torchvision: install both where a build exists)")
     try:
         if model_type == "sam_hq":
             net, arch = load_hf_sam_hq(p)

@@ -527,3 +527,19 @@ def test_every_preset_the_config_names_builds():
     assert names == set(family_presets())
     for name in names:  # the architecture of each (building every large network would take minutes)
         assert preset_arch(name)["preset"] == name
+
+
+def test_an_edgetam_directory_without_timm_is_one_line(tmp_path):
+    """EdgeTAM's image encoder comes from timm, whose wheels need torchvision (no CPU build here): loading its
+    transformers directory says so in one line instead of failing inside transformers."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here: EdgeTAM loads")
+    d = tmp_path / "edgetam"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "edgetam"}')
+    (d / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError) as e:
+        Segmenter.load(d)
+    assert "\n" not in str(e.value) and "timm" in str(e.value)
