@@ -269,18 +269,26 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
                                                                    "else a fresh model.preset model)."),
                address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
     """Fully automatic stage: grid-prompted masks for every image not yet done for this model (resumable)."""
+    from stages.auto import run_auto_stage
+
+    summary = _run_ray_stage(config, address, "auto", lambda cfg: run_auto_stage(cfg, round_no, checkpoint))
+    end([summary])
+
+
+def _run_ray_stage(config: Path, address: Optional[str], stage: str, run) -> dict:
+    """Read and check the config for `stage`, start Ray, `run(cfg)`; print the summary and its warnings, exit 3
+    when there were no images at all. Bad config, checkpoint or input: one line, exit 2."""
     from engine.integrations.cluster import init_ray
     from engine.integrations.config import ConfigError, load_config, validate_for_run
     from model.checkpoints import CheckpointError
-    from stages.auto import run_auto_stage
     from storage.backend import StoreError
 
     try:
         cfg = load_config(config)
-        validate_for_run(cfg, address=address, stage="auto")
+        validate_for_run(cfg, address=address, stage=stage)
         init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-        summary = run_auto_stage(cfg, round_no, checkpoint).to_dict()
-    except (ConfigError, CheckpointError) as e:
+        summary = run(cfg).to_dict()
+    except (ConfigError, CheckpointError, ValueError) as e:
         fail(str(e))
     except StoreError as e:
         fail(str(e), code=1)
@@ -294,7 +302,7 @@ def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's Y
             summary.get("quarantined", 0) == 0:
         console.print("[yellow]warning:[/yellow] no images under images.source: nothing done", highlight=False)
         raise typer.Exit(EXIT_NO_MASKS)
-    end([summary])
+    return summary
 
 
 # ---- Label Studio, the ML backend, simulated annotators and the assisted-manual stage (issue 5)
@@ -444,28 +452,13 @@ def stage_concept(config: Path = typer.Option(..., "--config", help="The engine'
                   round_no: int = typer.Option(0, "--round", help="The round these masks belong to."),
                   address: Optional[str] = typer.Option(None, help="Ray address (default: ray.address).")) -> None:
     """Concept stage (SAM 3): every instance of each noun phrase in every image (stages.concept.checkpoint)."""
-    from engine.integrations.cluster import init_ray
-    from engine.integrations.config import ConfigError, load_config, validate_for_run
-    from model.checkpoints import CheckpointError
     from stages.concept import read_phrases, run_concept_stage
-    from storage.backend import StoreError
 
     try:
-        cfg = load_config(config)
-        validate_for_run(cfg, address=address, stage="concept")
-        wanted = read_phrases(phrases)
-        init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-        summary = run_concept_stage(cfg, wanted, round_no).to_dict()
-    except (ConfigError, CheckpointError, ValueError) as e:
+        wanted = read_phrases(phrases)  # before anything starts
+    except ValueError as e:
         fail(str(e))
-    except StoreError as e:
-        fail(str(e), code=1)
-    except KeyboardInterrupt:
-        fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
-    sys.stdout.write(json.dumps(summary) + "\n")
-    if summary["images"] + summary["already_done"] + summary["set_aside"] + summary["quarantined"] == 0:
-        console.print("[yellow]warning:[/yellow] no images under images.source: nothing done", highlight=False)
-        raise typer.Exit(EXIT_NO_MASKS)
+    _run_ray_stage(config, address, "concept", lambda cfg: run_concept_stage(cfg, wanted, round_no))
 
 
 @stage_app.command("manual")

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model._hf_net import HFNet
+
 # Meta's sam2 / sam2.1 image-encoder trunks (configs/sam2.1/*.yaml; Hiera's defaults where a config is silent).
 # The heads and the windows are not visible in the weights' shapes, so a checkpoint is matched to one of these
 # by (embed_dim, stages), or named by a Meta yaml config beside it.
@@ -89,7 +91,7 @@ class _Sam2Encoder(nn.Module):
         return main, s0, s1
 
 
-class Sam2Net(nn.Module):
+class Sam2Net(HFNet):
     """A transformers SAM 2-family model (Sam2Model, Sam3TrackerModel, EdgeTamModel) as the Segmenter's network.
 
     Coordinates handed to `decode` are pixels of the S×S encoder input (the image squashed to S×S)."""
@@ -97,26 +99,8 @@ class Sam2Net(nn.Module):
     resize = "squash"
 
     def __init__(self, model, arch: dict):
-        super().__init__()
-        self.model = model
-        self.family = arch.get("family", "sam2")
-        self.image_encoder = _Sam2Encoder(model)
         pc = model.config.prompt_encoder_config
-        self.image_size = int(pc.image_size)
-        self.embed_size = int(pc.image_size // pc.patch_size)
-        self.prompt_dim = int(pc.hidden_size)
-
-    @property
-    def mask_decoder(self):
-        return self.model.mask_decoder
-
-    @property
-    def prompt_encoder(self):
-        return self.model.prompt_encoder
-
-    def dense_pe(self) -> torch.Tensor:
-        """(1, C, h, w) positional encoding of the embedding grid."""
-        return self.model.get_image_wide_positional_embeddings()
+        super().__init__(model, arch.get("family", "sam2"), _Sam2Encoder(model), pc.image_size // pc.patch_size)
 
     def decode(self, embeddings: torch.Tensor, points, labels, boxes, mask_input, multimask: bool,
                pe: torch.Tensor | None = None, extras: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model._hf_net import HFNet
+
 _HQ_RULES: list[tuple[str, str]] = [
     (r"^mask_decoder\.hf_token\.", "mask_decoder.hq_token."),
     (r"^mask_decoder\.compress_vit_feat\.0\.", "mask_decoder.compress_vit_conv1."),
@@ -92,31 +94,14 @@ class _HQEncoder(nn.Module):
         return out.last_hidden_state, out.intermediate_embeddings[0].permute(0, 3, 1, 2)
 
 
-class SamHQNet(nn.Module):
+class SamHQNet(HFNet):
     """A transformers `SamHQModel` as the Segmenter's network (SAM 1's pre- and post-processing)."""
 
     resize = "pad"
 
     def __init__(self, model, arch: dict):
-        super().__init__()
-        self.model = model
-        self.family = "sam_hq"
-        self.image_encoder = _HQEncoder(model.vision_encoder)
-        pc = model.config.prompt_encoder_config
-        self.image_size = int(pc.image_size)
-        self.embed_size = int(pc.image_embedding_size)
-        self.prompt_dim = int(pc.hidden_size)
-
-    @property
-    def mask_decoder(self):
-        return self.model.mask_decoder
-
-    @property
-    def prompt_encoder(self):
-        return self.model.prompt_encoder
-
-    def dense_pe(self) -> torch.Tensor:
-        return self.model.get_image_wide_positional_embeddings()
+        super().__init__(model, "sam_hq", _HQEncoder(model.vision_encoder),
+                         model.config.prompt_encoder_config.image_embedding_size)
 
     def decode(self, embeddings: torch.Tensor, points, labels, boxes, mask_input, multimask: bool,
                pe: torch.Tensor | None = None, extras: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
