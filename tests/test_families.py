@@ -170,6 +170,12 @@ def test_sam2_automatic_generator_agrees_with_meta(sam2_pair, use_m2m):
     our_iou = np.sort([m.predicted_iou for m in mine])
     if len(ref_iou) == len(our_iou):
         assert np.abs(ref_iou - our_iou).max() < 1e-4
+    # NMS on (Meta's default 0.7): the same survivors
+    kw["box_nms_thresh"] = 0.7
+    ref = SAM2AutomaticMaskGenerator(meta, use_m2m=use_m2m, **kw).generate(img)
+    mine = generate_masks(ours, img, AmgParams(max_mask_fraction=1.0, use_m2m=use_m2m, **kw))
+    ref_masks, our_masks = [r["segmentation"] for r in ref], [mask_utils.decode(m.rle).astype(bool) for m in mine]
+    assert ref_masks and _matched_share(our_masks, ref_masks) >= 0.95 and _matched_share(ref_masks, our_masks) >= 0.95
 
 
 def test_sam2_tiny_preset_is_inferred_from_the_weights(tmp_path):
