@@ -83,7 +83,7 @@ def records_from_pull(pull: PullResult, project_id: int, round: int, model_versi
                 annotator=ann.annotator, verified=True,
                 source={"ls_project": project_id, "ls_task": ann.task_id, "ls_annotation": ann.annotation_id,
                         "ls_region": r.region_id, "ls_updated_at": ann.updated_at,
-                        "ls_prediction": r.prediction_id},
+                        "ls_prediction": r.prediction_id, **({"unsure": True} if r.unsure else {})},
                 clicks=clicks, lead_time_s=seconds))
     return out
 

@@ -1,7 +1,8 @@
 """The review queue: masks the engine doubts go back to people, and their decisions go into the lineage.
 
 `run_review_stage` after a round (the round loop runs it after each semi round with `stages.review.enabled`):
-  1. Plan (`doubted`): the round's masks that the engine does not trust on its own — accepted prefills picked
+  1. Plan (`doubted`): the round's masks that the engine does not trust on its own — masks their annotator
+     ticked "unsure", accepted prefills picked
      for the audit that nobody has checked yet (people rounds: no truth to check them against), accepted
      prefills that failed their audit, and accepted prefills whose predicted IoU is under
      `stages.review.max_predicted_iou` — at most `stages.review.max_masks`, least trusted first.
@@ -60,10 +61,15 @@ class ReviewSummary:
 
 
 def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
-    """Why the engine does not trust `rec` on its own (None: it does). Only masks a person accepted from the
-    model without drawing them are doubted: drawn, fixed and already reviewed masks are a person's word."""
+    """Why the engine does not trust `rec` on its own (None: it does). A mask its annotator marked "unsure" is
+    doubted; otherwise only masks a person accepted from the model without drawing them are: drawn, fixed and
+    already reviewed masks are a person's word."""
     source = rec.source if isinstance(rec.source, dict) else {}
-    if rec.origin != "prefill_accepted" or "review" in source:
+    if "review" in source:
+        return None
+    if source.get("unsure"):  # the annotator said so (a per-region "unsure" tick), whoever drew the mask
+        return "annotator unsure"
+    if rec.origin != "prefill_accepted":
         return None
     audit = source.get("audit") or {}
     if audit.get("pending"):
@@ -78,7 +84,7 @@ def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
 def doubted(store, round: int, max_predicted_iou: float, max_masks: int) -> list[tuple[MaskRecord, str]]:
     """(record, reason) of the round's doubted masks, least trusted first (failed audits, pending audits, then
     by predicted IoU), at most `max_masks`."""
-    order = {"audit failed": 0, "audit pending": 1, "low predicted IoU": 2}
+    order = {"annotator unsure": 0, "audit failed": 1, "audit pending": 2, "low predicted IoU": 3}
     found = [(r, why) for r in store.iter_records(round=round)
              if (why := doubt(r, max_predicted_iou)) is not None]
     found.sort(key=lambda x: (order[x[1]], x[0].predicted_iou if x[0].predicted_iou is not None else 0.0,

@@ -423,7 +423,7 @@ def records_from_pulls(pulls: dict[int, PullResult], pages: Pages, round: int, m
                 clicks, seconds = region_effort(ann, r)
                 source = {"ls_project": pages.projects[page], "ls_task": ann.task_id,
                           "ls_annotation": ann.annotation_id, "ls_region": r.region_id,
-                          "ls_updated_at": ann.updated_at, "page": page}
+                          "ls_updated_at": ann.updated_at, "page": page, **({"unsure": True} if r.unsure else {})}
                 if lin.origin == "prefill_accepted":
                     tally.accepted += 1
                     accepted.append(len(records))

@@ -135,3 +135,23 @@ def test_unreachable_server_retries_then_fails_clearly_writing_nothing(tmp_path)
     with pytest.raises(LabelStudioUnavailable, match="unreachable during create export after 3 tries"):
         pull_to_store(ls, 1, store, round=1, model_version="m1")
     assert store.shards() == [] and not (tmp_path / "store").exists() or store.read_table().num_rows == 0
+
+
+def test_a_region_marked_unsure_reaches_the_store_and_the_review_queue(project, tmp_path):
+    """The per-region "unsure" choice of the labelling page (stored by Label Studio under the region's id) is
+    pulled as `source.unsure` and makes the mask one the review queue takes first, whoever drew it."""
+    from engine.integrations.labelstudio import unsure_result
+    from stages.review import doubted
+
+    ls, pid, tasks, images = project
+    store = MaskStore(str(tmp_path / "store"))
+    a, b = _disc(10, 10, 5), _disc(35, 50, 7)
+    ls.create_annotation(tasks["img0.png"], [brush_result(a, H, W, region_id="r-sure"),
+                                             brush_result(b, H, W, region_id="r-doubt"),
+                                             unsure_result("r-doubt", H, W)], lead_time_s=4.0)
+    pulled = pull_to_store(ls, pid, store, round=1, model_version="m1", expected_tasks=tasks)
+    assert pulled["written"] == 2 and pulled["problems"] == 0
+    rows = {r.source["ls_region"]: r for r in store.iter_records(stage="manual")}
+    assert rows["r-doubt"].source.get("unsure") is True and "unsure" not in rows["r-sure"].source
+    queue = doubted(store, 1, max_predicted_iou=0.8, max_masks=10)
+    assert [(r.source["ls_region"], why) for r, why in queue] == [("r-doubt", "annotator unsure")]

@@ -33,6 +33,9 @@ def test_what_is_doubted_and_in_which_order():
     assert doubt(_record("a", m, 3, source={"audit": {"iou": 0.4, "passed": False}}), 0.8) == "audit failed"
     assert doubt(_record("a", m, 4, origin="manual_added", predicted_iou=None), 0.8) is None  # a person drew it
     assert doubt(_record("a", m, 5, predicted_iou=0.1, source={"review": {"decision": "accepted"}}), 0.8) is None
+    # the annotator's own "unsure" tick sends even a drawn mask to review, once
+    assert doubt(_record("a", m, 6, origin="manual", predicted_iou=None, source={"unsure": True}), 0.8) == "annotator unsure"
+    assert doubt(_record("a", m, 7, origin="manual", source={"unsure": True, "review": {"decision": "fixed"}}), 0.8) is None
 
 
 def _cfg(tmp_path: Path, server) -> EngineConfig:

@@ -448,10 +448,12 @@ ANNOTATOR_INSTRUCTIONS = (
     "of the toolbar; M switches between the Auto-Detect tools), press 1 (positive) and click an object: the "
     "model draws its mask. Press 2 (negative) and click to remove a wrong part; the Auto-Detect box (3) takes a "
     "box around the object. Fix edges with the brush (B). Orange masks are the model's suggestions: keep the good "
-    "ones, fix or delete the rest. Submit when every object has one mask.")
+    "ones, fix or delete the rest. Not sure a mask is right? Select it and tick unsure: a second person "
+    "reviews it. Submit when every object has one mask.")
 
 
 CONCEPT_TAG = "concept"
+UNSURE_TAG = "unsure"  # per-region choice: the annotator doubts this mask (it goes to the review queue)
 
 
 def concept_prompt_tag() -> str:
@@ -485,6 +487,9 @@ def labeling_config(concept: bool = False) -> str:
   <RectangleLabels name="{BOX_TAG}" toName="{IMAGE_TAG}" smart="true" smartOnly="true">
     <Label value="{OBJECT_LABEL}" background="#9467bd" hotkey="3"/>
   </RectangleLabels>
+  <Choices name="{UNSURE_TAG}" toName="{IMAGE_TAG}" perRegion="true" choice="multiple" showInline="true">
+    <Choice value="{UNSURE_TAG}"/>
+  </Choices>
 {concept_prompt_tag() if concept else ""}</View>"""
 
 
@@ -529,6 +534,7 @@ class PulledRegion:
     prediction_region_id: str | None = None
     prediction_mask: Any = None
     meta: dict = field(default_factory=dict)
+    unsure: bool = False  # the annotator ticked "unsure" on this region (the review queue takes it)
 
 
 @dataclass
@@ -563,6 +569,13 @@ def brush_result(mask, height: int, width: int, label: str = OBJECT_LABEL, regio
     if meta:
         out["meta"] = meta
     return out
+
+
+def unsure_result(region_id: str, height: int, width: int) -> dict:
+    """The per-region "unsure" choice Label Studio stores for a brush region the annotator doubts."""
+    return {"id": region_id, "type": "choices", "from_name": UNSURE_TAG, "to_name": IMAGE_TAG,
+            "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+            "value": {"choices": [UNSURE_TAG]}}
 
 
 def keypoint_context(points, labels, height: int, width: int) -> dict:
@@ -861,6 +874,10 @@ def decode_export(tasks: list[dict], user_emails: dict[int, str] | None = None) 
             uid = by.get("id") if isinstance(by, dict) else by
             annotator = (by.get("email") if isinstance(by, dict) else None) or user_emails.get(uid) or f"user-{uid}"
             regions = []
+            # per-region choices share the region's id: the regions the annotator marked "unsure"
+            unsure = {str(r.get("id")) for r in ann.get("result") or []
+                      if r.get("type") == "choices" and r.get("from_name") == UNSURE_TAG
+                      and UNSURE_TAG in ((r.get("value") or {}).get("choices") or [])}
             for r in ann.get("result") or []:
                 if r.get("type") != "brushlabels":
                     continue
@@ -880,7 +897,8 @@ def decode_export(tasks: list[dict], user_emails: dict[int, str] | None = None) 
                 labels = (r.get("value") or {}).get("brushlabels") or [OBJECT_LABEL]
                 regions.append(PulledRegion(region_id=rid, label=labels[0], mask=mask, prediction_id=pred_id,
                                             prediction_region_id=pred_rid, prediction_mask=pred_mask,
-                                            meta=r.get("meta") if isinstance(r.get("meta"), dict) else {}))
+                                            meta=r.get("meta") if isinstance(r.get("meta"), dict) else {},
+                                            unsure=rid in unsure))
             annotations.append(PulledAnnotation(
                 task_id=tid, annotation_id=aid, image_id=image_id, height=height, width=width,
                 annotator=annotator, lead_time_s=ann.get("lead_time"), updated_at=ann.get("updated_at"),
