@@ -32,15 +32,15 @@ setup() {
   export RAY_USAGE_STATS_ENABLED=0 RAY_DATA_DISABLE_PROGRESS_BARS=${RAY_DATA_DISABLE_PROGRESS_BARS:-0}
 }
 
-# The browser test (tests/test_browser.py) drives Label Studio's page with Debian's Chromium: installed here when
-# this script may (root with apt-get); elsewhere that one test skips and says why. SA_ENGINE_NO_BROWSER=1: don't.
+# The browser tests (tests/test_browser.py, tests/test_people_path.py) drive Label Studio's page with Debian's
+# Chromium: installed here when this script may (root with apt-get); elsewhere those tests skip and say why. SA_ENGINE_NO_BROWSER=1: don't.
 browser() {
   if command -v chromium >/dev/null 2>&1 || [ "${SA_ENGINE_NO_BROWSER:-0}" = 1 ]; then return 0; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing Debian's chromium for the browser test"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
-      || echo "   (could not install chromium: tests/test_browser.py will skip)"
+      || echo "   (could not install chromium: the browser tests will skip)"
   fi
 }
 

@@ -39,8 +39,15 @@ def ending_problems(summaries: list[dict]) -> tuple[int, list[str]]:
     for s in summaries:
         where = f"{s.get('stage', 'stage')} round {s.get('round')}"
         if s.get("images") and "masks" in s and not s["masks"]:
+            untrained = "-init-" in str(s.get("model_version") or "")  # Segmenter.new names a fresh model so
+            hint = ""
+            if s.get("stage") == "auto" and untrained:
+                hint = ("; the model is fresh and untrained (model.checkpoint is unset): point model.checkpoint at "
+                        "SAM weights (docs/models.md) or train it in rounds (`sa-engine run`) first")
+            elif s.get("stage") == "manual" and s.get("simulated") is None:
+                hint = "; nobody submitted an annotation: annotate the project's tasks, then rerun to pull them"
             lines.append(f"{where}: {s['images']} image(s) processed, 0 masks written"
-                         + (f" (filters: {s['thresholds']})" if s.get("thresholds") else ""))
+                         + (f" (filters: {s['thresholds']})" if s.get("thresholds") else "") + hint)
         precision, target = s.get("prefill_precision"), s.get("target_precision")
         if precision is not None and target is not None and precision < target:
             lines.append(f"{where}: prefill precision {precision:.3f} missed its target {target:.3f} "

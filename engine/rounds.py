@@ -249,6 +249,7 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     boot_cfg.storage.root = store_uri
     boot_cfg.storage.s3_endpoint_url = None
     boot_cfg.train.minutes = cfg.model.bootstrap_minutes
+    boot_cfg.train.max_steps = cfg.model.bootstrap_max_steps or cfg.train.max_steps
     return train_round(boot_cfg, checkpoint, out_dir, 0)
 
 

@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-
-def _browser() -> str:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; ./dev.sh test installs it)")
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("no Chromium on this machine (./dev.sh test installs Debian's chromium when run as root with apt)")
+from tests.browser_person import click_object_and_submit, find_browser
 
 
 @pytest.mark.labelstudio
@@ -36,7 +25,7 @@ def test_a_person_clicks_an_object_in_the_browser_and_the_pull_finds_it(tmp_path
     from engine.integrations.labelstudio import free_port, stop_server
     from engine.integrations.synth import write_synthetic_dataset
 
-    executable = _browser()
+    executable = find_browser()
     shots = Path(os.environ.get("SA_ENGINE_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     write_synthetic_dataset(tmp_path / "data", n_images=1, seed=3, size=256)
@@ -50,8 +39,6 @@ def test_a_person_clicks_an_object_in_the_browser_and_the_pull_finds_it(tmp_path
 
 
 def _person_clicks(cfg, executable: str, shots: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     from engine.integrations import labelling, runtime
     from engine.integrations.annotator import load_ground_truth
     from model.clicks import first_click
@@ -72,43 +59,8 @@ def _person_clicks(cfg, executable: str, shots: Path) -> None:
     segmenter = runtime.segmenter(cfg, os.environ.get("SA_ENGINE_BROWSER_CHECKPOINT"))
     with labelling.start_ml_backend(cfg, segmenter, source, ls.url) as backend:
         labelling.connect_backend(ls, project_id, backend)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            # Log in as a person does
-            page.goto(f"{ls.url}/user/login/")
-            page.fill("input[name=email]", server.username)
-            page.fill("input[name=password]", password)
-            page.click("button[type=submit], input[type=submit]")
-            page.wait_for_load_state("networkidle")
-            # Open the task: the instructions are on the page
-            page.goto(f"{ls.url}/projects/{project_id}/data?tab=0&task={task_id}")
-            page.get_by_text("Auto-Annotation", exact=True).wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(shots / "labelling-page.png"))
-            page.get_by_text("Switch on Auto-Annotation", exact=False).first.wait_for(timeout=30_000)
-            # Auto-Annotation on, suggestions accepted as they come, the Auto-Detect point tool, label "positive"
-            page.get_by_text("Auto-Annotation", exact=True).click()
-            page.get_by_text("Auto-Accept Suggestions", exact=True).click()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(shots / "auto-annotation-on.png"))
-            page.locator("div.lsf-toolbar__group > button.lsf-tool_smart").hover()
-            page.locator("button.lsf-tool_smart[aria-label=key-point-tool]").click()
-            page.keyboard.press("1")
-            # Click the object
-            box = page.locator("img[src^=blob]").bounding_box()
-            page.mouse.click(box["x"] + (x + 0.5) / w * box["width"], box["y"] + (y + 0.5) / h * box["height"])
-            # The page asks our backend; its mask arrives as a brush region
-            for _ in range(120):
-                if backend.state.predictions >= 1:
-                    break
-                page.wait_for_timeout(500)
-            assert backend.state.predictions >= 1, "the page never asked our ML backend"
-            page.wait_for_timeout(2000)
-            page.screenshot(path=str(shots / "model-mask.png"))
-            page.get_by_role("button", name="Submit").click()
-            page.wait_for_timeout(2000)
-            browser.close()
+        click_object_and_submit(executable, ls.url, server.username, password, project_id, task_id, (x, y), (h, w),
+                                lambda: backend.state.predictions >= 1, shots)
 
     # The engine's pull finds the person's annotation, with the model's mask for that click
     pull = ls.pull(project_id)

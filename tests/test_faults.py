@@ -428,6 +428,12 @@ def test_endings_that_did_not_deliver_have_their_own_exit_status():
                                     "thresholds": {"pred_iou_thresh": 0.88}}])
     assert code == EXIT_NO_MASKS and lines == ["auto round 4: 8 image(s) processed, 0 masks written "
                                                "(filters: {'pred_iou_thresh': 0.88})"]
+    # a fresh preset's 0 masks: the line says why and what to do
+    _, lines = ending_problems([{"stage": "auto", "round": 1, "images": 8, "masks": 0,
+                                 "model_version": "compact-init-4b30380751dd"}])
+    assert "the model is fresh and untrained (model.checkpoint is unset)" in lines[0]
+    _, lines = ending_problems([{"stage": "manual", "round": 1, "images": 8, "masks": 0, "simulated": None}])
+    assert lines[0].endswith("nobody submitted an annotation: annotate the project's tasks, then rerun to pull them")
     code, lines = ending_problems([{"stage": "semi", "round": 3, "images": 6, "masks": 40,
                                     "prefill_precision": 0.0, "target_precision": 0.9}])
     assert code == EXIT_MISSED_TARGET and lines[0].startswith("semi round 3: prefill precision 0.000 missed its "

@@ -64,6 +64,7 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # network arithmetic: fp32, or autocast to bf16/fp16 (embedding, decoding; training: fp32/bf16)
     compile: bool = False  # torch.compile the encoder and decoder (inference; pays off on GPUs, first call compiles)
     bootstrap_minutes: float = Field(0.0, ge=0)  # round 0: train on a separate labelled synthetic set first; 0 = off
+    bootstrap_max_steps: int | None = Field(None, ge=1)  # also stop the bootstrap after this many optimiser steps (None: train.max_steps)
     bootstrap_images: int = Field(64, ge=1)  # size of that synthetic set
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
     bootstrap_image_size: int = Field(256, ge=32)  # its image side in pixels

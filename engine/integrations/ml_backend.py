@@ -1,7 +1,7 @@
 """Our Label Studio ML backend: clicks and boxes in, a mask from the current model out.
 
 Label Studio's ML backend protocol over HTTP (stdlib server, threads):
-    GET  /health   -> {"status": "UP", "model_version"}             (Label Studio waits 1 s)
+    GET  /health   -> {"status": "UP", "model_version", "predictions"} (Label Studio waits 1 s)
     POST /setup    -> {"model_version"}                              (remembers hostname + access token)
     POST /predict  {tasks, project, label_config, params: {context}} -> {"results": [{result, score,
                    model_version}]}; interactive: `context.result` holds keypointlabels (x/y in percent,
@@ -384,7 +384,7 @@ def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?")[0].rstrip("/")
             if path in ("/health", ""):
                 self._send(200, {"status": "UP", "model_class": "sa-engine", "model_version":
-                                 state.predictor.model_version})
+                                 state.predictor.model_version, "predictions": state.predictions})
             else:
                 self._send(404, {"error": f"no such endpoint {path}"})
 
