@@ -8,14 +8,20 @@ engine/integrations/runtime.py, so the storage and image settings reach training
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import ray.train
+import torch
+from torch.nn import functional as F
 
 from engine.integrations import runtime
 from engine.integrations.cluster import cpus_per_train_worker, fit_torch_trainer
@@ -24,7 +30,12 @@ from engine.integrations.synth import synthetic_sampler
 from model.checkpoints import trained_steps
 from model.evaluate import load_coco_folder
 from model.segmenter import Segmenter
-from model.train import Sampler, TrainSettings, dataset_sampler, store_training_data, train
+from storage.datasets import MaskShardDataset
+from storage.images import BadImage
+from storage.rle import decode_rles
+from model.train import Sampler, TrainSettings, buffered_sampler, dataset_sampler, train
+
+log = logging.getLogger(__name__)
 
 # Peak rate when a round fine-tunes a trained model: a quarter of the from-scratch rate. Fine-tuning the
 # demo's bootstrapped model (holdout mIoU@1 0.533) for 200 steps on its rounds' masks: Muon at 1e-3 /
@@ -52,18 +63,47 @@ def training_sets(cfg: EngineConfig) -> list[dict]:
     return sets
 
 
-def load_training_sets(cfg: EngineConfig, sets: list[dict]) -> tuple[list, list, list, str]:
-    """`store_training_data` over several sets (see training_sets), each store and image source built by
-    the runtime. Returns images, masks, weights and one fingerprint over all sets."""
-    images, masks, weights, prints = [], [], [], []
+def store_scenes(cfg: EngineConfig, sets: list[dict]) -> Iterator[tuple]:
+    """One pass over the training sets as scenes for `buffered_sampler`: per image and shard (storage.datasets'
+    `MaskShardDataset`, split over Ray Train ranks), (key, image as the image source loads it (downscaled to
+    `images.max_side`), masks (N, H, W) bool at the image's size, weights: `manual_weight` for human-made masks,
+    1 for others). Images the source does not list or cannot read are skipped."""
+    for number, d in enumerate(sets):
+        source = runtime.image_source(cfg, d["images"])
+        listed = {r.image_id: r for r in source.list()}
+        data = MaskShardDataset(runtime.mask_store(cfg, d["root"]), per="image", decode=False,
+                                **d.get("filters", {"verified": True}))
+        for sample in data:
+            ref = listed.get(sample["image_id"])
+            if ref is None:
+                continue
+            try:
+                image = source.load(ref).pixels
+            except BadImage as e:
+                log.warning("training: skipping %s: %s", sample["image_id"], e)
+                continue
+            masks = decode_rles(sample["rles"])
+            if masks.shape[1:] != image.shape[:2]:
+                t = F.interpolate(torch.from_numpy(masks[:, None].astype(np.float32)), image.shape[:2], mode="nearest")
+                masks = t[:, 0].numpy() > 0.5
+            human = np.array([o in ("manual", "prefill_edited", "manual_added") for o in
+                              (o or s for o, s in zip(sample["origins"], sample["stages"]))])
+            weights = np.where(human, d.get("manual_weight", 2.0), 1.0).astype(np.float32)
+            yield (number, sample["image_id"]), image, masks, weights
+
+
+def training_fingerprint(cfg: EngineConfig, sets: list[dict]) -> str:
+    """The data a round trains on, from the manifests alone (the committed shards' sha256 and the filters)."""
+    parts = []
     for d in sets:
-        i, m, w, f = store_training_data(runtime.mask_store(cfg, d["root"]), runtime.image_source(cfg, d["images"]),
-                                         d.get("manual_weight", 2.0), **d.get("filters", {}))
-        images += i
-        masks += m
-        weights += w
-        prints.append(f)
-    return images, masks, weights, hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+        shards = sorted(s.sha256 for s in runtime.mask_store(cfg, d["root"]).shards())
+        parts.append(json.dumps([d.get("filters", {}), d.get("manual_weight"), shards], sort_keys=True))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def store_sampler(cfg: EngineConfig, sets: list[dict]) -> tuple[Sampler, str]:
+    """The round's training data streamed from the store, `train.buffer_images` scenes in memory per worker."""
+    return buffered_sampler(lambda: store_scenes(cfg, sets), cfg.train.buffer_images), training_fingerprint(cfg, sets)
 
 
 def folder_or_synthetic(folder: str | None) -> tuple[Sampler, str]:
@@ -82,9 +122,7 @@ def sampler_for(data: dict) -> tuple[Sampler, str]:
     if kind == "folder":
         return folder_or_synthetic(data["folder"])
     if kind == "store":
-        cfg = EngineConfig.model_validate(data["config"])
-        images, masks, weights, fingerprint = load_training_sets(cfg, data["sets"])
-        return dataset_sampler(images, masks, weights), fingerprint
+        return store_sampler(EngineConfig.model_validate(data["config"]), data["sets"])
     return synthetic_sampler(data.get("size", 256)), "synthetic"
 
 
@@ -190,8 +228,8 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
     else:
         settings.threads = os.cpu_count() or 1
         seg = _start_model(init, cfg.seed).run_as(training_precision(cfg))
-        images, masks, weights, fingerprint = load_training_sets(cfg, sets)
-        result = train(seg, dataset_sampler(images, masks, weights), settings)
+        sampler, fingerprint = store_sampler(cfg, sets)
+        result = train(seg, sampler, settings)
         metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
                    "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
         seg.save(out_dir, dict(meta, data_fingerprint=fingerprint, train=metrics))

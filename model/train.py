@@ -10,12 +10,11 @@ Augmentation: flips, 90° rotations, brightness/contrast jitter.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,7 +25,6 @@ from model.clicks import interior_distance, sample_error_click, sample_point
 from model.distributed import all_reduce_sum, world
 from model.muon import Muon, split_params
 from model.segmenter import PIXEL_MEAN, PIXEL_STD, Segmenter, resized_shape
-from storage.rle import decode_rles
 
 # A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -145,37 +143,70 @@ def input_frame_sampler(data: Sampler, side: int, resize: str = "pad") -> Sample
     return sample
 
 
-def store_training_data(store, source, manual_weight: float = 2.0, max_images: int | None = None,
-                        **filters) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], str]:
-    """Masks from a shard store (`storage.shards.MaskStore`; verified ones by default) and their images from
-    an image source (`storage.images.ImageSource`).
+Scene = tuple  # (key, image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float32)
 
-    Returns images, masks (N, H, W) bool, weights (manual_weight for human-made masks, 1 for others)
-    and a data fingerprint (sha256 over the mask ids). Masks whose size differs from the image as the
-    source loads it (downscaled to `max_side`) are resized (nearest) to it.
+
+def buffered_sampler(scenes: Callable[[], "Iterable[Scene]"], buffer_images: int, refresh_every: int = 4) -> Sampler:
+    """Sample from a stream of scenes while holding at most `buffer_images` of them in memory.
+
+    scenes: called once per pass over the data; yields (key, image, masks, weights) in a fixed order (the shard
+    store's: storage.datasets). The first call fills the buffer. When the whole pass fits, its scenes are kept
+    for good, fragments with the same key (an image's masks from several shards) merged and sorted by key, and
+    sampling is uniform over them — exactly the in-memory sampler (`dataset_sampler`). When it does not fit,
+    every `refresh_every` samples the next scene of the stream (passes repeat) replaces a random one of the
+    buffer: memory is bounded by `buffer_images`, not by the data set.
     """
-    filters.setdefault("verified", True)
-    by_image: dict[str, list] = {}
-    for rec in store.iter_records(**filters):
-        by_image.setdefault(rec.image_id, []).append(rec)
-    refs = {r.image_id: r for r in source.list()}
-    images, masks, weights, ids = [], [], [], []
-    for image_id in sorted(by_image)[:max_images]:
-        if image_id not in refs:
-            continue
-        img = source.load(refs[image_id]).pixels
-        recs = by_image[image_id]
-        m = decode_rles([r.rle for r in recs])
-        if m.shape[1:] != img.shape[:2]:
-            t = F.interpolate(torch.from_numpy(m[:, None].astype(np.float32)), img.shape[:2], mode="nearest")
-            m = t[:, 0].numpy() > 0.5
-        human = np.array([(r.origin or r.stage) in ("manual", "prefill_edited", "manual_added") for r in recs])
-        images.append(img)
-        masks.append(m)
-        weights.append(np.where(human, manual_weight, 1.0).astype(np.float32))
-        ids.extend(r.mask_id for r in recs)
-    fingerprint = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    return images, masks, weights, fingerprint
+    if buffer_images < 1:
+        raise ValueError(f"buffer_images: must be >= 1, got {buffer_images}")
+    state: dict = {"buffer": None, "stream": None, "draws": 0}
+
+    def next_scene():
+        for _ in range(2):  # the end of a pass: start the next one
+            if state["stream"] is None:
+                state["stream"] = iter(scenes())
+            for scene in state["stream"]:
+                if len(scene[2]):
+                    return scene
+            state["stream"] = None
+        return None
+
+    def fill(rng: np.random.Generator) -> None:
+        state["stream"] = iter(scenes())
+        first: list = []
+        for scene in state["stream"]:
+            if len(scene[2]):
+                first.append(scene)
+            if len(first) >= buffer_images:
+                break
+        else:  # the whole pass fits: keep it, as the in-memory sampler does
+            merged: dict = {}
+            for key, image, masks, weights in first:
+                if key in merged:
+                    _, m, w = merged[key]
+                    merged[key] = (image, np.concatenate([m, masks]), np.concatenate([w, weights]))
+                else:
+                    merged[key] = (image, masks, np.asarray(weights, np.float32))
+            state["buffer"] = [merged[k] for k in sorted(merged)]
+            state["stream"] = False  # nothing more to stream
+            if not state["buffer"]:
+                raise ValueError("training data: no image has a mask")
+            return
+        state["buffer"] = [(image, masks, np.asarray(w, np.float32)) for _, image, masks, w in first]
+
+    def sample(rng: np.random.Generator) -> Sample:
+        if state["buffer"] is None:
+            fill(rng)
+        buffer = state["buffer"]
+        if state["stream"] is not False:
+            state["draws"] += 1
+            if state["draws"] % refresh_every == 0:
+                scene = next_scene()
+                if scene is not None:
+                    _, image, masks, weights = scene
+                    buffer[int(rng.integers(len(buffer)))] = (image, masks, np.asarray(weights, np.float32))
+        return buffer[int(rng.integers(len(buffer)))]
+
+    return sample
 
 
 def _flip_turn(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

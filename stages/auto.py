@@ -1,17 +1,20 @@
 """The fully automatic stage: every image -> grid-prompted masks -> Parquet shards, on a Ray actor pool.
 
 Steps: plan (model, filters — calibrated on history when `stages.auto.calibrate` — and the images not yet
-done) -> generate (`map_with_actor_pool`, one model per actor, `generate_with_fallback`) -> write (MaskStore
-writer, committed every `images_per_commit` images) -> summarise. The committed image index says which
-images are done for this model version, so a rerun (after a crash, or a SIGKILL) does only the rest,
-and an image is never written twice: its masks and its "done" row land in the same commit.
+done) -> generate and write (`map_with_actor_pool`, one model per actor, `generate_with_fallback`; each actor
+writes its batch's masks as one staged shard of its own, `MaskStore.write_part`, and hands back only that
+shard's descriptor and a line per image) -> commit (the driver adopts the parts into one manifest commit every
+`images_per_commit` images) -> summarise. No mask passes through the driver (`driver_bytes` counts what does).
+The committed image index says which images are done for this model version, so a rerun (after a crash, or a
+SIGKILL) does only the rest, and an image is never written twice: its masks (its part) and its "done" row land
+in the same commit, and a part whose images are done already (a task Ray delivered twice) is not adopted.
 Bad images and images the model fails on even at a smaller scale go to the quarantine.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -31,6 +34,7 @@ from model.calibration import calibrate, generator_params
 from model.evaluate import match_rates
 from storage.images import BadImage
 from storage.rle import decode_rles
+from storage.shards import ShardInfo
 
 log = logging.getLogger("sa_engine.auto")
 STAGE = "auto"
@@ -67,6 +71,9 @@ class AutoSummary:
     actor_s_per_image: float = 0.0
     actor_cpu_s_per_image: float = 0.0
     thresholds: dict = field(default_factory=dict)
+    parts: int = 0  # shard files the actors wrote and the driver committed
+    driver_bytes: int = 0  # what the actors handed the driver (part descriptors + a line per image)
+    driver_bytes_per_mask: float = 0.0
     truth: dict | None = None  # against images.ground_truth, when set: model/evaluate.py match_rates + images
     stage: str = STAGE
 
@@ -75,12 +82,14 @@ class AutoSummary:
 
 
 class AutoMaskActor:
-    """One pool member: builds the model once, then turns image ids into pickled MaskRecords.
+    """One pool member: builds the model and opens the store once, then turns image ids into a staged shard.
 
     batch: {"image_id": (B,) str}. The batch's files are decoded in threads while the model works, and the
-    whole images are embedded in one encoder call. Returns {"image_id", "status" ("ok" | "bad" | "failed"),
-    "reason", "kind" (the quarantine class of a bad or failed image), "records" (pickled list[MaskRecord]), "scale", "seconds", "cpu_seconds" (this process's CPU
-    time on the image)}, one row per image.
+    whole images are embedded in one encoder call; the batch's masks go to the store as one part
+    (`MaskStore.write_part`). Returns one row: {"part": the part's ShardInfo as JSON ("" when the batch made no
+    mask), "images": JSON list, per image, of {"image_id", "status" ("ok" | "bad" | "failed"), "reason", "kind"
+    (the quarantine class of a bad or failed image), "masks", "scale", "seconds", "cpu_seconds" (this
+    process's CPU time on the image)}}.
     """
 
     def __init__(self, cfg: EngineConfig, checkpoint: str | None, params: AmgParams, round: int, threads: int = 1):
@@ -89,6 +98,7 @@ class AutoMaskActor:
         # On a GPU, decoder batches as large as its memory allows
         self.params = replace(params, points_per_batch=device_points_per_batch(self.segmenter, params.points_per_batch))
         self.source = runtime.image_source(cfg)
+        self.store = runtime.mask_store(cfg)
         self.round = round
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
 
@@ -113,8 +123,7 @@ class AutoMaskActor:
         good = [im for im in loaded if not isinstance(im, BadImage)]
         embeddings = dict(zip((im.image_id for im in good), self._embed(good)))
         shared, cpu_shared = time.perf_counter() - start, time.process_time() - cpu_start
-        out: dict[str, list] = {k: [] for k in ("image_id", "status", "reason", "kind", "records", "scale",
-                                                "seconds", "cpu_seconds")}
+        lines, records_all = [], []
         for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
             status, reason, kind, records, scale = "ok", "", "", [], 1.0
@@ -131,17 +140,18 @@ class AutoMaskActor:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 # transient: out of memory may pass on a quieter machine or a bigger device
                 status, reason, kind = "failed", f"model failed at every scale: {type(e).__name__}: {first}", "transient"
-            out["image_id"].append(image_id)
-            out["status"].append(status)
-            out["reason"].append(reason)
-            out["kind"].append(kind)
-            out["records"].append(pickle.dumps(records))
-            out["scale"].append(scale)
+            records_all += records
             # the batch's shared work (decoding files, the encoder call) is shared evenly
-            out["seconds"].append(time.perf_counter() - start + shared / len(ids))
-            out["cpu_seconds"].append(time.process_time() - cpu_start + cpu_shared / len(ids))
-        return {k: np.array(v, dtype=object) if k in ("records", "reason", "kind", "image_id", "status") else np.array(v)
-                for k, v in out.items()}
+            lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
+                          "masks": len(records), "scale": scale,
+                          "seconds": round(time.perf_counter() - start + shared / len(ids), 4),
+                          "cpu_seconds": round(time.process_time() - cpu_start + cpu_shared / len(ids), 4)})
+        part = ""
+        if records_all:  # written here, by this worker; the driver commits it (or gc removes it)
+            info = self.store.write_part(records_all, STAGE, self.round, self.segmenter.model_version)
+            part = json.dumps(asdict(info), separators=(",", ":"))
+        return {"part": np.array([part], dtype=object),
+                "images": np.array([json.dumps(lines, separators=(",", ":"))], dtype=object)}
 
 
 def filter_params(cfg: EngineConfig, segmenter, store, source, quarantine, round: int) -> tuple[AmgParams, dict]:
@@ -199,35 +209,45 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
         num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
         gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=a.images_per_batch)
 
-    # Write: masks and their image's "done" row land in the same commit, every `images_per_commit` images
+    # Commit: a part (its masks) and its images' "done" rows land in the same commit, every `images_per_commit`
+    # images; the masks themselves never come here
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []  # (seconds since start, masks) per result
     actor_s = actor_cpu_s = 0.0
     since_commit = 0
+    taken: set[str] = set()  # images whose part this run adopted
     with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, summary.model_version) as writer:
         for row in rows:
-            image_id, status = str(row["image_id"]), str(row["status"])
-            n = 0
-            if status == "ok":
-                records = pickle.loads(row["records"])
-                n = len(records)
-                writer.add(records)
-                writer.image_done(image_id, n)
-                summary.images += 1
-                summary.masks += n
-                if float(row["scale"]) != 1.0:
-                    log.warning("%s: model failed at full scale; masks made at scale %.2f", image_id, row["scale"])
-            else:
-                quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE, str(row["kind"]) or "permanent")
-                summary.quarantined += 1
-            arrivals.append((time.perf_counter() - start, n))
-            actor_s, actor_cpu_s = actor_s + float(row["seconds"]), actor_cpu_s + float(row["cpu_seconds"])
-            since_commit += 1
+            summary.driver_bytes += len(row["part"]) + len(row["images"])
+            lines = json.loads(row["images"])
+            ok = [ln for ln in lines if ln["status"] == "ok"]
+            if any(ln["image_id"] in taken for ln in ok):  # delivered twice: the first copy counts
+                log.warning("a part for %d image(s) done already in this run was left out (gc removes it)", len(ok))
+                continue
+            if row["part"]:
+                writer.adopt(ShardInfo.from_json(json.loads(row["part"])))
+                summary.parts += 1
+            for line in lines:
+                image_id, n = line["image_id"], 0
+                if line["status"] == "ok":
+                    n = int(line["masks"])
+                    writer.image_done(image_id, n)
+                    taken.add(image_id)
+                    summary.images += 1
+                    summary.masks += n
+                    if float(line["scale"]) != 1.0:
+                        log.warning("%s: model failed at full scale; masks made at scale %.2f", image_id, line["scale"])
+                else:
+                    quarantine.add(source.ref(image_id).uri, line["reason"], STAGE, line["kind"] or "permanent")
+                    summary.quarantined += 1
+                arrivals.append((time.perf_counter() - start, n))
+                actor_s, actor_cpu_s = actor_s + float(line["seconds"]), actor_cpu_s + float(line["cpu_seconds"])
+                since_commit += 1
+                progress.advance(summary.images, summary.masks, time.perf_counter() - start)
             if since_commit >= a.images_per_commit:
                 writer.commit()
                 summary.commits += 1
                 since_commit = 0
-            progress.advance(summary.images, summary.masks, time.perf_counter() - start)
         if since_commit:
             writer.commit()
             summary.commits += 1
@@ -242,6 +262,7 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     summary.seconds = round_(seconds)
     summary.images_per_s = round_(summary.images / max(seconds, 1e-9))
     summary.masks_per_image = round_(summary.masks / max(summary.images, 1))
+    summary.driver_bytes_per_mask = round_(summary.driver_bytes / max(summary.masks, 1))
     summary.actor_s_per_image = round_(actor_s / max(len(arrivals), 1))
     summary.actor_cpu_s_per_image = round_(actor_cpu_s / max(len(arrivals), 1))
     for key, value in steady_rates(arrivals, num_actors).items():

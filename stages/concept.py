@@ -3,8 +3,10 @@
     sa-engine stage concept --config engine.yaml --phrases phrases.txt
 
 Each image is embedded once on a Ray Data actor (the model built once per actor), then each phrase costs SAM 3's
-text encoder and detector. Masks land in the shard store with stage "concept", their phrase in `prompt_text`
-and the concept score in `predicted_iou`; the COCO export makes one category per phrase.
+text encoder and detector. The actor writes its batch's masks to the shard store itself (a staged part, as the
+automatic stage's actors do) and hands back the part's descriptor; the driver commits. Masks have stage
+"concept", their phrase in `prompt_text` and the concept score in `predicted_iou`; the COCO export makes one
+category per phrase.
 
 Resuming: a run is keyed by the model and the phrase list (the image index's model_version is
 `<model_version>#phrases-<digest>`, the masks' own model_version is the model's). A rerun of the same list skips
@@ -14,8 +16,8 @@ written twice. Bad images go to the quarantine, as in the automatic stage.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from engine.integrations.config import EngineConfig
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks, rle_area, rle_bbox
+from storage.shards import ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +73,21 @@ def concept_records(image_id: str, phrase: str, masks, round: int, model_version
 
 
 class ConceptActor:
-    """Ray Data actor: the SAM 3 model once; per image, its embedding once and every phrase asked for."""
+    """Ray Data actor: the SAM 3 model once; per image, its embedding once and every phrase asked for. The batch's
+    masks go to the store as one part (`MaskStore.write_part`, tagged with the run's key). Returns one row:
+    {"part": the part's ShardInfo as JSON or "", "images": JSON list of {"image_id", "status", "reason", "kind",
+    "masks", "per_phrase", "seconds"}}."""
 
-    def __init__(self, cfg: EngineConfig, round: int, threads: int = 1):
+    def __init__(self, cfg: EngineConfig, round: int, key: str, threads: int = 1):
         torch.set_num_threads(max(1, threads))
         self.model = runtime.concept_segmenter(cfg)
         self.source = runtime.image_source(cfg)
+        self.store = runtime.mask_store(cfg)
         self.settings = cfg.stages.concept
-        self.round = round
+        self.round, self.key = round, key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: [] for k in ("image_id", "status", "reason", "kind", "records", "seconds")}
+        lines, records_all = [], []
         for image_id, phrases in zip(batch["image_id"], batch["phrases"]):
             t0 = time.perf_counter()
             image_id, phrases = str(image_id), [str(p) for p in phrases.split("\n")] if phrases else []
@@ -96,10 +103,18 @@ class ConceptActor:
                 status, reason, kind = "bad", str(e), "transient" if e.transient else "permanent"
             except (RuntimeError, MemoryError) as e:  # the model failed on this image: set it aside, go on
                 status, reason, kind = "bad", f"{image_id}: the model failed ({type(e).__name__}: {e})"[:300], "transient"
-            for k, v in (("image_id", image_id), ("status", status), ("reason", reason), ("kind", kind),
-                         ("records", pickle.dumps(records)), ("seconds", time.perf_counter() - t0)):
-                out[k].append(v)
-        return {k: np.asarray(v, dtype=object if k in ("records",) else None) for k, v in out.items()}
+            per_phrase: dict[str, int] = {}
+            for r in records:
+                per_phrase[r.prompt_text] = per_phrase.get(r.prompt_text, 0) + 1
+            records_all += records
+            lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
+                          "masks": len(records), "per_phrase": per_phrase,
+                          "seconds": round(time.perf_counter() - t0, 4)})
+        part = ""
+        if records_all:
+            part = json.dumps(asdict(self.store.write_part(records_all, STAGE, self.round, self.key)),
+                              separators=(",", ":"))
+        return {"part": np.array([part], dtype=object), "images": np.array([json.dumps(lines)], dtype=object)}
 
 
 @dataclass
@@ -149,25 +164,31 @@ def run_concept_stage(cfg: EngineConfig, phrases: list[str], round: int = 0,
     threads = max(1, int(cfg.ray.cpus_per_actor)) if cfg.ray.gpus_per_actor == 0 else 1
     results = map_with_actor_pool(
         rows, ConceptActor, actor_args=(cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())}), round,
-                                        threads),
+                                        key, threads),
         num_actors=max(1, min(c.num_actors, len(todo))), cpus_per_actor=cfg.ray.cpus_per_actor,
         gpus_per_actor=cfg.ray.gpus_per_actor)
     start, since_commit, per_phrase = time.perf_counter(), 0, {p: 0 for p in phrases}
+    taken: set[str] = set()
     with store.writer(STAGE, round, key) as writer:
         for row in results:
-            image_id = str(row["image_id"])
-            if str(row["status"]) == "ok":
-                records = pickle.loads(row["records"])
-                writer.add(records)
-                writer.image_done(image_id, len(records))
-                summary.images += 1
-                summary.masks += len(records)
-                for r in records:
-                    per_phrase[r.prompt_text] = per_phrase.get(r.prompt_text, 0) + 1
-            else:
-                quarantine.add(source.ref(image_id).uri, str(row["reason"]), STAGE, str(row["kind"]) or "permanent")
-                summary.quarantined += 1
-            since_commit += 1
+            lines = json.loads(row["images"])
+            if any(ln["image_id"] in taken for ln in lines if ln["status"] == "ok"):  # delivered twice
+                continue
+            if row["part"]:
+                writer.adopt(ShardInfo.from_json(json.loads(row["part"])))
+            for line in lines:
+                image_id = line["image_id"]
+                if line["status"] == "ok":
+                    writer.image_done(image_id, int(line["masks"]))
+                    taken.add(image_id)
+                    summary.images += 1
+                    summary.masks += int(line["masks"])
+                    for phrase, n in line["per_phrase"].items():
+                        per_phrase[phrase] = per_phrase.get(phrase, 0) + n
+                else:
+                    quarantine.add(source.ref(image_id).uri, line["reason"], STAGE, line["kind"] or "permanent")
+                    summary.quarantined += 1
+                since_commit += 1
             if since_commit >= c.images_per_commit:
                 writer.commit()
                 summary.commits += 1

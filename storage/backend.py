@@ -118,6 +118,12 @@ class Store(ABC):
         ...
 
     @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Rename `src` to `dst` (replacing it); ObjectNotFound if `src` is absent. Local: one atomic rename; S3: a
+        server-side copy, then the delete (the bytes never pass through this process)."""
+        ...
+
+    @abstractmethod
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         """(data, version) of a key, (None, None) if absent; pass the version to `write_if_version`."""
         ...
@@ -238,6 +244,16 @@ class LocalStore(Store):
             pass
         except OSError as e:
             raise self._write_error(path, e) from None
+
+    def move(self, src: str, dst: str) -> None:
+        source, target = self._path(src), self._path(dst)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{source}: not found") from None
+        except OSError as e:
+            raise self._write_error(target, e) from None
 
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:
@@ -414,6 +430,14 @@ class S3Store(Store):
             err = self._error(e, key, "delete")
             if not isinstance(err, ObjectNotFound):
                 raise err from None
+
+    def move(self, src: str, dst: str) -> None:
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self._key(dst),
+                                    CopySource={"Bucket": self.bucket, "Key": self._key(src)})
+        except Exception as e:
+            raise self._error(e, src, "move") from None
+        self.delete(src)
 
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
         try:

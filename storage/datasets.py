@@ -135,6 +135,7 @@ def _image_sample(image_id: str, size: tuple[int, int], rows: list[dict], decode
         "point_coords": [torch.tensor(r.get("point_coords") or [], dtype=torch.float32).reshape(-1, 2)
                          for r in rows],
         "stages": [r.get("stage") for r in rows],
+        "origins": [r.get("origin") for r in rows],
         "verified": torch.tensor([bool(r.get("verified")) for r in rows]),
     }
     if decode:

@@ -2,15 +2,20 @@
 
 Layout under the store's root (a local folder or s3://bucket/prefix):
 
-    manifest.json           the commit point: every visible shard with rows, bytes, sha256, schema version
-    shards/<uuid>.parquet   one row per mask (`MASK_SCHEMA`), sorted by image_id, zstd
-    images/<uuid>.parquet   per commit: which images a stage finished (`IMAGES_SCHEMA`)
+    manifest.json                    the commit point: every visible shard with rows, bytes, sha256, schema version
+    shards/<uuid>.parquet            one row per mask (`MASK_SCHEMA`), sorted by image_id, zstd: committed only
+    staging/<commit>/<uuid>.parquet  shard files written, not yet committed (or committed, not yet moved)
+    images/<uuid>.parquet            per commit: which images a stage finished (`IMAGES_SCHEMA`)
 
-A writer puts its shard files first and then swaps in a new manifest that lists them; a shard the
-manifest doesn't list is invisible, so a crash at any point leaves the store as it was before the
-commit (plus unreferenced files that `collect_garbage` removes). The manifest is read-modify-written
-with a compare-and-swap (`Store.write_if_version`): conditional PUT on S3, flock + compare locally;
-a committer that loses the race re-reads and re-applies its change.
+A writer (the driver's `MaskShardWriter`, or a worker with `write_part`) puts its shard files in
+staging/ first; the commit swaps in a new manifest that lists them at their shards/ paths, then moves
+them there (`_publish`). So `shards/*.parquet` — what DuckDB, pandas or Spark read with a plain glob —
+holds exactly the committed data set: a writer killed before its commit leaves its files in staging/
+(`collect_garbage` removes them), and one killed between the swap and the move leaves committed files
+in staging/ that any later read, commit or `gc` moves into place (until then a glob misses them, it
+never sees too much). The manifest is read-modify-written with a compare-and-swap
+(`Store.write_if_version`): conditional PUT on S3, flock + compare locally; a committer that loses the
+race re-reads and re-applies its change.
 
 Every shard of one commit holds one (stage, round); so stage/round filters and image-id filters
 prune whole shards from the manifest without opening them, and the other filters are pushed down
@@ -43,7 +48,7 @@ from storage.rle import compressed_counts, rle_problem
 MANIFEST_KEY = "manifest.json"
 MANIFEST_FORMAT = "sa-engine-mask-store"
 MANIFEST_VERSION = 1  # the layout of manifest.json itself
-SHARDS_DIR, IMAGES_DIR = "shards", "images"
+SHARDS_DIR, IMAGES_DIR, STAGING_DIR = "shards", "images", "staging"
 ROW_GROUP_ROWS = 8192  # the unit predicate pushdown can skip
 COMMIT_RETRIES = 50
 
@@ -128,6 +133,11 @@ class Manifest:
         except (TypeError, ValueError) as e:
             raise CorruptShardError(f"{where}: malformed shard entry in manifest ({e}); recover it with "
                                     f"`sa-engine store rebuild-manifest`") from None
+
+
+def staged_key(info: ShardInfo) -> str:
+    """Where a shard file waits before (and just after) its commit: staging/<its commit>/<its name>."""
+    return f"{STAGING_DIR}/{info.commit}/{info.path.rsplit('/', 1)[-1]}"
 
 
 def _now_iso() -> str:
@@ -227,16 +237,62 @@ class MaskStore:
         if closing is not None:
             meta[b"sa_engine_commit_files"] = str(int(closing["files"])).encode()
             meta[b"sa_engine_replaces"] = json.dumps(list(closing.get("replaces", []))).encode()
+            meta[b"sa_engine_adopts"] = json.dumps(list(closing.get("adopts", []))).encode()
         table = table.replace_schema_metadata(meta)
         data = _parquet_bytes(table)
-        key = f"{folder}/{uuid.uuid4().hex}.parquet"
-        self.store.write_bytes(key, data)
         ids = table.column("image_id")
-        return ShardInfo(path=key, rows=table.num_rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+        info = ShardInfo(path=f"{folder}/{uuid.uuid4().hex}.parquet", rows=table.num_rows,
+                         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
                          stage=stage, round=int(round), model_version=model_version,
                          min_image_id=ids[0].as_py() if len(ids) else None,
                          max_image_id=ids[-1].as_py() if len(ids) else None,
                          commit=commit, created_at=created)
+        # mask shards wait in staging/ until committed; image indexes are read through the manifest only
+        self.store.write_bytes(staged_key(info) if folder == SHARDS_DIR else info.path, data)
+        return info
+
+    def write_part(self, records: Sequence[MaskRecord], stage: str, round: int,
+                   model_version: str | None) -> ShardInfo:
+        """A worker's shard: `records` as one staged file of a part of its own (no manifest change). The driver
+        commits it with `MaskShardWriter.adopt(info)`; a part nobody adopts stays invisible and `gc` removes
+        it. Returns the descriptor to hand back (path, rows, sha256, image id range: a few hundred bytes)."""
+        if not records:
+            raise ValueError("write_part: no records")
+        _check_stage_round(records, stage, round)
+        return self._write_table(records_to_table(list(records)), SHARDS_DIR, stage, round, model_version,
+                                 f"part-{uuid.uuid4().hex}", kind="part")
+
+    def _publish(self, infos: Iterable[ShardInfo]) -> None:
+        """Move committed shard files from staging/ to their shards/ paths (idempotent: a file already moved
+        is left as it is)."""
+        for info in infos:
+            try:
+                self.store.move(staged_key(info), info.path)
+            except ObjectNotFound:
+                if not self.store.exists(info.path):
+                    raise CorruptShardError(f"{self.store.url(info.path)}: listed in the manifest but missing "
+                                            f"(nor in {self.store.url(staged_key(info))})") from None
+
+    def _drop_staged(self, infos: Iterable[ShardInfo]) -> None:
+        """Delete uncommitted staged files (best effort: leftovers are invisible and `gc` removes them)."""
+        for info in infos:
+            try:
+                self.store.delete(staged_key(info) if info.path.startswith(SHARDS_DIR + "/") else info.path)
+            except StoreError:
+                pass
+
+    def _key_of(self, info: ShardInfo) -> str:
+        """The key to read a committed file from: its shards/ path; a commit cut off before its files moved is
+        finished here (or, where this process may not write, read from staging/)."""
+        if not info.path.startswith(SHARDS_DIR + "/") or self.store.exists(info.path):
+            return info.path
+        if not self.store.exists(staged_key(info)):
+            raise CorruptShardError(f"{self.store.url(info.path)}: listed in the manifest but missing")
+        try:
+            self._publish([info])
+            return info.path
+        except StoreError:
+            return staged_key(info)
 
     def upsert(self, records: Sequence[MaskRecord], stage: str, round: int,
                model_version: str | None) -> list[ShardInfo]:
@@ -280,15 +336,14 @@ class MaskStore:
                                                   "replaced_shards": [s.path for s in replaced]},
                                     remove=[s.path for s in replaced], expect=manifest.generation)
             except ConflictError:
-                for info in written:
-                    self.store.delete(info.path)
+                self._drop_staged(written)
                 time.sleep(random.uniform(0.01, 0.1))
                 continue
             except BaseException:
-                for info in written:
-                    self.store.delete(info.path)
+                self._drop_staged(written)
                 raise
-            for info in replaced:  # no longer referenced; readers holding the old manifest re-read
+            self._publish(written)
+            for info in replaced:  # no longer referenced (nor globbed); readers holding the old manifest re-read
                 self.store.delete(info.path)
             return written
         raise ConflictError(f"{self.store.url(MANIFEST_KEY)}: upsert gave up after {COMMIT_RETRIES} conflicts")
@@ -298,10 +353,14 @@ class MaskStore:
         Younger ones may belong to a writer that is about to commit. Returns the deleted keys."""
         manifest = self.manifest()
         live = {s.path for s in manifest.shards} | {s.path for s in manifest.image_indexes}
+        unmoved = {staged_key(s): s for s in manifest.shards}  # committed, cut off before the move
         deleted = []
         now = time.time()
-        for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR):
+        for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR) + self.store.list(STAGING_DIR):
             if key in live:
+                continue
+            if key in unmoved:
+                self._publish([unmoved[key]])
                 continue
             if self._age(key, now) >= min_age_s:
                 self.store.delete(key)
@@ -345,16 +404,18 @@ class MaskStore:
 
     def _source(self, info: ShardInfo):
         """What pyarrow opens: the local path, or a ranged-read file over the S3 object."""
-        url = self.store.url(info.path)
+        key = info.path
         try:
-            size = self.store.size(info.path)
+            size = self.store.size(key)
         except ObjectNotFound:
-            raise CorruptShardError(f"{url}: listed in the manifest but missing") from None
+            key = self._key_of(info)
+            size = self.store.size(key)
+        url = self.store.url(key)
         if size != info.bytes:
             raise CorruptShardError(f"{url}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
         if isinstance(self.store, LocalStore):
             return url, pafs.LocalFileSystem()
-        return self.store.open_read(info.path), None
+        return self.store.open_read(key), None
 
     def _fragment(self, info: ShardInfo):
         url = self.store.url(info.path)
@@ -441,7 +502,7 @@ class MaskStore:
             try:
                 data = self.store.read_bytes(info.path)
             except ObjectNotFound:
-                raise CorruptShardError(f"{url}: listed in the manifest but missing") from None
+                data = self.store.read_bytes(self._key_of(info))
             digest = hashlib.sha256(data).hexdigest()
             if digest != info.sha256:
                 raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's "
@@ -487,9 +548,11 @@ class MaskStore:
         those a kept commit replaced); a commit with files missing (a writer that died before its commit)
         and unreadable files are left out and listed. Files written before commits were recorded (no
         metadata) are kept as they are. The old manifest, if any, is kept beside as manifest.json.damaged-*.
+        Workers' parts (`write_part`) count when a finished commit's last file adopts them. Committed files
+        still in staging/ are moved to shards/ (unless dry_run).
         Returns {shards, image_indexes, rows, left_out: [{path, reason}], written}."""
         files, left_out = [], []
-        for folder in (SHARDS_DIR, IMAGES_DIR):
+        for folder in (SHARDS_DIR, IMAGES_DIR, STAGING_DIR):
             for key in self.store.list(folder):
                 if not key.endswith(".parquet"):
                     continue
@@ -502,9 +565,11 @@ class MaskStore:
                     left_out.append({"path": key, "reason": f"not a readable Parquet file ({str(e).splitlines()[0]})"})
                     continue
                 first = ids.to_pylist()
-                files.append({"key": key, "folder": folder, "meta": {k.decode(): v.decode() for k, v in meta.items()},
+                staged = folder == STAGING_DIR
+                files.append({"key": key, "folder": SHARDS_DIR if staged else folder, "staged": staged,
+                              "meta": {k.decode(): v.decode() for k, v in meta.items()},
                               "info": ShardInfo(
-                                  path=key, rows=len(first), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+                                  path=f"{SHARDS_DIR}/{key.rsplit('/', 1)[-1]}" if staged else key, rows=len(first), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
                                   stage="", round=0, model_version=None,
                                   schema_version=int(meta.get(b"sa_engine_schema_version", b"0")),
                                   min_image_id=min(first) if first else None,
@@ -524,9 +589,18 @@ class MaskStore:
             if "sa_engine_commit_files" in m:
                 f["closing"] = int(m["sa_engine_commit_files"])
                 f["replaces"] = json.loads(m.get("sa_engine_replaces", "[]"))
+                f["adopts"] = json.loads(m.get("sa_engine_adopts", "[]"))
             commits.setdefault(m["sa_engine_commit"], []).append(f)
+        adopted = set()  # parts a finished commit took in
+        for group in commits.values():
+            closing = next((f for f in group if f.get("closing")), None)
+            if closing is not None and closing["closing"] == len(group):
+                adopted |= set(closing.get("adopts", []))
         complete, replaced = [], set()
         for commit, group in commits.items():
+            if commit in adopted:
+                complete.append(group)
+                continue
             closing = next((f for f in group if f.get("closing")), None)
             if closing is None or closing["closing"] != len(group):
                 why = "its commit never finished (a writer stopped before its commit)"
@@ -534,8 +608,8 @@ class MaskStore:
                 continue
             complete.append(group)
             replaced |= set(closing.get("replaces", []))
-        kept = sorted((f for group in complete for f in group if f["key"] not in replaced),
-                      key=lambda f: (f["info"].created_at or "", f["key"]))
+        kept = sorted((f for group in complete for f in group if f["info"].path not in replaced),
+                      key=lambda f: (f["info"].created_at or "", f["info"].path))
         left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
                      if any(f["key"] == k for f in files)]
         old, version = self.store.read_versioned(MANIFEST_KEY)
@@ -549,6 +623,7 @@ class MaskStore:
                             last_commit={"id": uuid.uuid4().hex, "kind": "rebuild", "time": _now_iso(),
                                          "left_out": len(left_out)})
         if not dry_run:
+            self._publish([f["info"] for f in kept if f.get("staged")])
             if old is not None:
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
                 self.store.write_bytes(f"{MANIFEST_KEY}.damaged-{stamp}", old)
@@ -578,6 +653,7 @@ class MaskShardWriter:
         self._pending: list[pa.Table] = []
         self._pending_bytes = 0
         self._written: list[ShardInfo] = []
+        self._adopted: list[ShardInfo] = []  # workers' parts (`MaskStore.write_part`) this commit takes in
         self._images: list[dict] = []
         self._bytes_ratio = 0.5  # Parquet bytes per in-memory Arrow byte, learnt from each shard written
         self._commit = uuid.uuid4().hex
@@ -588,7 +664,7 @@ class MaskShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-        elif self._pending or self._written or self._images:
+        elif self._pending or self._written or self._adopted or self._images:
             self.commit()
 
     def add(self, records: Sequence[MaskRecord]) -> None:
@@ -600,6 +676,14 @@ class MaskShardWriter:
         self._pending_bytes += table.nbytes
         if self._pending_bytes * self._bytes_ratio >= self.mask_store.shard_target_bytes:
             self._flush()
+
+    def adopt(self, part: ShardInfo) -> None:
+        """Take a worker's staged shard (`MaskStore.write_part`) into this commit, as it is: its masks travel no
+        further than the store."""
+        if (part.stage, part.round, part.model_version) != (self.stage, self.round, self.model_version):
+            raise ValueError(f"part {part.path}: stage/round/model {part.stage}/{part.round}/{part.model_version} "
+                             f"differs from the writer's {self.stage}/{self.round}/{self.model_version}")
+        self._adopted.append(part)
 
     def image_done(self, image_id: str, n_masks: int) -> None:
         """Record that this stage finished `image_id` (visible after commit, for resuming runs)."""
@@ -625,28 +709,26 @@ class MaskShardWriter:
             indexes = [self.mask_store._write_table(
                 pa.Table.from_pylist(self._images, schema=IMAGES_SCHEMA), IMAGES_DIR, self.stage,
                 self.round, self.model_version, self._commit, kind="index",
-                closing={"files": len(self._written) + 1})]
-            rows = sum(s.rows for s in self._written)
-            self.mask_store._swap_manifest(self._written, indexes, {
+                closing={"files": len(self._written) + 1, "adopts": [p.commit for p in self._adopted]})]
+            shards = self._written + self._adopted
+            rows = sum(s.rows for s in shards)
+            self.mask_store._swap_manifest(shards, indexes, {
                 "id": self._commit, "kind": "append", "time": _now_iso(), "stage": self.stage,
                 "round": self.round, "model_version": self.model_version, "rows": rows,
-                "images": len(self._images)})
+                "images": len(self._images), "parts": len(self._adopted)})
         except BaseException:
             self.abort()
             raise
-        committed = self._written
-        self._written, self._images = [], []
+        self.mask_store._publish(shards)
+        committed = shards
+        self._written, self._adopted, self._images = [], [], []
         self._commit = uuid.uuid4().hex
         return committed
 
     def abort(self) -> None:
-        """Drop everything not yet committed (written shard files are deleted; none was visible)."""
-        for info in self._written:
-            try:
-                self.mask_store.store.delete(info.path)
-            except StoreError:
-                pass  # an unreferenced file is invisible; collect_garbage removes it later
-        self._pending, self._pending_bytes, self._written, self._images = [], 0, [], []
+        """Drop everything not yet committed (staged files are deleted, adopted parts too; none was visible)."""
+        self.mask_store._drop_staged(self._written + self._adopted)
+        self._pending, self._pending_bytes, self._written, self._adopted, self._images = [], 0, [], [], []
 
 
 def _check_stage_round(records: Sequence[MaskRecord], stage: str, round: int) -> None:

@@ -71,6 +71,25 @@ def test_batched_actors_write_the_masks_of_one_image_at_a_time(ray_cluster, tmp_
 
 
 @pytest.mark.ray
+def test_the_actors_write_the_masks_and_the_driver_gets_descriptors_only(ray_cluster, tmp_path, fitted_compact):
+    """Issue 21: every committed shard is an actor's part (`MaskStore.write_part`), and what the driver received
+    is a few bytes per mask (a descriptor per part and a line per image), not the masks."""
+    from stages.auto import run_auto_stage
+
+    segmenter, _ = fitted_compact
+    segmenter.save(tmp_path / "model")
+    cfg_path = write_config(tmp_path, n_images=4, images_per_commit=4, points_per_side=8, images_per_batch=2)
+    cfg = load_config(cfg_path, {"model.checkpoint": str(tmp_path / "model")})
+    summary = run_auto_stage(cfg, 1, None, show_progress=False)
+    assert summary.images == 4 and summary.masks_per_image >= 20 and summary.parts == 2
+    assert summary.driver_bytes_per_mask <= 10, summary.driver_bytes_per_mask  # pickled records: ~800 B each
+    store = MaskStore(cfg.path(cfg.storage.root))
+    assert all(s.commit.startswith("part-") for s in store.shards()) and len(store.shards()) == 2
+    check_exactly_once(store, {p.name for p in (tmp_path / "data" / "images").glob("*.png")},
+                       summary.model_version)
+
+
+@pytest.mark.ray
 def test_auto_stage_writes_quarantines_and_resumes(ray_cluster, tmp_path):
     from stages.auto import run_auto_stage
 

@@ -131,11 +131,13 @@ def test_exception_discards_uncommitted_and_commit_is_all_or_nothing(tmp_path):
             for i in range(2, 8):
                 w.add(scene_records(i)[0])
                 w.image_done(f"img{i:03d}.png", 1)
-            assert len(list((tmp_path / "shards").iterdir())) > len(store.shards()), "shards were flushed"
+            assert list((tmp_path / "staging").rglob("*.parquet")), "shards were flushed, to staging/"
+            assert len(list((tmp_path / "shards").iterdir())) == len(store.shards()), "shards/ holds commits only"
             raise RuntimeError("worker died")
     assert store.read_table().num_rows == before
     assert store.images_done("auto") == {"img000.png", "img001.png"}
-    assert len(list((tmp_path / "shards").iterdir())) == len(store.shards()), "uncommitted files removed"
+    assert len(list((tmp_path / "shards").iterdir())) == len(store.shards())
+    assert not list((tmp_path / "staging").rglob("*.parquet")), "uncommitted files removed"
 
 
 def test_crash_before_manifest_leaves_invisible_files_that_gc_removes(tmp_path):
@@ -145,13 +147,79 @@ def test_crash_before_manifest_leaves_invisible_files_that_gc_removes(tmp_path):
     w = store.writer("auto", 0, "m1")
     for i in range(1, 6):
         w.add(scene_records(i)[0])
-    # the process is killed here: shard files exist, the manifest never mentions them
-    orphans = [p for p in (tmp_path / "shards").iterdir() if p.name not in {s.path[7:] for s in store.shards()}]
-    assert orphans
+    # the process is killed here: shard files exist (in staging/), the manifest never mentions them
+    orphans = list((tmp_path / "staging").rglob("*.parquet"))
+    assert orphans and len(list((tmp_path / "shards").iterdir())) == len(store.shards())
     assert store.read_table().num_rows == before
     assert store.collect_garbage(min_age_s=3600) == []  # too young: may belong to a live writer
     deleted = store.collect_garbage(min_age_s=0)
-    assert sorted(deleted) == sorted(f"shards/{p.name}" for p in orphans)
+    assert sorted(deleted) == sorted(p.relative_to(tmp_path).as_posix() for p in orphans)
+    store.verify()
+
+
+def test_a_glob_over_shards_reads_exactly_the_committed_data_set(tmp_path):
+    """DuckDB's plain glob, as a user runs it, after a writer killed before its commit, a worker's part nobody
+    adopted, and a commit cut off between its manifest swap and its files' move (the next read finishes it)."""
+    import duckdb
+
+    store = MaskStore(str(tmp_path), shard_target_mb=0.005)
+    fill(store, range(3))
+    killed = store.writer("auto", 0, "m1")
+    for i in range(3, 6):
+        killed.add(scene_records(i)[0])
+    killed._flush()  # written, never committed: the process dies here
+    store.write_part(scene_records(6)[0], "auto", 0, "m1")  # a worker's part no commit adopted
+
+    def globbed() -> int:
+        return duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/shards/*.parquet')").fetchall()[0][0]
+
+    assert globbed() == store.read_table().num_rows == sum(s.rows for s in store.shards())
+    # A commit whose manifest swap happened but whose files were not moved yet (killed in between)
+    w = store.writer("auto", 0, "m1")
+    w.add(scene_records(7)[0])
+    w.image_done("img007.png", len(scene_records(7)[0]))
+    publish, store._publish = store._publish, lambda infos: None
+    w.commit()
+    store._publish = publish
+    committed = sum(s.rows for s in store.shards())
+    assert globbed() < committed  # the glob misses it for now, it never sees more than the manifest
+    assert store.read_table().num_rows == committed  # a read moves it into place
+    assert globbed() == committed
+    store.verify()
+    store.collect_garbage(min_age_s=0)
+    assert globbed() == committed and not list((tmp_path / "staging").rglob("*.parquet"))
+
+
+def test_workers_parts_are_committed_by_the_driver_and_recovered_by_rebuild(tmp_path):
+    """A worker writes its shard (write_part) and hands back the descriptor only; the driver's commit adopts it.
+    rebuild_manifest keeps adopted parts, leaves out a part nobody adopted, and finishes a cut-off move."""
+    store = MaskStore(str(tmp_path))
+    parts = [store.write_part(scene_records(i)[0], "auto", 0, "m1") for i in range(3)]
+    assert store.shards() == [] and not list((tmp_path / "shards").glob("*.parquet"))
+    with store.writer("auto", 0, "m1") as w:
+        for i, part in enumerate(parts[:2]):
+            w.adopt(part)
+            w.image_done(f"img{i:03d}.png", part.rows)
+    assert store.images_done("auto") == {"img000.png", "img001.png"}
+    assert store.read_table().num_rows == parts[0].rows + parts[1].rows
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == sorted(
+        p.path.split("/")[-1] for p in parts[:2])
+    with pytest.raises(ValueError, match="differs from the writer"):
+        store.writer("auto", 1, "m1").adopt(parts[2])
+    # The manifest is lost after a commit whose move was cut off
+    late = store.write_part(scene_records(4)[0], "auto", 0, "m1")
+    publish, store._publish = store._publish, lambda infos: None
+    with store.writer("auto", 0, "m1") as w:
+        w.adopt(late)
+        w.image_done("img004.png", late.rows)
+    store._publish = publish
+    want = store.read_table(columns=["mask_id"]).column("mask_id").to_pylist()
+    (tmp_path / "manifest.json").unlink()
+    out = store.rebuild_manifest()
+    assert sorted(store.read_table(columns=["mask_id"]).column("mask_id").to_pylist()) == sorted(want)
+    assert [x["reason"] for x in out["left_out"]] == ["its commit never finished (a writer stopped before its commit)"]
+    assert parts[2].path.split("/")[-1] in out["left_out"][0]["path"]
+    assert (tmp_path / late.path).is_file()  # moved into place
     store.verify()
 
 

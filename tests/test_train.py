@@ -137,11 +137,13 @@ def test_ray_train_loop_writes_a_checkpoint(tmp_path, ray_cluster):
     assert seg.metadata["round"] == 4 and seg.metadata["data_fingerprint"]
 
 
-def test_store_training_data_reads_shards_and_images(tmp_path):
+def test_training_streams_scenes_from_the_store_with_their_weights(tmp_path):
+    """engine/retrain.py store_scenes: the store's verified masks per image (storage.datasets), their images
+    from the source, human masks at `manual_weight`; the fingerprint comes from the manifest."""
+    from engine.integrations.config import load_config
     from engine.integrations.synth import write_synthetic_dataset
+    from engine.retrain import store_scenes, training_fingerprint
     from model.evaluate import load_coco_folder
-    from model.train import store_training_data
-    from storage.images import ImageSource
     from storage.records import MaskRecord, make_mask_id
     from storage.rle import encode_masks, rle_area, rle_bbox
     from storage.shards import MaskStore
@@ -159,14 +161,62 @@ def test_store_training_data_reads_shards_and_images(tmp_path):
             w.add(recs)
             w.image_done(name, len(recs))
         w.commit()
-    imgs, ms, ws, fp = store_training_data(store, ImageSource(str(tmp_path / "d" / "images")), manual_weight=3.0)
-    assert len(imgs) == 2 and len(fp) == 16
-    order = sorted(range(2), key=lambda i: names[i])
-    for got_img, got_m, got_w, i in zip(imgs, ms, ws, order):
+    cfg = load_config(None, {"workdir": str(tmp_path / "run"), "images.source": str(tmp_path / "d" / "images"),
+                             "storage.root": str(tmp_path / "store")})
+    sets = [{"root": str(tmp_path / "store"), "images": str(tmp_path / "d" / "images"), "manual_weight": 3.0,
+             "filters": {"verified": True}}]
+    scenes = list(store_scenes(cfg, sets))
+    assert [key for key, *_ in scenes] == [(0, n) for n in sorted(names)]
+    for (_, name), got_img, got_m, got_w in scenes:
+        i = names.index(name)
         assert np.array_equal(got_img, images[i]) and len(got_m) == len(masks[i])
         for m, w in zip(got_m, got_w):  # the store's order is its own: match masks by content
             k = next(k for k in range(len(masks[i])) if np.array_equal(masks[i][k], m))
             assert w == (3.0 if k % 2 == 0 else 1.0)
+    fp = training_fingerprint(cfg, sets)
+    assert len(fp) == 16 and fp == training_fingerprint(cfg, sets)
+
+
+def test_buffered_sampler_is_the_in_memory_sampler_when_the_data_fits_and_bounded_when_not():
+    """Issue 21: what fits is held whole (fragments of one image merged) and sampled exactly as dataset_sampler
+    samples it; what does not fit streams through a buffer of `buffer_images` scenes, every scene reached."""
+    import gc
+    import weakref
+
+    from model.train import buffered_sampler
+
+    rng = np.random.default_rng(0)
+    data = [(f"img{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), rng.random((2, 8, 8)) > 0.5,
+             np.full(2, float(i + 1), np.float32)) for i in range(6)]
+    # an image whose masks come from two shards arrives twice: merged
+    fragments = data[:3] + [(data[1][0], data[1][1], data[1][2][:1], data[1][3][:1])] + data[3:]
+    whole = dataset_sampler([d[1] for d in data], [np.concatenate([d[2], d[2][:1]]) if d[0] == "img1" else d[2]
+                                                   for d in data],
+                            [np.concatenate([d[3], d[3][:1]]) if d[0] == "img1" else d[3] for d in data])
+    fits = buffered_sampler(lambda: iter(fragments), buffer_images=16)
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(40):
+        a, b = whole(r1), fits(r2)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    alive = [0]
+
+    def stream():
+        for key, image, masks, weights in data:
+            img = image.copy()
+            alive[0] += 1
+            weakref.finalize(img, lambda: alive.__setitem__(0, alive[0] - 1))
+            yield key, img, masks, weights
+
+    bounded = buffered_sampler(stream, buffer_images=2, refresh_every=1)
+    seen = set()
+    r = np.random.default_rng(1)
+    for _ in range(200):
+        image, _, weights = bounded(r)
+        seen.add(float(weights[0]))
+        gc.collect()
+        assert alive[0] <= 3  # the buffer's 2, and the one the stream holds
+    assert seen == {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}
 
 
 def test_cpu_clock_budget_and_ema_keep_training_sane():

@@ -185,6 +185,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1)  # also stop after this many optimiser steps (a round reproducible across machines)
     crop_share: float | None = Field(None, ge=0, le=1)  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
     parts: Literal["auto", "all", "prompt_decoder", "decoder"] = "auto"  # what learns: auto = all for the compact model and SAM 1, the mask decoder alone for SAM 2 / SAM-HQ / SAM 3 tracker (docs/models.md)
+    buffer_images: int = Field(512, ge=1)  # scenes (an image and its masks) each training worker holds in memory; the rest streams from the store (a data set that fits is held whole)
     prompts_per_mask: int | None = Field(None, ge=1, le=16)  # the first prompt + corrective clicks each training mask gets, fed its previous mask (None: the recipe's 2; the simulated annotators use up to stages.manual.max_clicks)
     manual_weight: float = Field(2.0, ge=0)  # manual masks count this much more than automatic ones
     include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
