@@ -688,6 +688,24 @@ def store_rebuild_manifest(config: Optional[Path] = typer.Option(None, "--config
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@store_app.command("compact")
+def store_compact(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                  store: Optional[str] = typer.Option(None, "--store", help="The mask store."),
+                  dry_run: bool = typer.Option(False, "--dry-run", help="Say what it would do; write nothing.")) -> None:
+    """Merge many small shards (under a quarter of storage.shard_target_mb) into few of about the target size,
+    per stage, round and model; the masks, their ids and lineage are unchanged. Safe while stages run."""
+    from storage.backend import StoreError
+
+    _, mask_store = _store_for(config, store)
+    try:
+        summary = mask_store.compact(dry_run=dry_run)
+    except StoreError as e:
+        fail(str(e), code=1)
+    console.print(f"{summary['shards_before']} shards -> {summary['shards_after']}"
+                  f"{' (dry run)' if dry_run else ''}", highlight=False)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 @app.command("gc")
 def gc_cmd(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
            export_out: Optional[list[str]] = typer.Option(None, "--export", help="Also clean what killed exports to "

@@ -238,6 +238,7 @@ class MaskStore:
             meta[b"sa_engine_commit_files"] = str(int(closing["files"])).encode()
             meta[b"sa_engine_replaces"] = json.dumps(list(closing.get("replaces", []))).encode()
             meta[b"sa_engine_adopts"] = json.dumps(list(closing.get("adopts", []))).encode()
+            meta[b"sa_engine_absorbs"] = json.dumps(dict(closing.get("absorbs", {}))).encode()
         table = table.replace_schema_metadata(meta)
         data = _parquet_bytes(table)
         ids = table.column("image_id")
@@ -329,7 +330,8 @@ class MaskStore:
                     new_records.append(r)
                 written.append(self._write_table(  # the commit's last file: it closes the commit
                     records_to_table(new_records), SHARDS_DIR, stage, round, model_version, commit, kind="upsert",
-                    closing={"files": len(written) + 1, "replaces": [s.path for s in replaced]}))
+                    closing={"files": len(written) + 1, "replaces": [s.path for s in replaced],
+                             "absorbs": self._absorbs(replaced)}))
                 self._swap_manifest(written, [], {"id": commit, "kind": "upsert", "time": _now_iso(),
                                                   "stage": stage, "round": int(round),
                                                   "model_version": model_version, "rows": len(new_records),
@@ -347,6 +349,73 @@ class MaskStore:
                 self.store.delete(info.path)
             return written
         raise ConflictError(f"{self.store.url(MANIFEST_KEY)}: upsert gave up after {COMMIT_RETRIES} conflicts")
+
+    def _absorbs(self, replaced: Sequence[ShardInfo]) -> dict[str, int]:
+        """{commit: files} a commit replacing `replaced` absorbs, for `rebuild_manifest`: their own commits, and
+        (carried forward) the commits a replaced closing file had absorbed itself."""
+        out: dict[str, int] = {}
+        for info in replaced:
+            if info.commit:
+                out[info.commit] = out.get(info.commit, 0) + 1
+            meta = self._fragment(info).physical_schema.metadata or {}
+            for c, n in json.loads(meta.get(b"sa_engine_absorbs", b"{}")).items():
+                out[c] = out.get(c, 0) + int(n)
+        return out
+
+    def compact(self, small_fraction: float = 0.25, dry_run: bool = False) -> dict:
+        """Rewrite many small shards as few large ones: per (stage, round, model_version), the shards under
+        `small_fraction` of the target size are merged (in order) into files of about the target size, each
+        merge one commit that replaces them (as an upsert does: the rows, their ids and lineage unchanged; the
+        image indexes untouched). Returns {groups, shards_before, shards_after, rows, written}. A writer
+        committing meanwhile is not disturbed: a merge that loses the manifest race is redone."""
+        limit = self.shard_target_bytes * small_fraction
+        groups: dict[tuple, list[ShardInfo]] = {}
+        for info in self.shards():
+            if info.bytes < limit and info.path.startswith(SHARDS_DIR + "/"):
+                groups.setdefault((info.stage, info.round, info.model_version), []).append(info)
+        plans = []  # runs of small shards, each about one target size
+        for key, infos in groups.items():
+            run: list[ShardInfo] = []
+            for info in infos:
+                run.append(info)
+                if sum(x.bytes for x in run) >= self.shard_target_bytes:
+                    plans.append((key, run))
+                    run = []
+            plans.append((key, run))
+        plans = [(key, run) for key, run in plans if len(run) > 1]
+        before = len(self.shards())
+        if dry_run:
+            return {"groups": len(plans), "shards_before": before,
+                    "shards_after": before - sum(len(r) - 1 for _, r in plans),
+                    "rows": sum(x.rows for _, r in plans for x in r), "written": False}
+        rows = 0
+        for (stage, rnd, model_version), run in plans:
+            for _ in range(COMMIT_RETRIES):
+                manifest = self.manifest()
+                live = {x.path for x in manifest.shards}
+                run = [x for x in run if x.path in live]
+                if len(run) < 2:
+                    break
+                commit = uuid.uuid4().hex
+                table = pa.concat_tables([self._read_shard(x, None, None) for x in run])
+                info = self._write_table(table, SHARDS_DIR, stage, rnd, model_version, commit, kind="compact",
+                                         closing={"files": 1, "replaces": [x.path for x in run],
+                                                  "absorbs": self._absorbs(run)})
+                try:
+                    self._swap_manifest([info], [], {"id": commit, "kind": "compact", "time": _now_iso(),
+                                                     "stage": stage, "round": int(rnd), "rows": table.num_rows,
+                                                     "replaced_shards": [x.path for x in run]},
+                                        remove=[x.path for x in run], expect=manifest.generation)
+                except ConflictError:
+                    self._drop_staged([info])
+                    continue
+                self._publish([info])
+                for x in run:
+                    self.store.delete(x.path)
+                rows += table.num_rows
+                break
+        return {"groups": len(plans), "shards_before": before, "shards_after": len(self.shards()), "rows": rows,
+                "written": True}
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
         """Delete shard/index files no manifest lists (left by crashed writers) older than `min_age_s`.
@@ -590,24 +659,39 @@ class MaskStore:
                 f["closing"] = int(m["sa_engine_commit_files"])
                 f["replaces"] = json.loads(m.get("sa_engine_replaces", "[]"))
                 f["adopts"] = json.loads(m.get("sa_engine_adopts", "[]"))
+                f["absorbs"] = json.loads(m.get("sa_engine_absorbs", "{}"))
             commits.setdefault(m["sa_engine_commit"], []).append(f)
-        adopted = set()  # parts a finished commit took in
-        for group in commits.values():
-            closing = next((f for f in group if f.get("closing")), None)
-            if closing is not None and closing["closing"] == len(group):
-                adopted |= set(closing.get("adopts", []))
+        # A commit is finished when all its files are there, or when a finished later commit adopted its part or
+        # replaced some of its files (an upsert or a compaction says whose files it absorbed): a file can only
+        # be replaced once the manifest listed it. Later commits vouch for earlier ones: a fixed point.
+        done: set[str] = set()
+        adopted: set[str] = set()
+        absorbed: dict[str, int] = {}
+        changed = True
+        while changed:
+            changed = False
+            for commit, group in commits.items():
+                if commit in done:
+                    continue
+                closing = next((f for f in group if f.get("closing")), None)
+                if commit in adopted or commit in absorbed or (closing is not None
+                                                               and closing["closing"] == len(group)):
+                    done.add(commit)
+                    changed = True
+                    if closing is not None:
+                        adopted |= set(closing.get("adopts", []))
+                        for c, n in closing.get("absorbs", {}).items():
+                            absorbed[c] = absorbed.get(c, 0) + int(n)
         complete, replaced = [], set()
         for commit, group in commits.items():
-            if commit in adopted:
-                complete.append(group)
-                continue
-            closing = next((f for f in group if f.get("closing")), None)
-            if closing is None or closing["closing"] != len(group):
+            if commit not in done:
                 why = "its commit never finished (a writer stopped before its commit)"
                 left_out += [{"path": f["key"], "reason": why} for f in group]
                 continue
             complete.append(group)
-            replaced |= set(closing.get("replaces", []))
+            closing = next((f for f in group if f.get("closing")), None)
+            if closing is not None:
+                replaced |= set(closing.get("replaces", []))
         kept = sorted((f for group in complete for f in group if f["info"].path not in replaced),
                       key=lambda f: (f["info"].created_at or "", f["info"].path))
         left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
