@@ -71,7 +71,10 @@ def map_with_actor_pool(rows: list[dict], actor_cls: type, actor_args: tuple = (
                         fn_constructor_kwargs=actor_kwargs or {},
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-                        batch_size=batch_size, batch_format="numpy")
+                        batch_size=batch_size, batch_format="numpy",
+                        # chosen, not inherited: a node that dies takes its actors with it; the pool restarts them
+                        # elsewhere and re-runs their batches (tests/test_multinode.py; docs/scaling.md)
+                        max_restarts=-1, max_task_retries=-1)
     yield from ds.iter_rows()
 
 
