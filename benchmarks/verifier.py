@@ -1,0 +1,151 @@
+"""Benchmark: the learned mask verifier (model/verifier.py) against today's triage, at the same review budget.
+
+Setting. The compact model trained here (benchmarks/scaleout.py's, `--train-steps`, cached) generates
+candidates with loose filters (16 x 16 grid, NMS 0.7) on synthetic scenes; a candidate is right when its IoU
+to the best ground-truth mask is >= 0.9 (`stages.semi.precision_iou`): what the simulated reviewers accept.
+Round 0's images are the first history; each round r = 1..R learns from the decisions of rounds < r (as the
+engine would, from the people's accept / reject decisions) and triages round r's candidates:
+    iou       today's: (pred_iou, stability) thresholds chosen on the history by model/calibration.py
+              `choose_thresholds` at the target precision (0.9, 90 % Wilson bound); review ranked by pred_iou
+    verifier  `MaskVerifier` fitted on the history's features and decisions; its score threshold chosen by the
+              same rule (`loosest_threshold`); review ranked by the score
+    both      accepted only when both accept; review ranked by the verifier's score
+Each method auto-accepts what passes, sends the next `--review-share` of the round's candidates (the same
+number for every method) to people, who keep the right ones, and drops the rest. Per round: precision and recall
+of the accepted masks (auto + reviewed-and-right) against every right candidate, and of the auto-accepted alone.
+Exhaustivity: per image, 1 - `uncovered_objectness` of the verifier's accepted masks against "complete" (>= 80 %
+of the ground truth's area covered by them): `exhaustivity_auc`.
+
+Last line: JSON with precision_at_budget_iou / _verifier / _both, recall_at_budget_*, auto_precision_*,
+review_share, exhaustivity_auc, and the sizes (means over rounds; the per-round table is printed first).
+
+    python benchmarks/verifier.py [--rounds 3] [--images 8] [--size 256] [--review-share 0.1] [--train-steps 400]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.scaleout import trained_model  # noqa: E402
+from engine.integrations.synth import make_scene, scene_rng  # noqa: E402
+from model.amg import AmgParams, generate_masks  # noqa: E402
+from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds  # noqa: E402
+from model.segmenter import Segmenter  # noqa: E402
+from model.verifier import MaskVerifier, auc, loosest_threshold, mask_features, uncovered_objectness  # noqa: E402
+from storage.rle import decode_rles, encode_masks  # noqa: E402
+
+PRECISION_IOU, TARGET = 0.9, 0.9
+
+
+def round_candidates(seg: Segmenter, round_no: int, n_images: int, size: int, params: AmgParams) -> list[dict]:
+    """Per image of round `round_no`: its candidates' RLEs, scores, features, best IoU to the truth, truth RLEs."""
+    out = []
+    for i in range(n_images):
+        image, truth, _ = make_scene(scene_rng(500 + round_no, i), size)
+        masks = generate_masks(seg, image, params)
+        rles = [m.rle for m in masks]
+        pred = np.array([m.predicted_iou for m in masks])
+        stab = np.array([m.stability_score for m in masks])
+        truth_rles = encode_masks(truth)
+        out.append({"rles": rles, "pred": pred, "stab": stab, "features": mask_features(image, rles, pred, stab),
+                    "best": best_match_iou(rles, truth_rles), "truth": truth_rles})
+    return out
+
+
+def triage(accept: np.ndarray, rank: np.ndarray, good: np.ndarray, budget: int) -> dict:
+    """Auto-accept `accept`; people review the `budget` best-ranked of the rest and keep the right ones."""
+    rest = np.nonzero(~accept)[0]
+    reviewed = rest[np.argsort(-rank[rest])][:budget]
+    final = accept.copy()
+    final[reviewed[good[reviewed]]] = True
+    right = int(good.sum())
+    return {"precision": float(good[final].mean()) if final.any() else 0.0,
+            "recall": float(good[final].sum() / right) if right else 0.0,
+            "auto_precision": float(good[accept].mean()) if accept.any() else None,
+            "auto_accepted": int(accept.sum()), "final": final}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--review-share", type=float, default=0.1)
+    ap.add_argument("--train-steps", type=int, default=400)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    seg = Segmenter.load(trained_model(args.train_steps))
+    params = AmgParams(points_per_side=args.points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                       box_nms_thresh=0.7, min_mask_region_area=0)
+    rounds = [round_candidates(seg, r, args.images, args.size, params) for r in range(args.rounds + 1)]
+    rows, exh_scores, exh_labels = [], [], []
+    for r in range(1, args.rounds + 1):
+        hist = [im for past in rounds[:r] for im in past]
+        h_feat = np.concatenate([im["features"] for im in hist])
+        h_good = np.concatenate([im["best"] for im in hist]) >= PRECISION_IOU
+        thresholds = choose_thresholds(CalibrationSamples(h_feat[:, 0], h_feat[:, 1],
+                                                          np.concatenate([im["best"] for im in hist])),
+                                       TARGET, PRECISION_IOU, 0.88, 0.95, min_samples=20, min_kept=5, confidence=0.9)
+        verifier = MaskVerifier.fit(h_feat, h_good)
+        v_thresh, v_reached = loosest_threshold(verifier.score(h_feat), h_good, TARGET)
+        now = rounds[r]
+        feat = np.concatenate([im["features"] for im in now])
+        good = np.concatenate([im["best"] for im in now]) >= PRECISION_IOU
+        budget = int(round(args.review_share * len(good)))
+        score = verifier.score(feat)
+        by_iou = (feat[:, 0] >= thresholds.pred_iou_thresh) & (feat[:, 1] >= thresholds.stability_score_thresh)
+        by_ver = score >= v_thresh
+        result = {"iou": triage(by_iou, feat[:, 0], good, budget), "verifier": triage(by_ver, score, good, budget),
+                  "both": triage(by_iou & by_ver, score, good, budget)}
+        row = {"round": r, "candidates": len(good), "right": int(good.sum()), "review_budget": budget,
+               "iou_reached": thresholds.reached, "verifier_reached": v_reached}
+        for name, res in result.items():
+            row.update({f"precision_{name}": round(res["precision"], 3), f"recall_{name}": round(res["recall"], 3),
+                        f"auto_precision_{name}": None if res["auto_precision"] is None else
+                        round(res["auto_precision"], 3), f"auto_accepted_{name}": res["auto_accepted"]})
+        rows.append(row)
+        # Exhaustivity per image: the verifier's accepted masks against the truth's area
+        start = 0
+        for im in now:
+            n = len(im["rles"])
+            kept = result["verifier"]["final"][start:start + n]
+            start += n
+            truth = decode_rles(im["truth"]).any(axis=0)
+            got = decode_rles([x for x, k in zip(im["rles"], kept) if k]).any(axis=0) if kept.any() else \
+                np.zeros_like(truth)
+            exh_labels.append((truth & got).sum() / max(truth.sum(), 1) >= 0.8)
+            exh_scores.append(1.0 - uncovered_objectness(im["rles"], im["pred"], kept))
+    print("| round | candidates | right | review | precision iou / verifier / both | recall iou / verifier / both |"
+          " auto-precision iou / verifier / both |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['round']} | {row['candidates']} | {row['right']} | {row['review_budget']} | "
+              f"{row['precision_iou']} / {row['precision_verifier']} / {row['precision_both']} | "
+              f"{row['recall_iou']} / {row['recall_verifier']} / {row['recall_both']} | "
+              f"{row['auto_precision_iou']} / {row['auto_precision_verifier']} / {row['auto_precision_both']} |")
+
+    def mean(key: str) -> float | None:
+        vals = [row[key] for row in rows if row[key] is not None]
+        return round(float(np.mean(vals)), 3) if vals else None
+
+    exh = auc(np.array(exh_scores), np.array(exh_labels))
+    print(json.dumps({
+        "precision_at_budget_iou": mean("precision_iou"), "precision_at_budget_verifier": mean("precision_verifier"),
+        "precision_at_budget_both": mean("precision_both"), "recall_at_budget_iou": mean("recall_iou"),
+        "recall_at_budget_verifier": mean("recall_verifier"), "recall_at_budget_both": mean("recall_both"),
+        "auto_precision_iou": mean("auto_precision_iou"), "auto_precision_verifier": mean("auto_precision_verifier"),
+        "review_share": args.review_share, "exhaustivity_auc": None if exh is None else round(exh, 3),
+        "complete_images": int(np.sum(exh_labels)), "images": len(exh_labels), "rounds": args.rounds,
+        "images_per_round": args.images, "size": args.size, "train_steps": args.train_steps}))
+
+
+if __name__ == "__main__":
+    main()
