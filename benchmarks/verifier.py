@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.scaleout import trained_model  # noqa: E402
 from engine.integrations.synth import make_scene, scene_rng  # noqa: E402
 from model.amg import AmgParams, generate_masks  # noqa: E402
-from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds  # noqa: E402
+from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds, loosest_threshold  # noqa: E402
 from model.segmenter import Segmenter  # noqa: E402
-from model.verifier import MaskVerifier, auc, loosest_threshold, mask_features, uncovered_objectness  # noqa: E402
+from model.verifier import MaskVerifier, auc, mask_features, uncovered_objectness  # noqa: E402
 from storage.rle import decode_rles, encode_masks  # noqa: E402
 
 PRECISION_IOU, TARGET = 0.9, 0.9

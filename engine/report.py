@@ -381,6 +381,14 @@ def _fmt(v, digits: int = 2) -> str:
     return f"{float(v):,.{digits}f}"
 
 
+def _triage(out: dict) -> str:
+    """What chose a semi round's prefills: the thresholds, or the verifier (its version and score threshold)."""
+    v = out.get("verifier") or {}
+    if out.get("triage") in ("verifier", "both") and v.get("version"):
+        return f"{out['triage']} ({v['version']}, score ≥ {v['threshold']:.2f})"
+    return "thresholds" + (f" ({v['reason']})" if v.get("reason") else "")
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -476,8 +484,8 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
         md += ["### Semi-automatic prefills", "",
                "Confident masks prefilled by the model, then accepted, edited or rejected by the annotators; "
                "precision is measured on an audited share, against the target.", ""]
-        md += _table(["round"] + [k.replace("_", " ") for k in semi_keys],
-                     [[r["round"]] + [_fmt(out.get(k), 3 if "precision" in k else 1) for k in semi_keys]
+        md += _table(["round", "triage"] + [k.replace("_", " ") for k in semi_keys],
+                     [[r["round"], _triage(out)] + [_fmt(out.get(k), 3 if "precision" in k else 1) for k in semi_keys]
                       for r, out in semi])
         md += [""]
 

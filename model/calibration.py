@@ -44,6 +44,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from model.amg import AmgParams, generate_masks
+from model.verifier import MaskVerifier, mask_features
 from storage.images import BadImage, ImageSource
 from storage.rle import rle_area
 from storage.shards import MaskStore
@@ -60,9 +61,12 @@ class CalibrationSamples:
     pred_iou: np.ndarray
     stability: np.ndarray
     best_iou: np.ndarray
+    features: np.ndarray | None = None  # (N, len(model.verifier.FEATURES)) when the verifier is to learn from them
 
     def __post_init__(self) -> None:
         n = {len(self.pred_iou), len(self.stability), len(self.best_iou)}
+        if self.features is not None:
+            n.add(len(self.features))
         if len(n) != 1:
             raise ValueError(f"calibration samples: arrays differ in length ({sorted(n)})")
 
@@ -78,8 +82,9 @@ class CalibrationSamples:
     def concat(cls, parts: list["CalibrationSamples"]) -> "CalibrationSamples":
         if not parts:
             return cls.empty()
+        features = None if any(p.features is None for p in parts) else np.concatenate([p.features for p in parts])
         return cls(*(np.concatenate([getattr(p, f) for p in parts]).astype(np.float64)
-                     for f in ("pred_iou", "stability", "best_iou")))
+                     for f in ("pred_iou", "stability", "best_iou")), features=features)
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,21 @@ class CalibrationSettings:
     confidence: float = 0.9
 
 
+def loosest_threshold(scores: np.ndarray, good: np.ndarray, target_precision: float, confidence: float = 0.9,
+                      min_kept: int = 5) -> tuple[float, bool]:
+    """(threshold, reached): the lowest score threshold whose kept history (score >= it, at least `min_kept`)
+    reaches `target_precision` at the Wilson lower bound (`confidence`), as model/calibration.py chooses its
+    thresholds; when none does, the one with the best lower bound (reached False)."""
+    order = np.argsort(-scores)
+    hits = np.cumsum(np.asarray(good, np.float64)[order])
+    n = np.arange(1, len(order) + 1, dtype=np.float64)
+    lower = np.where(n >= min_kept, wilson_lower_bound(hits, n, confidence), -1.0)
+    ok = np.nonzero(lower >= target_precision)[0]
+    if len(ok):
+        return float(scores[order][ok.max()]), True
+    return float(scores[order][int(np.argmax(lower))]), False
+
+
 def history_images(store: MaskStore, round: int, limit: int) -> list[str]:
     """Image ids with verified masks from rounds before `round`, newest round first, at most `limit`."""
     if round <= 0 or limit <= 0:
@@ -254,10 +274,11 @@ def history_images(store: MaskStore, round: int, limit: int) -> list[str]:
 
 def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int, loose: AmgParams, limit: int,
                     on_problem: Callable[[str, str], None] = lambda thing, reason: None,
-                    min_coverage: float = 0.0) -> CalibrationSamples:
+                    min_coverage: float = 0.0, with_features: bool = False) -> CalibrationSamples:
     """Calibration samples: the generator (`loose` filters) on the verified images of earlier rounds, each
     generated mask matched to that image's verified masks; a mask with less than `min_coverage` of its area on
-    the verified masks is left out (module doc). Images that can't be loaded or whose verified masks have
+    the verified masks is left out (module doc). with_features: also each mask's `model.verifier.mask_features`
+    (for `fit_verifier`). Images that can't be loaded or whose verified masks have
     another size are reported through `on_problem(thing, reason)` and skipped."""
     parts = []
     for image_id in history_images(store, round, limit):
@@ -278,10 +299,11 @@ def history_samples(segmenter, store: MaskStore, source: ImageSource, round: int
             masks = [m for m, keep in zip(masks, judged) if keep]
         if not masks:
             continue
+        pred = np.array([m.predicted_iou for m in masks], np.float64)
+        stab = np.array([m.stability_score for m in masks], np.float64)
         parts.append(CalibrationSamples(
-            np.array([m.predicted_iou for m in masks], np.float64),
-            np.array([m.stability_score for m in masks], np.float64),
-            best_match_iou([m.rle for m in masks], truth)))
+            pred, stab, best_match_iou([m.rle for m in masks], truth),
+            mask_features(loaded.pixels, [m.rle for m in masks], pred, stab) if with_features else None))
     return CalibrationSamples.concat(parts)
 
 
@@ -295,6 +317,28 @@ def calibrate(segmenter, store: MaskStore, source: ImageSource, round: int, loos
                              settings.default_pred_iou_thresh, settings.default_stability_score_thresh,
                              min_samples=settings.min_samples, min_kept=settings.min_kept,
                              confidence=settings.confidence)
+
+
+def fit_verifier(samples: CalibrationSamples, settings: CalibrationSettings) -> tuple[MaskVerifier | None, dict]:
+    """The mask verifier learned from the history's decisions (a generated mask is right when its best IoU to a
+    verified mask reaches `precision_iou`) and its score threshold by the thresholds' rule (`loosest_threshold`).
+    Returns (verifier, {version, threshold, reached, n_history, reason}); (None, {reason}) with too little
+    history or only one kind of decision (the caller falls back to the thresholds)."""
+    n = len(samples)
+    good = samples.best_iou >= settings.precision_iou
+    if samples.features is None or n < settings.min_samples or good.all() or not good.any():
+        why = ("no features" if samples.features is None else
+               f"too little history ({n} < {settings.min_samples} samples)" if n < settings.min_samples else
+               f"the history has {'only right' if good.all() else 'no right'} masks")
+        return None, {"version": None, "threshold": None, "reached": False, "n_history": n,
+                      "reason": f"verifier not fitted: {why}"}
+    verifier = MaskVerifier.fit(samples.features, good)
+    threshold, reached = loosest_threshold(verifier.score(samples.features), good, settings.target_precision,
+                                           settings.confidence, settings.min_kept)
+    return verifier, {"version": verifier.version, "threshold": threshold, "reached": reached, "n_history": n,
+                      "reason": (f"loosest verifier score whose {settings.confidence:.0%} lower bound of precision "
+                                 f"reaches {settings.target_precision:g}" if reached else
+                                 f"no verifier score reaches precision {settings.target_precision:g}; using the best")}
 
 
 def generator_params(params: AmgParams, thresholds: Thresholds) -> AmgParams:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from model.calibration import wilson_lower_bound
 from storage.rle import decode_rles
 
 FEATURES = ("pred_iou", "stability", "log_area", "border", "edge_contrast", "colour_gap", "interior_spread",
@@ -48,13 +47,15 @@ def _dilate(masks: np.ndarray, r: int) -> np.ndarray:
 
 
 def mask_features(image: np.ndarray, rles: list[dict], pred_iou, stability) -> np.ndarray:
-    """image: (H, W, 3) uint8 at the masks' size; rles: N COCO RLEs of one image; pred_iou, stability: (N,).
+    """image: (H, W, 3) uint8 (resized to the masks' size when it differs); rles: N COCO RLEs of one image; pred_iou, stability: (N,).
     Returns (N, len(FEATURES)) float64."""
     n = len(rles)
     if n == 0:
         return np.zeros((0, len(FEATURES)))
     masks = decode_rles(rles)
     h, w = masks.shape[1:]
+    if image.shape[:2] != (h, w):  # an image the source downscaled: nearest pixels at the masks' size
+        image = image[(np.arange(h) * image.shape[0] // h)[:, None], (np.arange(w) * image.shape[1] // w)[None, :]]
     img = image.astype(np.float32)
     grey = img.mean(axis=2)
     gy, gx = np.gradient(grey)
@@ -141,6 +142,7 @@ class MaskVerifier:
 
     def save(self, path: str | Path) -> str:
         p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp")
         tmp.write_text(json.dumps(dict(self.to_json(), version=self.version)))
         tmp.replace(p)
@@ -152,21 +154,6 @@ class MaskVerifier:
         if d.get("features") != list(FEATURES):
             raise ValueError(f"{path}: a verifier over other features ({d.get('features')})")
         return cls(np.asarray(d["mean"]), np.asarray(d["std"]), np.asarray(d["weights"]))
-
-
-def loosest_threshold(scores: np.ndarray, good: np.ndarray, target_precision: float, confidence: float = 0.9,
-                      min_kept: int = 5) -> tuple[float, bool]:
-    """(threshold, reached): the lowest score threshold whose kept history (score >= it, at least `min_kept`)
-    reaches `target_precision` at the Wilson lower bound (`confidence`), as model/calibration.py chooses its
-    thresholds; when none does, the one with the best lower bound (reached False)."""
-    order = np.argsort(-scores)
-    hits = np.cumsum(np.asarray(good, np.float64)[order])
-    n = np.arange(1, len(order) + 1, dtype=np.float64)
-    lower = np.where(n >= min_kept, wilson_lower_bound(hits, n, confidence), -1.0)
-    ok = np.nonzero(lower >= target_precision)[0]
-    if len(ok):
-        return float(scores[order][ok.max()]), True
-    return float(scores[order][int(np.argmax(lower))]), False
 
 
 def uncovered_objectness(rles_all: list[dict], pred_iou, kept: np.ndarray, min_pred_iou: float = 0.5) -> float:

@@ -5,7 +5,10 @@
      loose filters on the verified images of earlier rounds, match its masks to the verified ones, choose the
      loosest (pred_iou_thresh, stability_score_thresh) whose precision lower bound reaches `target_precision`;
      with too little history, the stated defaults), generate with those thresholds on the round's images, rank
-     the confident masks by predicted IoU (then stability) and cut them into pages of at most
+     the confident masks by predicted IoU (then stability) — or, with `stages.semi.triage: verifier | both`,
+     fit the mask verifier (model/verifier.py) on the same history's decisions, prefill what its score (and,
+     for "both", the thresholds) accepts at the same target, ranked by its score, each prefill carrying the
+     verifier's version and score into the lineage — and cut them into pages of at most
      `max_prefill_per_task` (Label Studio slows down with many brush regions); page k of every image goes to
      the round's page-k project, at most `max_pages_per_image` pages, the lowest-ranked rest is dropped
      (counted). The plan is saved before anything is imported, so a rerun imports the same prefills.
@@ -50,7 +53,8 @@ from engine.integrations.prefill_review import (
     prefill_precision,
 )
 from model.amg import generate_with_fallback
-from model.calibration import Thresholds, calibrate, generator_params
+from model.calibration import Thresholds, choose_thresholds, fit_verifier, generator_params, history_samples
+from model.verifier import mask_features
 from model.iou import mask_iou
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
@@ -75,6 +79,8 @@ class Prefill:
     stability_score: float
     point_coords: list[list[float]]
     crop_box: list[float]
+    verifier_version: str | None = None  # the mask verifier that chose it (stages.semi.triage), and its score
+    verifier_score: float | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -106,9 +112,19 @@ def paginate(n: int, per_page: int, max_pages: int) -> tuple[list[range], int]:
     return pages, max(0, n - per_page * max_pages)
 
 
-def plan_prefills(masks: list, thresholds: Thresholds, per_page: int, max_pages: int) -> tuple[list[Prefill], int]:
-    """Generated masks of one image -> its prefills (ranked, paged) and how many confident ones were dropped."""
-    ranked = rank_confident(masks, thresholds)
+def plan_prefills(masks: list, thresholds: Thresholds, per_page: int, max_pages: int,
+                  verdict: tuple[str, np.ndarray, np.ndarray] | None = None) -> tuple[list[Prefill], int]:
+    """Generated masks of one image -> its prefills (ranked, paged) and how many confident ones were dropped.
+    verdict: (verifier version, scores (N,), accepted (N,) bool) — the verifier's triage: the accepted masks
+    ranked by score, instead of the thresholds' ranking."""
+    scores = {}
+    if verdict is None:
+        ranked = rank_confident(masks, thresholds)
+    else:
+        version, score, accepted = verdict
+        order = [i for i in np.argsort(-score, kind="stable") if accepted[i]]
+        ranked = [masks[i] for i in order]
+        scores = {id(masks[i]): float(score[i]) for i in order}
     pages, dropped = paginate(len(ranked), per_page, max_pages)
     out = []
     for page_no, idx in enumerate(pages, start=1):
@@ -117,7 +133,9 @@ def plan_prefills(masks: list, thresholds: Thresholds, per_page: int, max_pages:
             out.append(Prefill(region_id=f"prefill-{i}", page=page_no, rle=m.rle,
                                predicted_iou=float(m.predicted_iou), stability_score=float(m.stability_score),
                                point_coords=[list(map(float, p)) for p in m.point_coords],
-                               crop_box=[float(v) for v in m.crop_box]))
+                               crop_box=[float(v) for v in m.crop_box],
+                               verifier_version=verdict[0] if verdict else None,
+                               verifier_score=scores.get(id(m))))
     return out, dropped
 
 
@@ -165,7 +183,8 @@ def final_record(image_id: str, round: int, model_version: str | None, region_id
         point_coords=prefill.point_coords if prefill else [],
         crop_box=prefill.crop_box if prefill else None,
         annotator=annotator, verified=verified, source=source, clicks=clicks, lead_time_s=lead_time_s,
-        prefill_iou=lineage.prefill_iou)
+        prefill_iou=lineage.prefill_iou, verifier_version=prefill.verifier_version if prefill else None,
+        verifier_score=prefill.verifier_score if prefill else None)
 
 
 
@@ -247,6 +266,8 @@ class SemiSummary:
     thresholds: dict
     history_samples: int
     pages: int
+    triage: str  # what chose the prefills: thresholds | verifier | both (stages.semi.triage, or thresholds as fallback)
+    verifier: dict | None  # the verifier's version, score threshold, reached, history size, reason
     ls_project_id: int
     ls_project_ids: dict
     ls_url: str
@@ -286,10 +307,21 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
     dropped by the cap."""
     s = cfg.stages.semi
     grid = {"points_per_side": s.points_per_side} if s.points_per_side else {}
-    thresholds = calibrate(segmenter, store, source, round, runtime.calibration_params(cfg, **grid),
-                           runtime.calibration_settings(cfg),
-                           on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
+    loose, settings = runtime.calibration_params(cfg, **grid), runtime.calibration_settings(cfg)
+    samples = history_samples(segmenter, store, source, round, loose, settings.history_images,
+                              lambda thing, reason: quarantine.add(thing, reason, STAGE), settings.min_coverage,
+                              with_features=s.triage != "thresholds")
+    thresholds = choose_thresholds(samples, settings.target_precision, settings.precision_iou,
+                                   settings.default_pred_iou_thresh, settings.default_stability_score_thresh,
+                                   min_samples=settings.min_samples, min_kept=settings.min_kept,
+                                   confidence=settings.confidence)
     strict = generator_params(runtime.amg_params(cfg.stages.auto, **grid), thresholds)
+    # The learned verifier (stages.semi.triage): fitted on the same history; without enough of it, the thresholds
+    verifier, verifier_info = (None, None) if s.triage == "thresholds" else fit_verifier(samples, settings)
+    if verifier is not None:
+        verifier.save(round_dir(cfg, round) / "verifier.json")
+        strict = generator_params(runtime.amg_params(cfg.stages.auto, **grid), Thresholds(
+            loose.pred_iou_thresh, loose.stability_score_thresh, "verifier", True, 0, 0, None, None, ""))
     images = {}
     for image_id in image_ids:
         ref = source.ref(image_id)
@@ -303,12 +335,24 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             quarantine.add(ref.uri, f"automatic generator failed at every scale ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:200]})", STAGE, "transient")
             continue
-        prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image)
+        verdict = None
+        if verifier is not None:
+            rles = [m.rle for m in masks]
+            pred = np.array([m.predicted_iou for m in masks])
+            stab = np.array([m.stability_score for m in masks])
+            score = verifier.score(mask_features(loaded.pixels, rles, pred, stab))
+            accepted = score >= verifier_info["threshold"]
+            if s.triage == "both":
+                accepted &= (pred >= thresholds.pred_iou_thresh) & (stab >= thresholds.stability_score_thresh)
+            verdict = (verifier.version, score, accepted)
+        prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image, verdict)
         h, w = loaded.pixels.shape[:2]
         images[image_id] = {"height": h, "width": w, "generated": len(masks),
                             "confident": len(prefills) + dropped, "dropped_by_cap": dropped,
                             "prefills": [p.to_json() for p in prefills]}
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
+            "triage_asked": s.triage, "triage": s.triage if verifier is not None else "thresholds",
+            "verifier": verifier_info,
             "history_samples": thresholds.n_history, "image_ids": list(image_ids), "images": images}
 
 
@@ -318,7 +362,8 @@ def saved_or_new_plan(cfg: EngineConfig, round: int, segmenter, store, source, i
     prefills with the same region ids), else a new one, saved before anything is imported."""
     plan_path = round_dir(cfg, round) / PLAN_FILE
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
-    if plan is None or plan.get("model_version") != segmenter.model_version or plan.get("image_ids") != list(image_ids):
+    if (plan is None or plan.get("model_version") != segmenter.model_version or plan.get("image_ids") != list(image_ids)
+            or plan.get("triage_asked", "thresholds") != cfg.stages.semi.triage):
         plan = make_plan(cfg, round, segmenter, store, source, image_ids, quarantine)
         _atomic_write_json(plan_path, plan)
     return plan
@@ -569,7 +614,8 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     summary = SemiSummary(
         round=round, **tally.summary(s.precision_iou), target_precision=s.target_precision,
         precision_iou=s.precision_iou, thresholds=plan["thresholds"], history_samples=plan["history_samples"],
-        pages=pages.n_pages, ls_project_id=pages.projects[1], ls_project_ids=dict(pages.projects), ls_url=ls.url,
+        pages=pages.n_pages, triage=plan.get("triage", "thresholds"), verifier=plan.get("verifier"),
+        ls_project_id=pages.projects[1], ls_project_ids=dict(pages.projects), ls_url=ls.url,
         model_version=version, written=written, problems=problems, simulated=simulate,
         wall_s=float(f"{time.monotonic() - t0:.1f}"))
     _atomic_write_json(round_dir(cfg, round) / "summary.json", summary.to_dict())

@@ -15,7 +15,8 @@ import pyarrow as pa
 
 # Bump when a column is added or changes meaning; readers refuse shards from a newer version.
 # 2: `prompt_text` (the concept stage's noun phrase); shards of version 1 read with it null.
-SCHEMA_VERSION = 2
+# 3: `verifier_version`, `verifier_score` (the learned mask verifier's judgement); older shards read them null.
+SCHEMA_VERSION = 3
 
 STAGES = ("manual", "semi", "auto", "concept")
 # How a mask came to be (finer than `stage`): semi-automatic rounds mix prefilled and manual masks.
@@ -46,6 +47,8 @@ MASK_SCHEMA = pa.schema(
         ("clicks", pa.int32()),  # clicks the annotator spent on this mask (null if none)
         ("lead_time_s", pa.float32()),  # annotator seconds spent on this mask (null if none)
         ("prefill_iou", pa.float32()),  # IoU between prefill and final mask (prefill_edited only)
+        ("verifier_version", pa.string()),  # the mask verifier that judged it (model/verifier.py; null if none)
+        ("verifier_score", pa.float32()),  # its P(accepted as it is)
         ("history", pa.string()),  # JSON list of superseded versions (latest-wins updates)
         ("created_at", pa.timestamp("us", tz="UTC")),
     ],
@@ -89,6 +92,8 @@ class MaskRecord:
     clicks: int | None = None
     lead_time_s: float | None = None
     prefill_iou: float | None = None
+    verifier_version: str | None = None
+    verifier_score: float | None = None
     history: list | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -120,6 +125,8 @@ class MaskRecord:
             "clicks": None if self.clicks is None else int(self.clicks),
             "lead_time_s": None if self.lead_time_s is None else float(self.lead_time_s),
             "prefill_iou": None if self.prefill_iou is None else float(self.prefill_iou),
+            "verifier_version": self.verifier_version,
+            "verifier_score": None if self.verifier_score is None else float(self.verifier_score),
             "history": None if self.history is None else json.dumps(self.history),
             "created_at": self.created_at,
         }
@@ -150,6 +157,8 @@ class MaskRecord:
             clicks=row.get("clicks"),
             lead_time_s=row.get("lead_time_s"),
             prefill_iou=row.get("prefill_iou"),
+            verifier_version=row.get("verifier_version"),
+            verifier_score=row.get("verifier_score"),
             history=json.loads(row["history"]) if row.get("history") else None,
             created_at=row["created_at"],
         )

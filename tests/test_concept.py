@@ -145,18 +145,22 @@ def test_the_concept_stage_writes_phrases_resumes_and_exports(ray_cluster, sam3_
     assert {a["prompt_text"] for a in anns} == {"red disc", "blue square", "cat"}
 
 
-def test_shards_of_schema_version_1_still_read(tmp_path, monkeypatch):
-    """A shard written before `prompt_text` existed (schema version 1: the writer of that version is stood in for
-    by dropping the column) reads with prompt_text null, through the manifest's own checks."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_shards_of_older_schema_versions_still_read(tmp_path, monkeypatch, version):
+    """A shard written before `prompt_text` (schema version 1) or the verifier's columns (version 2) existed — the
+    writer of that version stood in for by dropping the columns — reads with them null, through the manifest's
+    own checks."""
+    later = {1: ["prompt_text", "verifier_version", "verifier_score"], 2: ["verifier_version", "verifier_score"]}
     import storage.shards as shards
     from storage.records import MASK_SCHEMA, MaskRecord, make_mask_id, records_to_table
 
     def v1_table(records):
         t = records_to_table(records)
-        return t.drop_columns(["prompt_text"]).replace_schema_metadata({b"sa_engine_schema_version": b"1"})
+        return t.drop_columns(later[version]).replace_schema_metadata(
+            {b"sa_engine_schema_version": str(version).encode()})
 
     monkeypatch.setattr(shards, "records_to_table", v1_table)
-    monkeypatch.setattr(shards, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(shards, "SCHEMA_VERSION", version)
     store = shards.MaskStore(str(tmp_path / "store"))
     rec = MaskRecord(image_id="a.png", mask_id=make_mask_id("a.png", 1), height=4, width=4,
                      rle={"size": [4, 4], "counts": b"04<0"}, area=4, bbox=[0, 0, 1, 4], stage="auto", round=0,
@@ -168,13 +172,14 @@ def test_shards_of_schema_version_1_still_read(tmp_path, monkeypatch):
     (shard,) = store.shards()
     path = next((tmp_path / "store").rglob(Path(shard.path).name))
     old = pq.read_schema(path)
-    assert "prompt_text" not in old.names and "prompt_text" in MASK_SCHEMA.names
-    assert old.metadata[b"sa_engine_schema_version"] == b"1"
+    assert not set(later[version]) & set(old.names) and set(later[version]) <= set(MASK_SCHEMA.names)
+    assert old.metadata[b"sa_engine_schema_version"] == str(version).encode()
     store = shards.MaskStore(str(tmp_path / "store"))
     back = list(store.iter_records())
     assert len(back) == 1 and back[0].prompt_text is None and back[0].mask_id == rec.mask_id
-    table = store.read_table(columns=["mask_id", "prompt_text"])
-    assert table.column("prompt_text").to_pylist() == [None] and isinstance(table, pa.Table)
+    assert back[0].verifier_version is None and back[0].verifier_score is None
+    table = store.read_table(columns=["mask_id", *later[version]])
+    assert all(table.column(c).to_pylist() == [None] for c in later[version])
 
 
 def test_stage_concept_command_checks_before_it_starts(tmp_path, sam3_dir):

@@ -356,3 +356,40 @@ def test_project_titles_fit_label_studio_and_differ_by_page():
     cfg = load_config(None, overrides={"workdir": "/tmp/" + "a-very-long-work-dir-name" * 3})
     titles = {project_title(cfg, "semi", 12, page) for page in (1, 2, 3)}
     assert len(titles) == 3 and all(len(t) <= 50 for t in titles)
+
+
+def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitted_compact):
+    """stages.semi.triage: verifier — fitted on the same history as the thresholds, it chooses and ranks the
+    prefills, each carrying its version and score into the lineage; too little history falls back to the
+    thresholds and says why."""
+    from engine.integrations.annotator import load_ground_truth
+    from model.verifier import MaskVerifier
+    from stages.semi import Lineage, Prefill, final_record, make_plan, round_dir
+
+    seg, _ = fitted_compact
+    cfg, store, source, quarantine, _ = _plan_setup(
+        tmp_path, triage="verifier", calibration_pred_iou_floor=0.0, calibration_stability_floor=0.0,
+        calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5, precision_iou=0.5,
+        calibration_min_coverage=0.0, points_per_side=8)
+    ids = [r.image_id for r in source.list()]
+    truth = load_ground_truth(cfg.images.ground_truth)
+    with store.writer("manual", 1, "v0") as w:
+        for i in ids[:1]:
+            w.add([_record(i, "manual", 1, o.mask, True, k) for k, o in enumerate(truth[i])])
+    plan = make_plan(cfg, 2, seg, store, source, ids[1:], quarantine)
+    info = plan["verifier"]
+    assert plan["triage"] == "verifier" and info["version"].startswith("verifier-"), info
+    assert MaskVerifier.load(round_dir(cfg, 2) / "verifier.json").version == info["version"]
+    prefills = [Prefill.from_json(p) for im in plan["images"].values() for p in im["prefills"]]
+    assert prefills, (info, {i: (im["generated"], im["confident"]) for i, im in plan["images"].items()})
+    assert all(p.verifier_version == info["version"] for p in prefills)
+    assert all(p.verifier_score >= info["threshold"] for p in prefills)
+    assert [p.verifier_score for p in prefills] == sorted((p.verifier_score for p in prefills), reverse=True)
+    rec = final_record(ids[1], 2, "m", prefills[0].region_id, np.ones((64, 64), bool),
+                       Lineage("prefill_accepted", prefills[0].region_id), prefills[0], "ann", {}, None, None)
+    assert (rec.verifier_version, rec.verifier_score) == (info["version"], prefills[0].verifier_score)
+    # Too little history for a verifier: the thresholds choose, and the plan says why
+    cfg.stages.semi.calibration_min_samples = 10_000
+    fallback = make_plan(cfg, 2, seg, store, source, ids[1:], quarantine)
+    assert fallback["triage"] == "thresholds" and "too little history" in fallback["verifier"]["reason"]
+    assert all(p["verifier_version"] is None for im in fallback["images"].values() for p in im["prefills"])

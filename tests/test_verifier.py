@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from engine.integrations.synth import make_scene, scene_rng
-from model.verifier import FEATURES, MaskVerifier, auc, loosest_threshold, mask_features, uncovered_objectness
+from model.calibration import loosest_threshold
+from model.verifier import FEATURES, MaskVerifier, auc, mask_features, uncovered_objectness
 from storage.rle import encode_masks
 
 
