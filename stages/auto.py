@@ -9,6 +9,9 @@ The committed image index says which images are done for this model version, so 
 SIGKILL) does only the rest, and an image is never written twice: its masks (its part) and its "done" row land
 in the same commit, and a part whose images are done already (a task Ray delivered twice) is not adopted.
 Bad images and images the model fails on even at a smaller scale go to the quarantine.
+With `stages.auto.verifier` (a mask verifier, model/verifier.py) every survivor gets its score in the lineage;
+below `verifier_drop` it is dropped, below `verifier_keep` it is kept and marked for the review queue
+(`source.verifier_triage = "review"`: stages/review.py sends it to people).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from model.amg import device_points_per_batch, generate_with_fallback, to_record
 from model.amg_params import AmgParams
 from model.calibration import calibrate, generator_params
 from model.evaluate import match_rates
+from model.verifier import MaskVerifier, mask_features
 from storage.images import BadImage
 from storage.rle import decode_rles
 from storage.shards import ShardInfo
@@ -72,6 +76,9 @@ class AutoSummary:
     actor_cpu_s_per_image: float = 0.0
     thresholds: dict = field(default_factory=dict)
     parts: int = 0  # shard files the actors wrote and the driver committed
+    verifier_version: str | None = None  # stages.auto.verifier's, when set
+    verifier_dropped: int = 0  # masks the verifier dropped (score < verifier_drop)
+    verifier_review: int = 0  # masks kept and marked for review (verifier_drop <= score < verifier_keep)
     driver_bytes: int = 0  # what the actors handed the driver (part descriptors + a line per image)
     driver_bytes_per_mask: float = 0.0
     truth: dict | None = None  # against images.ground_truth, when set: model/evaluate.py match_rates + images
@@ -99,6 +106,9 @@ class AutoMaskActor:
         self.params = replace(params, points_per_batch=device_points_per_batch(self.segmenter, params.points_per_batch))
         self.source = runtime.image_source(cfg)
         self.store = runtime.mask_store(cfg)
+        a = cfg.stages.auto
+        self.verifier = MaskVerifier.load(cfg.path(a.verifier)) if a.verifier else None
+        self.keep, self.drop = a.verifier_keep, a.verifier_drop
         self.round = round
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
 
@@ -116,6 +126,23 @@ class AutoMaskActor:
         except (RuntimeError, MemoryError):
             return [None] * len(images)
 
+    def _triage(self, pixels: np.ndarray, records: list) -> tuple[list, int, int]:
+        """The verifier's keep / review / drop (module doc): (kept records, dropped, marked for review)."""
+        if self.verifier is None or not records:
+            return records, 0, 0
+        feats = mask_features(pixels, [r.rle for r in records], [r.predicted_iou for r in records],
+                              [r.stability_score for r in records])
+        kept, review = [], 0
+        for rec, score in zip(records, self.verifier.score(feats)):
+            if score < self.drop:
+                continue
+            rec.verifier_version, rec.verifier_score = self.verifier.version, float(score)
+            if score < self.keep:
+                rec.source = {**(rec.source or {}), "verifier_triage": "review"}
+                review += 1
+            kept.append(rec)
+        return kept, len(records) - len(kept), review
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -126,7 +153,7 @@ class AutoMaskActor:
         lines, records_all = [], []
         for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
-            status, reason, kind, records, scale = "ok", "", "", [], 1.0
+            status, reason, kind, records, scale, dropped, review = "ok", "", "", [], 1.0, 0, 0
             try:
                 if isinstance(image, BadImage):
                     raise image
@@ -134,6 +161,7 @@ class AutoMaskActor:
                                                       embedding=embeddings.get(image.image_id),
                                                       output_size=image.original_size)
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
+                records, dropped, review = self._triage(image.pixels, records)
             except BadImage as e:
                 status, reason, kind = "bad", str(e), e.kind
             except (RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
@@ -143,7 +171,7 @@ class AutoMaskActor:
             records_all += records
             # the batch's shared work (decoding files, the encoder call) is shared evenly
             lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
-                          "masks": len(records), "scale": scale,
+                          "masks": len(records), "scale": scale, "dropped": dropped, "review": review,
                           "seconds": round(time.perf_counter() - start + shared / len(ids), 4),
                           "cpu_seconds": round(time.process_time() - cpu_start + cpu_shared / len(ids), 4)})
         part = ""
@@ -190,7 +218,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     summary = AutoSummary(round=round, already_done=sum(i in done for i in wanted),
                           set_aside=sum(i not in done and source.ref(i).uri in held for i in wanted),
                           retried=sum(source.ref(i).uri in retrying for i in todo),
-                          model_version=driver_model.model_version, thresholds=thresholds)
+                          model_version=driver_model.model_version, thresholds=thresholds,
+                          verifier_version=MaskVerifier.load(cfg.path(a.verifier)).version if a.verifier else None)
     if summary.set_aside:
         log.warning("%d image(s) held in the quarantine are skipped (`sa-engine quarantine list`, then "
                     "`release` to try them again)", summary.set_aside)
@@ -232,6 +261,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                 if line["status"] == "ok":
                     n = int(line["masks"])
                     writer.image_done(image_id, n)
+                    summary.verifier_dropped += int(line.get("dropped", 0))
+                    summary.verifier_review += int(line.get("review", 0))
                     taken.add(image_id)
                     summary.images += 1
                     summary.masks += n

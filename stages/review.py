@@ -69,6 +69,8 @@ def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
         return None
     if source.get("unsure"):  # the annotator said so (a per-region "unsure" tick), whoever drew the mask
         return "annotator unsure"
+    if source.get("verifier_triage") == "review":  # the automatic stage's verifier was unsure of it
+        return "verifier unsure"
     if rec.origin != "prefill_accepted":
         return None
     audit = source.get("audit") or {}
@@ -84,7 +86,7 @@ def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
 def doubted(store, round: int, max_predicted_iou: float, max_masks: int) -> list[tuple[MaskRecord, str]]:
     """(record, reason) of the round's doubted masks, least trusted first (failed audits, pending audits, then
     by predicted IoU), at most `max_masks`."""
-    order = {"annotator unsure": 0, "audit failed": 1, "audit pending": 2, "low predicted IoU": 3}
+    order = {"annotator unsure": 0, "audit failed": 1, "audit pending": 2, "verifier unsure": 3, "low predicted IoU": 4}
     found = [(r, why) for r in store.iter_records(round=round)
              if (why := doubt(r, max_predicted_iou)) is not None]
     found.sort(key=lambda x: (order[x[1]], x[0].predicted_iou if x[0].predicted_iou is not None else 0.0,

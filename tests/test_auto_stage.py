@@ -226,3 +226,51 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
         w.image_done(image_id, len(rles))
     params, got = filter_params(cfg, model, store, source, quarantine, round=2)
     assert got["n_history"] > 0 and got["source"] in ("calibrated", "unreachable")
+
+
+@pytest.mark.ray
+def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp_path, fitted_compact):
+    """stages.auto.verifier: every kept mask carries the verifier's version and score; below verifier_drop a mask
+    is dropped, below verifier_keep it is marked for the review queue (stages/review.py doubts it)."""
+    from engine.integrations.annotator import load_ground_truth
+    from model.calibration import best_match_iou
+    from model.verifier import MaskVerifier, mask_features
+    from stages.auto import run_auto_stage
+    from stages.review import doubt
+    from storage.rle import encode_masks
+
+    segmenter, scenes = fitted_compact
+    segmenter.save(tmp_path / "model")
+    # A verifier fitted on the fixture's scenes: candidates right at IoU 0.5 to the truth
+    from model.amg import AmgParams, generate_masks
+    feats, good = [], []
+    for image, masks, _ in scenes:
+        cands = generate_masks(segmenter, image, AmgParams(points_per_side=8, pred_iou_thresh=0.0,
+                                                           stability_score_thresh=0.0, min_mask_region_area=0))
+        rles = [c.rle for c in cands]
+        feats.append(mask_features(image, rles, [c.predicted_iou for c in cands], [c.stability_score for c in cands]))
+        good.append(best_match_iou(rles, encode_masks(masks)) >= 0.5)
+    verifier = MaskVerifier.fit(np.concatenate(feats), np.concatenate(good))
+    verifier.save(tmp_path / "verifier.json")
+
+    def run(name: str, keep: float, drop: float):
+        cfg_path = write_config(tmp_path / name, n_images=3, images_per_commit=3, points_per_side=8)
+        cfg = load_config(cfg_path, {"model.checkpoint": str(tmp_path / "model"),
+                                     "stages.auto.verifier": str(tmp_path / "verifier.json"),
+                                     "stages.auto.verifier_keep": keep, "stages.auto.verifier_drop": drop})
+        s = run_auto_stage(cfg, 1, None, show_progress=False)
+        return s, list(MaskStore(cfg.path(cfg.storage.root)).iter_records())
+
+    everything, recs = run("all", 0.0, 0.0)
+    scores = np.array([r.verifier_score for r in recs])
+    assert everything.verifier_version == verifier.version and everything.verifier_dropped == 0
+    assert all(r.verifier_version == verifier.version for r in recs) and len(set(scores.round(6))) > 3
+    drop, keep = float(np.quantile(scores, 0.3)), float(np.quantile(scores, 0.7))
+    triaged, kept = run("triaged", keep, drop)
+    assert triaged.verifier_dropped == int((scores < drop).sum()) > 0
+    assert triaged.verifier_review == int(((scores >= drop) & (scores < keep)).sum()) > 0
+    assert triaged.masks == len(kept) == len(recs) - triaged.verifier_dropped
+    marked = [r for r in kept if (r.source or {}).get("verifier_triage") == "review"]
+    assert len(marked) == triaged.verifier_review and all(r.verifier_score < keep for r in marked)
+    assert {doubt(r, 0.0) for r in marked} == {"verifier unsure"} and doubt(
+        next(r for r in kept if r not in marked), 0.0) is None

@@ -127,6 +127,9 @@ class AutoStageConfig(_Section):
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
     target_precision: float | None = Field(None, gt=0, le=1)  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
     precision_iou: float | None = Field(None, gt=0, le=1)  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)
+    verifier: str | None = None  # a mask verifier (model/verifier.py JSON, e.g. <workdir>/semi/round-N/verifier.json): every mask gets its score; below verifier_drop it is dropped, below verifier_keep it is kept and marked for the review queue
+    verifier_keep: float = Field(0.5, ge=0, le=1)  # verifier score from which a mask is kept without review
+    verifier_drop: float = Field(0.1, ge=0, le=1)  # verifier score below which a mask is dropped
     num_actors: int = Field(2, ge=1)  # Ray Data actors (model copies) generating masks
     images_per_commit: int = Field(16, ge=1)  # images per shard commit (the unit of resume)
     images_per_batch: int = Field(1, ge=1)  # images an actor takes at once: decoded in threads, embedded in one encoder call (GPU: 4-8)
