@@ -9,8 +9,10 @@ Round 0's images are the first history; each round r = 1..R learns from the deci
 engine would, from the people's accept / reject decisions) and triages round r's candidates:
     iou       today's: (pred_iou, stability) thresholds chosen on the history by model/calibration.py
               `choose_thresholds` at the target precision (0.9, 90 % Wilson bound); review ranked by pred_iou
-    verifier  `MaskVerifier` fitted on the history's features and decisions; its score threshold chosen by the
-              same rule (`loosest_threshold`); review ranked by the score
+    verifier  `MaskVerifier` fitted on the history's features and decisions, as the engine does it
+              (model/calibration.py `fit_verifier`: promoted only when it ranks held-out decisions better than the
+              predicted IoU, else the thresholds decide); its score threshold chosen by the same rule
+              (`loosest_threshold`); review ranked by the score
     both      accepted only when both accept; review ranked by the verifier's score
 Each method auto-accepts what passes, sends the next `--review-share` of the round's candidates (the same
 number for every method) to people, who keep the right ones, and drops the rest. Per round: precision and recall
@@ -39,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.scaleout import trained_model  # noqa: E402
 from engine.integrations.synth import make_scene, scene_rng  # noqa: E402
 from model.amg import AmgParams, generate_masks  # noqa: E402
-from model.calibration import CalibrationSamples, best_match_iou, choose_thresholds, loosest_threshold  # noqa: E402
+from model.calibration import (CalibrationSamples, CalibrationSettings, best_match_iou,  # noqa: E402
+                               choose_thresholds, fit_verifier)
 from model.segmenter import Segmenter  # noqa: E402
-from model.verifier import MaskVerifier, auc, mask_features, uncovered_objectness  # noqa: E402
+from model.verifier import auc, mask_features, uncovered_objectness  # noqa: E402
 from storage.rle import decode_rles, encode_masks  # noqa: E402
 
 TARGET = 0.9
@@ -99,19 +102,25 @@ def main() -> None:
         thresholds = choose_thresholds(CalibrationSamples(h_feat[:, 0], h_feat[:, 1],
                                                           np.concatenate([im["best"] for im in hist])),
                                        TARGET, precision_iou, 0.88, 0.95, min_samples=20, min_kept=5, confidence=0.9)
-        verifier = MaskVerifier.fit(h_feat, h_good)
-        v_thresh, v_reached = loosest_threshold(verifier.score(h_feat), h_good, TARGET)
+        samples = CalibrationSamples(h_feat[:, 0], h_feat[:, 1], np.concatenate([im["best"] for im in hist]),
+                                     features=h_feat)
+        # the engine's own path (model/calibration.py fit_verifier): promoted only when it beats the predicted
+        # IoU on held-out decisions, else the thresholds decide
+        verifier, info = fit_verifier(samples, CalibrationSettings(TARGET, precision_iou, 0.88, 0.95, min_samples=20,
+                                                                   min_kept=5, confidence=0.9))
+        v_thresh, v_reached = (info["threshold"], info["reached"]) if verifier else (None, False)
         now = rounds[r]
         feat = np.concatenate([im["features"] for im in now])
         good = np.concatenate([im["best"] for im in now]) >= precision_iou
         budget = int(round(args.review_share * len(good)))
-        score = verifier.score(feat)
         by_iou = (feat[:, 0] >= thresholds.pred_iou_thresh) & (feat[:, 1] >= thresholds.stability_score_thresh)
-        by_ver = score >= v_thresh
+        score = verifier.score(feat) if verifier else feat[:, 0]
+        by_ver = score >= v_thresh if verifier else by_iou
         result = {"iou": triage(by_iou, feat[:, 0], good, budget), "verifier": triage(by_ver, score, good, budget),
                   "both": triage(by_iou & by_ver, score, good, budget)}
         row = {"round": r, "candidates": len(good), "right": int(good.sum()), "review_budget": budget,
-               "iou_reached": thresholds.reached, "verifier_reached": v_reached}
+               "iou_reached": thresholds.reached, "verifier_reached": v_reached, "verifier_promoted": bool(verifier),
+               "held_out_auc": info["held_out_auc"], "pred_iou_auc": info["pred_iou_auc"]}
         for name, res in result.items():
             row.update({f"precision_{name}": round(res["precision"], 3), f"recall_{name}": round(res["recall"], 3),
                         f"auto_precision_{name}": None if res["auto_precision"] is None else
@@ -147,6 +156,8 @@ def main() -> None:
         "precision_at_budget_both": mean("precision_both"), "recall_at_budget_iou": mean("recall_iou"),
         "recall_at_budget_verifier": mean("recall_verifier"), "recall_at_budget_both": mean("recall_both"),
         "auto_precision_iou": mean("auto_precision_iou"), "auto_precision_verifier": mean("auto_precision_verifier"),
+        "verifier_promoted_rounds": sum(r["verifier_promoted"] for r in rows),
+        "held_out_auc": mean("held_out_auc"), "pred_iou_auc": mean("pred_iou_auc"),
         "review_share": args.review_share, "exhaustivity_auc": None if exh is None else round(exh, 3),
         "complete_images": int(np.sum(exh_labels)), "images": len(exh_labels), "rounds": args.rounds,
         "images_per_round": args.images, "size": args.size, "train_steps": args.train_steps,

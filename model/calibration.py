@@ -44,7 +44,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from model.amg import AmgParams, generate_masks
-from model.verifier import MaskVerifier, mask_features
+from model.verifier import MaskVerifier, auc, mask_features
 from storage.images import BadImage, ImageSource
 from storage.rle import rle_area
 from storage.shards import MaskStore
@@ -319,26 +319,47 @@ def calibrate(segmenter, store: MaskStore, source: ImageSource, round: int, loos
                              confidence=settings.confidence)
 
 
-def fit_verifier(samples: CalibrationSamples, settings: CalibrationSettings) -> tuple[MaskVerifier | None, dict]:
+def fit_verifier(samples: CalibrationSamples, settings: CalibrationSettings, held_out: float = 0.25,
+                 seed: int = 0) -> tuple[MaskVerifier | None, dict]:
     """The mask verifier learned from the history's decisions (a generated mask is right when its best IoU to a
-    verified mask reaches `precision_iou`) and its score threshold by the thresholds' rule (`loosest_threshold`).
-    Returns (verifier, {version, threshold, reached, n_history, reason}); (None, {reason}) with too little
-    history or only one kind of decision (the caller falls back to the thresholds)."""
+    verified mask reaches `precision_iou`), promoted only when it ranks a held-out share of the decisions better
+    than the predicted IoU does (ROC AUC, the held-out masks never seen in fitting); then refitted on all of them,
+    its score threshold chosen by the thresholds' rule (`loosest_threshold`).
+    Returns (verifier, {version, threshold, reached, n_history, held_out_auc, pred_iou_auc, reason}); (None,
+    {…, reason}) with too little history, one kind of decision only, or no gain on the held-out share (the caller
+    falls back to the thresholds)."""
     n = len(samples)
     good = samples.best_iou >= settings.precision_iou
+    info = {"version": None, "threshold": None, "reached": False, "n_history": n, "held_out_auc": None,
+            "pred_iou_auc": None}
     if samples.features is None or n < settings.min_samples or good.all() or not good.any():
         why = ("no features" if samples.features is None else
                f"too little history ({n} < {settings.min_samples} samples)" if n < settings.min_samples else
                f"the history has {'only right' if good.all() else 'no right'} masks")
-        return None, {"version": None, "threshold": None, "reached": False, "n_history": n,
-                      "reason": f"verifier not fitted: {why}"}
+        return None, dict(info, reason=f"verifier not fitted: {why}")
+    # A held-out share of each kind of decision (stratified, so a rare kind is on both sides)
+    rng, test = np.random.default_rng(seed), np.zeros(n, bool)
+    for kind in (good, ~good):
+        idx = np.flatnonzero(kind)
+        if len(idx) >= 2:
+            test[rng.choice(idx, max(1, int(round(held_out * len(idx)))), replace=False)] = True
+    if good[test].all() or not good[test].any():
+        return None, dict(info, reason=f"verifier not promoted: its held-out share ({int(test.sum())} masks, "
+                                       f"{int(good[test].sum())} right) cannot tell it from the predicted IoU")
+    trial = MaskVerifier.fit(samples.features[~test], good[~test])
+    info["held_out_auc"] = auc(trial.score(samples.features[test]), good[test])
+    info["pred_iou_auc"] = auc(samples.pred_iou[test], good[test])
+    if info["held_out_auc"] is None or info["held_out_auc"] <= (info["pred_iou_auc"] or 0.0):
+        return None, dict(info, reason=f"verifier not promoted: held-out AUC {info['held_out_auc']} is not above "
+                                       f"the predicted IoU's {info['pred_iou_auc']}")
     verifier = MaskVerifier.fit(samples.features, good)
     threshold, reached = loosest_threshold(verifier.score(samples.features), good, settings.target_precision,
                                            settings.confidence, settings.min_kept)
-    return verifier, {"version": verifier.version, "threshold": threshold, "reached": reached, "n_history": n,
-                      "reason": (f"loosest verifier score whose {settings.confidence:.0%} lower bound of precision "
-                                 f"reaches {settings.target_precision:g}" if reached else
-                                 f"no verifier score reaches precision {settings.target_precision:g}; using the best")}
+    return verifier, dict(info, version=verifier.version, threshold=threshold, reached=reached,
+                          reason=(f"held-out AUC {info['held_out_auc']:.3f} vs predicted IoU's "
+                                  f"{info['pred_iou_auc']:.3f}; loosest score whose {settings.confidence:.0%} lower "
+                                  f"bound of precision reaches {settings.target_precision:g}" if reached else
+                                  f"no verifier score reaches precision {settings.target_precision:g}; using the best"))
 
 
 def generator_params(params: AmgParams, thresholds: Thresholds) -> AmgParams:

@@ -54,7 +54,7 @@ from engine.integrations.prefill_review import (
 )
 from model.amg import generate_with_fallback
 from model.calibration import Thresholds, choose_thresholds, fit_verifier, generator_params, history_samples
-from model.verifier import mask_features
+from model.verifier import mask_features, uncovered_objectness
 from model.iou import mask_iou
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
@@ -346,9 +346,11 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
                 accepted &= (pred >= thresholds.pred_iou_thresh) & (stab >= thresholds.stability_score_thresh)
             verdict = (verifier.version, score, accepted)
         prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image, verdict)
+        # How much of what looks like an object the prefills leave to the annotator (model/verifier.py)
+        uncovered = None if verdict is None else float(f"{uncovered_objectness(rles, pred, accepted):.4f}")
         h, w = loaded.pixels.shape[:2]
         images[image_id] = {"height": h, "width": w, "generated": len(masks),
-                            "confident": len(prefills) + dropped, "dropped_by_cap": dropped,
+                            "confident": len(prefills) + dropped, "dropped_by_cap": dropped, "uncovered": uncovered,
                             "prefills": [p.to_json() for p in prefills]}
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
             "triage_asked": s.triage, "triage": s.triage if verifier is not None else "thresholds",

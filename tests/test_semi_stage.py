@@ -286,7 +286,7 @@ def test_lineage_labels_on_a_simulated_round(labelstudio_server, tmp_path):
 
 # --------------------------------------------------------------------------- the plan with the real generator
 
-def _plan_setup(tmp_path: Path, **semi):
+def _plan_setup(tmp_path: Path, size: int = 64, n_images: int = 3, **semi):
     from engine.integrations.config import load_config
     from engine.integrations.runtime import image_source
     from engine.integrations.synth import write_synthetic_dataset
@@ -295,7 +295,7 @@ def _plan_setup(tmp_path: Path, **semi):
     from storage.shards import MaskStore
 
     data = tmp_path / "data"
-    write_synthetic_dataset(data, n_images=3, seed=7, size=64)
+    write_synthetic_dataset(data, n_images=n_images, seed=7, size=size)
     cfg = load_config(None, overrides={
         "workdir": str(tmp_path / "run"), "images.source": str(data / "images"),
         "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
@@ -362,34 +362,44 @@ def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitte
     """stages.semi.triage: verifier — fitted on the same history as the thresholds, it chooses and ranks the
     prefills, each carrying its version and score into the lineage; too little history falls back to the
     thresholds and says why."""
-    from engine.integrations.annotator import load_ground_truth
+    from model.amg import AmgParams, generate_masks
     from model.verifier import MaskVerifier
+    from storage.rle import decode_rles
     from stages.semi import Lineage, Prefill, final_record, make_plan, round_dir
 
     seg, _ = fitted_compact
     cfg, store, source, quarantine, _ = _plan_setup(
-        tmp_path, triage="verifier", calibration_pred_iou_floor=0.0, calibration_stability_floor=0.0,
+        tmp_path, size=128, n_images=4, triage="verifier", calibration_pred_iou_floor=0.0, calibration_stability_floor=0.0,
         calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5, precision_iou=0.5,
         calibration_min_coverage=0.0, points_per_side=8)
     ids = [r.image_id for r in source.list()]
-    truth = load_ground_truth(cfg.images.ground_truth)
+    # Round 1's people kept the model's larger masks and drew nothing else: a rule in the masks' area, which the
+    # verifier can learn from its features and the predicted IoU does not know
+    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
     with store.writer("manual", 1, "v0") as w:
-        for i in ids[:1]:
-            w.add([_record(i, "manual", 1, o.mask, True, k) for k, o in enumerate(truth[i])])
-    plan = make_plan(cfg, 2, seg, store, source, ids[1:], quarantine)
+        for i in ids[:2]:
+            cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
+            big = np.median([c.area for c in cands])
+            w.add([_record(i, "manual", 1, decode_rles([c.rle])[0], True, k)
+                   for k, c in enumerate(cands) if c.area > big])
+    plan = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
     info = plan["verifier"]
-    assert plan["triage"] == "verifier" and info["version"].startswith("verifier-"), info
+    assert plan["triage"] == "verifier" and info["version"].startswith("verifier-"), info["reason"]
     assert MaskVerifier.load(round_dir(cfg, 2) / "verifier.json").version == info["version"]
     prefills = [Prefill.from_json(p) for im in plan["images"].values() for p in im["prefills"]]
     assert prefills, (info, {i: (im["generated"], im["confident"]) for i, im in plan["images"].items()})
     assert all(p.verifier_version == info["version"] for p in prefills)
     assert all(p.verifier_score >= info["threshold"] for p in prefills)
-    assert [p.verifier_score for p in prefills] == sorted((p.verifier_score for p in prefills), reverse=True)
-    rec = final_record(ids[1], 2, "m", prefills[0].region_id, np.ones((64, 64), bool),
+    for im in plan["images"].values():  # ranked by the verifier's score within each image
+        ranked = [p["verifier_score"] for p in im["prefills"]]
+        assert ranked == sorted(ranked, reverse=True)
+    assert info["held_out_auc"] > info["pred_iou_auc"]  # promoted: it ranks held-out decisions better
+    assert all(0.0 <= im["uncovered"] <= 1.0 for im in plan["images"].values())  # the exhaustivity estimate
+    rec = final_record(ids[2], 2, "m", prefills[0].region_id, np.ones((128, 128), bool),
                        Lineage("prefill_accepted", prefills[0].region_id), prefills[0], "ann", {}, None, None)
     assert (rec.verifier_version, rec.verifier_score) == (info["version"], prefills[0].verifier_score)
     # Too little history for a verifier: the thresholds choose, and the plan says why
     cfg.stages.semi.calibration_min_samples = 10_000
-    fallback = make_plan(cfg, 2, seg, store, source, ids[1:], quarantine)
+    fallback = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
     assert fallback["triage"] == "thresholds" and "too little history" in fallback["verifier"]["reason"]
     assert all(p["verifier_version"] is None for im in fallback["images"].values() for p in im["prefills"])

@@ -75,3 +75,22 @@ def test_uncovered_objectness_is_the_share_of_object_like_area_left_uncovered():
     assert uncovered_objectness(rles, [0.9, 0.9], np.array([True, False])) == pytest.approx(0.5)
     assert uncovered_objectness(rles, [0.9, 0.1], np.array([True, False])) == 0.0  # b is not object-like
     assert uncovered_objectness(rles, [0.9, 0.9], np.array([True, True])) == 0.0
+
+
+def test_the_verifier_is_promoted_only_when_it_beats_the_predicted_iou_on_held_out_decisions():
+    from model.calibration import CalibrationSamples, CalibrationSettings, fit_verifier
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, len(FEATURES)))
+    x[:, 0] = rng.random(400)  # pred_iou
+    settings = CalibrationSettings(target_precision=0.8, precision_iou=0.5, default_pred_iou_thresh=0.9,
+                                   default_stability_score_thresh=0.9, min_samples=50, min_kept=5)
+    by_colour = CalibrationSamples(x[:, 0], x[:, 1], (x[:, 5] > 0).astype(float), features=x)
+    verifier, info = fit_verifier(by_colour, settings)
+    assert verifier is not None and info["version"] == verifier.version
+    assert info["held_out_auc"] > 0.9 and abs(info["pred_iou_auc"] - 0.5) < 0.2 and info["reached"]
+    by_score = CalibrationSamples(x[:, 0], x[:, 1], (x[:, 0] > 0.5).astype(float), features=x)
+    verifier, info = fit_verifier(by_score, settings)  # the predicted IoU already ranks these perfectly
+    assert verifier is None and info["pred_iou_auc"] == 1.0 and "not promoted" in info["reason"]
+    few = CalibrationSamples(x[:10, 0], x[:10, 1], (x[:10, 5] > 0).astype(float), features=x[:10])
+    assert fit_verifier(few, settings)[0] is None
