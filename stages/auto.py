@@ -168,6 +168,8 @@ class AutoMaskActor:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 # transient: out of memory may pass on a quieter machine or a bigger device
                 status, reason, kind = "failed", f"model failed at every scale: {type(e).__name__}: {first}", "transient"
+            if status != "ok":  # an image set aside leaves no mask in the part (it is not marked done)
+                records, dropped, review = [], 0, 0
             records_all += records
             # the batch's shared work (decoding files, the encoder call) is shared evenly
             lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
