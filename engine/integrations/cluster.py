@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -67,14 +68,17 @@ def map_with_actor_pool(rows: list[dict], actor_cls: type, actor_args: tuple = (
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_items(rows)
-    ds = ds.map_batches(actor_cls, fn_constructor_args=actor_args,
-                        fn_constructor_kwargs=actor_kwargs or {},
-                        compute=ray.data.ActorPoolStrategy(size=num_actors),
-                        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
-                        batch_size=batch_size, batch_format="numpy",
-                        # chosen, not inherited: a node that dies takes its actors with it; the pool restarts them
-                        # elsewhere and re-runs their batches (tests/test_multinode.py; docs/scaling.md)
-                        max_restarts=-1, max_task_retries=-1)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for restarts yet and warns about the catch-all one that carries them
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(actor_cls, fn_constructor_args=actor_args,
+                            fn_constructor_kwargs=actor_kwargs or {},
+                            compute=ray.data.ActorPoolStrategy(size=num_actors),
+                            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
+                            batch_size=batch_size, batch_format="numpy",
+                            # chosen, not inherited: a node that dies takes its actors with it; the pool restarts
+                            # them elsewhere and re-runs their batches (tests/test_multinode.py; docs/scaling.md)
+                            max_restarts=-1, max_task_retries=-1)
     yield from ds.iter_rows()
 
 
