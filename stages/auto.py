@@ -35,12 +35,13 @@ from model.amg import device_points_per_batch, generate_with_fallback, to_record
 from model.amg_params import AmgParams
 from model.calibration import calibrate, generator_params
 from model.evaluate import match_rates
-from model.verifier import MaskVerifier, mask_features
+from model.verifier import MaskVerifier, mask_features, uncovered_objectness
 from storage.images import BadImage
 from storage.rle import decode_rles
 from storage.shards import ShardInfo
 
 log = logging.getLogger("sa_engine.auto")
+LIKELY_INCOMPLETE = 0.2  # share of the survivors' area the verifier left uncovered that flags an image
 STAGE = "auto"
 
 
@@ -79,6 +80,8 @@ class AutoSummary:
     verifier_version: str | None = None  # stages.auto.verifier's, when set
     verifier_dropped: int = 0  # masks the verifier dropped (score < verifier_drop)
     verifier_review: int = 0  # masks kept and marked for review (verifier_drop <= score < verifier_keep)
+    likely_incomplete: list = field(default_factory=list)  # with a verifier: images where it dropped a fifth or more
+    # of the survivors' area (model/verifier.py uncovered_objectness): people should look there
     driver_bytes: int = 0  # what the actors handed the driver (part descriptors + a line per image)
     driver_bytes_per_mask: float = 0.0
     truth: dict | None = None  # against images.ground_truth, when set: model/evaluate.py match_rates + images
@@ -126,10 +129,11 @@ class AutoMaskActor:
         except (RuntimeError, MemoryError):
             return [None] * len(images)
 
-    def _triage(self, pixels: np.ndarray, records: list) -> tuple[list, int, int]:
-        """The verifier's keep / review / drop (module doc): (kept records, dropped, marked for review)."""
+    def _triage(self, pixels: np.ndarray, records: list) -> tuple[list, int, int, float | None]:
+        """The verifier's keep / review / drop (module doc): (kept records, dropped, marked for review, the share of
+        the survivors' area no kept mask covers — None without a verifier)."""
         if self.verifier is None or not records:
-            return records, 0, 0
+            return records, 0, 0, None
         feats = mask_features(pixels, [r.rle for r in records], [r.predicted_iou for r in records],
                               [r.stability_score for r in records])
         kept, review = [], 0
@@ -141,7 +145,10 @@ class AutoMaskActor:
                 rec.source = {**(rec.source or {}), "verifier_triage": "review"}
                 review += 1
             kept.append(rec)
-        return kept, len(records) - len(kept), review
+        survivors = [r.rle for r in records]
+        uncovered = uncovered_objectness(survivors, [1.0] * len(survivors),
+                                         np.array([any(r is k for k in kept) for r in records]), min_pred_iou=0.0)
+        return kept, len(records) - len(kept), review, uncovered
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
@@ -153,7 +160,7 @@ class AutoMaskActor:
         lines, records_all = [], []
         for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
-            status, reason, kind, records, scale, dropped, review = "ok", "", "", [], 1.0, 0, 0
+            status, reason, kind, records, scale, dropped, review, uncovered = "ok", "", "", [], 1.0, 0, 0, None
             try:
                 if isinstance(image, BadImage):
                     raise image
@@ -161,7 +168,7 @@ class AutoMaskActor:
                                                       embedding=embeddings.get(image.image_id),
                                                       output_size=image.original_size)
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
-                records, dropped, review = self._triage(image.pixels, records)
+                records, dropped, review, uncovered = self._triage(image.pixels, records)
             except BadImage as e:
                 status, reason, kind = "bad", str(e), e.kind
             except (RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
@@ -169,11 +176,12 @@ class AutoMaskActor:
                 # transient: out of memory may pass on a quieter machine or a bigger device
                 status, reason, kind = "failed", f"model failed at every scale: {type(e).__name__}: {first}", "transient"
             if status != "ok":  # an image set aside leaves no mask in the part (it is not marked done)
-                records, dropped, review = [], 0, 0
+                records, dropped, review, uncovered = [], 0, 0, None
             records_all += records
             # the batch's shared work (decoding files, the encoder call) is shared evenly
             lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
                           "masks": len(records), "scale": scale, "dropped": dropped, "review": review,
+                          "uncovered": uncovered,
                           "seconds": round(time.perf_counter() - start + shared / len(ids), 4),
                           "cpu_seconds": round(time.process_time() - cpu_start + cpu_shared / len(ids), 4)})
         part = ""
@@ -265,6 +273,8 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
                     writer.image_done(image_id, n)
                     summary.verifier_dropped += int(line.get("dropped", 0))
                     summary.verifier_review += int(line.get("review", 0))
+                    if (line.get("uncovered") or 0.0) >= LIKELY_INCOMPLETE:
+                        summary.likely_incomplete.append(image_id)
                     taken.add(image_id)
                     summary.images += 1
                     summary.masks += n

@@ -234,7 +234,7 @@ def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp
     is dropped, below verifier_keep it is marked for the review queue (stages/review.py doubts it)."""
     from engine.integrations.annotator import load_ground_truth
     from model.calibration import best_match_iou
-    from model.verifier import MaskVerifier, mask_features
+    from model.verifier import MaskVerifier, mask_features, uncovered_objectness
     from stages.auto import run_auto_stage
     from stages.review import doubt
     from storage.rle import encode_masks
@@ -272,5 +272,18 @@ def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp
     assert triaged.masks == len(kept) == len(recs) - triaged.verifier_dropped
     marked = [r for r in kept if (r.source or {}).get("verifier_triage") == "review"]
     assert len(marked) == triaged.verifier_review and all(r.verifier_score < keep for r in marked)
+    assert everything.likely_incomplete == []  # nothing dropped, nothing left uncovered
+    def bare_images(kept_recs) -> set:  # where what was dropped leaves a fifth of the survivors' area uncovered
+        kept_ids, out = {r.mask_id for r in kept_recs}, set()
+        for image_id in {r.image_id for r in recs}:
+            mine = [r for r in recs if r.image_id == image_id]
+            if uncovered_objectness([r.rle for r in mine], [1.0] * len(mine),
+                                    np.array([r.mask_id in kept_ids for r in mine]), min_pred_iou=0.0) >= 0.2:
+                out.add(image_id)
+        return out
+
+    assert set(triaged.likely_incomplete) == bare_images(kept)
+    harsh, harsh_kept = run("harsh", float(np.quantile(scores, 0.95)), float(np.quantile(scores, 0.9)))
+    assert harsh.likely_incomplete and set(harsh.likely_incomplete) == bare_images(harsh_kept)
     assert {doubt(r, 0.0) for r in marked} == {"verifier unsure"} and doubt(
         next(r for r in kept if r not in marked), 0.0) is None
