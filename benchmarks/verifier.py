@@ -44,7 +44,7 @@ from model.amg import AmgParams, generate_masks  # noqa: E402
 from model.calibration import (CalibrationSamples, CalibrationSettings, best_match_iou,  # noqa: E402
                                choose_thresholds, fit_verifier)
 from model.segmenter import Segmenter  # noqa: E402
-from model.verifier import auc, mask_features, uncovered_objectness  # noqa: E402
+from model.verifier import auc, mask_features, triage_at_budget, uncovered_objectness  # noqa: E402
 from storage.rle import decode_rles, encode_masks  # noqa: E402
 
 TARGET = 0.9
@@ -63,19 +63,6 @@ def round_candidates(seg: Segmenter, round_no: int, n_images: int, size: int, pa
         out.append({"rles": rles, "pred": pred, "stab": stab, "features": mask_features(image, rles, pred, stab),
                     "best": best_match_iou(rles, truth_rles), "truth": truth_rles})
     return out
-
-
-def triage(accept: np.ndarray, rank: np.ndarray, good: np.ndarray, budget: int) -> dict:
-    """Auto-accept `accept`; people review the `budget` best-ranked of the rest and keep the right ones."""
-    rest = np.nonzero(~accept)[0]
-    reviewed = rest[np.argsort(-rank[rest])][:budget]
-    final = accept.copy()
-    final[reviewed[good[reviewed]]] = True
-    right = int(good.sum())
-    return {"precision": float(good[final].mean()) if final.any() else 0.0,
-            "recall": float(good[final].sum() / right) if right else 0.0,
-            "auto_precision": float(good[accept].mean()) if accept.any() else None,
-            "auto_accepted": int(accept.sum()), "final": final}
 
 
 def main() -> None:
@@ -116,8 +103,9 @@ def main() -> None:
         by_iou = (feat[:, 0] >= thresholds.pred_iou_thresh) & (feat[:, 1] >= thresholds.stability_score_thresh)
         score = verifier.score(feat) if verifier else feat[:, 0]
         by_ver = score >= v_thresh if verifier else by_iou
-        result = {"iou": triage(by_iou, feat[:, 0], good, budget), "verifier": triage(by_ver, score, good, budget),
-                  "both": triage(by_iou & by_ver, score, good, budget)}
+        result = {"iou": triage_at_budget(by_iou, feat[:, 0], good, budget),
+                  "verifier": triage_at_budget(by_ver, score, good, budget),
+                  "both": triage_at_budget(by_iou & by_ver, score, good, budget)}
         row = {"round": r, "candidates": len(good), "right": int(good.sum()), "review_budget": budget,
                "iou_reached": thresholds.reached, "verifier_reached": v_reached, "verifier_promoted": bool(verifier),
                "held_out_auc": info["held_out_auc"], "pred_iou_auc": info["pred_iou_auc"]}

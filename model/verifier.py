@@ -177,3 +177,21 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     pos, neg = s[y], s[~y]
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def triage_at_budget(accept: np.ndarray, rank: np.ndarray, right: np.ndarray, budget: int) -> dict:
+    """One triage at a fixed human effort: the `accept`ed masks are taken without a person; people review the
+    `budget` best-`rank`ed of the rest and keep the right ones; the others are dropped.
+    accept, right: (N,) bool; rank: (N,) float, higher first. Returns precision and recall of everything kept
+    (against every right mask), auto_precision (of the accepted alone; None when none), auto_accepted, reviewed,
+    final: (N,) bool."""
+    accept, right, rank = np.asarray(accept, bool), np.asarray(right, bool), np.asarray(rank, np.float64)
+    rest = np.flatnonzero(~accept)
+    reviewed = rest[np.argsort(-rank[rest], kind="stable")][:max(0, budget)]
+    final = accept.copy()
+    final[reviewed[right[reviewed]]] = True
+    n_right = int(right.sum())
+    return {"precision": float(right[final].mean()) if final.any() else 0.0,
+            "recall": float(right[final].sum() / n_right) if n_right else 0.0,
+            "auto_precision": float(right[accept].mean()) if accept.any() else None,
+            "auto_accepted": int(accept.sum()), "reviewed": int(len(reviewed)), "final": final}

@@ -53,8 +53,9 @@ from engine.integrations.prefill_review import (
     prefill_precision,
 )
 from model.amg import generate_with_fallback
-from model.calibration import Thresholds, choose_thresholds, fit_verifier, generator_params, history_samples
-from model.verifier import mask_features, uncovered_objectness
+from model.calibration import (Thresholds, best_match_iou, choose_thresholds, fit_verifier, generator_params,
+                               history_samples)
+from model.verifier import mask_features, triage_at_budget, uncovered_objectness
 from model.iou import mask_iou
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
@@ -266,6 +267,7 @@ class SemiSummary:
     thresholds: dict
     history_samples: int
     pages: int
+    triage_comparison: dict | None  # simulation: thresholds / verifier / both on the round's candidates (compare_triage)
     triage: str  # what chose the prefills: thresholds | verifier | both (stages.semi.triage, or thresholds as fallback)
     verifier: dict | None  # the verifier's version, score threshold, reached, history size, reason
     ls_project_id: int
@@ -301,33 +303,42 @@ def round_dir(cfg: EngineConfig, round: int) -> Path:
 # --------------------------------------------------------------------------- step 1: plan
 
 def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids: list[str],
-              quarantine) -> dict:
+              quarantine, truth: dict[str, list[GTObject]] | None = None) -> dict:
     """Calibrate, generate on the round's images and choose/page the prefills. Returns the plan (JSON-able):
     model_version, thresholds, history size, per image its size, prefills and how many were generated /
-    dropped by the cap."""
+    dropped by the cap. With the truth (simulation) also `triage_comparison`: today's thresholds, the verifier
+    and both, side by side on the round's candidates (`compare_triage`), whichever of them chose the prefills."""
     s = cfg.stages.semi
     grid = {"points_per_side": s.points_per_side} if s.points_per_side else {}
     loose, settings = runtime.calibration_params(cfg, **grid), runtime.calibration_settings(cfg)
+    wants_verifier = s.triage != "thresholds" or truth is not None
     samples = history_samples(segmenter, store, source, round, loose, settings.history_images,
                               lambda thing, reason: quarantine.add(thing, reason, STAGE), settings.min_coverage,
-                              with_features=s.triage != "thresholds")
+                              with_features=wants_verifier)
     thresholds = choose_thresholds(samples, settings.target_precision, settings.precision_iou,
                                    settings.default_pred_iou_thresh, settings.default_stability_score_thresh,
                                    min_samples=settings.min_samples, min_kept=settings.min_kept,
                                    confidence=settings.confidence)
-    strict = generator_params(runtime.amg_params(cfg.stages.auto, **grid), thresholds)
-    # The learned verifier (stages.semi.triage): fitted on the same history; without enough of it, the thresholds
-    verifier, verifier_info = (None, None) if s.triage == "thresholds" else fit_verifier(samples, settings)
+    amg = runtime.amg_params(cfg.stages.auto, **grid)
+    strict = generator_params(amg, thresholds)
+    # The learned verifier: fitted on the same history (also only to be compared, in simulation); it chooses
+    # the prefills with stages.semi.triage verifier | both, and without enough history the thresholds do
+    fitted, fitted_info = fit_verifier(samples, settings) if wants_verifier else (None, None)
+    verifier, verifier_info = (fitted, fitted_info) if s.triage != "thresholds" else (None, None)
+    candidates_params = generator_params(amg, Thresholds(loose.pred_iou_thresh, loose.stability_score_thresh,
+                                                         "verifier", True, 0, 0, None, None, ""))
     if verifier is not None:
         verifier.save(round_dir(cfg, round) / "verifier.json")
-        strict = generator_params(runtime.amg_params(cfg.stages.auto, **grid), Thresholds(
-            loose.pred_iou_thresh, loose.stability_score_thresh, "verifier", True, 0, 0, None, None, ""))
-    images = {}
+    images, compared = {}, []
     for image_id in image_ids:
         ref = source.ref(image_id)
         try:
             loaded = source.load(ref)
-            masks, _scale = generate_with_fallback(segmenter, loaded.pixels, strict)
+            masks, _scale = generate_with_fallback(segmenter, loaded.pixels,
+                                                   candidates_params if verifier is not None else strict)
+            # the comparison judges every triage on the same candidates: the loose generator's
+            candidates = masks if verifier is not None or truth is None else \
+                generate_with_fallback(segmenter, loaded.pixels, candidates_params)[0]
         except BadImage as e:
             quarantine.add(ref.uri, str(e), STAGE, e.kind)
             continue
@@ -335,38 +346,71 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             quarantine.add(ref.uri, f"automatic generator failed at every scale ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:200]})", STAGE, "transient")
             continue
+        rles = [m.rle for m in candidates]
+        pred = np.array([m.predicted_iou for m in candidates])
+        stab = np.array([m.stability_score for m in candidates])
+        score = fitted.score(mask_features(loaded.pixels, rles, pred, stab)) if fitted is not None else None
         verdict = None
         if verifier is not None:
-            rles = [m.rle for m in masks]
-            pred = np.array([m.predicted_iou for m in masks])
-            stab = np.array([m.stability_score for m in masks])
-            score = verifier.score(mask_features(loaded.pixels, rles, pred, stab))
             accepted = score >= verifier_info["threshold"]
             if s.triage == "both":
                 accepted &= (pred >= thresholds.pred_iou_thresh) & (stab >= thresholds.stability_score_thresh)
             verdict = (verifier.version, score, accepted)
+        if truth is not None:
+            gt = [o.mask for o in objects_in_frame(truth.get(image_id, []), *loaded.pixels.shape[:2])]
+            compared.append((pred, stab, score, best_match_iou(rles, encode_masks(np.stack(gt)) if gt else [])))
         prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image, verdict)
         # How much of what looks like an object the prefills leave to the annotator (model/verifier.py)
-        uncovered = None if verdict is None else float(f"{uncovered_objectness(rles, pred, accepted):.4f}")
+        uncovered = None if verdict is None else float(f"{uncovered_objectness(rles, pred, verdict[2]):.4f}")
         h, w = loaded.pixels.shape[:2]
         images[image_id] = {"height": h, "width": w, "generated": len(masks),
                             "confident": len(prefills) + dropped, "dropped_by_cap": dropped, "uncovered": uncovered,
                             "prefills": [p.to_json() for p in prefills]}
+    comparison = None
+    if truth is not None and compared:
+        comparison = compare_triage(*(np.concatenate([c[k] for c in compared]) for k in (0, 1)),
+                                    None if fitted is None else np.concatenate([c[2] for c in compared]),
+                                    np.concatenate([c[3] for c in compared]) >= s.precision_iou, thresholds,
+                                    None if fitted is None else fitted_info["threshold"], s.triage_review_share)
+        comparison["verifier_fitted"] = fitted_info.get("reason") if fitted is None else fitted.version
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
             "triage_asked": s.triage, "triage": s.triage if verifier is not None else "thresholds",
-            "verifier": verifier_info,
+            "verifier": verifier_info, "triage_comparison": comparison,
             "history_samples": thresholds.n_history, "image_ids": list(image_ids), "images": images}
 
 
+def compare_triage(pred: np.ndarray, stab: np.ndarray, score: np.ndarray | None, right: np.ndarray,
+                   thresholds: Thresholds, score_threshold: float | None, review_share: float) -> dict:
+    """Today's triage, the verifier and both on one round's candidates at the same human effort (issue: a
+    learned verifier): each method accepts what it trusts, people review the next `review_share` of the
+    candidates by its ranking and keep the right ones (model/verifier.py `triage_at_budget`).
+    pred, stab: (N,) the generator's scores; score: (N,) the verifier's (None: not fitted — it then falls back
+    to the thresholds, as the stage does); right: (N,) bool, best IoU to the truth >= precision_iou.
+    Returns {candidates, right, review_budget, iou | verifier | both: {precision, recall, auto_precision,
+    auto_accepted}}."""
+    budget = int(round(review_share * len(right)))
+    by_iou = (pred >= thresholds.pred_iou_thresh) & (stab >= thresholds.stability_score_thresh)
+    rank = pred if score is None else score
+    by_ver = by_iou if score is None else score >= score_threshold
+    out = {"candidates": int(len(right)), "right": int(right.sum()), "review_budget": budget,
+           "review_share": review_share}
+    for name, accept, order in (("iou", by_iou, pred), ("verifier", by_ver, rank), ("both", by_iou & by_ver, rank)):
+        r = triage_at_budget(accept, order, right, budget)
+        out[name] = {k: (None if r[k] is None else round(float(r[k]), 4)) for k in ("precision", "recall",
+                                                                                   "auto_precision")}
+        out[name]["auto_accepted"] = r["auto_accepted"]
+    return out
+
+
 def saved_or_new_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids: list[str],
-                      quarantine) -> dict:
+                      quarantine, truth: dict[str, list[GTObject]] | None = None) -> dict:
     """The round's plan: the saved one when it is for this model and these images (a rerun imports the same
     prefills with the same region ids), else a new one, saved before anything is imported."""
     plan_path = round_dir(cfg, round) / PLAN_FILE
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     if (plan is None or plan.get("model_version") != segmenter.model_version or plan.get("image_ids") != list(image_ids)
             or plan.get("triage_asked", "thresholds") != cfg.stages.semi.triage):
-        plan = make_plan(cfg, round, segmenter, store, source, image_ids, quarantine)
+        plan = make_plan(cfg, round, segmenter, store, source, image_ids, quarantine, truth)
         _atomic_write_json(plan_path, plan)
     return plan
 
@@ -566,7 +610,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     version = segmenter.model_version
 
     # 1. Plan (once per round: a rerun reuses the saved plan)
-    plan = saved_or_new_plan(cfg, round, segmenter, store, source, image_ids, quarantine)
+    plan = saved_or_new_plan(cfg, round, segmenter, store, source, image_ids, quarantine, truth)
     pages = Pages.from_plan(plan)
 
     # 2. Publish
@@ -616,7 +660,7 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     summary = SemiSummary(
         round=round, **tally.summary(s.precision_iou), target_precision=s.target_precision,
         precision_iou=s.precision_iou, thresholds=plan["thresholds"], history_samples=plan["history_samples"],
-        pages=pages.n_pages, triage=plan.get("triage", "thresholds"), verifier=plan.get("verifier"),
+        pages=pages.n_pages, triage=plan.get("triage", "thresholds"), triage_comparison=plan.get("triage_comparison"), verifier=plan.get("verifier"),
         ls_project_id=pages.projects[1], ls_project_ids=dict(pages.projects), ls_url=ls.url,
         model_version=version, written=written, problems=problems, simulated=simulate,
         wall_s=float(f"{time.monotonic() - t0:.1f}"))

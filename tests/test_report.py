@@ -66,7 +66,13 @@ def _stage(stage: str):
                 w.image_done(image_id, len(records))
                 n += len(records)
             w.commit()
-        return {"images": len(image_ids), "masks": n, "masks_per_image": n / len(image_ids)}
+        out = {"images": len(image_ids), "masks": n, "masks_per_image": n / len(image_ids)}
+        if stage == "semi":  # as stages/semi.py's compare_triage reports it in simulation
+            out["triage_comparison"] = {
+                "candidates": 40, "right": 12, "review_budget": 4, "review_share": 0.1, "verifier_fitted": "verifier-x",
+                **{way: {"precision": p, "recall": r, "auto_precision": p, "auto_accepted": a}
+                   for way, p, r, a in (("iou", 0.5, 0.25, 6), ("verifier", 0.9, 0.75, 10), ("both", 1.0, 0.5, 5))}}
+        return out
     return run
 
 
@@ -119,6 +125,9 @@ def test_report_numbers_match_the_shards_and_the_ledger(engine_run):
                      r"0\.2500 is not better", md)
     assert "| holdout miou@1 | holdout miou@3 | holdout miou@5 | holdout box_miou |" in md
 
+    # the semi round's triage comparison, side by side
+    assert _row(md.split("Triage side by side")[1], "3") == ["3", "40", "12", "4", "0.500 / 0.900 / 1.000", "0.250 / 0.750 / 0.500",
+                                 "6 / 10 / 5", "verifier-x"]
     semi = json.loads((out / "report.json").read_text())["rounds"][2]
     assert semi["stage"] == "semi" and semi["clicks_per_mask"] == 2.0
 

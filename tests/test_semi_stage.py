@@ -403,3 +403,74 @@ def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitte
     fallback = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
     assert fallback["triage"] == "thresholds" and "too little history" in fallback["verifier"]["reason"]
     assert all(p["verifier_version"] is None for im in fallback["images"].values() for p in im["prefills"])
+
+
+def test_triage_comparison_at_equal_review_budget():
+    """Each way accepts what it trusts, people review the same number of the rest by its ranking and keep the
+    right ones: worked by hand on six candidates."""
+    from model.calibration import Thresholds
+    from stages.semi import compare_triage
+
+    pred = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    stab = np.ones(6)
+    right = np.array([False, True, True, False, True, False])
+    score = np.array([0.1, 0.9, 0.8, 0.2, 0.7, 0.3])
+    thr = Thresholds(0.75, 0.5, "calibrated", True, 0, 0, None, None, "")
+    c = compare_triage(pred, stab, score, right, thr, 0.75, review_share=0.34)
+    assert (c["candidates"], c["right"], c["review_budget"]) == (6, 3, 2)
+    # thresholds accept 0, 1; people review 2, 3 (by predicted IoU) and keep 2
+    assert c["iou"] == {"precision": 0.6667, "recall": 0.6667, "auto_precision": 0.5, "auto_accepted": 2}
+    # the verifier accepts 1, 2; people review 4, 5 (by its score) and keep 4
+    assert c["verifier"] == {"precision": 1.0, "recall": 1.0, "auto_precision": 1.0, "auto_accepted": 2}
+    # both accept 1; people review 2, 4
+    assert c["both"] == {"precision": 1.0, "recall": 1.0, "auto_precision": 1.0, "auto_accepted": 1}
+    # no verifier fitted: the stage falls back to the thresholds, and so does its column
+    none = compare_triage(pred, stab, None, right, thr, None, review_share=0.34)
+    assert none["verifier"] == none["iou"] == none["both"]
+
+
+def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_path, fitted_compact):
+    """With the truth, the plan scores thresholds / verifier / both on the same candidates; its verifier column
+    is what the stage did (the prefills), judged against the truth. The truth follows the people's rule of
+    round 1 (the larger masks), which the verifier learns and the predicted IoU does not know."""
+    from engine.integrations.annotator import GTObject
+    from model.amg import AmgParams, generate_masks
+    from model.iou import mask_iou
+    from storage.rle import decode_rles
+    from stages.semi import Prefill, make_plan
+
+    seg, _ = fitted_compact
+    cfg, store, source, quarantine, _ = _plan_setup(
+        tmp_path, size=128, n_images=4, triage="verifier", calibration_pred_iou_floor=0.0,
+        calibration_stability_floor=0.0, calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5,
+        precision_iou=0.5, calibration_min_coverage=0.0, points_per_side=8, max_prefill_per_task=1000)
+    ids = [r.image_id for r in source.list()]
+    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
+    truth = {}
+    for i in ids:
+        cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
+        big = np.median([c.area for c in cands])
+        truth[i] = [GTObject(k, decode_rles([c.rle])[0]) for k, c in enumerate(cands) if c.area > big]
+    with store.writer("manual", 1, "v0") as w:  # round 1's people kept the larger masks (as above)
+        for i in ids[:2]:
+            w.add([_record(i, "manual", 1, o.mask, True, o.ann_id) for o in truth[i]])
+    plan = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine, truth)
+    c = plan["triage_comparison"]
+    assert plan["triage"] == "verifier" and c["verifier_fitted"] == plan["verifier"]["version"]
+    assert c["candidates"] == sum(im["generated"] for im in plan["images"].values())
+    assert c["review_budget"] == round(0.1 * c["candidates"])
+    assert c["verifier"]["auto_accepted"] == sum(len(im["prefills"]) for im in plan["images"].values()) > 0
+    right = [max((float(mask_iou(decode_rles([p.rle])[0], o.mask)) for o in truth[i]), default=0.0) >= 0.5
+             for i, im in plan["images"].items() for p in map(Prefill.from_json, im["prefills"])]
+    assert 0 < sum(right) < len(right)
+    assert c["verifier"]["auto_precision"] == round(float(np.mean(right)), 4)
+    assert c["verifier"]["precision"] > c["iou"]["precision"]  # it learned the rule; the thresholds cannot
+    for way in ("iou", "verifier", "both"):
+        assert 0.0 <= c[way]["recall"] <= 1.0 and c[way]["auto_accepted"] <= c["candidates"]
+    # the thresholds choose: the comparison is the same candidates' (the verifier is fitted only to compare)
+    cfg.stages.semi.triage = "thresholds"
+    live = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine, truth)
+    assert live["triage"] == "thresholds" and live["verifier"] is None
+    assert all(p["verifier_version"] is None for im in live["images"].values() for p in im["prefills"])
+    assert live["triage_comparison"] == c
+    assert make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)["triage_comparison"] is None

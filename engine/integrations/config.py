@@ -87,6 +87,7 @@ class SemiStageConfig(_Section):
     target_precision: float = Field(0.9, gt=0, le=1)  # share of prefills with IoU >= precision_iou to a human mask
     precision_iou: float = Field(0.9, gt=0, le=1)  # IoU to a human mask at which a prefill counts as correct
     triage: Literal["thresholds", "verifier", "both"] = "thresholds"  # what chooses the prefills: the calibrated (predicted IoU, stability) thresholds; the learned mask verifier (model/verifier.py) fitted on the same history, at the same target; or both must accept
+    triage_review_share: float = Field(0.1, ge=0, le=1)  # simulation only: the per-round triage comparison (thresholds / verifier / both) lets people review this share of the candidates beyond what each accepts
     default_pred_iou_thresh: float = Field(0.92, ge=0, le=1)  # used when there is no verified history to calibrate on
     default_stability_score_thresh: float = Field(0.95, ge=0, le=1)  # used when there is no verified history to calibrate on
     audit_fraction: float = Field(0.2, ge=0, le=1)  # share of accepted prefills checked against the truth
