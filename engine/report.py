@@ -488,20 +488,20 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                      [[r["round"], _triage(out)] + [_fmt(out.get(k), 3 if "precision" in k else 1) for k in semi_keys]
                       for r, out in semi])
         md += [""]
-        compared = [(r["round"], out["triage_comparison"]) for r, out in semi if out.get("triage_comparison")]
-        if compared:
-            md += ["Triage side by side on each round's candidates (simulated annotators; a mask is right at IoU ≥ "
-                   "precision IoU to the truth): each way accepts what it trusts, people review the same number of "
-                   "the rest by its ranking and keep the right ones.", ""]
-            md += _table(["round", "candidates", "right", "reviewed", "precision thresholds / verifier / both",
-                          "recall thresholds / verifier / both", "auto-accepted thresholds / verifier / both",
-                          "verifier"],
-                         [[r, c["candidates"], c["right"], c["review_budget"]]
-                          + [" / ".join(_fmt(c[m][k], 3 if k != "auto_accepted" else 0)
-                                        for m in ("iou", "verifier", "both"))
-                             for k in ("precision", "recall", "auto_accepted")]
-                          + [c.get("verifier_fitted") or "—"] for r, c in compared])
-            md += [""]
+    compared = [(r["round"], out["triage_comparison"]) for r, out in semi if out.get("triage_comparison")]
+    if compared:
+        md += ["Triage side by side on each round's candidates (simulated annotators; a mask is right at IoU ≥ "
+               "precision IoU to the truth): each way accepts what it trusts, people review the same number of "
+               "the rest by its ranking and keep the right ones.", ""]
+        md += _table(["round", "candidates", "right", "reviewed", "precision thresholds / verifier / both",
+                      "recall thresholds / verifier / both", "auto-accepted thresholds / verifier / both",
+                      "verifier"],
+                     [[r, c["candidates"], c["right"], c["review_budget"]]
+                      + [" / ".join(_fmt(c[m][k], 3 if k != "auto_accepted" else 0)
+                                    for m in ("iou", "verifier", "both"))
+                         for k in ("precision", "recall", "auto_accepted")]
+                      + [c.get("verifier_fitted") or "—"] for r, c in compared])
+        md += [""]
 
     auto = [(e["round"], (e.get("outputs") or {}).get("truth")) for e in ledger.entries()
             if e.get("kind") == "auto" and e.get("status") == "done"]
