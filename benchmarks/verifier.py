@@ -17,14 +17,17 @@ engine would, from the people's accept / reject decisions) and triages round r's
 Each method auto-accepts what passes, sends the next `--review-share` of the round's candidates (the same
 number for every method) to people, who keep the right ones, and drops the rest. Per round: precision and recall
 of the accepted masks (auto + reviewed-and-right) against every right candidate, and of the auto-accepted alone.
-Exhaustivity: per image, 1 - `uncovered_objectness` of the verifier's accepted masks against "complete" (>= 80 %
-of the ground truth's area covered by them): `exhaustivity_auc`.
+Exhaustivity: per image, 1 - `uncovered_objectness` (object-like: the verifier's P(right) >= 0.3) of the verifier's
+kept masks against "complete" (>= 80 % of the ground truth's area covered by them): `exhaustivity_auc`. And the
+semi stage's `stages.semi.complete_below` decision (`--complete-below`): images whose auto-accepted masks leave at
+most that share uncovered skip people — `judged_complete_share` of the images, the precision of their masks, and
+the truth's area their right masks cover there (`judged_complete_coverage`) against the other images'.
 
 Last line: JSON with precision_at_budget_iou / _verifier / _both, recall_at_budget_*, auto_precision_*,
-review_share, exhaustivity_auc, and the sizes (means over rounds; the per-round table is printed first).
+review_share, exhaustivity_auc, judged_complete_*, and the sizes (means over rounds; the per-round table first).
 
     python benchmarks/verifier.py [--rounds 3] [--images 8] [--size 256] [--review-share 0.1] [--train-steps 600]
-                                  [--precision-iou 0.5]
+                                  [--precision-iou 0.5] [--complete-below 0.05]
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--review-share", type=float, default=0.1)
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--precision-iou", type=float, default=0.5)
+    ap.add_argument("--complete-below", type=float, default=0.05)
     args = ap.parse_args()
     precision_iou = args.precision_iou
     torch.set_num_threads(2)
@@ -81,7 +85,7 @@ def main() -> None:
     params = AmgParams(points_per_side=args.points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0,
                        box_nms_thresh=0.7, min_mask_region_area=0)
     rounds = [round_candidates(seg, r, args.images, args.size, params) for r in range(args.rounds + 1)]
-    rows, exh_scores, exh_labels = [], [], []
+    rows, exh_scores, exh_labels, images_seen = [], [], [], []
     for r in range(1, args.rounds + 1):
         hist = [im for past in rounds[:r] for im in past]
         h_feat = np.concatenate([im["features"] for im in hist])
@@ -114,17 +118,28 @@ def main() -> None:
                         f"auto_precision_{name}": None if res["auto_precision"] is None else
                         round(res["auto_precision"], 3), f"auto_accepted_{name}": res["auto_accepted"]})
         rows.append(row)
-        # Exhaustivity per image: the verifier's accepted masks against the truth's area
+        # Exhaustivity per image: the verifier's kept masks against the truth's area; and the semi stage's
+        # `complete_below` decision on its auto-accepted masks alone (such an image skips people)
         start = 0
         for im in now:
             n = len(im["rles"])
-            kept = result["verifier"]["final"][start:start + n]
+            sl = slice(start, start + n)
             start += n
+            objectness = verifier.score(im["features"]) if verifier else im["pred"]
             truth = decode_rles(im["truth"]).any(axis=0)
-            got = decode_rles([x for x, k in zip(im["rles"], kept) if k]).any(axis=0) if kept.any() else \
-                np.zeros_like(truth)
-            exh_labels.append((truth & got).sum() / max(truth.sum(), 1) >= 0.8)
-            exh_scores.append(1.0 - uncovered_objectness(im["rles"], im["pred"], kept))
+
+            def coverage(kept: np.ndarray) -> float:
+                got = decode_rles([x for x, k in zip(im["rles"], kept) if k]).any(axis=0) if kept.any() else \
+                    np.zeros_like(truth)
+                return float((truth & got).sum() / max(truth.sum(), 1))
+
+            final = result["verifier"]["final"][sl]
+            exh_labels.append(coverage(final) >= 0.8)
+            exh_scores.append(1.0 - uncovered_objectness(im["rles"], objectness, final))
+            auto = by_ver[sl]
+            judged_complete = auto.any() and uncovered_objectness(im["rles"], objectness, auto) <= args.complete_below
+            images_seen.append({"complete": bool(judged_complete), "coverage": coverage(auto & good[sl]),
+                                "right": int(good[sl][auto].sum()), "accepted": int(auto.sum())})
     print("| round | candidates | right | review | precision iou / verifier / both | recall iou / verifier / both |"
           " auto-precision iou / verifier / both |")
     print("|---|---|---|---|---|---|---|")
@@ -139,6 +154,8 @@ def main() -> None:
         return round(float(np.mean(vals)), 3) if vals else None
 
     exh = auc(np.array(exh_scores), np.array(exh_labels))
+    done = [im for im in images_seen if im["complete"]]
+    rest = [im for im in images_seen if not im["complete"]]
     print(json.dumps({
         "precision_at_budget_iou": mean("precision_iou"), "precision_at_budget_verifier": mean("precision_verifier"),
         "precision_at_budget_both": mean("precision_both"), "recall_at_budget_iou": mean("recall_iou"),
@@ -148,6 +165,11 @@ def main() -> None:
         "held_out_auc": mean("held_out_auc"), "pred_iou_auc": mean("pred_iou_auc"),
         "review_share": args.review_share, "exhaustivity_auc": None if exh is None else round(exh, 3),
         "complete_images": int(np.sum(exh_labels)), "images": len(exh_labels), "rounds": args.rounds,
+        "complete_below": args.complete_below, "judged_complete_share": round(len(done) / len(images_seen), 3),
+        "judged_complete_precision": round(sum(im["right"] for im in done) / max(1, sum(im["accepted"] for im in done)),
+                                           3) if done else None,
+        "judged_complete_coverage": round(float(np.mean([im["coverage"] for im in done])), 3) if done else None,
+        "other_images_coverage": round(float(np.mean([im["coverage"] for im in rest])), 3) if rest else None,
         "images_per_round": args.images, "size": args.size, "train_steps": args.train_steps,
         "right_at_iou": precision_iou, "target_precision": TARGET}))
 

@@ -350,8 +350,8 @@ def fit_verifier(samples: CalibrationSamples, settings: CalibrationSettings, hel
     info["held_out_auc"] = auc(trial.score(samples.features[test]), good[test])
     info["pred_iou_auc"] = auc(samples.pred_iou[test], good[test])
     if info["held_out_auc"] is None or info["held_out_auc"] <= (info["pred_iou_auc"] or 0.0):
-        return None, dict(info, reason=f"verifier not promoted: held-out AUC {info['held_out_auc']} is not above "
-                                       f"the predicted IoU's {info['pred_iou_auc']}")
+        return None, dict(info, reason=f"verifier not promoted: held-out AUC {info['held_out_auc'] or 0:.3f} is not "
+                                       f"above the predicted IoU's {info['pred_iou_auc'] or 0:.3f}")
     verifier = MaskVerifier.fit(samples.features, good)
     threshold, reached = loosest_threshold(verifier.score(samples.features), good, settings.target_precision,
                                            settings.confidence, settings.min_kept)

@@ -147,7 +147,7 @@ class AutoMaskActor:
             kept.append(rec)
         survivors = [r.rle for r in records]
         uncovered = uncovered_objectness(survivors, [1.0] * len(survivors),
-                                         np.array([any(r is k for k in kept) for r in records]), min_pred_iou=0.0)
+                                         np.array([any(r is k for k in kept) for r in records]), min_objectness=0.0)
         return kept, len(records) - len(kept), review, uncovered
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -71,7 +71,7 @@ def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
         return "annotator unsure"
     if source.get("verifier_triage") == "review":  # the automatic stage's verifier was unsure of it
         return "verifier unsure"
-    if rec.origin != "prefill_accepted":
+    if rec.origin not in ("prefill_accepted", "verifier_accepted"):  # (the latter: nobody saw it)
         return None
     audit = source.get("audit") or {}
     if audit.get("pending"):

@@ -270,9 +270,10 @@ class SemiSummary:
     triage_comparison: dict | None  # simulation: thresholds / verifier / both on the round's candidates (compare_triage)
     triage: str  # what chose the prefills: thresholds | verifier | both (stages.semi.triage, or thresholds as fallback)
     verifier: dict | None  # the verifier's version, score threshold, reached, history size, reason
-    ls_project_id: int
+    completed: dict  # images the exhaustivity estimate finished without people (completed_summary)
+    ls_project_id: int | None  # None: every image was complete, nothing went to Label Studio
     ls_project_ids: dict
-    ls_url: str
+    ls_url: str | None
     model_version: str
     written: int
     problems: int
@@ -361,11 +362,14 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             compared.append((pred, stab, score, best_match_iou(rles, encode_masks(np.stack(gt)) if gt else [])))
         prefills, dropped = plan_prefills(masks, thresholds, s.max_prefill_per_task, s.max_pages_per_image, verdict)
         # How much of what looks like an object the prefills leave to the annotator (model/verifier.py)
-        uncovered = None if verdict is None else float(f"{uncovered_objectness(rles, pred, verdict[2]):.4f}")
+        uncovered = None if verdict is None else float(f"{uncovered_objectness(rles, score, verdict[2]):.4f}")
+        # Exhaustivity decides who finishes the image: one the verifier's prefills cover is complete without a person
+        complete = (s.complete_below is not None and uncovered is not None and bool(prefills) and not dropped
+                    and uncovered <= s.complete_below)
         h, w = loaded.pixels.shape[:2]
-        images[image_id] = {"height": h, "width": w, "generated": len(masks),
-                            "confident": len(prefills) + dropped, "dropped_by_cap": dropped, "uncovered": uncovered,
-                            "prefills": [p.to_json() for p in prefills]}
+        images[image_id] = {"height": h, "width": w, "original_size": list(loaded.original_size),
+                            "generated": len(masks), "confident": len(prefills) + dropped, "dropped_by_cap": dropped,
+                            "uncovered": uncovered, "complete": complete, "prefills": [p.to_json() for p in prefills]}
     comparison = None
     if truth is not None and compared:
         comparison = compare_triage(*(np.concatenate([c[k] for c in compared]) for k in (0, 1)),
@@ -375,6 +379,7 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
         comparison["verifier_fitted"] = fitted_info.get("reason") if fitted is None else fitted.version
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
             "triage_asked": s.triage, "triage": s.triage if verifier is not None else "thresholds",
+            "complete_below": s.complete_below,
             "verifier": verifier_info, "triage_comparison": comparison,
             "history_samples": thresholds.n_history, "image_ids": list(image_ids), "images": images}
 
@@ -409,7 +414,8 @@ def saved_or_new_plan(cfg: EngineConfig, round: int, segmenter, store, source, i
     plan_path = round_dir(cfg, round) / PLAN_FILE
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     if (plan is None or plan.get("model_version") != segmenter.model_version or plan.get("image_ids") != list(image_ids)
-            or plan.get("triage_asked", "thresholds") != cfg.stages.semi.triage):
+            or plan.get("triage_asked", "thresholds") != cfg.stages.semi.triage
+            or plan.get("complete_below") != cfg.stages.semi.complete_below):
         plan = make_plan(cfg, round, segmenter, store, source, image_ids, quarantine, truth)
         _atomic_write_json(plan_path, plan)
     return plan
@@ -431,8 +437,10 @@ class Pages:
     tasks: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def from_plan(cls, plan: dict) -> "Pages":
-        prefills = {i: [Prefill.from_json(p) for p in im["prefills"]] for i, im in plan["images"].items()}
+    def from_plan(cls, plan: dict, image_ids: list[str] | None = None) -> "Pages":
+        """The plan's pages of `image_ids` (None: every image)."""
+        prefills = {i: [Prefill.from_json(p) for p in im["prefills"]] for i, im in plan["images"].items()
+                    if image_ids is None or i in image_ids}
         masks = {}
         for image_id, ps in prefills.items():
             decoded = decode_rles([p.rle for p in ps]) if ps else []
@@ -532,14 +540,40 @@ def records_from_pulls(pulls: dict[int, PullResult], pages: Pages, round: int, m
     return records, accepted
 
 
+def completed_records(plan: dict, image_ids: list[str], round: int, model_version: str) -> list[MaskRecord]:
+    """The prefills of the images the verifier judged complete (`stages.semi.complete_below`), as final masks
+    nobody looked at: origin verifier_accepted, unverified (training reads verified masks only) until their
+    audit passes or a reviewer accepts them (stages/review.py), at the image file's size."""
+    records = []
+    for image_id in image_ids:
+        im = plan["images"][image_id]
+        size = tuple(im.get("original_size") or (im["height"], im["width"]))
+        ps = [Prefill.from_json(p) for p in im["prefills"]]
+        for p, mask in zip(ps, decode_rles([p.rle for p in ps])):
+            records.append(final_record(image_id, round, model_version, p.region_id, at_full_size(mask, size),
+                                        Lineage("verifier_accepted", p.region_id), p, None,
+                                        {"verifier_triage": "complete", "uncovered": im["uncovered"]}, None, None,
+                                        verified=False))
+    return records
+
+
+def completed_summary(plan: dict, completed: list[str], tally: RoundTally, complete_below: float | None) -> dict:
+    """What the exhaustivity estimate decided: images complete without people, their masks, their audit and
+    (simulation) their masks' precision against the truth."""
+    return {"complete_below": complete_below, "images": len(completed), "images_to_people": len(plan["images"]) -
+            len(completed), "masks": tally.final_masks, "audit": {"audited": tally.audit_total,
+                                                                  "passed": tally.audit_passed},
+            "precision_true": round(tally.true_right / tally.true_known, 4) if tally.true_known else None}
+
+
 # --------------------------------------------------------------------------- step 5: audit
 
 def audit_accepted(cfg: EngineConfig, round: int, records: list[MaskRecord], accepted: list[int],
-                   truth: dict[str, list[GTObject]] | None, tally: RoundTally) -> list[dict]:
+                   truth: dict[str, list[GTObject]] | None, tally: RoundTally, salt: int = 6) -> list[dict]:
     """Check a random `audit_fraction` of the accepted prefills against the truth (when known): a mask that
     fails its audit is no longer trusted as verified. Returns the audit rows (the reviewer queue)."""
     s = cfg.stages.semi
-    rng = np.random.default_rng([cfg.seed, round, 6])
+    rng = np.random.default_rng([cfg.seed, round, salt])
     rows = []
     for idx in (accepted[k] for k in choose_audit(len(accepted), s.audit_fraction, rng)):
         rec = records[idx]
@@ -548,7 +582,7 @@ def audit_accepted(cfg: EngineConfig, round: int, records: list[MaskRecord], acc
             iou = _best_iou(decode_rles([rec.rle])[0], [o.mask for o in truth.get(rec.image_id, [])])
             passed = iou >= s.precision_iou
             rec.source = {**rec.source, "audit": {"iou": float(f"{iou:.4f}"), "passed": passed}}
-            rec.verified = passed
+            rec.verified = passed  # (a complete image's mask: verified by the audit, else by nobody yet)
             tally.audit_total += 1
             tally.audit_passed += int(passed)
             row.update(iou=float(f"{iou:.4f}"), passed=passed)
@@ -609,59 +643,72 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     segmenter = runtime.segmenter(cfg, checkpoint)
     version = segmenter.model_version
 
-    # 1. Plan (once per round: a rerun reuses the saved plan)
+    # 1. Plan (once per round: a rerun reuses the saved plan); images the verifier judged complete skip people
     plan = saved_or_new_plan(cfg, round, segmenter, store, source, image_ids, quarantine, truth)
-    pages = Pages.from_plan(plan)
+    completed = [i for i, im in plan["images"].items() if im.get("complete")]
+    pages = Pages.from_plan(plan, [i for i in plan["images"] if i not in completed])
+    pulls, ls_url, problems = {}, None, 0
+    if pages.prefills:  # (every image complete: nothing for people, no Label Studio)
+        # 2. Publish
+        ls, server = labelling.connect(cfg)
+        ls_url = ls.url
+        images, pixels, pages.full_sizes = labelling.task_images(cfg, source, list(pages.prefills), quarantine, STAGE)
+        pages.images = {im.image_id: im for im in images}
+        precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
+        publish_pages(ls, cfg, round, pages, plan, version)
 
-    # 2. Publish
-    ls, server = labelling.connect(cfg)
-    images, pixels, pages.full_sizes = labelling.task_images(cfg, source, list(plan["images"]), quarantine, STAGE)
-    pages.images = {im.image_id: im for im in images}
-    precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
-    publish_pages(ls, cfg, round, pages, plan, version)
+        # 3. Review or wait
+        with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate,
+                                        checkpoint=checkpoint) as backend:
+            backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
+            if simulate:
+                review_pages(ls, cfg, pages, backend_ids, truth)
+            else:
+                labelling.wait_for_people(
+                    ls, {pid: len(pages.tasks[page]) for page, pid in pages.projects.items()}, poll_s,
+                    f"Label Studio: {len(pages.projects)} semi round {round} project(s) at {ls.url}/projects/"
+                    f"{pages.projects[1]}: waiting for annotations (Ctrl-C to pull now)",
+                    labelling.login_line(cfg, server))
 
-    # 3. Review or wait
-    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate, checkpoint=checkpoint) as backend:
-        backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
-        if simulate:
-            review_pages(ls, cfg, pages, backend_ids, truth)
-        else:
-            labelling.wait_for_people(
-                ls, {pid: len(pages.tasks[page]) for page, pid in pages.projects.items()}, poll_s,
-                f"Label Studio: {len(pages.projects)} semi round {round} project(s) at {ls.url}/projects/"
-                f"{pages.projects[1]}: waiting for annotations (Ctrl-C to pull now)", labelling.login_line(cfg, server))
-
-    # 4. Pull with lineage (every page read before anything is written)
-    pulls = {page: ls.pull(pid) for page, pid in pages.projects.items()}
-    problems = 0
-    for page, pull in pulls.items():
-        for thing, reason in pull.problems:
-            quarantine.add(f"labelstudio project {pages.projects[page]} {thing}", reason, STAGE)
-            problems += 1
+        # 4. Pull with lineage (every page read before anything is written)
+        pulls = {page: ls.pull(pid) for page, pid in pages.projects.items()}
+        for page, pull in pulls.items():
+            for thing, reason in pull.problems:
+                quarantine.add(f"labelstudio project {pages.projects[page]} {thing}", reason, STAGE)
+                problems += 1
     tally = RoundTally(images=len(pages.images))
     records, accepted = records_from_pulls(pulls, pages, round, version, tally)
     reviewed = {r.image_id for r in records} | {a.image_id for p in pulls.values() for a in p.annotations}
     tally.prefills = sum(len(pages.prefills[i]) for i in reviewed if i in pages.prefills)
-    tally.dropped_by_cap = sum(im["dropped_by_cap"] for im in plan["images"].values())
+    tally.dropped_by_cap = sum(im["dropped_by_cap"] for i, im in plan["images"].items() if i not in completed)
     tally.final_masks = len(records)
+    done_by_verifier = completed_records(plan, completed, round, version)
 
-    # 5. Audit
+    # 5. Audit (people's accepted prefills, and apart from them the complete images' masks)
     audit_rows = audit_accepted(cfg, round, records, accepted, truth, tally)
+    done_tally = RoundTally(images=len(completed), final_masks=len(done_by_verifier))
+    audit_rows += audit_accepted(cfg, round, done_by_verifier, list(range(len(done_by_verifier))), truth,
+                                 done_tally, salt=7)
     _atomic_write_json(round_dir(cfg, round) / AUDIT_FILE, {
         "round": round, "audit_fraction": s.audit_fraction, "masks": audit_rows,
         "status": "checked against truth" if truth is not None else "pending: reviewer queue"})
     if truth is not None:
         true_precision(pages, reviewed, truth, s.precision_iou, tally)
+        done_tally.true_known = len(done_by_verifier)
+        done_tally.true_right = sum(_best_iou(decode_rles([r.rle])[0], [o.mask for o in truth.get(r.image_id, [])])
+                                    >= s.precision_iou for r in done_by_verifier)
 
     # 6. Write
-    written = write_final(store, records, round, version)
+    written = write_final(store, records + done_by_verifier, round, version)
 
     # 7. Summarise
     summary = SemiSummary(
         round=round, **tally.summary(s.precision_iou), target_precision=s.target_precision,
         precision_iou=s.precision_iou, thresholds=plan["thresholds"], history_samples=plan["history_samples"],
-        pages=pages.n_pages, triage=plan.get("triage", "thresholds"), triage_comparison=plan.get("triage_comparison"), verifier=plan.get("verifier"),
-        ls_project_id=pages.projects[1], ls_project_ids=dict(pages.projects), ls_url=ls.url,
+        pages=pages.n_pages if pages.prefills else 0, triage=plan.get("triage", "thresholds"),
+        triage_comparison=plan.get("triage_comparison"), verifier=plan.get("verifier"),
+        completed=completed_summary(plan, completed, done_tally, s.complete_below),
+        ls_project_id=pages.projects.get(1), ls_project_ids=dict(pages.projects), ls_url=ls_url,
         model_version=version, written=written, problems=problems, simulated=simulate,
         wall_s=float(f"{time.monotonic() - t0:.1f}"))
     _atomic_write_json(round_dir(cfg, round) / "summary.json", summary.to_dict())

@@ -20,7 +20,8 @@ SCHEMA_VERSION = 3
 
 STAGES = ("manual", "semi", "auto", "concept")
 # How a mask came to be (finer than `stage`): semi-automatic rounds mix prefilled and manual masks.
-ORIGINS = ("manual", "auto", "prefill_accepted", "prefill_edited", "manual_added", "concept")
+ORIGINS = ("manual", "auto", "prefill_accepted", "prefill_edited", "manual_added", "concept",
+           "verifier_accepted")  # a semi round's prefill on an image the verifier judged complete: no person saw it
 
 MASK_SCHEMA = pa.schema(
     [

@@ -278,7 +278,7 @@ def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp
         for image_id in {r.image_id for r in recs}:
             mine = [r for r in recs if r.image_id == image_id]
             if uncovered_objectness([r.rle for r in mine], [1.0] * len(mine),
-                                    np.array([r.mask_id in kept_ids for r in mine]), min_pred_iou=0.0) >= 0.2:
+                                    np.array([r.mask_id in kept_ids for r in mine]), min_objectness=0.0) >= 0.2:
                 out.add(image_id)
         return out
 

@@ -226,7 +226,7 @@ def _crafted_plan(cfg, image_ids: list[str]) -> tuple[dict, dict]:
                 for i, rle in enumerate(rles)]
     plan = {"round": 3, "model_version": Segmenter.new(cfg.model.preset).model_version,
             "thresholds": {"pred_iou_thresh": 0.9, "stability_score_thresh": 0.95, "source": "default"},
-            "history_samples": 0, "image_ids": image_ids,
+            "history_samples": 0, "image_ids": image_ids, "triage_asked": cfg.stages.semi.triage,
             "images": {first: {"height": h, "width": w, "generated": 4, "dropped_by_cap": 0,
                                "prefills": [p.to_json() for p in prefills]},
                        second: {"height": h, "width": w, "generated": 0, "dropped_by_cap": 0, "prefills": []}}}
@@ -474,3 +474,59 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
     assert all(p["verifier_version"] is None for im in live["images"].values() for p in im["prefills"])
     assert live["triage_comparison"] == c
     assert make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)["triage_comparison"] is None
+
+
+def test_images_the_verifier_judges_complete_skip_people(tmp_path, fitted_compact):
+    """stages.semi.complete_below: an image whose verifier-accepted prefills leave at most that share of its
+    object-like area uncovered is finished without people — its prefills written as verifier_accepted,
+    unverified unless their audit passes, each with its exhaustivity estimate; the rest go to people."""
+    from engine.integrations.annotator import load_ground_truth
+    from model.amg import AmgParams, generate_masks
+    from model.iou import mask_iou
+    from storage.rle import decode_rles
+    from stages.review import doubt
+    from stages.semi import make_plan, run_semi_stage
+
+    seg, _ = fitted_compact
+    cfg, store, source, quarantine, _ = _plan_setup(
+        tmp_path, size=128, n_images=5, triage="verifier", calibration_pred_iou_floor=0.0,
+        calibration_stability_floor=0.0, calibration_min_samples=10, calibration_min_kept=2, target_precision=0.9,
+        precision_iou=0.5, calibration_min_coverage=0.0, points_per_side=8, max_prefill_per_task=1000,
+        audit_fraction=0.5)
+    ids = [r.image_id for r in source.list()]
+    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
+    with store.writer("manual", 1, "v0") as w:
+        for i in ids[:2]:
+            cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
+            big = np.median([c.area for c in cands])
+            w.add([_record(i, "manual", 1, decode_rles([c.rle])[0], True, k)
+                   for k, c in enumerate(cands) if c.area > big])
+    seg.save(tmp_path / "model")
+    checkpoint = str(tmp_path / "model")
+    uncovered = {i: im["uncovered"] for i, im in make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
+                 ["images"].items() if im["prefills"]}
+    assert len(uncovered) >= 2 and len(set(uncovered.values())) >= 2, uncovered
+    cut = sorted(uncovered.values())[-2]  # all but the least covered image with prefills are complete
+    cfg.stages.semi.complete_below = cut
+    plan = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
+    complete = {i for i, im in plan["images"].items() if im["complete"]}
+    assert complete == {i for i, u in uncovered.items() if u <= cut} and 0 < len(complete) < len(plan["images"])
+
+    # Only complete images in the round: nothing for people, no Label Studio needed
+    summary = run_semi_stage(cfg, 2, checkpoint, image_ids=sorted(complete), simulate=True)
+    assert summary.ls_project_id is None and summary.prefills == 0
+    recs = list(store.iter_records(round=2))
+    n = sum(len(plan["images"][i]["prefills"]) for i in complete)
+    assert len(recs) == summary.written == summary.completed["masks"] == n > 0
+    assert summary.completed["images"] == len(complete) and store.images_done("semi") == complete
+    assert {r.origin for r in recs} == {"verifier_accepted"} and all(r.annotator is None for r in recs)
+    assert all(r.verifier_version == plan["verifier"]["version"] for r in recs)
+    truth = load_ground_truth(cfg.images.ground_truth)
+    audited = [r for r in recs if "iou" in r.source.get("audit", {})]
+    assert summary.completed["audit"]["audited"] == len(audited) == round(0.5 * n)
+    for r in recs:  # verified only by a passed audit; the rest wait for a reviewer
+        iou = max(float(mask_iou(decode_rles([r.rle])[0], o.mask)) for o in truth[r.image_id])
+        assert r.verified == (r in audited and iou >= 0.5)
+        assert doubt(r, 0.0) == ("audit failed" if r in audited and not r.verified else None)
+    right = [max(float(mask_iou(decode_rles([r.rle])[0], o.mask)) for o in truth[r.image_id]) >= 0.5 for r in recs]
+    assert summary.completed["precision_true"] == round(float(np.mean(right)), 4)

@@ -86,7 +86,8 @@ class SemiStageConfig(_Section):
     images_per_round: int = Field(8, ge=1)  # images annotated per semi-automatic round
     target_precision: float = Field(0.9, gt=0, le=1)  # share of prefills with IoU >= precision_iou to a human mask
     precision_iou: float = Field(0.9, gt=0, le=1)  # IoU to a human mask at which a prefill counts as correct
-    triage: Literal["thresholds", "verifier", "both"] = "thresholds"  # what chooses the prefills: the calibrated (predicted IoU, stability) thresholds; the learned mask verifier (model/verifier.py) fitted on the same history, at the same target; or both must accept
+    triage: Literal["thresholds", "verifier", "both"] = "verifier"  # what chooses the prefills: the calibrated (predicted IoU, stability) thresholds; the learned mask verifier (model/verifier.py) fitted on the same history, at the same target, used only when it ranks a held-out share of the history's decisions better than the predicted IoU (else the thresholds); or both must accept
+    complete_below: float | None = Field(None, ge=0, le=1)  # with triage verifier | both: an image whose accepted prefills leave at most this share of its object-like area uncovered (model/verifier.py uncovered_objectness) is complete: its prefills are written as verifier_accepted without a person (unverified until audited or reviewed) and only the other images go to people; None: every image goes to people
     triage_review_share: float = Field(0.1, ge=0, le=1)  # simulation only: the per-round triage comparison (thresholds / verifier / both) lets people review this share of the candidates beyond what each accepts
     default_pred_iou_thresh: float = Field(0.92, ge=0, le=1)  # used when there is no verified history to calibrate on
     default_stability_score_thresh: float = Field(0.95, ge=0, le=1)  # used when there is no verified history to calibrate on
