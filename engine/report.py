@@ -384,8 +384,10 @@ def _fmt(v, digits: int = 2) -> str:
 def _triage(out: dict) -> str:
     """What chose a semi round's prefills: the thresholds, or the verifier (its version and score threshold)."""
     v = out.get("verifier") or {}
+    done = (out.get("completed") or {}).get("images")
     if out.get("triage") in ("verifier", "both") and v.get("version"):
-        return f"{out['triage']} ({v['version']}, score ≥ {v['threshold']:.2f})"
+        return (f"{out['triage']} ({v['version']}, score ≥ {v['threshold']:.2f})"
+                + (f"; {done} image(s) complete without people" if done else ""))
     return "thresholds" + (f" ({v['reason']})" if v.get("reason") else "")
 
 

@@ -11,7 +11,12 @@
      verifier's version and score into the lineage — and cut them into pages of at most
      `max_prefill_per_task` (Label Studio slows down with many brush regions); page k of every image goes to
      the round's page-k project, at most `max_pages_per_image` pages, the lowest-ranked rest is dropped
-     (counted). The plan is saved before anything is imported, so a rerun imports the same prefills.
+     (counted). With the verifier choosing and `complete_below` set, an image whose prefills leave at most that
+     share of its object-like area uncovered (model/verifier.py `uncovered_objectness`, SAM 3's exhaustivity
+     check) is complete: it skips steps 2-4, its prefills are written as `verifier_accepted` (unverified until
+     their audit passes or a reviewer accepts them). In simulation the plan also scores today's thresholds, the
+     verifier and both side by side on the round's candidates (`compare_triage`; the report's table).
+     The plan is saved before anything is imported, so a rerun imports the same prefills.
   2. Publish: each page's prefills as one prediction per task (one brush region labelled "prefill" per mask,
      `model_version` = the round's model).
   3. Review or wait: simulated annotators (engine/integrations/prefill_review.py) accept, fix or delete the
@@ -145,7 +150,8 @@ def plan_prefills(masks: list, thresholds: Thresholds, per_page: int, max_pages:
 
 @dataclass
 class Lineage:
-    """origin: prefill_accepted | prefill_edited | manual_added; prefill_region: the prefill it came from;
+    """origin: prefill_accepted | prefill_edited | manual_added | verifier_accepted (a complete image's prefill,
+    no person saw it); prefill_region: the prefill it came from;
     prefill_iou: IoU between that prefill and the final mask (edited ones)."""
 
     origin: str

@@ -358,13 +358,30 @@ def test_project_titles_fit_label_studio_and_differ_by_page():
     assert len(titles) == 3 and all(len(t) <= 50 for t in titles)
 
 
+def _larger_masks(seg, source, image_id: str) -> list[np.ndarray]:
+    """The model's loose candidates on the image larger than their median: (H, W) bool each."""
+    from model.amg import AmgParams, generate_masks
+    from storage.rle import decode_rles
+
+    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
+    cands = generate_masks(seg, source.load(source.ref(image_id)).pixels, loose)
+    big = np.median([c.area for c in cands])
+    return [decode_rles([c.rle])[0] for c in cands if c.area > big]
+
+
+def _people_kept_the_larger_masks(seg, store, source, image_ids: list[str]) -> None:
+    """Round 1: people kept the model's larger masks and drew nothing else — a rule in the masks' area, which the
+    verifier can learn from its features and the predicted IoU does not know."""
+    with store.writer("manual", 1, "v0") as w:
+        for i in image_ids:
+            w.add([_record(i, "manual", 1, m, True, k) for k, m in enumerate(_larger_masks(seg, source, i))])
+
+
 def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitted_compact):
     """stages.semi.triage: verifier — fitted on the same history as the thresholds, it chooses and ranks the
     prefills, each carrying its version and score into the lineage; too little history falls back to the
     thresholds and says why."""
-    from model.amg import AmgParams, generate_masks
     from model.verifier import MaskVerifier
-    from storage.rle import decode_rles
     from stages.semi import Lineage, Prefill, final_record, make_plan, round_dir
 
     seg, _ = fitted_compact
@@ -373,15 +390,7 @@ def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitte
         calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5, precision_iou=0.5,
         calibration_min_coverage=0.0, points_per_side=8)
     ids = [r.image_id for r in source.list()]
-    # Round 1's people kept the model's larger masks and drew nothing else: a rule in the masks' area, which the
-    # verifier can learn from its features and the predicted IoU does not know
-    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
-    with store.writer("manual", 1, "v0") as w:
-        for i in ids[:2]:
-            cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
-            big = np.median([c.area for c in cands])
-            w.add([_record(i, "manual", 1, decode_rles([c.rle])[0], True, k)
-                   for k, c in enumerate(cands) if c.area > big])
+    _people_kept_the_larger_masks(seg, store, source, ids[:2])
     plan = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
     info = plan["verifier"]
     assert plan["triage"] == "verifier" and info["version"].startswith("verifier-"), info["reason"]
@@ -434,7 +443,6 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
     is what the stage did (the prefills), judged against the truth. The truth follows the people's rule of
     round 1 (the larger masks), which the verifier learns and the predicted IoU does not know."""
     from engine.integrations.annotator import GTObject
-    from model.amg import AmgParams, generate_masks
     from model.iou import mask_iou
     from storage.rle import decode_rles
     from stages.semi import Prefill, make_plan
@@ -445,15 +453,8 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
         calibration_stability_floor=0.0, calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5,
         precision_iou=0.5, calibration_min_coverage=0.0, points_per_side=8, max_prefill_per_task=1000)
     ids = [r.image_id for r in source.list()]
-    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
-    truth = {}
-    for i in ids:
-        cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
-        big = np.median([c.area for c in cands])
-        truth[i] = [GTObject(k, decode_rles([c.rle])[0]) for k, c in enumerate(cands) if c.area > big]
-    with store.writer("manual", 1, "v0") as w:  # round 1's people kept the larger masks (as above)
-        for i in ids[:2]:
-            w.add([_record(i, "manual", 1, o.mask, True, o.ann_id) for o in truth[i]])
+    truth = {i: [GTObject(k, m) for k, m in enumerate(_larger_masks(seg, source, i))] for i in ids}
+    _people_kept_the_larger_masks(seg, store, source, ids[:2])
     plan = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine, truth)
     c = plan["triage_comparison"]
     assert plan["triage"] == "verifier" and c["verifier_fitted"] == plan["verifier"]["version"]
@@ -481,7 +482,6 @@ def test_images_the_verifier_judges_complete_skip_people(tmp_path, fitted_compac
     object-like area uncovered is finished without people — its prefills written as verifier_accepted,
     unverified unless their audit passes, each with its exhaustivity estimate; the rest go to people."""
     from engine.integrations.annotator import load_ground_truth
-    from model.amg import AmgParams, generate_masks
     from model.iou import mask_iou
     from storage.rle import decode_rles
     from stages.review import doubt
@@ -494,13 +494,7 @@ def test_images_the_verifier_judges_complete_skip_people(tmp_path, fitted_compac
         precision_iou=0.5, calibration_min_coverage=0.0, points_per_side=8, max_prefill_per_task=1000,
         audit_fraction=0.5)
     ids = [r.image_id for r in source.list()]
-    loose = AmgParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
-    with store.writer("manual", 1, "v0") as w:
-        for i in ids[:2]:
-            cands = generate_masks(seg, source.load(source.ref(i)).pixels, loose)
-            big = np.median([c.area for c in cands])
-            w.add([_record(i, "manual", 1, decode_rles([c.rle])[0], True, k)
-                   for k, c in enumerate(cands) if c.area > big])
+    _people_kept_the_larger_masks(seg, store, source, ids[:2])
     seg.save(tmp_path / "model")
     checkpoint = str(tmp_path / "model")
     uncovered = {i: im["uncovered"] for i, im in make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
