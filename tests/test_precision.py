@@ -4,6 +4,8 @@ masks a person or the automatic stage sees agree with fp32 masks on the same wei
 training is refused everywhere (no loss scaling). Runs on CPU; benchmarks/gpu.py measures the same on a GPU."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_precision_is_checked_fp16_needs_a_gpu_and_fp16_training_is_refused(fitt
 
 def test_bf16_training_steps_and_lowers_the_loss(fitted_compact):
     """A bf16 training step runs through autocast and its loss is finite and close to fp32's."""
-    seg, scenes = fitted_compact
+    seg, scenes = copy.deepcopy(fitted_compact[0]), fitted_compact[1]  # training moves BatchNorm statistics
     data = dataset_sampler([s[0] for s in scenes], [s[1] for s in scenes])
     settings = TrainSettings(max_steps=2, batch_images=2, masks_per_image=2, crop_share=0.0, lr=0.0, ema_decay=None)
     ref = train(seg.run_as("fp32"), data, settings).final_loss

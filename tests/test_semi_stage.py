@@ -450,7 +450,7 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
     seg, _ = fitted_compact
     cfg, store, source, quarantine, _ = _plan_setup(
         tmp_path, size=128, n_images=4, triage="verifier", calibration_pred_iou_floor=0.0,
-        calibration_stability_floor=0.0, calibration_min_samples=10, calibration_min_kept=2, target_precision=0.5,
+        calibration_stability_floor=0.0, calibration_min_samples=10, calibration_min_kept=2, target_precision=0.8,
         precision_iou=0.5, calibration_min_coverage=0.0, points_per_side=8, max_prefill_per_task=1000)
     ids = [r.image_id for r in source.list()]
     truth = {i: [GTObject(k, m) for k, m in enumerate(_larger_masks(seg, source, i))] for i in ids}
@@ -465,7 +465,9 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
              for i, im in plan["images"].items() for p in map(Prefill.from_json, im["prefills"])]
     assert 0 < sum(right) < len(right)
     assert c["verifier"]["auto_precision"] == round(float(np.mean(right)), 4)
-    assert c["verifier"]["precision"] > c["iou"]["precision"]  # it learned the rule; the thresholds cannot
+    # it learned the rule, the thresholds cannot: near the target precision it keeps far more of the right masks
+    # (measured 0.84-0.88 and recall 1.0 vs 0.22-0.72, with this fixture's model as built and as other tests leave it)
+    assert c["verifier"]["precision"] >= 0.75 and c["verifier"]["recall"] > c["iou"]["recall"] + 0.2
     for way in ("iou", "verifier", "both"):
         assert 0.0 <= c[way]["recall"] <= 1.0 and c[way]["auto_accepted"] <= c["candidates"]
     # the thresholds choose: the comparison is the same candidates' (the verifier is fitted only to compare)
