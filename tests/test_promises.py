@@ -9,8 +9,8 @@ with the breakage named in its docstring, made in a scratch copy):
 """
 from __future__ import annotations
 
-import copy
 import base64
+import copy
 import json
 import urllib.request
 from dataclasses import dataclass

@@ -466,7 +466,8 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
     assert 0 < sum(right) < len(right)
     assert c["verifier"]["auto_precision"] == round(float(np.mean(right)), 4)
     # it learned the rule, the thresholds cannot: near the target precision it keeps far more of the right masks
-    # (measured 0.84-0.88 and recall 1.0 vs 0.22-0.72, with this fixture's model as built and as other tests leave it)
+    # (measured 0.84-0.88 and recall 1.0 vs 0.22-0.72, on the fixture's model and on one whose BatchNorm
+    # statistics a training step had moved)
     assert c["verifier"]["precision"] >= 0.75 and c["verifier"]["recall"] > c["iou"]["recall"] + 0.2
     for way in ("iou", "verifier", "both"):
         assert 0.0 <= c[way]["recall"] <= 1.0 and c[way]["auto_accepted"] <= c["candidates"]
