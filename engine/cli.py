@@ -356,9 +356,13 @@ def labelstudio_down(config: Optional[Path] = typer.Option(None, "--config", hel
 
 
 @labelstudio_app.command("status")
-def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config.")) -> None:
+def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", help="The engine's YAML config."),
+                       show_password: bool = typer.Option(False, "--show-password",
+                                                          help="Also print the admin password (text and JSON).")
+                       ) -> None:
     """Print the managed server's status as JSON, with the URL and the login to open it with (exit 1 if it
-    is not healthy)."""
+    is not healthy). The password is printed only with --show-password; it is kept in the data dir's
+    credentials.json (mode 600)."""
     from engine.integrations.labelstudio import is_installed, server_status, venv_dir
     from engine.integrations.runtime import server_settings
 
@@ -366,11 +370,13 @@ def labelstudio_status(config: Optional[Path] = typer.Option(None, "--config", h
     st = server_status(settings.data_dir)
     st.update(installed=is_installed(), venv=str(venv_dir()), username=settings.username)
     creds = Path(settings.data_dir) / "credentials.json"  # mode 600, written at the first start
-    if creds.is_file():
+    st["credentials_file"] = str(creds)
+    if show_password and creds.is_file():
         st["password"] = json.loads(creds.read_text()).get("password")
     if st["healthy"]:
-        console.print(f"Label Studio {st['url']}: log in as {settings.username} / {st.get('password')}",
-                      highlight=False)
+        login = st["password"] if show_password else f"(password: --show-password, or {creds})"
+        console.print(f"Label Studio {st['url']}: log in as {settings.username} / {login}", highlight=False,
+                      markup=False)
     sys.stdout.write(json.dumps(st) + "\n")
     if not st["healthy"]:
         raise typer.Exit(1)

@@ -132,6 +132,6 @@ def format_demo_summary(result: dict) -> str:
               f"  SA-1B export   {result['exports']['sa1b']}   ({result['export_masks']['sa1b']} masks)",
               f"  COCO export    {result['exports']['coco']}   ({result['export_masks']['coco']} masks)",
               f"  report         {result['report']}   (per-round figures: rounds.json beside it)",
-              f"  Label Studio   {result['label_studio']}   (sa-engine labelstudio status shows the login)",
+              f"  Label Studio   {result['label_studio']}   (sa-engine labelstudio status --show-password shows the login)",
               f"  final model    {result['final_checkpoint']}"]
     return "\n".join(lines)

@@ -136,9 +136,10 @@ def test_a_port_taken_during_start_is_noticed_and_our_token_goes_nowhere_else(tm
         other.server_close()
 
 
-def test_status_shows_the_login(tmp_path):
-    """`sa-engine labelstudio status` names the user and the password to log in with (from the 0600
-    credentials file written at the first start), and exits 1 while no server is up."""
+def test_status_shows_the_password_only_when_asked(tmp_path):
+    """`sa-engine labelstudio status` names the user and where the password is kept (the 0600 credentials file
+    written at the first start), never the password itself unless --show-password; exits 1 while no server is
+    up."""
     import yaml
     from typer.testing import CliRunner
 
@@ -147,7 +148,13 @@ def test_status_shows_the_login(tmp_path):
     (tmp_path / "labelstudio").mkdir()
     (tmp_path / "labelstudio" / "credentials.json").write_text(json.dumps({"token": "a" * 40, "password": "pw-1"}))
     (tmp_path / "engine.yaml").write_text(yaml.safe_dump({"workdir": str(tmp_path)}))
-    res = CliRunner().invoke(app, ["labelstudio", "status", "--config", str(tmp_path / "engine.yaml")])
+    status = ["labelstudio", "status", "--config", str(tmp_path / "engine.yaml")]
+    res = CliRunner().invoke(app, status)
     assert res.exit_code == 1
+    assert "pw-1" not in res.output
     st = json.loads(res.stdout.strip().splitlines()[-1])
-    assert st["username"] == "admin@sa-engine.local" and st["password"] == "pw-1" and not st["healthy"]
+    assert st["username"] == "admin@sa-engine.local" and "password" not in st and not st["healthy"]
+    assert st["credentials_file"].endswith("credentials.json")
+    res = CliRunner().invoke(app, status + ["--show-password"])
+    st = json.loads(res.stdout.strip().splitlines()[-1])
+    assert st["password"] == "pw-1"

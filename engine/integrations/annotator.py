@@ -19,7 +19,6 @@ records its clicks, seconds and IoU to the ground truth.
 from __future__ import annotations
 
 import json
-import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskImage, brush_result, keypoint_context
+from engine.integrations.origin_http import open_on_origin
 from model.clicks import first_click, next_click
 from model.iou import mask_iou
 from storage.brush_rle import decode_mask
@@ -146,10 +146,9 @@ class SimulatedAnnotator:
                                                                   "height": image.height, "width": image.width}}],
                                "params": {"context": context}}).encode()
             auth = b64encode(f"sa-engine:{self.backend_token}".encode()).decode()
-            req = urllib.request.Request(self.backend_url.rstrip("/") + "/predict", data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Basic {auth}"})
-            with urllib.request.urlopen(req, timeout=100) as r:
+            with open_on_origin(self.backend_url.rstrip("/") + "/predict", self.backend_url, data=body,
+                                method="POST", timeout=100,
+                                headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"}) as r:
                 answer = (json.loads(r.read()).get("results") or [{}])[0]
         regions = [r for r in answer.get("result") or [] if r.get("type") == "brushlabels"]
         if not regions:

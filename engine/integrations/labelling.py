@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -50,6 +49,7 @@ from engine.integrations.ml_backend import (
     MLBackend,
     source_image_loader,
 )
+from engine.integrations.origin_http import open_on_origin
 from storage.images import BadImage, ImageSource
 from storage.quarantine import Quarantine
 
@@ -95,9 +95,9 @@ def backend_health(url: str, token: str, timeout_s: float = 2.0) -> dict | None:
     """GET /health of the ML backend at `url` with our token: its answer, or None when nothing answers there or
     it is not ours (another token)."""
     auth = base64.b64encode(f"{BASIC_USER}:{token}".encode()).decode()
-    req = urllib.request.Request(url.rstrip("/") + "/health", headers={"Authorization": f"Basic {auth}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        with open_on_origin(url.rstrip("/") + "/health", url, {"Authorization": f"Basic {auth}"},
+                            timeout=timeout_s) as r:
             answer = json.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -330,7 +330,7 @@ def login_line(cfg: EngineConfig, info: ServerInfo) -> str:
     if not info.managed:
         return f"log in to {info.url} with your Label Studio account"
     return (f"log in to {info.url} as {info.username or cfg.labelstudio.username} (password: "
-            f"`sa-engine labelstudio status --config …` prints it)")
+            f"`sa-engine labelstudio status --show-password --config …` prints it)")
 
 
 def region_effort(ann: PulledAnnotation, region: PulledRegion) -> tuple[int | None, float | None]:

@@ -26,7 +26,6 @@ import json
 import logging
 import threading
 import time
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from engine.integrations.labelstudio import brush_result
+from engine.integrations.origin_http import open_on_origin, same_origin
 from model.segmenter import ImageEmbedding
 from storage.images import decode_image
 
@@ -531,20 +531,6 @@ class ModelFollower:
 MAX_IMAGE_BYTES = 256 * 2**20  # an image fetched from Label Studio larger than this is refused
 
 
-def same_origin(url: str, base: str) -> bool:
-    """Whether `url` is on the server `base` names (scheme, host and port alike)."""
-    try:
-        u, b = urlsplit(url), urlsplit(base)
-        return u.scheme in ("http", "https") and (u.scheme, u.hostname, u.port or _default_port(u.scheme)) == \
-            (b.scheme, b.hostname, b.port or _default_port(b.scheme))
-    except ValueError:  # a malformed port
-        return False
-
-
-def _default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
-
-
 def source_image_loader(image_source, trusted_ls_url: str | None = None, state: BackendState | None = None):
     """Resolve a task to (image_id, pixel loader): from our ImageSource by the task's image_id (the same pixels
     the store's masks use); else the task's image from the configured Label Studio, `trusted_ls_url`, and from
@@ -569,8 +555,9 @@ def source_image_loader(image_source, trusted_ls_url: str | None = None, state: 
         token = state.ls_access_token if state else None
 
         def fetch() -> np.ndarray:
-            req = urllib.request.Request(full, headers={"Authorization": f"Token {token}"} if token else {})
-            with urllib.request.urlopen(req, timeout=30) as r:
+            # redirects followed only on the configured Label Studio: the token never reaches another hop
+            with open_on_origin(full, trusted_ls_url, {"Authorization": f"Token {token}"} if token else {},
+                                timeout=30) as r:
                 raw = r.read(MAX_IMAGE_BYTES + 1)
             if len(raw) > MAX_IMAGE_BYTES:
                 raise ValueError(f"task {task.get('id')}: image at {full} is over {MAX_IMAGE_BYTES >> 20} MiB")
