@@ -23,6 +23,7 @@ import errno
 import hashlib
 import io
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -122,6 +123,11 @@ class Store(ABC):
         """Rename `src` to `dst` (replacing it); ObjectNotFound if `src` is absent. Local: one atomic rename; S3: a
         server-side copy, then the delete (the bytes never pass through this process)."""
         ...
+
+    def remove_empty_folder(self, prefix: str, min_age_s: float = 0.0) -> bool:
+        """Remove the folder `prefix` if it holds nothing and was last changed `min_age_s` ago or more; True if
+        removed. Object stores have no folders: nothing to do."""
+        return False
 
     @abstractmethod
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
@@ -254,6 +260,16 @@ class LocalStore(Store):
             raise ObjectNotFound(f"{source}: not found") from None
         except OSError as e:
             raise self._write_error(target, e) from None
+
+    def remove_empty_folder(self, prefix: str, min_age_s: float = 0.0) -> bool:
+        path = self._path(prefix)
+        try:
+            if path == self.root or time.time() - path.stat().st_mtime < min_age_s:
+                return False
+            path.rmdir()  # fails on a folder that holds anything (a writer's file, a hidden temp file)
+            return True
+        except OSError:
+            return False
 
     @contextlib.contextmanager
     def _lock(self, key: str) -> Iterator[None]:

@@ -140,6 +140,20 @@ def staged_key(info: ShardInfo) -> str:
     return f"{STAGING_DIR}/{info.commit}/{info.path.rsplit('/', 1)[-1]}"
 
 
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_digest(url: str, digest: str, info: "ShardInfo") -> None:
+    if digest != info.sha256:
+        raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's {info.sha256[:12]}… "
+                                f"(corrupted or replaced)")
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -164,6 +178,9 @@ class MaskStore:
         self.uri = uri
         self.store = store or open_store(uri, s3_endpoint_url=s3_endpoint_url, s3_region=s3_region)
         self.shard_target_bytes = max(1, int(shard_target_mb * 1024 * 1024))
+        # (local path, size, mtime_ns, inode) -> the sha256 that file was checked against by this store: a file
+        # is hashed once per MaskStore (one command, one stage run), not at every read
+        self._verified: dict[tuple, str] = {}
 
     def __repr__(self) -> str:
         return f"MaskStore({self.store.uri!r})"
@@ -173,9 +190,9 @@ class MaskStore:
     def manifest(self) -> Manifest:
         data, _ = self.store.read_versioned(MANIFEST_KEY)
         if data is None:
-            # committed data on disk without its manifest is not an empty store (a first commit in flight
-            # has its files only seconds old)
-            if any(self._age(k) > 60 for k in self.store.list(IMAGES_DIR)[:16]):
+            # committed data on disk without its manifest is not an empty store: files reach shards/ only after
+            # a manifest listed them, and a first commit in flight has its index files only seconds old
+            if self.store.list(SHARDS_DIR) or any(self._age(k) > 60 for k in self.store.list(IMAGES_DIR)[:16]):
                 raise CorruptShardError(f"{self.store.url(MANIFEST_KEY)}: missing, but the store holds shard "
                                         f"files; recover it with `sa-engine store rebuild-manifest`")
             return Manifest()
@@ -265,20 +282,26 @@ class MaskStore:
 
     def _publish(self, infos: Iterable[ShardInfo]) -> None:
         """Move committed shard files from staging/ to their shards/ paths (idempotent: a file already moved
-        is left as it is)."""
+        is left as it is), then remove the staging folders this emptied."""
+        folders = set()
         for info in infos:
+            folders.add(staged_key(info).rsplit("/", 1)[0])
             try:
                 self.store.move(staged_key(info), info.path)
             except ObjectNotFound:
                 if not self.store.exists(info.path):
                     raise CorruptShardError(f"{self.store.url(info.path)}: listed in the manifest but missing "
                                             f"(nor in {self.store.url(staged_key(info))})") from None
+        for folder in folders:
+            self.store.remove_empty_folder(folder)
 
     def _drop_staged(self, infos: Iterable[ShardInfo]) -> None:
         """Delete uncommitted staged files (best effort: leftovers are invisible and `gc` removes them)."""
         for info in infos:
+            key = staged_key(info) if info.path.startswith(SHARDS_DIR + "/") else info.path
             try:
-                self.store.delete(staged_key(info) if info.path.startswith(SHARDS_DIR + "/") else info.path)
+                self.store.delete(key)
+                self.store.remove_empty_folder(key.rsplit("/", 1)[0])
             except StoreError:
                 pass
 
@@ -419,12 +442,16 @@ class MaskStore:
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
         """Delete shard/index files no manifest lists (left by crashed writers) older than `min_age_s`.
-        Younger ones may belong to a writer that is about to commit. Returns the deleted keys."""
+        Younger ones may belong to a writer that is about to commit. Returns the deleted keys.
+
+        A file that a finished commit wrote is never deleted, listed or not (the rule `rebuild_manifest` uses):
+        when the manifest misses such files it is damaged, and this raises CorruptShardError, deleting
+        nothing, so that `rebuild-manifest` can still bring those masks back."""
         manifest = self.manifest()
         live = {s.path for s in manifest.shards} | {s.path for s in manifest.image_indexes}
         unmoved = {staged_key(s): s for s in manifest.shards}  # committed, cut off before the move
-        deleted = []
         now = time.time()
+        candidates = []
         for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR) + self.store.list(STAGING_DIR):
             if key in live:
                 continue
@@ -432,14 +459,44 @@ class MaskStore:
                 self._publish([unmoved[key]])
                 continue
             if self._age(key, now) >= min_age_s:
-                self.store.delete(key)
-                deleted.append(key)
+                candidates.append(key)
+        if candidates:
+            unlisted = self._unlisted_committed(manifest, candidates)
+            if unlisted:
+                raise CorruptShardError(
+                    f"{self.store.url(MANIFEST_KEY)}: {len(unlisted)} file(s) of finished commits are not in the "
+                    f"manifest (first: {self.store.url(unlisted[0])}); gc deleted nothing. Recover them with "
+                    f"`sa-engine store rebuild-manifest`, then run gc again")
+        deleted = []
+        for key in candidates:
+            self.store.delete(key)
+            deleted.append(key)
         if isinstance(self.store, LocalStore):  # half-written files of killed atomic writes (".name.<id>.tmp")
             for path in self.store.root.rglob(".*.tmp"):
                 if path.is_file() and now - path.stat().st_mtime >= min_age_s:
                     path.unlink(missing_ok=True)
                     deleted.append(path.relative_to(self.store.root).as_posix())
+        self._remove_empty_staging(min_age_s)
         return deleted
+
+    def _remove_empty_staging(self, min_age_s: float = 0.0) -> None:
+        """Remove staging/<commit>/ folders left empty (their files committed and moved, or collected)."""
+        if isinstance(self.store, LocalStore):
+            staging = self.store.root / STAGING_DIR
+            for folder in (staging.iterdir() if staging.is_dir() else ()):
+                if folder.is_dir():
+                    self.store.remove_empty_folder(f"{STAGING_DIR}/{folder.name}", min_age_s)
+
+    def _unlisted_committed(self, manifest: Manifest, keys: Sequence[str] | None = None) -> list[str]:
+        """Keys (of `keys`, or of all files) that a finished, unreplaced commit wrote but `manifest` does not
+        list: by the `rebuild_manifest` rule, from the files' own metadata (footers only)."""
+        files, _ = self._scan_files(with_digest=False)
+        kept, _ = _finished_files(files)
+        listed = {s.path for s in manifest.shards + manifest.image_indexes} | {staged_key(s) for s in manifest.shards}
+        wanted = None if keys is None else set(keys)
+        return sorted(f["key"] for f in kept
+                      if f["key"] not in listed and f["info"].path not in listed
+                      and (wanted is None or f["key"] in wanted))
 
     def _age(self, key: str, now: float | None = None) -> float:
         """Seconds since `key` was last written."""
@@ -472,7 +529,9 @@ class MaskStore:
         return out
 
     def _source(self, info: ShardInfo):
-        """What pyarrow opens: the local path, or a ranged-read file over the S3 object."""
+        """What pyarrow opens, its sha256 checked against the manifest first: the local path (hashed once per
+        MaskStore while the file stays the same), or the S3 object's bytes. Parquet's own checks miss most
+        single-byte flips in the data pages, which would come back as silently altered rows."""
         key = info.path
         try:
             size = self.store.size(key)
@@ -483,8 +542,15 @@ class MaskStore:
         if size != info.bytes:
             raise CorruptShardError(f"{url}: {size} bytes, manifest says {info.bytes} (truncated or replaced)")
         if isinstance(self.store, LocalStore):
+            st = os.stat(url)
+            stamp = (url, st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._verified.get(stamp) != info.sha256:
+                _check_digest(url, _file_sha256(url), info)
+                self._verified[stamp] = info.sha256
             return url, pafs.LocalFileSystem()
-        return self.store.open_read(key), None
+        data = self.store.read_bytes(key)
+        _check_digest(url, hashlib.sha256(data).hexdigest(), info)
+        return pa.BufferReader(data), None
 
     def _fragment(self, info: ShardInfo):
         url = self.store.url(info.path)
@@ -563,8 +629,11 @@ class MaskStore:
                 return self.url(info)
         return None
 
-    def verify(self) -> None:
-        """Re-hash every committed file; raise CorruptShardError naming the first that disagrees."""
+    def verify(self, unlisted_grace_s: float = 60.0) -> None:
+        """Re-hash every committed file and compare its row count with the manifest's; then look for files of
+        finished commits that the manifest does not list (a manifest that lost an entry, still valid JSON).
+        Raises CorruptShardError naming the first problem. Files younger than `unlisted_grace_s` may belong to
+        a commit in flight and are not counted as unlisted."""
         manifest = self.manifest()
         for info in manifest.shards + manifest.image_indexes:
             url = self.store.url(info.path)
@@ -572,12 +641,18 @@ class MaskStore:
                 data = self.store.read_bytes(info.path)
             except ObjectNotFound:
                 data = self.store.read_bytes(self._key_of(info))
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != info.sha256:
-                raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's "
-                                        f"{info.sha256[:12]}… (corrupted or replaced)")
-            self._fragment(info)  # schema version of the file itself
-
+            _check_digest(url, hashlib.sha256(data).hexdigest(), info)
+            rows = self._fragment(info).count_rows()  # also the schema version of the file itself
+            if rows != info.rows:
+                raise CorruptShardError(f"{url}: {rows} rows, the manifest says {info.rows}; recover it with "
+                                        f"`sa-engine store rebuild-manifest`")
+        now = time.time()
+        unlisted = [k for k in self._unlisted_committed(manifest) if self._age(k, now) >= unlisted_grace_s]
+        if unlisted:
+            raise CorruptShardError(
+                f"{self.store.url(unlisted[0])}: written by a finished commit but not in the manifest "
+                f"({len(unlisted)} such file(s)): the manifest is damaged; recover it with "
+                f"`sa-engine store rebuild-manifest`")
 
     def verify_deep(self, image_sizes=None, limit: int = 100) -> list[str]:
         """`verify`, then every row: its RLE decodes to exactly (height, width) pixels, its area matches, and
@@ -612,90 +687,17 @@ class MaskStore:
     def rebuild_manifest(self, dry_run: bool = False) -> dict:
         """Recover a lost or damaged manifest from the files on disk.
 
-        The rule: a file names its commit in its metadata, and a commit's last file says how many files the
-        commit has and which shards it replaced. A commit whose files are all there is kept (its shards, minus
-        those a kept commit replaced); a commit with files missing (a writer that died before its commit)
-        and unreadable files are left out and listed. Files written before commits were recorded (no
+        The rule (`_finished_files`): a file names its commit in its metadata, and a commit's last file says how
+        many files the commit has and which shards it replaced. A commit whose files are all there is kept (its
+        shards, minus those a kept commit replaced); a commit with files missing (a writer that died before its
+        commit) and unreadable files are left out and listed. Files written before commits were recorded (no
         metadata) are kept as they are. The old manifest, if any, is kept beside as manifest.json.damaged-*.
         Workers' parts (`write_part`) count when a finished commit's last file adopts them. Committed files
         still in staging/ are moved to shards/ (unless dry_run).
         Returns {shards, image_indexes, rows, left_out: [{path, reason}], written}."""
-        files, left_out = [], []
-        for folder in (SHARDS_DIR, IMAGES_DIR, STAGING_DIR):
-            for key in self.store.list(folder):
-                if not key.endswith(".parquet"):
-                    continue
-                try:
-                    data = self.store.read_bytes(key)
-                    pf = pq.ParquetFile(pa.BufferReader(data))
-                    meta = pf.schema_arrow.metadata or {}
-                    ids = pf.read(columns=["image_id"]).column("image_id")
-                except (pa.ArrowInvalid, OSError) as e:
-                    left_out.append({"path": key, "reason": f"not a readable Parquet file ({str(e).splitlines()[0]})"})
-                    continue
-                first = ids.to_pylist()
-                staged = folder == STAGING_DIR
-                files.append({"key": key, "folder": SHARDS_DIR if staged else folder, "staged": staged,
-                              "meta": {k.decode(): v.decode() for k, v in meta.items()},
-                              "info": ShardInfo(
-                                  path=f"{SHARDS_DIR}/{key.rsplit('/', 1)[-1]}" if staged else key, rows=len(first), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                                  stage="", round=0, model_version=None,
-                                  schema_version=int(meta.get(b"sa_engine_schema_version", b"0")),
-                                  min_image_id=min(first) if first else None,
-                                  max_image_id=max(first) if first else None)})
-        commits: dict[str, list[dict]] = {}
-        for f in files:
-            m = f["meta"]
-            f["info"].commit = m.get("sa_engine_commit")
-            f["info"].created_at = m.get("sa_engine_created_at")
-            if "sa_engine_commit" not in m:  # written before commits were recorded: keep it as it is
-                stage, rnd, mv = self._legacy_identity(f["key"], f["folder"])
-                f["info"].stage, f["info"].round, f["info"].model_version = stage, rnd, mv
-                commits[f"legacy:{f['key']}"] = [dict(f, closing=1)]
-                continue
-            f["info"].stage, f["info"].round = m["sa_engine_stage"], int(m["sa_engine_round"])
-            f["info"].model_version = json.loads(m["sa_engine_model_version"])
-            if "sa_engine_commit_files" in m:
-                f["closing"] = int(m["sa_engine_commit_files"])
-                f["replaces"] = json.loads(m.get("sa_engine_replaces", "[]"))
-                f["adopts"] = json.loads(m.get("sa_engine_adopts", "[]"))
-                f["absorbs"] = json.loads(m.get("sa_engine_absorbs", "{}"))
-            commits.setdefault(m["sa_engine_commit"], []).append(f)
-        # A commit is finished when all its files are there, or when a finished later commit adopted its part or
-        # replaced some of its files (an upsert or a compaction says whose files it absorbed): a file can only
-        # be replaced once the manifest listed it. Later commits vouch for earlier ones: a fixed point.
-        done: set[str] = set()
-        adopted: set[str] = set()
-        absorbed: dict[str, int] = {}
-        changed = True
-        while changed:
-            changed = False
-            for commit, group in commits.items():
-                if commit in done:
-                    continue
-                closing = next((f for f in group if f.get("closing")), None)
-                if commit in adopted or commit in absorbed or (closing is not None
-                                                               and closing["closing"] == len(group)):
-                    done.add(commit)
-                    changed = True
-                    if closing is not None:
-                        adopted |= set(closing.get("adopts", []))
-                        for c, n in closing.get("absorbs", {}).items():
-                            absorbed[c] = absorbed.get(c, 0) + int(n)
-        complete, replaced = [], set()
-        for commit, group in commits.items():
-            if commit not in done:
-                why = "its commit never finished (a writer stopped before its commit)"
-                left_out += [{"path": f["key"], "reason": why} for f in group]
-                continue
-            complete.append(group)
-            closing = next((f for f in group if f.get("closing")), None)
-            if closing is not None:
-                replaced |= set(closing.get("replaces", []))
-        kept = sorted((f for group in complete for f in group if f["info"].path not in replaced),
-                      key=lambda f: (f["info"].created_at or "", f["info"].path))
-        left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
-                     if any(f["key"] == k for f in files)]
+        files, left_out = self._scan_files(with_digest=True)
+        kept, unfinished = _finished_files(files)
+        left_out += unfinished
         old, version = self.store.read_versioned(MANIFEST_KEY)
         try:
             generation = Manifest.parse(old, "").generation + 1 if old is not None else 1
@@ -715,13 +717,110 @@ class MaskStore:
         return {"shards": len(manifest.shards), "image_indexes": len(manifest.image_indexes),
                 "rows": sum(s.rows for s in manifest.shards), "left_out": left_out, "written": not dry_run}
 
-    def _legacy_identity(self, key: str, folder: str) -> tuple[str, int, str | None]:
+    def _scan_files(self, with_digest: bool) -> tuple[list[dict], list[dict]]:
+        """Every Parquet file under shards/, images/ and staging/ with what its own metadata says (commit,
+        stage, round, closing facts): ([{key, folder, staged, meta, info}], unreadable [{path, reason}]).
+        `with_digest`: read each file whole for its sha256 and image-id range (what a manifest entry needs);
+        else only its footer."""
+        files, left_out = [], []
+        for folder in (SHARDS_DIR, IMAGES_DIR, STAGING_DIR):
+            for key in self.store.list(folder):
+                if not key.endswith(".parquet"):
+                    continue
+                digest, first, size = "", [], 0
+                try:
+                    if with_digest:
+                        data = self.store.read_bytes(key)
+                        pf = pq.ParquetFile(pa.BufferReader(data))
+                        first = pf.read(columns=["image_id"]).column("image_id").to_pylist()
+                        digest, size = hashlib.sha256(data).hexdigest(), len(data)
+                    else:
+                        with self.store.open_read(key) as fh:
+                            pf = pq.ParquetFile(fh)
+                    meta = pf.schema_arrow.metadata or {}
+                    rows = pf.metadata.num_rows
+                except (pa.ArrowInvalid, OSError) as e:
+                    left_out.append({"path": key, "reason": f"not a readable Parquet file ({str(e).splitlines()[0]})"})
+                    continue
+                staged = folder == STAGING_DIR
+                f = {"key": key, "folder": SHARDS_DIR if staged else folder, "staged": staged,
+                     "meta": {k.decode(): v.decode() for k, v in meta.items()},
+                     "info": ShardInfo(
+                         path=f"{SHARDS_DIR}/{key.rsplit('/', 1)[-1]}" if staged else key, rows=rows,
+                         sha256=digest, bytes=size, stage="", round=0, model_version=None,
+                         schema_version=int(meta.get(b"sa_engine_schema_version", b"0")),
+                         min_image_id=min(first) if first else None, max_image_id=max(first) if first else None)}
+                m = f["meta"]
+                f["info"].commit, f["info"].created_at = m.get("sa_engine_commit"), m.get("sa_engine_created_at")
+                if "sa_engine_commit" not in m:  # written before commits were recorded: keep it as it is
+                    f["info"].stage, f["info"].round, f["info"].model_version = self._legacy_identity(key)
+                else:
+                    f["info"].stage, f["info"].round = m["sa_engine_stage"], int(m["sa_engine_round"])
+                    f["info"].model_version = json.loads(m["sa_engine_model_version"])
+                files.append(f)
+        return files, left_out
+
+    def _legacy_identity(self, key: str) -> tuple[str, int, str | None]:
         """(stage, round, model_version) of a file without commit metadata, from its first row."""
         t = pq.read_table(pa.BufferReader(self.store.read_bytes(key)), columns=["stage", "round", "model_version"])
         if t.num_rows == 0:
             return "manual", 0, None
         row = t.slice(0, 1).to_pylist()[0]
         return row["stage"], int(row["round"]), row["model_version"]
+
+
+def _finished_files(files: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Of `MaskStore._scan_files`' files, (those the finished commits keep, [{path, reason}] of the rest).
+
+    A commit is finished when all its files are there, or when a finished later commit adopted its part or
+    replaced some of its files (an upsert or a compaction says whose files it absorbed): a file can only be
+    replaced once the manifest listed it. Later commits vouch for earlier ones: a fixed point. Files written
+    before commits were recorded (no metadata) are each a finished commit of their own."""
+    commits: dict[str, list[dict]] = {}
+    for f in files:
+        m = f["meta"]
+        if "sa_engine_commit" not in m:
+            commits[f"legacy:{f['key']}"] = [dict(f, closing=1)]
+            continue
+        if "sa_engine_commit_files" in m:
+            f = dict(f, closing=int(m["sa_engine_commit_files"]),
+                     replaces=json.loads(m.get("sa_engine_replaces", "[]")),
+                     adopts=json.loads(m.get("sa_engine_adopts", "[]")),
+                     absorbs=json.loads(m.get("sa_engine_absorbs", "{}")))
+        commits.setdefault(m["sa_engine_commit"], []).append(f)
+    done: set[str] = set()
+    adopted: set[str] = set()
+    absorbed: dict[str, int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for commit, group in commits.items():
+            if commit in done:
+                continue
+            closing = next((f for f in group if f.get("closing")), None)
+            if commit in adopted or commit in absorbed or (closing is not None
+                                                           and closing["closing"] == len(group)):
+                done.add(commit)
+                changed = True
+                if closing is not None:
+                    adopted |= set(closing.get("adopts", []))
+                    for c, n in closing.get("absorbs", {}).items():
+                        absorbed[c] = absorbed.get(c, 0) + int(n)
+    complete, replaced, left_out = [], set(), []
+    for commit, group in commits.items():
+        if commit not in done:
+            why = "its commit never finished (a writer stopped before its commit)"
+            left_out += [{"path": f["key"], "reason": why} for f in group]
+            continue
+        complete.append(group)
+        closing = next((f for f in group if f.get("closing")), None)
+        if closing is not None:
+            replaced |= set(closing.get("replaces", []))
+    kept = sorted((f for group in complete for f in group if f["info"].path not in replaced),
+                  key=lambda f: (f["info"].created_at or "", f["info"].path))
+    left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
+                 if any(f["key"] == k for f in files)]
+    return kept, left_out
 
 
 class MaskShardWriter:
