@@ -23,7 +23,16 @@ app.add_typer(stage_app, name="stage")
 app.add_typer(labelstudio_app, name="labelstudio")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(store_app, name="store")
-console = Console(stderr=True)
+# No markup and no highlighting: user text (file names, config values, reasons) is printed as it is — a path
+# holding "[/red]" must not raise or restyle. Our own tags are coloured by `tagged`.
+console = Console(stderr=True, markup=False, highlight=False)
+
+
+def tagged(tag: str, style: str, text: str):
+    """`tag` in `style`, then `text` exactly as given (a Rich Text: nothing in it is read as markup)."""
+    from rich.text import Text
+
+    return Text.assemble((tag, style), " ", str(text))
 
 
 # Exit statuses (README "Exit statuses"): what a script driving the engine can tell apart.
@@ -63,7 +72,7 @@ def end(summaries: list[dict]) -> None:
     """Print the ending's warnings, one line each, and exit with its status (0 when all delivered)."""
     code, lines = ending_problems(summaries)
     for line in lines:
-        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
+        console.print(tagged("warning:", "yellow", line))
     if code:
         raise typer.Exit(code)
 
@@ -94,7 +103,7 @@ def _main() -> None:
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error and exit (no traceback for errors the user can fix)."""
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(tagged("error:", "red", message))
     raise typer.Exit(code)
 
 
@@ -127,7 +136,7 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Ever
     from engine.rounds import LedgerError, StepFailed
 
     try:
-        result = run_demo(workdir, progress=lambda msg: console.print(f"[cyan]demo[/cyan] {msg}", highlight=False),
+        result = run_demo(workdir, progress=lambda msg: console.print(tagged("demo", "cyan", msg)),
                           port=port)
     except (StepFailed, LedgerError) as e:
         fail(f"{e} (rerun the same command to resume)", code=1)
@@ -183,7 +192,7 @@ def run(config: Path = typer.Option(..., "--config", help="The engine's YAML con
         fail(str(e))
     init_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     try:
-        summary = run_rounds(cfg, progress=lambda msg: console.print(f"[cyan]engine[/cyan] {msg}", highlight=False))
+        summary = run_rounds(cfg, progress=lambda msg: console.print(tagged("engine", "cyan", msg)))
     except (StepFailed, LedgerError) as e:
         fail(f"{e} (rerun the same command to resume)", code=1)
     except KeyboardInterrupt:
@@ -264,7 +273,7 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
     except (ConfigError, ExportError, StoreError) as e:
         fail(str(e), code=1)
     for skipped in summary.get("skipped", []):
-        console.print(f"[yellow]skipped[/yellow] {skipped['image_id']}: {skipped['reason']}", highlight=False)
+        console.print(tagged("skipped", "yellow", f"{skipped['image_id']}: {skipped['reason']}"))
     console.print(f"{fmt} export: {summary['images']} images, {summary['masks']} masks -> {out}", highlight=False)
     sys.stdout.write(json.dumps(summary) + "\n")
 
@@ -303,8 +312,8 @@ def _run_ray_stage(config: Path, address: Optional[str], stage: str, run) -> dic
         fail("interrupted; committed images are kept (rerun the same command to resume)", code=130)
     sys.stdout.write(json.dumps(summary) + "\n")
     if summary.get("set_aside"):
-        console.print(f"[yellow]warning:[/yellow] {summary['set_aside']} image(s) held in the quarantine were "
-                      "skipped (`sa-engine quarantine list --config ...`)", highlight=False)
+        console.print(tagged("warning:", "yellow", f"{summary['set_aside']} image(s) held in the quarantine were "
+                      "skipped (`sa-engine quarantine list --config ...`)"))
     if summary.get("images", 0) + summary.get("already_done", 0) + summary.get("set_aside", 0) + \
             summary.get("quarantined", 0) == 0:
         console.print("[yellow]warning:[/yellow] no images under images.source: nothing done", highlight=False)
@@ -624,7 +633,7 @@ def quarantine_release(things: Optional[list[str]] = typer.Argument(None, help="
     released = runtime.quarantine(cfg).release(None if release_all else list(things), stage=stage)
     unknown = sorted(set(things or []) - {e["thing"] for e in released})
     for thing in unknown:
-        console.print(f"[yellow]not set aside:[/yellow] {thing}", highlight=False)
+        console.print(tagged("not set aside:", "yellow", thing))
     console.print(f"released {len(released)}", highlight=False)
     sys.stdout.write(json.dumps(released) + "\n")
     if unknown:
@@ -666,7 +675,7 @@ def store_verify(config: Optional[Path] = typer.Option(None, "--config", help="T
     except StoreError as e:
         fail(str(e), code=1)
     for line in problems:
-        console.print(f"[red]bad row:[/red] {line}", highlight=False)
+        console.print(tagged("bad row:", "red", line))
     manifest = mask_store.manifest()
     sys.stdout.write(json.dumps({"shards": len(manifest.shards), "rows": sum(x.rows for x in manifest.shards),
                                  "deep": deep, "problems": problems}) + "\n")
@@ -688,7 +697,7 @@ def store_rebuild_manifest(config: Optional[Path] = typer.Option(None, "--config
     except StoreError as e:
         fail(str(e), code=1)
     for item in summary["left_out"]:
-        console.print(f"[yellow]left out[/yellow] {item['path']}: {item['reason']}", highlight=False)
+        console.print(tagged("left out", "yellow", f"{item['path']}: {item['reason']}"))
     console.print(f"manifest {'would list' if dry_run else 'rebuilt:'} {summary['shards']} shards, "
                   f"{summary['rows']} masks", highlight=False)
     sys.stdout.write(json.dumps(summary) + "\n")

@@ -33,6 +33,14 @@ class PromptError(ValueError):
     """Prompts or images that can't be used; the message is one line naming the input and the reason."""
 
 
+def failure_kind(e: BaseException) -> str:
+    """How a model failure on one image is set aside: "transient" for running out of memory (a quieter
+    machine or a bigger device may pass), "permanent" for anything else: the same image fails the same way
+    on every retry."""
+    oom = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
+    return "transient" if oom else "permanent"
+
+
 @dataclass
 class ImageEmbedding:
     """features: (C, h, w); original_size: (H, W) of the image; input_size: (h', w') after resize to S;
@@ -60,7 +68,7 @@ class Prediction:
 def resized_shape(h: int, w: int, side: int) -> tuple[int, int]:
     """(h', w') with the longest side = `side`, rounded as SAM does."""
     scale = side / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))  # a thin image keeps a pixel across
 
 
 def check_image(image: object, name: str = "image") -> np.ndarray:

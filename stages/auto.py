@@ -33,6 +33,7 @@ from engine.integrations.cluster import init_ray, map_with_actor_pool
 from engine.integrations.config import EngineConfig
 from model.amg import device_points_per_batch, generate_with_fallback, to_records
 from model.amg_params import AmgParams
+from model.segmenter import failure_kind
 from model.calibration import calibrate, generator_params
 from model.evaluate import match_rates
 from model.verifier import MaskVerifier, mask_features, uncovered_objectness
@@ -173,8 +174,8 @@ class AutoMaskActor:
                 status, reason, kind = "bad", str(e), e.kind
             except (RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                # transient: out of memory may pass on a quieter machine or a bigger device
-                status, reason, kind = "failed", f"model failed at every scale: {type(e).__name__}: {first}", "transient"
+                status, reason, kind = ("failed", f"model failed at every scale: {type(e).__name__}: {first}",
+                                        failure_kind(e))
             if status != "ok":  # an image set aside leaves no mask in the part (it is not marked done)
                 records, dropped, review, uncovered = [], 0, 0, None
             records_all += records

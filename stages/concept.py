@@ -28,6 +28,7 @@ import torch
 from engine.integrations import runtime
 from engine.integrations.cluster import init_ray, map_with_actor_pool
 from engine.integrations.config import EngineConfig
+from model.segmenter import failure_kind
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks, rle_area, rle_bbox
@@ -102,7 +103,7 @@ class ConceptActor:
             except BadImage as e:
                 status, reason, kind = "bad", str(e), "transient" if e.transient else "permanent"
             except (RuntimeError, MemoryError) as e:  # the model failed on this image: set it aside, go on
-                status, reason, kind = "bad", f"{image_id}: the model failed ({type(e).__name__}: {e})"[:300], "transient"
+                status, reason, kind = "bad", f"{image_id}: the model failed ({type(e).__name__}: {e})"[:300], failure_kind(e)
             per_phrase: dict[str, int] = {}
             for r in records:
                 per_phrase[r.prompt_text] = per_phrase.get(r.prompt_text, 0) + 1

@@ -62,6 +62,7 @@ from model.calibration import (Thresholds, best_match_iou, choose_thresholds, fi
                                history_samples)
 from model.verifier import mask_features, triage_at_budget, uncovered_objectness
 from model.iou import mask_iou
+from model.segmenter import failure_kind
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
@@ -351,7 +352,7 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
             continue
         except (RuntimeError, MemoryError) as e:
             quarantine.add(ref.uri, f"automatic generator failed at every scale ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]})", STAGE, "transient")
+                                    f"{str(e).splitlines()[0][:200]})", STAGE, failure_kind(e))
             continue
         rles = [m.rle for m in candidates]
         pred = np.array([m.predicted_iou for m in candidates])

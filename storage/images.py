@@ -10,6 +10,7 @@ goes on.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -29,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 MAX_PIXELS = 120_000_000
 # Seconds one image may take to read (a FIFO, a hung NFS mount or a stalled S3 read must not stop a run).
 LOAD_TIMEOUT_S = 120.0
-# High bit depth (16-bit, 32-bit integer or float grey) -> 8 bits: "percentile" stretches the image's own
+# High bit depth (16-bit, 32-bit integer or float grey; 16-bit colour) -> 8 bits: "percentile" stretches the image's own
 # 0.5th..99.5th percentile onto 0..255 (a 12-bit microscopy TIFF in a 16-bit container stays visible);
 # "range" divides by the container's range (16-bit / 257; float: min..max).
 HIGH_BIT_DEPTH = ("percentile", "range")
@@ -122,6 +123,43 @@ def _high_bit_depth_grey(img: Image.Image, mapping: str) -> np.ndarray:
     return _stretch(arr, 0.0, 65535.0)  # the 16-bit container's range (32-bit values above it clip)
 
 
+def _rawmode(img: Image.Image) -> str:
+    """How the file stores its pixels (PIL's raw mode, e.g. 'RGB;16B'), '' when PIL does not say."""
+    if not img.tile:
+        return ""
+    args = img.tile[0].args
+    return args if isinstance(args, str) else str(args[0]) if args else ""
+
+
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _high_bit_depth_colour(data: bytes, img: Image.Image, mapping: str) -> np.ndarray | None:
+    """A 16-bit-per-channel colour file (TIFF, PNG) -> (H, W, 3) uint8 by `mapping` over all channels together
+    (hues kept), in EXIF orientation; None when OpenCV can't read it either. PIL reads such files as 8-bit RGB
+    by keeping the high byte, which turns 12-bit data in a 16-bit container into values 0..15."""
+    import cv2  # the one decoder here that keeps 16-bit colour
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint16:
+        return None
+    rgb = arr[..., 2::-1].astype(np.float64)  # BGR(A) -> RGB
+    if arr.shape[2] == 4:  # over the background colour, as 8-bit transparency is shown
+        alpha = arr[..., 3:4].astype(np.float64) / 65535.0
+        rgb = rgb * alpha + np.array(ALPHA_BACKGROUND, np.float64) * 257.0 * (1.0 - alpha)
+    if mapping == "percentile":
+        lo, hi = np.percentile(rgb, PERCENTILES)
+        if hi <= lo:
+            lo, hi = rgb.min(), rgb.max()
+        out = _stretch(rgb, lo, hi)
+    else:
+        out = _stretch(rgb, 0.0, 65535.0)
+    turn = _EXIF_TRANSPOSE.get(img.getexif().get(0x0112, 1))
+    return np.asarray(Image.fromarray(out).transpose(turn)) if turn is not None else out
+
+
 def _to_rgb(img: Image.Image, high_bit_depth: str = "percentile") -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8 RGB."""
     mode = img.mode
@@ -157,7 +195,12 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
                            f"(decompression bomb?)")
         if w == 0 or h == 0:
             raise BadImage(f"{name}: {w}x{h} image has no pixels")
+        deep_colour = img.mode in ("RGB", "RGBA") and ";16" in _rawmode(img)  # (load() forgets the raw mode)
         img.load()
+        if deep_colour:
+            colour = _high_bit_depth_colour(data, img, high_bit_depth)
+            if colour is not None:
+                return colour
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img, high_bit_depth)
     except BadImage:
@@ -236,6 +279,11 @@ class ImageSource:
             try:
                 st = os.stat(self.store.url(ref.key))
             except OSError as e:
+                if e.errno == errno.ELOOP:  # will loop again on every retry
+                    raise BadImage(f"{ref.uri}: a symbolic link loop") from None
+                if isinstance(e, FileNotFoundError) and os.path.islink(self.store.url(ref.key)):
+                    raise BadImage(f"{ref.uri}: a dangling symbolic link (its target "
+                                   f"{os.readlink(self.store.url(ref.key))!r} does not exist)") from None
                 why = "not found" if isinstance(e, FileNotFoundError) else f"cannot read ({e.strerror or e})"
                 raise BadImage(f"{ref.uri}: {why}", transient=True) from None
             if not stat.S_ISREG(st.st_mode):

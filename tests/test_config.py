@@ -276,3 +276,48 @@ def test_a_key_given_twice_is_refused(tmp_path):
         load_config(path)
     path.write_text("train:\n  minutes: 2\nstages:\n  manual:\n    rounds: 1\n")
     assert load_config(path).train.minutes == 2
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("stages.auto.points_per_side", 1_000_000_000, "less than or equal to 256"),
+    ("train.minutes", float("inf"), "finite number"),
+    ("eval.promote_metric", "accuracy", "not a holdout metric"),
+    ("labelstudio.ml_backend_port", 8089, "port and ml_backend_port are both 8089"),
+    ("stages.auto.verifier", "missing-verifier.json", "not found"),
+    ("storage.root", "/proc/self/store", "inside /proc, a system folder"),
+    ("workdir", "", "at least 1 character"),
+    ("stages.auto.num_actors", True, "valid integer"),
+    ("stages.auto.points_per_side", "8", "valid integer"),
+])
+def test_values_a_type_alone_would_let_through_are_refused_in_one_line(tmp_path, key, value, expect):
+    """Issue 31.11: each of these was accepted; `sa-engine config --check` refuses it with one line naming the
+    key, and exit 2."""
+    data = _ready_workdir(tmp_path)
+    set_dotted(data, key, value)
+    result = CliRunner().invoke(app, ["config", "--config", str(_write(tmp_path, data)), "--check"])
+    assert result.exit_code == 2, result.output
+    line = next(x for x in result.output.splitlines() if key.rsplit(".", 1)[-1] in x or key.split(".")[0] in x)
+    assert expect in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and line.strip()
+
+
+def test_markup_in_user_text_is_printed_as_it_is(tmp_path):
+    """Issue 31.10: Rich markup in a config value is a config error of one line (exit 2), shown literally."""
+    data = _ready_workdir(tmp_path)
+    data["images"]["source"] = "imgs[/red]x"
+    result = CliRunner().invoke(app, ["config", "--config", str(_write(tmp_path, data)), "--check"])
+    assert result.exit_code == 2 and "imgs[/red]x" in result.output and "Traceback" not in result.output
+
+
+def test_quarantine_list_prints_a_path_holding_markup(tmp_path):
+    """Issue 31.10: a quarantined file whose path holds `[/red]` is listed as it is, with every other entry."""
+    from engine.integrations import runtime
+
+    p = _write(tmp_path, {"workdir": str(tmp_path)})
+    q = runtime.quarantine(load_config(p))
+    q.add(str(tmp_path / "imgs" / "a[/red]b.png"), "not an image [bold]", "auto")
+    q.add(str(tmp_path / "imgs" / "c.png"), "truncated", "auto", "transient")
+    result = CliRunner().invoke(app, ["quarantine", "list", "--config", str(p)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "a[/red]b.png: not an image [bold]" in text and "c.png: truncated" in text

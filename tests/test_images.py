@@ -155,3 +155,57 @@ def test_missing_file_is_a_bad_image(tmp_path):
 def test_invalid_large_image_policy(tmp_path):
     with pytest.raises(ValueError, match="large_images"):
         ImageSource(str(tmp_path), large_images="crop")
+
+
+@pytest.mark.parametrize("ext", ["tif", "png"])
+def test_twelve_bit_colour_in_sixteen_bits_is_stretched_like_grey(tmp_path, ext):
+    """Issue 31.9: 12-bit data in a 16-bit RGB TIFF or PNG (written by OpenCV, as a camera SDK would) decodes to
+    visible 8-bit colour with its hues kept: a red object stays red and bright, the background mid-grey. PIL
+    alone keeps the high byte (values 0..15)."""
+    import cv2
+
+    rgb = np.full((40, 50, 3), 1000, np.uint16)
+    rgb[10:30, 10:30] = (3800, 300, 300)  # a red object
+    rgb += np.random.default_rng(1).integers(0, 40, rgb.shape).astype(np.uint16)
+    path = tmp_path / f"deep.{ext}"
+    assert cv2.imwrite(str(path), rgb[..., ::-1])
+    out = decode_image(path.read_bytes(), path.name)
+    assert out.dtype == np.uint8 and out.max() >= 250
+    r, g, b = out[20, 20].tolist()
+    assert r >= 230 and g <= 40 and b <= 40  # red, bright
+    assert 40 <= out[2, 2, 0] <= 120 and abs(int(out[2, 2, 0]) - int(out[2, 2, 2])) <= 12  # background grey
+    assert decode_image(path.read_bytes(), path.name, high_bit_depth="range")[20, 20, 0] == round(
+        int(rgb[20, 20, 0]) / 65535 * 255)
+
+
+def test_links_that_will_fail_again_are_permanent(tmp_path):
+    """Issue 31.8: a symbolic link loop and a dangling link are permanent (a retry meets the same link); a
+    missing file stays transient (a copy may be on its way)."""
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    src = ImageSource(str(tmp_path))
+    for name, reason in (("loop.png", "symbolic link loop"), ("dangling.png", "dangling symbolic link")):
+        with pytest.raises(BadImage, match=reason) as e:
+            src.load(src.ref(name))
+        assert e.value.kind == "permanent"
+    with pytest.raises(BadImage) as e:
+        src.load(src.ref("gone.png"))
+    assert e.value.kind == "transient"
+
+
+def test_a_very_thin_image_is_not_a_transient_failure():
+    """Issue 31.8: a 3x20000 image (1x1500 for the model) used to fail in the encoder's resize ('Input and
+    output sizes should be greater than 0') and be retried as transient; it now runs, and a model failure that
+    is not out of memory is permanent."""
+    from model.amg import generate_with_fallback
+    from model.amg_params import AmgParams
+    from model.segmenter import Segmenter, failure_kind
+
+    pixels = decode_image(png_bytes(Image.fromarray(np.full((3, 20000, 3), 128, np.uint8))), "thin.png")
+    small, scale = fit_max_side(pixels, 1500)
+    masks, _ = generate_with_fallback(Segmenter.new("compact"), small, AmgParams(points_per_side=4),
+                                      output_size=pixels.shape[:2])
+    assert all(m.rle["size"] == [3, 20000] for m in masks)
+    assert failure_kind(RuntimeError("Input and output sizes should be greater than 0")) == "permanent"
+    assert failure_kind(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "transient"
+    assert failure_kind(MemoryError()) == "transient"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.amg_params import AmgParams
 
@@ -26,10 +26,14 @@ _AMG = AmgParams()
 
 
 PER_MASK_METRICS = ("oracle@1", "box_miou")  # besides miou@k: the holdout metrics scored per mask
+SET_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")  # the automatic masks' COCOeval figures
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never a place for a run's data
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a string or a bool where a number is wanted ('8', true) is a mistake, not something to coerce;
+    # no inf or NaN in any number
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ImagesConfig(_Section):
@@ -94,7 +98,7 @@ class SemiStageConfig(_Section):
     audit_fraction: float = Field(0.2, ge=0, le=1)  # share of accepted prefills checked against the truth
     max_prefill_per_task: int = Field(40, ge=1)  # Label Studio slows down with many brush regions
     max_pages_per_image: int = Field(3, ge=1)  # more confident masks than cap x pages: the lowest-ranked are dropped
-    points_per_side: int | None = Field(None, ge=1)  # generator grid; None = stages.auto.points_per_side
+    points_per_side: int | None = Field(None, ge=1, le=256)  # generator grid; None = stages.auto.points_per_side
     # Calibration history (model/calibration.py): verified images of earlier rounds, newest first.
     calibration_images: int = Field(16, ge=1)  # at most this many history images are re-run through the generator
     calibration_pred_iou_floor: float = Field(0.5, ge=0, le=1)  # loose generator filters for history, below any threshold chosen
@@ -112,7 +116,7 @@ class SemiStageConfig(_Section):
 
 class AutoStageConfig(_Section):
     # The generator's keys default to model/amg_params.py's AmgParams (SAM's values): one source of defaults.
-    points_per_side: int = Field(_AMG.points_per_side, ge=1)  # point grid of the full image (SAM: 32)
+    points_per_side: int = Field(_AMG.points_per_side, ge=1, le=256)  # point grid of the full image (SAM: 32)
     points_per_batch: int = Field(_AMG.points_per_batch, ge=1)  # prompts decoded at once
     pred_iou_thresh: float = Field(_AMG.pred_iou_thresh, ge=0, le=1)  # keep masks whose predicted IoU is at least this
     stability_score_thresh: float = Field(_AMG.stability_score_thresh, ge=0, le=1)  # keep masks whose stability score is at least this
@@ -176,6 +180,14 @@ class LabelStudioConfig(_Section):
     ml_backend_token: str | None = None  # generated if unset
 
 
+    @model_validator(mode="after")
+    def _ports_differ(self) -> "LabelStudioConfig":
+        if self.managed and self.port == self.ml_backend_port:
+            raise ValueError(f"port and ml_backend_port are both {self.port}: the managed Label Studio and the "
+                             f"ML backend each need a port of their own")
+        return self
+
+
 class RayConfig(_Section):
     address: str = "local"  # "local", "auto", or ray://host:port
     num_cpus: int | None = Field(None, ge=1)  # local cluster only
@@ -210,7 +222,7 @@ class EvalConfig(_Section):
 
 
 class EngineConfig(_Section):
-    workdir: str = "runs/default"  # all a run writes (ledger, models, LS data); other relative paths are under it
+    workdir: str = Field("runs/default", min_length=1)  # all a run writes (ledger, models, LS data); other relative paths are under it
     seed: int = 0  # seeds image selection and the fresh model
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -426,7 +438,10 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
         problems.append(f"eval.promote_metric: weights must be >= 0 and not all 0, got {metric}")
     for name in weights:
-        if name.startswith("miou@") and (not name[5:].isdigit() or int(name[5:]) not in cfg.eval.clicks):
+        if not name.startswith("miou@") and name not in PER_MASK_METRICS + SET_METRICS:
+            problems.append(f"eval.promote_metric: {name!r} is not a holdout metric (miou@k, "
+                            f"{', '.join(PER_MASK_METRICS + SET_METRICS)})")
+        elif name.startswith("miou@") and (not name[5:].isdigit() or int(name[5:]) not in cfg.eval.clicks):
             problems.append(f"eval.promote_metric: {name!r} is not measured (eval.clicks is {cfg.eval.clicks})")
         elif isinstance(metric, dict) and not name.startswith("miou@") and name not in PER_MASK_METRICS:
             problems.append(f"eval.promote_metric: {name!r} can't be mixed (a mix takes per-mask metrics: "
@@ -457,6 +472,14 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
         where("images.holdout_ground_truth", cfg.images.holdout_ground_truth, "file")
     if cfg.model.checkpoint:
         where("model.checkpoint", cfg.model.checkpoint, "any")
+    if cfg.stages.auto.verifier and stage in (None, "auto"):
+        where("stages.auto.verifier", cfg.stages.auto.verifier, "file")
+    for key, value in (("workdir", cfg.workdir), ("storage.root", cfg.storage.root)):
+        if "://" not in value:
+            resolved = Path(cfg.path(value)).resolve()
+            system = next((f for f in SYSTEM_FOLDERS if resolved == Path(f) or Path(f) in resolved.parents), None)
+            if system:
+                problems.append(f"{key}: {resolved}: inside {system}, a system folder, not a place for data")
     if cfg.storage.root.startswith("s3://"):
         if network:
             problems.append(_s3_problem("storage.root", cfg.storage.root, cfg))
