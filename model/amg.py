@@ -42,9 +42,14 @@ from model.amg_filters import (
 )
 from model.amg_params import AmgParams
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import encode_patches
+from storage.rle import encode_patches, upscale_rle_nearest
 
 ENCODE_CHUNK = 16
+# Above this many output pixels (a downscaled copy of a very large image), masks are made in the model's frame
+# and upscaled to the original by nearest neighbour in RLE form: SAM's bilinear resize of every mask's logits
+# to the original costs time and memory in proportion to the original (a 110-megapixel photo: minutes and GBs
+# per image). 25 Mpx keeps a 6000x4000 photo on the exact path.
+EXACT_UPSCALE_MAX_PIXELS = 25_000_000
 
 
 @dataclass
@@ -362,11 +367,15 @@ def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()
     encoder call); the crops' embeddings are made here, in batched encoder calls.
     output_size: (H, W) of the original when `image` is a downscaled copy of it: the model sees `image`,
     and every mask is upsampled from its logits to the original (as SAM upsamples its 1024 px logits to
-    the image it was given); crops and point grids are laid out on the original.
+    the image it was given); crops and point grids are laid out on the original. Above
+    EXACT_UPSCALE_MAX_PIXELS the masks are made in `image`'s frame and upscaled by nearest neighbour.
     Returns the masks, in pixels of the original (of `image` when output_size is None).
     """
     p = params
     h, w = output_size or image.shape[:2]
+    if h * w > EXACT_UPSCALE_MAX_PIXELS and (h, w) != image.shape[:2]:
+        return _upscaled(generate_masks(segmenter, image, _in_frame(p, image.shape[:2], (h, w)), embedding),
+                         (h, w))
     sy, sx = image.shape[0] / h, image.shape[1] / w
     boxes, layers = crop_boxes((h, w), p.crop_n_layers, p.crop_overlap_ratio)
     grids = layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
@@ -392,6 +401,31 @@ def generate_masks(segmenter, image: np.ndarray, params: AmgParams = AmgParams()
         areas = np.array([pt.sum() for pt in cands.patches], np.int64)
         cands = cands.take(np.flatnonzero(areas < p.max_mask_fraction * h * w))
     return _encode(cands, (h, w))
+
+
+def _in_frame(p: AmgParams, frame: tuple[int, int], size: tuple[int, int]) -> AmgParams:
+    """`p` for masks made in `frame` that stand for an image of `size`: areas in pixels scaled down."""
+    share = frame[0] * frame[1] / (size[0] * size[1])
+    return replace(p, min_mask_region_area=int(round(p.min_mask_region_area * share)))
+
+
+def _upscaled(masks: list[AutoMask], size: tuple[int, int]) -> list[AutoMask]:
+    """Masks of a (h, w) frame -> of the (H, W) original: RLE by nearest neighbour (`upscale_rle_nearest`),
+    area and box from the result, points and crop boxes scaled."""
+    out = []
+    for m in masks:
+        h, w = m.rle["size"]
+        fy, fx = size[0] / h, size[1] / w
+        rle, area, box = upscale_rle_nearest(m.rle, size)
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        cx, cy, cw, ch = m.crop_box
+        out.append(replace(m, rle=rle, area=area, bbox=[float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+                           point_coords=[[x * fx, y * fy] for x, y in m.point_coords],
+                           crop_box=[float(round(cx * fx)), float(round(cy * fy)), float(round(cw * fx)),
+                                     float(round(ch * fy))]))
+    return out
 
 
 def generate_with_fallback(segmenter, image: np.ndarray, params: AmgParams = AmgParams(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import stat
 import threading
@@ -183,6 +184,15 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
 
     The one decoder of the engine: stages, evaluation, training, the ML backend and the exports all
     see the same pixels for the same file. Empty and truncated files are transient (a copy in progress)."""
+    return decode_image_sized(data, name, max_pixels, high_bit_depth)[0]
+
+
+def decode_image_sized(data: bytes, name: str, max_pixels: int = MAX_PIXELS, high_bit_depth: str = "percentile",
+                       draft_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image`, and the (H, W) of the file after EXIF orientation. draft_side: a JPEG at least twice
+    that on its longer side is decoded at a reduced size (1/2, 1/4 or 1/8, the largest reduction that keeps
+    the longer side >= draft_side: the JPEG decoder's own DCT scaling), so a 100-megapixel photo bound for a
+    1500 px model never exists at full size in memory."""
     if high_bit_depth not in HIGH_BIT_DEPTH:
         raise ValueError(f"high_bit_depth={high_bit_depth!r}: expected one of {HIGH_BIT_DEPTH}")
     if len(data) == 0:
@@ -195,14 +205,19 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS,
                            f"(decompression bomb?)")
         if w == 0 or h == 0:
             raise BadImage(f"{name}: {w}x{h} image has no pixels")
-        deep_colour = img.mode in ("RGB", "RGBA") and ";16" in _rawmode(img)  # (load() forgets the raw mode)
+        # first: loading (which getexif() may do, for a PNG) forgets the raw mode
+        deep_colour = img.mode in ("RGB", "RGBA") and ";16" in _rawmode(img)
+        size = (w, h) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # rotations swap the sides
+        if draft_side and img.format == "JPEG" and max(w, h) >= 2 * draft_side:
+            f = draft_side / max(w, h)
+            img.draft(img.mode, (math.ceil(w * f), math.ceil(h * f)))
         img.load()
         if deep_colour:
             colour = _high_bit_depth_colour(data, img, high_bit_depth)
             if colour is not None:
-                return colour
+                return colour, size
         img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, high_bit_depth)
+        return _to_rgb(img, high_bit_depth), size
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -312,12 +327,13 @@ class ImageSource:
     def load(self, ref: ImageRef) -> LoadedImage:
         """Read and decode one image; raises BadImage (one line) if it can't be used."""
         data = self.read(ref)
-        pixels = decode_image(data, ref.uri, self.max_pixels, self.high_bit_depth)
-        h, w = pixels.shape[:2]
+        draft = self.max_side if self.large_images == "downscale" else None
+        pixels, (h, w) = decode_image_sized(data, ref.uri, self.max_pixels, self.high_bit_depth, draft)
         if max(h, w) > self.max_side and self.large_images == "quarantine":
             raise BadImage(f"{ref.uri}: {w}x{h} is larger than max_side={self.max_side} "
                            f"(images.large_images = quarantine)")
-        pixels, scale = fit_max_side(pixels, self.max_side)
+        pixels, _ = fit_max_side(pixels, self.max_side)
+        scale = max(pixels.shape[:2]) / max(h, w)
         return LoadedImage(image_id=ref.image_id, pixels=pixels, original_size=(h, w), scale=scale)
 
     def load_many(self, refs: Iterable[ImageRef], quarantine: Quarantine | None,

@@ -186,3 +186,56 @@ def rle_problem(counts: bytes | str, height: int, width: int) -> str | None:
     if total != int(height) * int(width):
         return f"the runs cover {total} pixels, not {height}x{width} = {int(height) * int(width)}"
     return None
+
+
+def upscale_rle_nearest(rle: dict, size: tuple[int, int]) -> tuple[dict, int, tuple[int, int, int, int] | None]:
+    """An (h, w) COCO RLE -> the RLE of its nearest-neighbour resize to `size` (H, W) (destination pixel
+    (y, x) takes source pixel (floor(y * h / H), floor(x * w / W)), in exact integers), without making a mask
+    of either size:
+    O(source runs x W / w). Returns (rle, area, bbox XYXY inclusive pixels or None when empty).
+
+    For masks bound for very large images: the model saw a downscaled copy, and a full-resolution float
+    resize of each mask costs time and memory in proportion to the original's pixels."""
+    h, w = (int(v) for v in rle["size"])
+    H, W = (int(v) for v in size)
+    runs = compressed_counts(rle["counts"])
+    ends = np.cumsum(runs)
+    s, e = (ends - runs)[1::2], ends[1::2]  # runs of ones: flat column-major source index [s, e)
+    keep = e > s
+    s, e = s[keep], e[keep]
+    if len(s) == 0:
+        return {"size": [H, W], "counts": mask_utils.frPyObjects(
+            {"size": [H, W], "counts": [H * W]}, H, W)["counts"]}, 0, None
+    # Split every run at source column ends: pieces (column c, rows r0:r1)
+    c0, c1 = s // h, (e - 1) // h
+    n = c1 - c0 + 1
+    run = np.repeat(np.arange(len(s)), n)
+    col = c0[run] + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    r0 = np.maximum(s[run], col * h) - col * h
+    r1 = np.minimum(e[run], (col + 1) * h) - col * h
+    # Source rows [r0, r1) -> destination rows [Y0, Y1); source column c -> destination columns [X0, X1)
+    Y0, Y1 = (r0 * H + h - 1) // h, (r1 * H + h - 1) // h
+    X0, X1 = (col * W + w - 1) // w, ((col + 1) * W + w - 1) // w
+    ok = (Y1 > Y0) & (X1 > X0)
+    Y0, Y1, X0, X1 = Y0[ok], Y1[ok], X0[ok], X1[ok]
+    if len(Y0) == 0:
+        return upscale_rle_nearest({"size": [h, w], "counts": mask_utils.frPyObjects(
+            {"size": [h, w], "counts": [h * w]}, h, w)["counts"]}, size)
+    m = X1 - X0
+    piece = np.repeat(np.arange(len(Y0)), m)
+    X = X0[piece] + (np.arange(m.sum()) - np.repeat(np.cumsum(m) - m, m))
+    starts, stops = X * H + Y0[piece], X * H + Y1[piece]
+    order = np.argsort(starts, kind="stable")
+    starts, stops = starts[order], stops[order]
+    # Merge intervals that touch (a run going on into the next column)
+    new = np.concatenate(([True], starts[1:] != stops[:-1]))
+    starts, stops = starts[new], stops[np.concatenate((np.flatnonzero(new)[1:] - 1, [len(new) - 1]))]
+    edges = np.empty(2 * len(starts), np.int64)
+    edges[0::2], edges[1::2] = starts, stops
+    counts = np.diff(np.concatenate(([0], edges, [H * W])))
+    if counts[-1] == 0:  # a mask running to the last pixel: pycocotools writes no empty last run
+        counts = counts[:-1]
+    area = int((stops - starts).sum())
+    bbox = (int(X.min()), int(Y0.min()), int(X.max()), int(Y1.max()) - 1)
+    out = mask_utils.frPyObjects({"size": [H, W], "counts": counts.astype(np.uint32).tolist()}, H, W)
+    return {"size": [H, W], "counts": out["counts"]}, area, bbox

@@ -139,3 +139,30 @@ def test_patches_encode_to_the_bytes_of_their_full_masks():
     ref = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in full]
     assert [g["counts"] for g in got] == [r["counts"] for r in ref]
     assert sum(m[-1].any() for m in full) > 10  # bottom-row cases were exercised
+
+
+def test_upscaling_an_rle_by_nearest_neighbour_matches_the_full_mask():
+    """`upscale_rle_nearest` against the full mask resized by index (pixel (y, x) takes source pixel
+    (y * h // H, x * w // W)), decoded and re-encoded by pycocotools: the same pixels, bytes, area and box,
+    including masks running over column ends, empty and full masks, and shrinking."""
+    from pycocotools import mask as mask_utils
+
+    from storage.rle import upscale_rle_nearest
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        h, w = rng.integers(1, 30, 2)
+        H, W = rng.integers(1, 90, 2)
+        kind = rng.integers(4)
+        m = (rng.random((h, w)) < 0.5) if kind == 0 else np.full((h, w), kind == 1)
+        if kind == 3:
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            m[y:y + rng.integers(1, h + 1), x:x + rng.integers(1, w + 1)] = True
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        up, area, box = upscale_rle_nearest(rle, (int(H), int(W)))
+        want = m[(np.arange(H) * h) // H][:, (np.arange(W) * w) // W]
+        assert (mask_utils.decode(up).astype(bool) == want).all()
+        assert up["counts"] == mask_utils.encode(np.asfortranarray(want.astype(np.uint8)))["counts"]
+        assert area == int(want.sum())
+        ys, xs = np.nonzero(want)
+        assert box == ((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(ys) else None)
