@@ -196,3 +196,26 @@ def test_corrupt_streams_raise_one_line_errors():
         decode_mask("not an rle", 20, 30)
     with pytest.raises(BrushRLEError, match="0..255"):
         decode_mask(4800, 20, 30)
+
+
+def test_coloured_and_semi_transparent_strokes_decode_like_sdk():
+    """Issue 31.13: people's strokes are coloured (the label's colour), drawn with soft, semi-transparent
+    edges: RGBA pixels whose channels differ. The mask is where the SDK's channel 3 (alpha) is non-zero, and
+    nothing else: a blue stroke (R = G = 0) is a mask, a coloured pixel with alpha 0 is not."""
+    h, w = 37, 53
+    rgba = np.zeros((h, w, 4), np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    rgba[(yy - 12) ** 2 + (xx - 15) ** 2 < 64] = (0, 0, 255, 255)  # an opaque blue stroke
+    red = (yy - 25) ** 2 + (xx - 38) ** 2 < 81
+    rgba[red] = (255, 0, 0, 128)  # a semi-transparent red one
+    edge = ((yy - 25) ** 2 + (xx - 38) ** 2 >= 81) & ((yy - 25) ** 2 + (xx - 38) ** 2 < 120)
+    rgba[edge] = (255, 0, 0, 0)
+    rgba[edge, 3] = np.linspace(1, 254, int(edge.sum())).astype(np.uint8)  # antialiased edge: every alpha
+    rgba[0, :10] = (0, 255, 0, 0)  # colour without coverage
+    rgba[h - 1, w - 5:] = (7, 200, 90, 3)  # faint but there
+    stream = sdk.encode_rle(rgba.reshape(-1))
+    sdk_alpha = np.asarray(sdk.decode_rle(stream)).reshape(h, w, 4)[:, :, 3]
+    assert np.array_equal(decode_alpha(stream, h, w), sdk_alpha)
+    mask = decode_mask(stream, h, w)
+    assert np.array_equal(mask, sdk_alpha > 0)
+    assert mask[12, 15] and mask[25, 38] and not mask[0, :10].any() and mask[h - 1, w - 5:].all()

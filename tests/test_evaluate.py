@@ -70,3 +70,33 @@ def test_match_rates_count_known_overlaps_against_pycocotools():
     assert out["truth_masks"] == 5 and out["pred_masks"] == 4
     assert out["recall_50"] == 3 / 5 and out["recall_75"] == 2 / 5
     assert out["precision_50"] == 3 / 4 and out["precision_75"] == 2 / 4
+
+
+def test_click_scores_are_pycocotools_ious_of_the_models_own_answers(fitted_compact):
+    """Issue 31.14: `click_eval`'s oracle@1 and pred@1 are the means of pycocotools' IoU between the model's
+    own answers to the first click (all 3, and the one it ranks first) and each truth mask, and they rank a
+    trained model above an untrained one (a constant or mis-paired score fails here)."""
+    from pycocotools import mask as mask_utils
+
+    from model.clicks import first_click
+
+    seg, scenes = fitted_compact
+    images, gts = [s[0] for s in scenes[:2]], [s[1] for s in scenes[:2]]
+    oracle, shown = [], []
+    for image, gt in zip(images, gts):
+        gt = gt[gt.reshape(len(gt), -1).any(1)]
+        emb = seg.embed([image])[0]
+        for m in gt:
+            p = seg.predict(emb, np.array([[first_click(m)]], np.float64), np.ones((1, 1), np.int64), multimask=True)
+            answers = p.masks.numpy()[0]  # (3, H, W)
+            truth = mask_utils.encode(np.asfortranarray(m[:, :, None].astype(np.uint8)))
+            ious = mask_utils.iou(mask_utils.encode(np.asfortranarray(answers.transpose(1, 2, 0).astype(np.uint8))),
+                                  truth, [0])[:, 0]
+            oracle.append(ious.max())
+            shown.append(ious[int(p.iou_pred[0].argmax())])
+    res = click_eval(seg, images, gts, clicks=1)
+    assert res["n_masks"] == len(shown)
+    assert abs(res["oracle@1"] - np.mean(oracle)) < 1e-6 and abs(res["pred@1"] - np.mean(shown)) < 1e-6
+    fresh = click_eval(Segmenter.new("compact", seed=0), images, gts, clicks=1)["pred@1"]
+    print(f"pred@1 trained {res['pred@1']:.3f}, untrained {fresh:.3f}")
+    assert res["pred@1"] > fresh + 0.1

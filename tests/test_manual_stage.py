@@ -80,3 +80,33 @@ def test_annotate_cli_directly_against_the_backend(config_file, tmp_path, labels
         assert len(ls.annotated_task_ids(pid)) == 1
     finally:
         ls.delete_project(pid)
+
+
+def test_masks_drawn_on_a_downscaled_task_are_stored_at_the_file_size(labelstudio_server, tmp_path):
+    """Issue 31.12: images larger than images.max_side are shown in Label Studio downscaled (96 px files as 64 px
+    tasks); the masks drawn there, pulled through the real server, are stored at the files' size and sit where
+    the objects are."""
+    from pycocotools import mask as mask_utils
+
+    from engine.integrations.annotator import load_ground_truth
+
+    write_synthetic_dataset(tmp_path / "synth", n_images=1, seed=3, size=96)
+    cfg = {"workdir": str(tmp_path), "images": {"source": "synth/images", "ground_truth": "synth/annotations.json",
+                                                "holdout_source": None, "holdout_ground_truth": None,
+                                                "max_side": 64},
+           "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
+                           "ml_backend_port": free_port()},
+           "stages": {"manual": {"images_per_round": 1, "max_clicks": 3, "image_time_limit_s": 60.0}}}
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(app, ["stage", "manual", "--config", str(path), "--round", "1"])
+    assert res.exit_code == 0, res.output
+    rows = MaskStore(str(tmp_path / "store")).read_table(stage="manual").to_pylist()
+    assert rows and all((r["height"], r["width"]) == (96, 96) for r in rows)
+    truth = load_ground_truth(str(tmp_path / "synth" / "annotations.json"))
+    objects = [o.mask for objs in truth.values() for o in objs]
+    assert all(o.shape == (96, 96) for o in objects)
+    for r in rows:  # each stored mask lies on one of the image's objects, at the file's scale
+        mask = mask_utils.decode(r["rle"]).astype(bool)
+        best = max((mask & o).sum() / max(1, (mask | o).sum()) for o in objects)
+        assert best >= 0.3, best

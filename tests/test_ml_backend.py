@@ -409,3 +409,39 @@ def test_family_models_answer_through_the_backend_from_the_cache_on_disk(images,
     assert np.array_equal(got, (seg.upsample_logits(low[None], cached)[0] > 0).numpy())
     fresh = seg.predict(seg.embed([px])[0], points=[[[40.0, 25.0]]], labels=[[1]])
     assert (got == fresh.masks[0, int(fresh.iou_pred[0].argmax())].numpy()).mean() >= 0.98  # float16 cache
+
+
+def test_the_backends_mask_is_the_models_answer_to_the_click(tmp_path, fitted_compact):
+    """Issue 31.14: a click through the HTTP protocol comes back as exactly the mask the model itself gives for
+    that click (the best of its 3, decoded from the brush RLE), and for a trained model that mask is the object
+    clicked (an empty or constant answer fails here)."""
+    from PIL import Image
+
+    from model.clicks import first_click
+    from model.iou import mask_iou
+
+    seg, scenes = fitted_compact
+    image, truth, _ = scenes[0]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(image).save(folder / "scene.png")
+    source = ImageSource(str(folder))
+    state = BackendState(MaskPredictor(seg, EmbeddingCache(seg)), TOKEN, None)
+    state.image_loader = source_image_loader(source, state=state)
+    h, w = image.shape[:2]
+    emb = seg.embed([source.load(source.ref("scene.png")).pixels])[0]
+    ious = []
+    with MLBackend(state) as backend:
+        for obj in truth[:4]:
+            x, y = first_click(obj)
+            task = {"id": 1, "data": {"image_id": "scene.png", "image": "/unused", "height": h, "width": w}}
+            code, body = _call(backend.url, "/predict", {"tasks": [task], "params": {
+                "context": keypoint_context([(x, y)], [1], h, w)}}, f"Token {TOKEN}")
+            assert code == 200
+            got = decode_mask(body["results"][0]["result"][0]["value"]["rle"], h, w)
+            p = seg.predict(emb, np.array([[[x, y]]], np.float64), np.ones((1, 1), np.int64), multimask=True)
+            want = p.masks.numpy()[0, int(p.iou_pred[0].argmax())]
+            assert np.array_equal(got, want)
+            ious.append(float(mask_iou(got[None], obj[None])[0]))
+    print(f"IoU of the backend's masks with the clicked objects: {ious}")
+    assert got.any() and np.mean(ious) >= 0.2
