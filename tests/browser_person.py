@@ -10,6 +10,17 @@ from typing import Callable
 import pytest
 
 
+# Every step waits for the page's own event (an element shown, a response received) up to this long: a
+# loaded machine makes each step slower, never a fixed delay too short.
+LIMIT_MS = 300_000
+# The annotation being edited holds a region: the backend's mask, accepted as a suggestion.
+REGION_SHOWN = """() => {
+  const store = window.Htx && window.Htx.annotationStore;
+  const ann = store && store.selected;
+  return !!ann && ann.regions.length > 0;
+}"""
+
+
 def find_browser() -> str:
     """The Chromium executable, or skip the test with the reason."""
     try:
@@ -43,35 +54,38 @@ def click_object_and_submit(executable: str, ls_url: str, username: str, passwor
             page.fill("input[name=password]", password)
             page.click("button[type=submit], input[type=submit]")
             page.wait_for_load_state("networkidle")
-            # Open the task: the instructions are on the page
+            # Open the task: the instructions are on the page, the image is shown
             page.goto(f"{ls_url}/projects/{project_id}/data?tab=0&task={task_id}")
-            page.get_by_text("Auto-Annotation", exact=True).wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
+            page.get_by_text("Auto-Annotation", exact=True).wait_for(timeout=LIMIT_MS)
+            image = page.locator("img[src^=blob]")
+            image.wait_for(state="visible", timeout=LIMIT_MS)
             if shots:
                 page.screenshot(path=str(shots / "labelling-page.png"))
-            page.get_by_text("Switch on Auto-Annotation", exact=False).first.wait_for(timeout=30_000)
+            page.get_by_text("Switch on Auto-Annotation", exact=False).first.wait_for(timeout=LIMIT_MS)
             # Auto-Annotation on, suggestions accepted as they come, the Auto-Detect point tool, label "positive"
             page.get_by_text("Auto-Annotation", exact=True).click()
-            page.get_by_text("Auto-Accept Suggestions", exact=True).click()
-            page.wait_for_timeout(500)
+            accept = page.get_by_text("Auto-Accept Suggestions", exact=True)
+            accept.wait_for(state="visible", timeout=LIMIT_MS)
+            accept.click()
             if shots:
                 page.screenshot(path=str(shots / "auto-annotation-on.png"))
-            page.locator("div.lsf-toolbar__group > button.lsf-tool_smart").hover()
+            smart = page.locator("div.lsf-toolbar__group > button.lsf-tool_smart")
+            smart.wait_for(state="visible", timeout=LIMIT_MS)
+            smart.hover()
             page.locator("button.lsf-tool_smart[aria-label=key-point-tool]").click()
             page.keyboard.press("1")
-            # Click the object
-            box = page.locator("img[src^=blob]").bounding_box()
-            page.mouse.click(box["x"] + (x + 0.5) / w * box["width"], box["y"] + (y + 0.5) / h * box["height"])
-            # The page asks our backend; its mask arrives as a brush region
-            for _ in range(120):
-                if answered():
-                    break
-                page.wait_for_timeout(500)
-            assert answered(), "the page never asked our ML backend"
-            page.wait_for_timeout(2000)
+            # Click the object: the page asks Label Studio, which asks our backend; wait for that answer
+            box = image.bounding_box()
+            with page.expect_response(lambda r: "interactive-annotating" in r.url, timeout=LIMIT_MS) as answer:
+                page.mouse.click(box["x"] + (x + 0.5) / w * box["width"], box["y"] + (y + 0.5) / h * box["height"])
+            assert answer.value.ok and answered(), "the page never asked our ML backend"
+            # Its mask arrives as a brush region (accepted as it comes): wait until the page holds it
+            page.wait_for_function(REGION_SHOWN, timeout=LIMIT_MS)
             if shots:
                 page.screenshot(path=str(shots / "model-mask.png"))
-            page.get_by_role("button", name="Submit").click()
-            page.wait_for_timeout(2000)
+            with page.expect_response(lambda r: "/annotations" in r.url and r.request.method == "POST",
+                                      timeout=LIMIT_MS) as saved:
+                page.get_by_role("button", name="Submit").click()
+            assert saved.value.ok, f"Label Studio refused the annotation: HTTP {saved.value.status}"
         finally:
             browser.close()

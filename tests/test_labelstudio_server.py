@@ -158,3 +158,49 @@ def test_status_shows_the_password_only_when_asked(tmp_path):
     res = CliRunner().invoke(app, status + ["--show-password"])
     st = json.loads(res.stdout.strip().splitlines()[-1])
     assert st["password"] == "pw-1"
+
+
+_SLOW_SERVER = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+log, port, busy = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.time() + busy
+while time.time() < end:  # 'migrations': a line a second, for longer than the waiter's stall limit
+    with open(log, "a") as f:
+        f.write("migrating\\n")
+    time.sleep(1.0)
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_a_slow_first_start_is_waited_for_while_it_makes_progress(tmp_path):
+    """Issue 31.15: a server that takes longer than the stall limit but keeps writing its log is waited for
+    (with a progress line), one that hangs without progress is given up on after the stall limit."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.integrations.labelstudio import _wait_healthy, free_port
+
+    port, logfile = free_port(), tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SERVER, str(logfile), str(port), "6"],
+                            start_new_session=True)
+    lines: list[str] = []
+    try:
+        start = time.monotonic()
+        assert _wait_healthy(f"http://127.0.0.1:{port}", proc.pid, 3.0, lines.append, logfile, every_s=2.0)
+        assert time.monotonic() - start > 5.0 and any("still starting" in line for line in lines)
+    finally:
+        proc.kill()
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        start = time.monotonic()
+        assert not _wait_healthy(f"http://127.0.0.1:{free_port()}", hung.pid, 2.0, None, tmp_path / "none.log")
+        assert time.monotonic() - start < 10.0
+    finally:
+        hung.kill()

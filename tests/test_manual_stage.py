@@ -107,6 +107,6 @@ def test_masks_drawn_on_a_downscaled_task_are_stored_at_the_file_size(labelstudi
     objects = [o.mask for objs in truth.values() for o in objs]
     assert all(o.shape == (96, 96) for o in objects)
     for r in rows:  # each stored mask lies on one of the image's objects, at the file's scale
-        mask = mask_utils.decode(r["rle"]).astype(bool)
+        mask = mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool)
         best = max((mask & o).sum() / max(1, (mask | o).sum()) for o in objects)
         assert best >= 0.3, best

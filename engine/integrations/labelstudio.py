@@ -328,7 +328,8 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
     """Start the managed server (installing it first if needed) and wait for `/health`.
 
     Calling it while our server is already up returns the running one. Raises LabelStudioError
-    if the port is taken by something else or the server does not come up in `wait_s`.
+    if the port is taken by something else, or the server exits, or it makes no progress (log, CPU) for
+    `wait_s` before answering (`_wait_healthy`: a slow first start on a busy machine is waited for).
     """
     data_dir = private_dir(Path(settings.data_dir).resolve())  # SQLite (admin token), media, credentials
     password, token = _credentials(settings)
@@ -361,10 +362,11 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
         os.replace(tmp, _pid_file(data_dir))
         log(f"Label Studio starting on {url} (pid {proc.pid}, log {logfile})")
         port = settings.port
-        if not _wait_healthy(url, proc.pid, wait_s):
+        if not _wait_healthy(url, proc.pid, wait_s, log, logfile):
             alive = _pid_alive(proc.pid)
             stop_server(data_dir)
-            reason = "did not answer /health in time" if alive else "exited during start"
+            reason = (f"did not answer /health and made no progress for {wait_s:.0f} s" if alive
+                      else "exited during start")
             raise LabelStudioError(f"Label Studio {reason}; see {logfile}")
         where = _where_ours_listens(settings.port, proc.pid, logfile, wait_s)
         if where is None:
@@ -401,15 +403,55 @@ def _where_ours_listens(asked: int, pid: int, logfile: Path, wait_s: float) -> i
     return None
 
 
-def _wait_healthy(url: str, pid: int, wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+def _group_cpu_ticks(pgid: int) -> int | None:
+    """CPU time (clock ticks) used so far by the processes of group `pgid`; None where /proc can't tell."""
+    total, found = 0, False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+            found = True
+    return total if found else None
+
+
+def _wait_healthy(url: str, pid: int, stall_s: float, log: Callable[[str], None] | None = None,
+                  logfile: Path | None = None, most_s: float = 1800.0, every_s: float = 30.0) -> bool:
+    """Wait for `/health` while the server (process group `pid`) is alive and making progress: its log grows
+    or it uses CPU. A first start runs database migrations that take minutes on a busy machine, so there is
+    no fixed limit; it gives up after `stall_s` without progress, or `most_s` in all. A line every `every_s`."""
+    start = last_progress = last_line = time.monotonic()
+
+    def mark():
+        size = logfile.stat().st_size if logfile is not None and logfile.exists() else None
+        return size, _group_cpu_ticks(pid)
+
+    seen = mark()
+    while True:
         if health_ok(url):
             return True
         if not _pid_alive(pid):
             return False
+        now = time.monotonic()
+        current = mark()
+        if current != seen:
+            seen, last_progress = current, now
+        if now - last_progress > stall_s or now - start > most_s:
+            return False
+        if log is not None and now - last_line >= every_s:
+            log(f"Label Studio still starting ({now - start:.0f} s; a first start migrates its database"
+                + (f"; log {logfile})" if logfile else ")"))
+            last_line = now
         time.sleep(0.5)
-    return False
 
 
 def stop_server(data_dir: Path, timeout_s: float = 20.0) -> bool:
