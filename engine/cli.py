@@ -584,7 +584,10 @@ def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write 
               init: str = typer.Option("compact", "--init", help="'compact' (from scratch) or a checkpoint to fine-tune."),
               data: Optional[Path] = typer.Option(None, help="A synth-style folder (images/ + annotations.json); "
                                                            "default: fresh synthetic scenes."),
-              minutes: float = typer.Option(2.0, help="Training budget (wall-clock minutes)."),
+              steps: int = typer.Option(400, min=1, help="Training budget: optimiser steps (the same model on any "
+                                                          "machine)."),
+              minutes: Optional[float] = typer.Option(None, help="Optional wall-clock guard: stop earlier after "
+                                                                 "this many minutes (reported as short)."),
               round_no: int = typer.Option(0, "--round", help="Round number recorded in the checkpoint."),
               use_ray: bool = typer.Option(False, "--ray/--no-ray", help="Run as a Ray Train TorchTrainer."),
               workers: int = typer.Option(1, help="Ray Train workers (with --ray)."),
@@ -594,7 +597,8 @@ def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write 
     from model.checkpoints import CheckpointError
 
     try:
-        summary = train_cli(out, init, None if data is None else str(data), minutes, round_no, use_ray, workers, seed)
+        summary = train_cli(out, init, None if data is None else str(data), steps, minutes, round_no, use_ray,
+                            workers, seed)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     sys.stdout.write(json.dumps(summary) + "\n")

@@ -7,6 +7,8 @@ the Label Studio projects (a real server with simulated annotators), the exports
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +19,7 @@ from engine.integrations import runtime
 from engine.integrations.cluster import init_ray
 from engine.integrations.config import load_config, set_dotted
 from engine.integrations.synth import write_synthetic_dataset
-from engine.report import format_rounds_table, write_report
+from engine.report import format_rounds_table, holdout_size, write_report
 from engine.rounds import run_rounds
 from storage.exports import ExportFilters, export
 
@@ -44,7 +46,9 @@ def demo_config(workdir: Path) -> dict:
                    "general_holdout_source": "synth-general/images",
                    "general_holdout_ground_truth": "synth-general/annotations.json"},
         "storage": {"root": "store"},
-        "model": {"preset": "compact", "bootstrap_minutes": 3.0, "bootstrap_images": 96,
+        # Budgets in optimiser steps: the same models on an idle laptop and a busy machine (about 3 and 1.5 minutes
+        # on an idle 2-core machine; a busy one takes longer and trains the same steps)
+        "model": {"preset": "compact", "bootstrap_steps": 700, "bootstrap_images": 96,
                   "bootstrap_image_size": DEMO_SIZE, "bootstrap_family": BOOTSTRAP_FAMILY},
         # A CPU-trained model's IoU head is far below SAM's 0.88: the semi and automatic stages choose their
         # thresholds from the verified masks of earlier rounds, starting from loose floors.
@@ -58,7 +62,7 @@ def demo_config(workdir: Path) -> dict:
                             "target_precision": 0.8, "precision_iou": 0.75}},
         "labelstudio": {"managed": True},
         "ray": {"address": "local"},
-        "train": {"minutes": 1.5},
+        "train": {"steps": 350},
     }
 
 
@@ -70,6 +74,7 @@ def run_demo(workdir: str | Path, progress: Callable[[str], None] = print, port:
     engine.yaml on top of the demo's (e.g. {"stages.select": "uncertain"}: benchmarks/flywheel.py)."""
 
     t0 = time.monotonic()
+    load_start = os.getloadavg()[0]
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     for sub, n, seed, family in DEMO_DATA:
@@ -110,28 +115,45 @@ def run_demo(workdir: str | Path, progress: Callable[[str], None] = print, port:
         "auto": summary["auto"],
         "flywheel": json.loads((Path(report).parent / "rounds.json").read_text()),
         "minutes": round((time.monotonic() - t0) / 60, 1),
+        "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
+        "holdout": holdout_size(cfg),
     }
 
 
 def format_demo_summary(result: dict) -> str:
-    """What the demo prints at the end: the per-round table (the report's rounds.json), then where to look."""
-    lines = [f"demo finished in {result['minutes']} min", "",
-             "holdout: the round's retrained model, 1-click mIoU on the frozen holdout; interval: 95 % paired "
-             "bootstrap of its difference to the model in use; general: that difference on the general holdout",
+    """What the demo prints at the end: the per-round tables (the report's rounds.json, each under 80 columns),
+    then where to look."""
+    load = result.get("load_average") or [None, None]
+    hold = result.get("holdout") or {}
+    lines = [f"demo finished in {result['minutes']} min (load average {_num(load[0], 1)} at the start, "
+             f"{_num(load[1], 1)} at the end)", "",
+             textwrap.fill(f"holdout ({_num(hold.get('images'), 0)} images, {_num(hold.get('masks'), 0)} masks): "
+                           f"the round's retrained model, 1-click mIoU; interval: 95 % paired bootstrap of its "
+                           f"difference to the model in use; general: that difference on the general holdout; "
+                           f"steps: optimiser steps trained of those planned", 79), "",
              format_rounds_table(result.get("flywheel") or [])]
     auto = result.get("auto") or {}
     truth = auto.get("truth") or {}
-    if truth.get("recall_50") is not None:
-        lines.append(f"automatic stage: {auto.get('masks', 0)} masks on {auto.get('images', 0)} images against "
-                     f"{truth['truth_masks']} ground-truth masks: recall@0.5 {truth['recall_50']:.2f}, "
-                     f"precision@0.5 {truth['precision_50']:.2f}")
+    if truth.get("truth_masks") is not None:
+        lines += ["", textwrap.fill(
+            f"automatic stage: {auto.get('masks', 0)} masks on {auto.get('images', 0)} images against "
+            f"{truth['truth_masks']} ground-truth masks: recall@0.5 {_num(truth.get('recall_50'))}, "
+            f"precision@0.5 {_num(truth.get('precision_50'))}", 79)]
     lines += ["",
               f"  work dir       {result['workdir']}",
-              f"  config         {result['config']}   (sa-engine run --config … resumes / repeats it)",
+              f"  config         {result['config']}",
+              "                 (sa-engine run --config … resumes / repeats it)",
               f"  mask shards    {result['store']}",
               f"  SA-1B export   {result['exports']['sa1b']}   ({result['export_masks']['sa1b']} masks)",
               f"  COCO export    {result['exports']['coco']}   ({result['export_masks']['coco']} masks)",
-              f"  report         {result['report']}   (per-round figures: rounds.json beside it)",
-              f"  Label Studio   {result['label_studio']}   (sa-engine labelstudio status --show-password shows the login)",
+              f"  report         {result['report']}",
+              "                 (per-round figures: rounds.json beside it)",
+              f"  Label Studio   {result['label_studio']}",
+              "                 (sa-engine labelstudio status --show-password shows the login)",
               f"  final model    {result['final_checkpoint']}"]
     return "\n".join(lines)
+
+
+def _num(v, digits: int = 2) -> str:
+    """A figure for the summary: '-' when there is none (no masks: no precision)."""
+    return "-" if v is None else f"{v:.{digits}f}"

@@ -83,7 +83,10 @@ def round_rows(ledger: Ledger, masks, metric_keys: list[str]) -> list[dict]:
         seconds = _mean(mine["lead_time_s"].tolist()) if len(mine) else None
         ev = (ledger.get(f"r{r}.eval") or {}).get("outputs") or {}
         dec = (ledger.get(f"r{r}.promote") or {}).get("outputs") or {}
+        trained = (ledger.get(f"r{r}.train") or {}).get("outputs") or {}
         rows.append({
+            "steps": trained.get("steps"), "planned_steps": trained.get("planned_steps"),
+            "train_note": trained.get("note") if trained.get("short") else None,
             "round": r, "stage": stage, "status": stage_rec.get("status", "not run"),
             "images": images, "masks": n_masks,
             "masks_per_image": n_masks / images if images else None,
@@ -122,7 +125,8 @@ def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, floa
     """The per-round figures a user plots to see the flywheel turn (`<report>/rounds.json`): one row per round
     from 0 (the starting model) to the automatic stage.
 
-    Each row: round, stage, holdout (the round's candidate on `metric`), in_use (the model in use after the
+    Each row: round, stage, steps and planned_steps (optimiser steps its model trained, of those planned: the
+    bootstrap for round 0), holdout (the round's candidate on `metric`), in_use (the model in use after the
     round), interval ([low, high] of the paired difference, or None), promoted, general_delta (the candidate
     minus the model in use on the general holdout, or None), clicks_per_mask, seconds_per_mask,
     masks_per_image, prefill_precision (semi), auto_recall_50 / auto_precision_50 / auto_recall_75 /
@@ -131,7 +135,9 @@ def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, floa
     """
     base = (ledger.get("r0.eval") or {}).get("outputs") or {}
     in_use = metric_scores(base, metric)[0] if base else None
-    out = [{"round": 0, "stage": "start", "holdout": in_use, "in_use": in_use, "interval": None, "promoted": None,
+    boot = (ledger.get("r0.bootstrap") or {}).get("outputs") or {}
+    out = [{"round": 0, "stage": "start", "steps": boot.get("steps"), "planned_steps": boot.get("planned_steps"),
+            "holdout": in_use, "in_use": in_use, "interval": None, "promoted": None,
             "general_delta": None, "clicks_per_mask": None, "seconds_per_mask": None, "masks_per_image": None,
             "prefill_precision": None, "auto_recall_50": None, "auto_precision_50": None, "auto_recall_75": None,
             "auto_precision_75": None, "selection": None, "uncertainty": None}] if base else []
@@ -142,10 +148,12 @@ def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, floa
         sel = (ledger.get(f"r{n}.select") or {})
         chosen = ((sel.get("outputs") or {}).get("uncertainty") or {}).values()
         truth = stage_out.get("truth") or {}
+        trained = (ledger.get(f"r{n}.train") or {}).get("outputs") or {}
         if dec.get("promoted"):
             in_use = dec.get("candidate")
         out.append({
-            "round": n, "stage": r["stage"], "holdout": dec.get("candidate"),
+            "round": n, "stage": r["stage"], "steps": trained.get("steps"), "planned_steps": trained.get("planned_steps"),
+            "holdout": dec.get("candidate"),
             "in_use": in_use if r["stage"] != "auto" else None, "interval": dec.get("interval"),
             "promoted": dec.get("promoted"), "general_delta": (dec.get("general") or {}).get("delta"),
             "clicks_per_mask": r["clicks_per_mask"], "seconds_per_mask": r["seconds_per_mask"],
@@ -158,22 +166,37 @@ def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, floa
 
 
 def format_rounds_table(rows: list[dict]) -> str:
-    """flywheel_rows as a plain-text table (the demo and benchmarks/flywheel.py print it)."""
+    """flywheel_rows as two plain-text tables, each under 80 columns (the demo and benchmarks/flywheel.py print
+    them): the models (steps trained, holdout, interval, general holdout, promotion), then the annotation (cost
+    per mask, masks per image, prefill precision, the automatic stage against ground truth)."""
     def f(v, d=2):
         return "-" if v is None else f"{v:.{d}f}"
 
-    lines = [f"{'round':>5} {'stage':<6} {'holdout':>7} {'95% interval':>16} {'general':>7} {'promoted':>8} "
-             f"{'clicks/mask':>11} {'s/mask':>6} {'masks/img':>9} {'prefill P':>9} {'auto R@.5':>9} {'auto P@.5':>9}"]
+    def steps(r):
+        done, planned = r.get("steps"), r.get("planned_steps")
+        if done is None:
+            return "-"
+        return f"{done}/{planned}" + ("*" if planned is not None and done < planned else "") if planned else str(done)
+
+    models = [f"{'round':>5} {'stage':<6} {'steps':>9} {'holdout':>7} {'95% interval':>16} {'general':>7} "
+              f"{'promoted':>8}"]
     for r in rows:
         interval = r.get("interval")
         shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "-"
         promoted = "-" if r.get("promoted") is None else ("yes" if r["promoted"] else "no")
         general = "-" if r.get("general_delta") is None else f"{r['general_delta']:+.3f}"
-        lines.append(f"{r['round']:>5} {r['stage']:<6} {f(r.get('holdout'), 3):>7} {shown:>16} {general:>7} "
-                     f"{promoted:>8} {f(r.get('clicks_per_mask'), 1):>11} {f(r.get('seconds_per_mask'), 1):>6} "
-                     f"{f(r.get('masks_per_image'), 1):>9} {f(r.get('prefill_precision')):>9} "
-                     f"{f(r.get('auto_recall_50')):>9} {f(r.get('auto_precision_50')):>9}")
-    return "\n".join(lines)
+        models.append(f"{r['round']:>5} {r['stage']:<6} {steps(r):>9} {f(r.get('holdout'), 3):>7} {shown:>16} "
+                      f"{general:>7} {promoted:>8}")
+    if any(r.get("steps") is not None and r.get("planned_steps") and r["steps"] < r["planned_steps"] for r in rows):
+        models.append("    * trained short of its planned steps (the wall-clock guard): not comparable")
+    work = [f"{'round':>5} {'stage':<6} {'clicks/mask':>11} {'s/mask':>6} {'masks/img':>9} {'prefill P':>9} "
+            f"{'auto R@.5':>9} {'auto P@.5':>9}"]
+    for r in rows:
+        work.append(f"{r['round']:>5} {r['stage']:<6} {f(r.get('clicks_per_mask'), 1):>11} "
+                    f"{f(r.get('seconds_per_mask'), 1):>6} {f(r.get('masks_per_image'), 1):>9} "
+                    f"{f(r.get('prefill_precision')):>9} {f(r.get('auto_recall_50')):>9} "
+                    f"{f(r.get('auto_precision_50')):>9}")
+    return "\n".join(models + [""] + work)
 
 
 def stage_table(rows: list[dict], masks) -> list[dict]:
@@ -391,6 +414,31 @@ def _triage(out: dict) -> str:
     return "thresholds" + (f" ({v['reason']})" if v.get("reason") else "")
 
 
+def _steps_cell(r: dict) -> str:
+    done, planned = r.get("steps"), r.get("planned_steps")
+    if done is None:
+        return "–"
+    return f"{done} of {planned}" + (" *" if planned and done < planned else "") if planned else str(done)
+
+
+def holdout_size(cfg: EngineConfig) -> dict:
+    """{images, masks} of the frozen holdout every promotion figure is judged on (None each where it is not
+    there yet): the configured holdout's annotations, or the one carved from the source (`<workdir>/holdout`)."""
+    if cfg.images.holdout_from_source > 0:
+        path = str(Path(cfg.path("holdout")) / "annotations.json")
+    else:
+        path = cfg.path(cfg.images.holdout_ground_truth) if cfg.images.holdout_ground_truth else None
+    if not path or not Path(path).is_file():
+        return {"images": None, "masks": None}
+    coco = json.loads(Path(path).read_text())
+    return {"images": len(coco.get("images", [])), "masks": len(coco.get("annotations", []))}
+
+
+def _holdout_size(cfg: EngineConfig) -> str:
+    size = holdout_size(cfg)
+    return "size unknown" if size["images"] is None else f"{size['images']} images, {size['masks']} masks"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -455,14 +503,16 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
            f"Promotion is gated on the frozen holdout: a retrained model replaces the current one only if its "
            f"`{metric_label(cfg.eval.promote_metric)}` beats the current model's by more than "
            f"{cfg.eval.promote_min_delta:g}. "
-           "The holdout columns are the round's retrained (candidate) model; AP/AR score its automatic masks "
+           f"The holdout ({_holdout_size(cfg)}) columns are the round's retrained (candidate) model, trained "
+           "`steps` optimiser steps of those planned (`*`: stopped short by a wall-clock guard, not comparable); "
+           "AP/AR score its automatic masks "
            f"kept at predicted IoU ≥ {EVAL_PRED_IOU_THRESH:g} and stability ≥ {EVAL_STABILITY_SCORE_THRESH:g}, as "
            "`sa-engine eval` does by default.", ""]
-    header = ["round", "stage", "images", "masks", "masks / image", "clicks / mask", "s / mask"] + \
+    header = ["round", "stage", "images", "masks", "masks / image", "clicks / mask", "s / mask", "steps"] + \
              [f"holdout {k}" for k in keys] + ["promoted"]
     md += _table(header, [[r["round"], r["stage"], _fmt(r["images"]), _fmt(r["masks"]),
                            _fmt(r["masks_per_image"], 1), _fmt(r["clicks_per_mask"], 1),
-                           _fmt(r["seconds_per_mask"], 1)] + [_fmt(r["eval"][k], 3) for k in keys] +
+                           _fmt(r["seconds_per_mask"], 1), _steps_cell(r)] + [_fmt(r["eval"][k], 3) for k in keys] +
                           [_fmt(r["promoted"]) if r["promoted"] is not None else "–"] for r in rows])
     md += ["", "### Promotion decisions", ""]
     if points:
@@ -470,6 +520,7 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
         md.append(f"- round 0: starting model, holdout {metric_label(cfg.eval.promote_metric)} "
                   f"{_fmt(metric_scores(start, cfg.eval.promote_metric)[0], 3)}")
     md += [f"- round {r['round']} ({r['stage']}): {'promoted' if r['promoted'] else 'kept'} — {r['reason']}"
+           + (f" — **{r['train_note']}**" if r.get("train_note") else "")
            for r in rows if r["reason"]]
     md += [""]
     if figures["miou_by_round.png"]:

@@ -147,7 +147,7 @@ def ray_train_loop(config: dict) -> None:
     seg = _start_model(init, config.get("seed", 0)).run_as(config.get("precision", "fp32"))
     sampler, fingerprint = sampler_for(config.get("data", {"kind": "synthetic"}))
     result = train(seg, sampler, settings)
-    metrics = {"steps": result.steps, "train_seconds": result.train_seconds, "loss": result.final_loss}
+    metrics = train_metrics(result)
     meta = dict(config.get("metadata", {}), data_fingerprint=fingerprint, train=metrics,
                 resumed_from=None if init in PRESETS else str(init))
     if ray.train.get_context().get_world_rank() == 0:
@@ -184,15 +184,33 @@ def train_with_ray(settings: TrainSettings, init: str, data: dict, out_dir: str 
 
 # ---- the two callers -----------------------------------------------------------------------------
 
+def train_metrics(result) -> dict:
+    """What a training run reports (its checkpoint's metadata, the ledger, the report): steps trained and
+    planned, what stopped it, seconds, the last loss."""
+    return {"steps": result.steps, "planned_steps": result.planned_steps, "stopped_by": result.stopped_by,
+            "train_seconds": round(result.train_seconds, 1), "cpu_seconds": round(result.cpu_seconds, 1),
+            "loss": result.final_loss}
+
+
+def short_note(metrics: dict, guard: str) -> str | None:
+    """One line when training stopped before its planned steps, else None."""
+    steps, planned = metrics.get("steps"), metrics.get("planned_steps")
+    if steps is None or planned is None or steps >= planned:
+        return None
+    return (f"trained {steps} of {planned} steps (stopped by the wall-clock guard {guard}): the model and the "
+            f"round's figures are not comparable with a full-budget run")
+
+
 def round_settings(cfg: EngineConfig, init_checkpoint: str | None, round_no: int) -> tuple[TrainSettings, int | None]:
     """A round's TrainSettings from `train.*` (None keys: the recipe's defaults; a trained starting model gets the
     fine-tune rate) and the starting model's steps so far (None: weights of unknown history)."""
     # threads None: every CPU (Ray Train: the worker's share of the cluster's CPUs)
-    settings = TrainSettings(minutes=cfg.train.minutes, seed=cfg.seed + round_no, threads=None)
+    settings = TrainSettings(max_steps=cfg.train.steps, minutes=cfg.train.minutes, seed=cfg.seed + round_no,
+                             threads=None)
     steps_before = trained_steps(init_checkpoint) if init_checkpoint else 0
     if steps_before != 0:  # a trained model (None: real weights of unknown history)
         settings.lr = FINE_TUNE_LR
-    for name in ("lr", "batch_images", "crop_share", "optimizer", "max_steps"):  # None: the recipe's default
+    for name in ("lr", "batch_images", "crop_share", "optimizer"):  # None: the recipe's default
         if getattr(cfg.train, name) is not None:
             setattr(settings, name, getattr(cfg.train, name))
     settings.parts = cfg.train.parts
@@ -203,13 +221,15 @@ def round_settings(cfg: EngineConfig, init_checkpoint: str | None, round_no: int
 
 def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | Path, round_no: int) -> dict:
     """Fine-tune `init_checkpoint` (None: a fresh seeded `model.preset`) on every verified mask in the shard
-    store (training_sets), for `train.minutes`; on Ray Train (`train.num_workers` workers) when
-    `train.use_ray`, else in-process.
+    store (training_sets), for `train.steps` optimiser steps (`train.minutes`, if set, a guard that may stop it
+    earlier); on Ray Train (`train.num_workers` workers) when `train.use_ray`, else in-process.
 
-    Returns {checkpoint, metrics, minutes, masks, sets}. With no verified mask yet, the starting model is
-    saved unchanged (a round that collected nothing cannot change the model).
+    Returns {checkpoint, metrics, minutes, masks, sets, steps, planned_steps, short, note?}: `short` when the
+    guard stopped training before its steps, with a `note` saying so in one line. With no verified mask yet,
+    the starting model is saved unchanged (a round that collected nothing cannot change the model).
     """
     t0 = time.perf_counter()
+    guard_key = f"train.minutes = {cfg.train.minutes:g}" if cfg.train.minutes else "train.minutes"
     n_masks = runtime.mask_store(cfg).read_table(columns=["mask_id"], verified=True).num_rows
     settings, steps_before = round_settings(cfg, init_checkpoint, round_no)
     meta = {"round": round_no, "resumed_from": init_checkpoint, "steps_before": steps_before or 0,
@@ -217,8 +237,9 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
     init = init_checkpoint or cfg.model.preset
     if n_masks == 0:
         _start_model(init, cfg.seed).save(out_dir, dict(meta, data_fingerprint="empty", train={"steps": 0}))
-        return {"checkpoint": str(out_dir), "metrics": {"steps": 0}, "masks": 0,
-                "minutes": round((time.perf_counter() - t0) / 60, 2), "note": "no verified masks: model unchanged"}
+        return {"checkpoint": str(out_dir), "metrics": {"steps": 0}, "masks": 0, "steps": 0, "planned_steps": 0,
+                "short": False, "minutes": round((time.perf_counter() - t0) / 60, 2),
+                "note": "no verified masks: model unchanged"}
     sets = training_sets(cfg)
     if cfg.train.use_ray:
         data = {"kind": "store", "config": cfg.model_dump(), "sets": sets}
@@ -230,17 +251,23 @@ def train_round(cfg: EngineConfig, init_checkpoint: str | None, out_dir: str | P
         seg = _start_model(init, cfg.seed).run_as(training_precision(cfg))
         sampler, fingerprint = store_sampler(cfg, sets)
         result = train(seg, sampler, settings)
-        metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-                   "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
+        metrics = train_metrics(result)
         seg.save(out_dir, dict(meta, data_fingerprint=fingerprint, train=metrics))
-    return {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks, "sets": len(sets),
-            "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    out = {"checkpoint": str(out_dir), "metrics": metrics, "masks": n_masks, "sets": len(sets),
+           "minutes": round((time.perf_counter() - t0) / 60, 2), "steps": metrics.get("steps"),
+           "planned_steps": settings.max_steps}
+    note = short_note({**metrics, "planned_steps": settings.max_steps}, guard_key)
+    out["short"] = note is not None
+    if note:
+        out["note"] = note
+    return out
 
 
-def train_cli(out: str | Path, init: str, data_folder: str | None, minutes: float, round_no: int,
-              use_ray: bool, workers: int, seed: int) -> dict:
-    """`sa-engine train`: from scratch or from a checkpoint, on a synth-style folder or fresh synthetic scenes."""
-    settings = TrainSettings(minutes=minutes, seed=seed, threads=1)
+def train_cli(out: str | Path, init: str, data_folder: str | None, steps: int, minutes: float | None,
+              round_no: int, use_ray: bool, workers: int, seed: int) -> dict:
+    """`sa-engine train`: from scratch or from a checkpoint, on a synth-style folder or fresh synthetic scenes,
+    for `steps` optimiser steps (`minutes`: an optional wall-clock guard)."""
+    settings = TrainSettings(max_steps=steps, minutes=minutes, seed=seed, threads=1)
     meta = {"round": round_no}
     if use_ray:
         data = ({"kind": "synthetic", "size": 256} if data_folder is None
@@ -251,8 +278,7 @@ def train_cli(out: str | Path, init: str, data_folder: str | None, minutes: floa
     seg = _start_model(init, seed)
     sampler, fingerprint = folder_or_synthetic(data_folder)
     result = train(seg, sampler, settings)
-    metrics = {"steps": result.steps, "train_seconds": round(result.train_seconds, 1),
-               "cpu_seconds": round(result.cpu_seconds, 1), "loss": result.final_loss}
+    metrics = train_metrics(result)
     version = seg.save(out, dict(meta, data_fingerprint=fingerprint, train=metrics,
                                  resumed_from=None if init in PRESETS else str(init)))
     return {"model_version": version, "out": str(out), **metrics}

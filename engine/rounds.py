@@ -213,7 +213,7 @@ def default_init_model(cfg: EngineConfig, out_dir: str) -> dict:
 
 
 def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -> dict:
-    """Round 0: train the starting model for `model.bootstrap_minutes` on a separate labelled
+    """Round 0: train the starting model for `model.bootstrap_steps` optimiser steps on a separate labelled
     synthetic set (its own seed, never the run's images or holdout), as SAM started from a model
     trained on public data. The set's ground truth goes into its own shard store, and training
     uses the same `train_round` as later rounds. Returns train_round's summary.
@@ -248,9 +248,12 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     boot_cfg.images.ground_truth = str(data / "annotations.json")
     boot_cfg.storage.root = store_uri
     boot_cfg.storage.s3_endpoint_url = None
+    boot_cfg.train.steps = cfg.model.bootstrap_steps
     boot_cfg.train.minutes = cfg.model.bootstrap_minutes
-    boot_cfg.train.max_steps = cfg.model.bootstrap_max_steps or cfg.train.max_steps
-    return train_round(boot_cfg, checkpoint, out_dir, 0)
+    out = train_round(boot_cfg, checkpoint, out_dir, 0)
+    if out.get("note"):
+        out["note"] = out["note"].replace("train.minutes", "model.bootstrap_minutes")
+    return out
 
 
 def default_manual(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
@@ -597,11 +600,13 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
     init = run.step("r0.init", "init", 0, {"checkpoint": cfg.model.checkpoint, "preset": cfg.model.preset},
                     lambda: steps.init_model(cfg, str(models / "r0-init")))
     current = init["checkpoint"]
-    if cfg.model.bootstrap_minutes > 0:
+    if cfg.model.bootstrap_steps > 0:
         boot = run.step("r0.bootstrap", "bootstrap", 0,
-                        {"checkpoint": current, "minutes": cfg.model.bootstrap_minutes},
+                        {"checkpoint": current, "steps": cfg.model.bootstrap_steps},
                         lambda: steps.bootstrap(cfg, current, str(models / "r0-bootstrap")))
         current = boot["checkpoint"]
+        if boot.get("note"):
+            run.progress(f"r0.bootstrap: {boot['note']}")
     runtime.record_current_model(cfg, current, 0)
     candidates: list[str] | None = None
     used: set[str] = set()
@@ -650,11 +655,16 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         trained = run.step(f"r{r}.train", "train", r, {"init_checkpoint": cur, "out_dir": out_dir},
                            lambda: steps.train(cfg, cur, out_dir, r))
         cand = trained["checkpoint"]
+        if trained.get("note"):
+            run.progress(f"r{r}.train: {trained['note']}")
         cand_eval = run.step(f"r{r}.eval", "eval", r, {"checkpoint": cand}, lambda: steps.evaluate(cfg, cand))
+        training = {"steps": trained.get("steps"), "planned_steps": trained.get("planned_steps"),
+                    "comparable": not trained.get("short", False)}
         decision = run.step(f"r{r}.promote", "promote", r,
                             {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
-                            lambda: _promote(metric, cand, cand_eval, cur, current_eval, min_delta,
-                                             cfg.eval.promote_confidence, cfg.eval.general_max_drop))
+                            lambda: {**_promote(metric, cand, cand_eval, cur, current_eval, min_delta,
+                                                cfg.eval.promote_confidence, cfg.eval.general_max_drop),
+                                     "training": training})
         if decision["promoted"]:
             current, current_eval = cand, cand_eval
             runtime.record_current_model(cfg, current, r)  # the ML backend service switches to it

@@ -33,9 +33,12 @@ Sampler = Callable[[np.random.Generator], Sample]
 
 @dataclass
 class TrainSettings:
-    minutes: float = 2.0  # budget of the optimisation (evaluation time not counted), on `clock`
-    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this process's CPU time: fair on a shared machine)
+    # The budget: `max_steps` optimiser steps (the same model on any machine, however busy). `minutes` on
+    # `clock` (evaluation time not counted) is a guard that can stop training earlier; with no max_steps it is
+    # the budget itself (benchmarks that measure rates). One of the two must be set.
     max_steps: int | None = None
+    minutes: float | None = None
+    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this process's CPU time: fair on a shared machine)
     batch_images: int = 8
     masks_per_image: int = 8
     iterations: int = 2  # prompts per mask: first prompt + corrective clicks
@@ -82,6 +85,13 @@ class TrainResult:
     cpu_seconds: float
     final_loss: float
     curve: list[dict] = field(default_factory=list)  # {"train_s", "cpu_s", "step", **eval metrics}
+    planned_steps: int | None = None  # settings.max_steps
+    stopped_by: str = "steps"  # "steps": the budget was trained; "minutes": the clock guard stopped it first
+
+    @property
+    def short(self) -> bool:
+        """Whether the clock guard stopped training before its planned steps (a result not comparable)."""
+        return self.planned_steps is not None and self.steps < self.planned_steps
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -397,15 +407,19 @@ def learning_rate(s: TrainSettings, step: int, progress: float | None) -> float:
 
 def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
           on_eval: Callable[[Segmenter], dict] | None = None) -> TrainResult:
-    """Train `seg` in place on `data` (see `dataset_sampler`, `synthetic_sampler`) for a time budget.
+    """Train `seg` in place on `data` (see `dataset_sampler`, `synthetic_sampler`) for `max_steps` optimiser
+    steps (the learning-rate schedule and crop share run on steps: the same settings and seed give the same
+    model on an idle laptop and a busy machine), stopped earlier only by the `minutes` guard (`stopped_by`).
 
-    The budget (`minutes`) and `eval_every_s` count on `settings.clock`; the curve records both
+    `minutes` and `eval_every_s` count on `settings.clock`; the curve records both
     wall and process-CPU seconds. With `ema_decay`, the averaged weights are evaluated and kept.
     The network runs at the segmenter's precision (`Segmenter.run_as`: fp32 or bf16 autocast).
     """
     s = settings or TrainSettings()
     if s.clock not in ("wall", "cpu"):
         raise ValueError(f"train settings: clock must be 'wall' or 'cpu', got {s.clock!r}")
+    if s.max_steps is None and s.minutes is None:
+        raise ValueError("train settings: set max_steps (the budget, optimiser steps) or minutes")
     if seg.precision == "fp16":
         raise ValueError("train: fp16 needs loss scaling, which this recipe does not do; train in fp32 or bf16")
     if s.threads:
@@ -428,7 +442,7 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     opts = _optimisers(net, s)
     ema = _Ema(net, s.ema_decay) if s.ema_decay else None
     data = input_frame_sampler(data, side, net.resize)
-    budget = s.minutes * 60
+    budget = math.inf if s.minutes is None else s.minutes * 60
     curve: list[dict] = []
     train_s, cpu_s, step, last_eval, loss_v = 0.0, 0.0, 0, 0.0, float("nan")
 
@@ -479,7 +493,8 @@ def train(seg: Segmenter, data: Sampler, settings: TrainSettings | None = None,
     if ema is not None and step:
         ema.swap(net)  # keep the averaged weights
     net.eval()
-    return TrainResult(step, train_s, cpu_s, loss_v, curve)
+    stopped_by = "steps" if s.max_steps is not None and step >= s.max_steps else "minutes"
+    return TrainResult(step, train_s, cpu_s, loss_v, curve, s.max_steps, stopped_by)
 
 
 def _first_points(gt: np.ndarray, rng: np.random.Generator, how: str) -> list[tuple[int, int]]:

@@ -66,7 +66,7 @@ def test_every_key_is_documented_with_its_default():
     undocumented = [r["key"] for r in rows if not r["doc"]]
     assert not undocumented, f"add a trailing `# meaning` comment in engine/integrations/config.py for: {undocumented}"
     keys = {r["key"] for r in rows}
-    assert {"images.source", "stages.manual.rounds", "model.bootstrap_minutes", "eval.promote_metric",
+    assert {"images.source", "stages.manual.rounds", "model.bootstrap_steps", "eval.promote_metric",
             "labelstudio.managed", "ray.address"} <= keys
     defaults = EngineConfig().model_dump()
     for r in rows:
@@ -137,7 +137,7 @@ def test_missing_image_source_and_holdout(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("stages.auto.points_per_side", -4), ("stages.auto.num_actors", 0), ("stages.auto.pred_iou_thresh", 1.5),
     ("stages.auto.images_per_commit", -1), ("labelstudio.port", 99999), ("labelstudio.ml_backend_port", 0),
-    ("stages.manual.images_per_round", 0), ("stages.auto.max_mask_fraction", 1.5), ("train.max_steps", 0),
+    ("stages.manual.images_per_round", 0), ("stages.auto.max_mask_fraction", 1.5), ("train.steps", 0),
     ("train.minutes", 0), ("images.max_side", 8), ("stages.auto.crop_n_layers", 9), ("ray.cpus_per_actor", 0),
     ("stages.semi.audit_fraction", -0.1), ("images.load_timeout_s", 0), ("images.max_pixels", 0)])
 def test_every_number_is_range_checked_when_read(tmp_path, key, value):

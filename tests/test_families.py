@@ -504,7 +504,7 @@ def test_the_round_loop_runs_end_to_end_on_a_sam2_model(tmp_path, labelstudio_se
                             "stability_score_thresh": 0.0, "min_mask_region_area": 0, "max_mask_fraction": 1.0}},
         "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
                         "ml_backend_port": free_port()},
-        "train": {"minutes": 5, "max_steps": 3},
+        "train": {"steps": 3},
     }
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(data))

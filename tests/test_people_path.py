@@ -50,8 +50,8 @@ def test_the_people_path_from_holdout_to_automatic_stage_with_a_person_in_the_br
         "ray": {"num_cpus": 2},
         # A briefly bootstrapped model (60 steps on other synthetic shapes), retrained on the round's masks for
         # longer: the holdout's 1-click mIoU says whether it is better. Steps, not seconds, bound both.
-        "model": {"bootstrap_minutes": 5, "bootstrap_max_steps": 60, "bootstrap_images": 8},
-        "train": {"minutes": 5, "max_steps": 400},
+        "model": {"bootstrap_steps": 60, "bootstrap_images": 8},
+        "train": {"steps": 400},
         "eval": {"promote_confidence": 0.0},
     }
     path = tmp_path / "engine.yaml"

@@ -90,7 +90,7 @@ def init_model(cfg, out_dir):
 def bootstrap(cfg, checkpoint, out_dir):
     _trace(cfg, "bootstrap", checkpoint, out_dir)
     _write_model(out_dir, _quality(checkpoint) + GAIN[0], checkpoint)
-    return {"checkpoint": out_dir, "metrics": {"loss": 1.0}, "minutes": cfg.model.bootstrap_minutes}
+    return {"checkpoint": out_dir, "metrics": {"loss": 1.0}, "steps": cfg.model.bootstrap_steps}
 
 
 def _stage(name):
@@ -254,7 +254,7 @@ def test_a_review_follows_each_semi_round_when_enabled(tmp_path):
 
 
 def test_final_auto_over_all_images_and_bootstrap_round(tmp_path):
-    cfg = load_config(_config(tmp_path, **{"stages.final_auto": "all", "model.bootstrap_minutes": 1.0}))
+    cfg = load_config(_config(tmp_path, **{"stages.final_auto": "all", "model.bootstrap_steps": 10}))
     run_rounds(cfg, CHEAP)
     ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
     steps = [e["step"] for e in ledger.entries()]
@@ -504,7 +504,7 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
         "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
                         "ml_backend_port": free_port()},
         # Steps, not seconds, bound training, so the rounds' models do not depend on the machine's speed.
-        "train": {"minutes": 5, "max_steps": 6},
+        "train": {"steps": 6},
     }
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -113,12 +113,13 @@ def test_train_cli_writes_a_checkpoint_and_resumes(tmp_path):
     from engine.integrations.synth import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "d", n_images=2, seed=3, size=96)
-    s1 = train_cli(tmp_path / "ck1", "compact", str(tmp_path / "d"), minutes=0.02, round_no=1, use_ray=False,
-                   workers=1, seed=0)
-    doc = json.loads((tmp_path / "ck1" / "sa_engine.json").read_text())
-    assert doc["metadata"]["round"] == 1 and doc["metadata"]["data_fingerprint"] and s1["steps"] >= 1
-    s2 = train_cli(tmp_path / "ck2", str(tmp_path / "ck1"), str(tmp_path / "d"), minutes=0.02, round_no=2,
+    s1 = train_cli(tmp_path / "ck1", "compact", str(tmp_path / "d"), steps=3, minutes=None, round_no=1,
                    use_ray=False, workers=1, seed=0)
+    doc = json.loads((tmp_path / "ck1" / "sa_engine.json").read_text())
+    assert doc["metadata"]["round"] == 1 and doc["metadata"]["data_fingerprint"] and s1["steps"] == 3
+    assert (s1["planned_steps"], s1["stopped_by"]) == (3, "steps")
+    s2 = train_cli(tmp_path / "ck2", str(tmp_path / "ck1"), str(tmp_path / "d"), steps=3, minutes=None,
+                   round_no=2, use_ray=False, workers=1, seed=0)
     doc2 = json.loads((tmp_path / "ck2" / "sa_engine.json").read_text())
     assert doc2["metadata"]["resumed_from"] == str(tmp_path / "ck1") and s2["model_version"] != s1["model_version"]
 
@@ -475,8 +476,8 @@ def test_a_round_fine_tunes_a_trained_model_at_the_fine_tune_rate(tmp_path):
 
     (tmp_path / "images").mkdir()
     data = {"workdir": str(tmp_path / "run"), "images": {"source": str(tmp_path / "images")},
-            "model": {"bootstrap_minutes": 1.0, "bootstrap_images": 2, "bootstrap_image_size": 64},
-            "train": {"use_ray": False, "max_steps": 2}}
+            "model": {"bootstrap_steps": 2, "bootstrap_images": 2, "bootstrap_image_size": 64},
+            "train": {"use_ray": False, "steps": 2}}
     (tmp_path / "engine.yaml").write_text(yaml.safe_dump(data))
     cfg = load_config(tmp_path / "engine.yaml")
     init = default_init_model(cfg, str(tmp_path / "r0-init"))["checkpoint"]
@@ -501,7 +502,7 @@ def test_train_keys_reach_a_rounds_settings():
 
     default, _ = round_settings(load_config(None), None, 2)
     assert default.iterations == TrainSettings().iterations and default.seed == 2
-    cfg = load_config(None, {"train.prompts_per_mask": 6, "train.lr": 1e-3, "train.max_steps": 9})
+    cfg = load_config(None, {"train.prompts_per_mask": 6, "train.lr": 1e-3, "train.steps": 9})
     settings, steps = round_settings(cfg, None, 1)
     assert (settings.iterations, settings.lr, settings.max_steps, steps) == (6, 1e-3, 9, 0)
 

@@ -28,6 +28,11 @@ _AMG = AmgParams()
 PER_MASK_METRICS = ("oracle@1", "box_miou")  # besides miou@k: the holdout metrics scored per mask
 SET_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")  # the automatic masks' COCOeval figures
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never a place for a run's data
+# Keys that were renamed: a config still using the old name is told the new one. Budgets are optimiser steps
+# now; the minutes keys remain as optional wall-clock guards.
+RENAMED = {"train.max_steps": "train.steps (the budget, optimiser steps; train.minutes is now only a guard)",
+           "model.bootstrap_max_steps": "model.bootstrap_steps (the budget, optimiser steps; "
+                                        "model.bootstrap_minutes is now only a guard)"}
 
 
 class _Section(BaseModel):
@@ -67,8 +72,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # network arithmetic: fp32, or autocast to bf16/fp16 (embedding, decoding; training: fp32/bf16)
     compile: bool = False  # torch.compile the encoder and decoder (inference; pays off on GPUs, first call compiles)
-    bootstrap_minutes: float = Field(0.0, ge=0)  # round 0: train on a separate labelled synthetic set first; 0 = off
-    bootstrap_max_steps: int | None = Field(None, ge=1)  # also stop the bootstrap after this many optimiser steps (None: train.max_steps)
+    bootstrap_steps: int = Field(0, ge=0)  # round 0: train this many optimiser steps on a separate labelled synthetic set first (the budget: the same model on any machine); 0 = off
+    bootstrap_minutes: float | None = Field(None, gt=0)  # optional wall-clock guard on the bootstrap: training stopped by it is reported as short ("trained N of M steps") and not comparable; None = no guard
     bootstrap_images: int = Field(64, ge=1)  # size of that synthetic set
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
     bootstrap_image_size: int = Field(256, ge=32)  # its image side in pixels
@@ -196,11 +201,11 @@ class RayConfig(_Section):
 
 
 class TrainConfig(_Section):
-    minutes: float = Field(2.0, gt=0)  # wall-clock budget per retraining
+    steps: int = Field(400, ge=1)  # optimiser steps per retraining: the budget (the same config and seed give the same model on an idle laptop, a busy CI machine and a GPU)
+    minutes: float | None = Field(None, gt=0)  # optional wall-clock guard per retraining: a retraining stopped by it is reported as short ("trained N of M steps") and its round as not comparable; None = no guard
     batch_images: int | None = Field(None, ge=1)  # images per step per worker (None: the recipe's default in model/train.py)
     lr: float | None = Field(None, gt=0)  # peak learning rate (None: model/train.py's 8e-3 from scratch, engine/retrain.py's FINE_TUNE_LR 2e-3 for a trained model; a real SAM wants ~1e-5)
     optimizer: Literal["muon", "adamw"] | None = None  # muon: Muon for weight matrices, AdamW for the rest (None: the recipe's default)
-    max_steps: int | None = Field(None, ge=1)  # also stop after this many optimiser steps (a round reproducible across machines)
     crop_share: float | None = Field(None, ge=0, le=1)  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
     parts: Literal["auto", "all", "prompt_decoder", "decoder"] = "auto"  # what learns: auto = all for the compact model and SAM 1, the mask decoder alone for SAM 2 / SAM-HQ / SAM 3 tracker (docs/models.md)
     buffer_images: int = Field(512, ge=1)  # scenes (an image and its masks) each training worker holds in memory; the rest streams from the store (a data set that fits is held whole)
@@ -306,6 +311,8 @@ def _section_fields(loc: tuple) -> list[str]:
 def _describe_error(err: dict) -> str:
     """One pydantic error as `key: reason`, with a close spelling for unknown keys and the bad value."""
     loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden" and loc in RENAMED:
+        return f"{loc}: renamed: use {RENAMED[loc]}"
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(err["loc"][-1]), _section_fields(err["loc"]), n=1)
         return f"{loc}: unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
@@ -431,6 +438,9 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
 
     # numbers: each key's range is checked when the file is read (Field bounds above); what is left
     # here relates keys to each other
+    if cfg.model.bootstrap_minutes is not None and cfg.model.bootstrap_steps == 0:
+        problems.append("model.bootstrap_minutes: set, but model.bootstrap_steps is 0 (no bootstrap): the budget is "
+                        "model.bootstrap_steps (optimiser steps); minutes are only a guard now")
     if not cfg.eval.clicks or min(cfg.eval.clicks) < 1:
         problems.append(f"eval.clicks: needs one or more click counts >= 1, got {cfg.eval.clicks}")
     metric = cfg.eval.promote_metric
@@ -460,14 +470,14 @@ def check_config(cfg: EngineConfig, address: str | None = None, network: bool = 
     if rounds > 0 and simulate and not cfg.images.ground_truth:
         problems.append("images.ground_truth: required when stages.simulate is true (simulated annotators)")
     carved = cfg.images.holdout_from_source > 0  # the holdout comes from the source: nothing else to point at
-    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
+    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_steps > 0):
         for key in ("holdout_source", "holdout_ground_truth"):
             if not getattr(cfg.images, key):
                 problems.append(f"images.{key}: required: promotion between rounds is gated on the holdout "
                                 "(or carve one out of your images: images.holdout_from_source: N)")
     if rounds > 0 and simulate:
         where("images.ground_truth", cfg.images.ground_truth, "file")
-    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_minutes > 0):
+    if loop and not carved and (rounds > 0 or cfg.model.bootstrap_steps > 0):
         where("images.holdout_source", cfg.images.holdout_source, "dir")
         where("images.holdout_ground_truth", cfg.images.holdout_ground_truth, "file")
     if cfg.model.checkpoint:
