@@ -552,3 +552,26 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
     assert report.exit_code == 0, report.output
     md = (Path(cfg.workdir) / "report" / "report.md").read_text()
     assert "| Assisted-manual | 1 | 2 |" in md and "| Fully automatic | 1 | 2 |" in md
+
+
+def test_a_retraining_stopped_short_by_its_guard_is_named_and_marked_not_comparable(tmp_path):
+    """Issue 30: when the wall-clock guard stops a retraining before its steps, the round's line says so
+    ("trained N of M steps"), and the promotion record carries the steps and `comparable: false`; a full
+    round carries its steps and `comparable: true`."""
+    from dataclasses import replace
+
+    def short_train(cfg, init_checkpoint, out_dir, round):
+        out = train(cfg, init_checkpoint, out_dir, round)
+        planned = cfg.train.steps
+        steps = 28 if round == 1 else planned
+        note = None if steps == planned else f"trained {steps} of {planned} steps (stopped by the wall-clock guard)"
+        return {**out, "steps": steps, "planned_steps": planned, "short": note is not None,
+                **({"note": note} if note else {})}
+
+    cfg = load_config(_config(tmp_path, **{"train.steps": 700}))
+    lines: list[str] = []
+    run_rounds(cfg, replace(CHEAP, train=short_train), progress=lines.append)
+    assert "r1.train: trained 28 of 700 steps (stopped by the wall-clock guard)" in lines
+    ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
+    assert ledger.get("r1.promote")["outputs"]["training"] == {"steps": 28, "planned_steps": 700, "comparable": False}
+    assert ledger.get("r2.promote")["outputs"]["training"] == {"steps": 700, "planned_steps": 700, "comparable": True}

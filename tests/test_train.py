@@ -519,3 +519,31 @@ def test_the_trainer_learns_to_segment_what_it_was_shown(fitted_compact):
     after = click_eval(trained, images, masks, clicks=1)["oracle@1"]
     before = click_eval(fresh, images, masks, clicks=1)["oracle@1"]
     assert after >= before + 0.15, (before, after)  # measured: 0.30 against 0.02
+
+
+def test_a_wall_clock_guard_that_stops_training_early_is_reported(tmp_path):
+    """Issue 30: budgets are steps; a wall-clock guard that stops training first leaves `short`, `stopped_by`
+    "minutes" and, through a round (here the bootstrap), one line naming the steps trained and planned."""
+    import yaml
+
+    from engine.integrations.config import load_config
+    from engine.rounds import default_bootstrap, default_init_model
+
+    images, masks = small_data()
+    res = train(Segmenter.new("compact", seed=0), dataset_sampler(images, masks),
+                TrainSettings(max_steps=100_000, minutes=0.005, batch_images=1, masks_per_image=1))
+    assert res.short and res.stopped_by == "minutes" and 1 <= res.steps < 100_000 and res.planned_steps == 100_000
+    full = train(Segmenter.new("compact", seed=0), dataset_sampler(images, masks),
+                 TrainSettings(max_steps=2, batch_images=1, masks_per_image=1))
+    assert not full.short and full.stopped_by == "steps" and full.steps == 2
+
+    (tmp_path / "images").mkdir()
+    data = {"workdir": str(tmp_path / "run"), "images": {"source": str(tmp_path / "images")},
+            "model": {"bootstrap_steps": 100_000, "bootstrap_minutes": 0.005, "bootstrap_images": 2,
+                      "bootstrap_image_size": 64}, "train": {"use_ray": False}}
+    (tmp_path / "engine.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "engine.yaml")
+    init = default_init_model(cfg, str(tmp_path / "r0-init"))["checkpoint"]
+    out = default_bootstrap(cfg, init, str(tmp_path / "boot"))
+    assert out["short"] and out["planned_steps"] == 100_000 and out["steps"] < 100_000
+    assert out["note"].startswith(f"trained {out['steps']} of 100000 steps") and "model.bootstrap_minutes" in out["note"]
