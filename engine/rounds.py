@@ -278,7 +278,43 @@ def default_holdout(cfg: EngineConfig, checkpoint: str | None, image_ids: list[s
     if written["masks"] == 0:
         raise ValueError(f"holdout: no masks were drawn on its {len(image_ids)} images (Label Studio project "
                          f"{summary.ls_project_id}); annotate them and rerun")
-    return {**written, "ls_project_id": summary.ls_project_id}
+    return {**written, "ls_project_id": summary.ls_project_id,
+            **holdout_completeness(cfg, checkpoint, folder, image_ids)}
+
+
+def holdout_completeness(cfg: EngineConfig, checkpoint: str | None, folder: Path, image_ids: list[str]) -> dict:
+    """How complete the drawn holdout is, as far as the engine can tell: images with no mask; with ground truth
+    (simulation), the objects it holds against the masks drawn; else the automatic generator's count of objects
+    on each image (the model in use) against the masks drawn. Returns {per_image: {image_id: drawn},
+    truth_masks (or None), warnings: [one line each]} (warnings only: people may have reasons)."""
+    coco = json.loads((folder / "annotations.json").read_text())
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    drawn = {i: 0 for i in image_ids}
+    for ann in coco["annotations"]:
+        drawn[names[ann["image_id"]]] = drawn.get(names[ann["image_id"]], 0) + 1
+    warnings = [f"holdout image {i}: no mask drawn (it is left out of the holdout)" for i, n in drawn.items() if n == 0]
+    truth_masks = None
+    if cfg.stages.simulate and cfg.images.ground_truth:
+        truth = runtime.ground_truth(cfg)
+        truth_masks = sum(len(truth.get(i, [])) for i in image_ids)
+        for i in image_ids:
+            if drawn[i] < len(truth.get(i, [])):
+                warnings.append(f"holdout image {i}: {drawn[i]} of its {len(truth.get(i, []))} objects drawn")
+    else:
+        from model.amg import generate_masks
+
+        seg, source = runtime.segmenter(cfg, checkpoint), runtime.image_source(cfg)
+        params = runtime.amg_params(cfg.stages.auto, points_per_side=min(16, cfg.stages.auto.points_per_side))
+        for i in image_ids:
+            try:
+                image = source.load(source.ref(i))
+            except BadImage:
+                continue
+            found = len(generate_masks(seg, image.pixels, params, output_size=image.original_size))
+            if drawn[i] and found >= 1.5 * drawn[i] and found - drawn[i] >= 3:
+                warnings.append(f"holdout image {i}: {drawn[i]} masks drawn, the automatic generator finds "
+                                f"{found} objects: were some left out? (every object must be drawn)")
+    return {"per_image": drawn, "truth_masks": truth_masks, "warnings": warnings}
 
 
 def write_holdout_folder(store, source, image_ids: list[str], folder: Path) -> dict:
@@ -617,6 +653,11 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         cur = current
         hold = run.step("r0.holdout", "holdout", 0, {"checkpoint": cur, "image_ids": held},
                         lambda: steps.holdout(cfg, cur, held))
+        run.progress(f"r0.holdout: {hold.get('images')} images, {hold.get('masks')} masks"
+                     + (f" ({hold['truth_masks']} objects in the ground truth)"
+                        if hold.get("truth_masks") is not None else ""))
+        for line in hold.get("warnings") or []:
+            run.progress(f"r0.holdout: warning: {line}")
         cfg = cfg.model_copy(deep=True)
         cfg.images.holdout_source, cfg.images.holdout_ground_truth = hold["source"], hold["ground_truth"]
         used.update(held)

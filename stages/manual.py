@@ -147,15 +147,21 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     ls, server = labelling.connect(cfg)
     images, pixels, full_sizes = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
-    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round),
-                                          f"round {round}, model {segmenter.model_version}", images)
+    description = f"round {round}, model {segmenter.model_version}"
+    if purpose == "holdout":  # promotion is judged on these masks: an object left out is a figure gone wrong
+        description = (f"HOLDOUT: draw EVERY object on each image (every model is judged on these masks; "
+                       f"an object left out skews every figure). {description}")
+    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round), description,
+                                          images)
 
     # 3. Annotate or wait
     efforts = []
     with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate, checkpoint=checkpoint) as backend:
         backend_id = labelling.connect_backend(ls, project_id, backend)
         if simulate:
-            annotator = SimulatedAnnotator(ls, backend_id, settings=runtime.annotator_settings(cfg))
+            # a holdout is drawn whole: no per-image time limit (promotion is judged on every object)
+            annotator = SimulatedAnnotator(ls, backend_id,
+                                           settings=runtime.annotator_settings(cfg, every_object=purpose == "holdout"))
             annotated = ls.annotated_task_ids(project_id)
             for im in images:
                 if tasks[im.image_id] not in annotated:  # else a resumed round: submitted before

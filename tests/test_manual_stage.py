@@ -110,3 +110,32 @@ def test_masks_drawn_on_a_downscaled_task_are_stored_at_the_file_size(labelstudi
         mask = mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool)
         best = max((mask & o).sum() / max(1, (mask | o).sum()) for o in objects)
         assert best >= 0.3, best
+
+
+def test_a_holdout_is_drawn_whole_where_a_round_leaves_objects_for_lack_of_time(labelstudio_server, tmp_path):
+    """Issue 30: simulated annotators drawing a holdout have no per-image time limit, so every object is drawn
+    (the holdout's masks equal its ground truth's objects) where a manual round with the same settings leaves
+    objects undrawn; the completeness check finds nothing to warn about."""
+    from engine.integrations.config import load_config
+    from engine.rounds import default_holdout
+
+    write_synthetic_dataset(tmp_path / "synth", n_images=1, seed=5, size=96)
+    cfg = {"workdir": str(tmp_path), "images": {"source": "synth/images", "ground_truth": "synth/annotations.json",
+                                                "holdout_source": None, "holdout_ground_truth": None},
+           "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
+                           "ml_backend_port": free_port()},
+           # time for about one object per image: a round leaves the rest, as SA-1B's annotators did
+           "stages": {"manual": {"images_per_round": 1, "max_clicks": 2, "image_time_limit_s": 8.0}}}
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config = load_config(path)
+    (image_id,) = [p.name for p in (tmp_path / "synth" / "images").iterdir()]
+    objects = len(json.loads((tmp_path / "synth" / "annotations.json").read_text())["annotations"])
+    assert objects >= 3
+    hold = default_holdout(config, None, [image_id])
+    assert hold["masks"] == hold["truth_masks"] == objects and hold["per_image"] == {image_id: objects}
+    assert hold["warnings"] == []
+    res = CliRunner().invoke(app, ["stage", "manual", "--config", str(path), "--round", "1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["masks"] < objects and summary["simulated"]["left_by_time_limit"] > 0

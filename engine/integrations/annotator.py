@@ -51,6 +51,9 @@ class AnnotatorSettings:
     image_time_limit_s: float = 120.0
     brush_fix_s: float = 10.0  # stated cost of fixing a mask by brush/eraser after the click limit
     min_area: int = 4  # objects smaller than this (pixels) are not worth a click
+    # A holdout: every object is drawn, parts of objects already drawn included, with no per-image time limit
+    # (promotion is judged on these masks; an object left out skews every figure)
+    every_object: bool = False
 
 
 @dataclass
@@ -195,12 +198,12 @@ class SimulatedAnnotator:
         results = []
         queue = whole + sorted(parts, key=lambda o: -int(o.mask.sum()))
         for k, obj in enumerate(queue):
-            if obj.parent_id is not None and obj.parent_id in done_ids:
+            if obj.parent_id is not None and obj.parent_id in done_ids and not s.every_object:
                 effort.skipped_parts += 1
                 continue
             if obj.mask.shape != (image.height, image.width) or obj.mask.sum() < s.min_area:
                 continue
-            if effort.seconds + s.seconds_per_mask + s.seconds_per_click > s.image_time_limit_s:
+            if not s.every_object and effort.seconds + s.seconds_per_mask + s.seconds_per_click > s.image_time_limit_s:
                 effort.left_unannotated = sum(1 for o in queue[k:] if o.parent_id not in done_ids)
                 break
             final, mask_effort = self.annotate_object(task_id, image, obj)

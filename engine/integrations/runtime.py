@@ -176,11 +176,13 @@ def calibration_params(cfg: EngineConfig, **overrides) -> AmgParams:
 
 # --------------------------------------------------------------------------- people and their tools
 
-def annotator_settings(cfg: EngineConfig) -> AnnotatorSettings:
+def annotator_settings(cfg: EngineConfig, every_object: bool = False) -> AnnotatorSettings:
+    """The simulated annotators' settings. every_object: a holdout's annotators, who draw every object (parts
+    too) with no per-image time limit, so that promotion is judged on all of them."""
     m = cfg.stages.manual
     return AnnotatorSettings(max_clicks=m.max_clicks, iou_target=m.iou_target,
                              seconds_per_click=m.seconds_per_click, seconds_per_mask=m.seconds_per_mask,
-                             image_time_limit_s=m.image_time_limit_s)
+                             image_time_limit_s=m.image_time_limit_s, every_object=every_object)
 
 
 def server_settings(cfg: EngineConfig) -> ServerSettings:
