@@ -86,7 +86,8 @@ def round_rows(ledger: Ledger, masks, metric_keys: list[str]) -> list[dict]:
         trained = (ledger.get(f"r{r}.train") or {}).get("outputs") or {}
         rows.append({
             "steps": trained.get("steps"), "planned_steps": trained.get("planned_steps"),
-            "train_note": trained.get("note") if trained.get("short") else None,
+            "train_note": "; ".join(n for n in (trained.get("note") if trained.get("short") else None,
+                                                ((dec.get("training") or {}).get("learned_nothing"))) if n) or None,
             "round": r, "stage": stage, "status": stage_rec.get("status", "not run"),
             "images": images, "masks": n_masks,
             "masks_per_image": n_masks / images if images else None,

@@ -528,6 +528,32 @@ def promotion_decision(metric: str | dict[str, float], candidate: dict, current:
             "interval": interval, "test": test, "general": general, "reason": reason}
 
 
+def trivial_baseline(coco_json: str | Path) -> float | None:
+    """The holdout mIoU of a model that answers every click with the whole image: the mean over the holdout's
+    masks of (mask area / image area). (An empty answer scores 0.) None without masks."""
+    coco = json.loads(Path(coco_json).read_text())
+    sizes = {im["id"]: im["height"] * im["width"] for im in coco.get("images", [])}
+    shares = [a["area"] / sizes[a["image_id"]] for a in coco.get("annotations", []) if sizes.get(a["image_id"])]
+    return float(np.mean(shares)) if shares else None
+
+
+def learned_nothing(evaluation: dict, baseline: float | None, margin: float = 0.02) -> str | None:
+    """One line when the holdout's 1-click mIoU sits at a trivial answer's (whole-image masks: `baseline`;
+    empty masks: 0), else None."""
+    score = evaluation.get("miou@1")
+    if score is None:
+        return None
+    if baseline is not None and abs(score - baseline) <= margin:
+        return (f"holdout 1-click mIoU {score:.3f} is what whole-image masks score ({baseline:.3f}): the model "
+                f"has learned nothing usable; likely causes: too few training steps (model.bootstrap_steps, "
+                f"train.steps) or a start unsuited to these images")
+    if score <= margin:
+        return (f"holdout 1-click mIoU {score:.3f} is what empty masks score: the model has learned nothing "
+                f"usable; likely causes: too few training steps (model.bootstrap_steps, train.steps) or a start "
+                f"unsuited to these images")
+    return None
+
+
 def _promote(metric: str | dict[str, float], candidate: str, candidate_eval: dict, current: str,
              current_eval: dict | None, min_delta: float, confidence: float, general_max_drop: float | None) -> dict:
     decision = promotion_decision(metric, candidate_eval, current_eval, min_delta, confidence, general_max_drop)
@@ -662,10 +688,16 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         cfg.images.holdout_source, cfg.images.holdout_ground_truth = hold["source"], hold["ground_truth"]
         used.update(held)
     current_eval = None
+    baseline = None
     if n_rounds > 0:
         cur = current
         current_eval = run.step("r0.eval", "eval", 0, {"checkpoint": cur},
                                 lambda: steps.evaluate(cfg, cur))
+        truth = cfg.path(cfg.images.holdout_ground_truth) if cfg.images.holdout_ground_truth else None
+        baseline = trivial_baseline(truth) if truth and Path(truth).is_file() else None
+        note = learned_nothing(current_eval, baseline)
+        if note and (cfg.model.bootstrap_steps > 0 or cfg.model.checkpoint):  # (a fresh model is expected to)
+            run.progress(f"r0.eval: warning: {note}")
 
     rounds: list[dict] = []
     for r in range(1, n_rounds + 1):
@@ -699,8 +731,11 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         if trained.get("note"):
             run.progress(f"r{r}.train: {trained['note']}")
         cand_eval = run.step(f"r{r}.eval", "eval", r, {"checkpoint": cand}, lambda: steps.evaluate(cfg, cand))
+        note = learned_nothing(cand_eval, baseline)
+        if note:
+            run.progress(f"r{r}.eval: warning: {note}")
         training = {"steps": trained.get("steps"), "planned_steps": trained.get("planned_steps"),
-                    "comparable": not trained.get("short", False)}
+                    "comparable": not trained.get("short", False), "learned_nothing": note}
         decision = run.step(f"r{r}.promote", "promote", r,
                             {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
                             lambda: {**_promote(metric, cand, cand_eval, cur, current_eval, min_delta,

@@ -573,5 +573,27 @@ def test_a_retraining_stopped_short_by_its_guard_is_named_and_marked_not_compara
     run_rounds(cfg, replace(CHEAP, train=short_train), progress=lines.append)
     assert "r1.train: trained 28 of 700 steps (stopped by the wall-clock guard)" in lines
     ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
-    assert ledger.get("r1.promote")["outputs"]["training"] == {"steps": 28, "planned_steps": 700, "comparable": False}
-    assert ledger.get("r2.promote")["outputs"]["training"] == {"steps": 700, "planned_steps": 700, "comparable": True}
+    training = {r: ledger.get(f"r{r}.promote")["outputs"]["training"] for r in (1, 2)}
+    assert {k: training[1][k] for k in ("steps", "planned_steps", "comparable")} == {
+        "steps": 28, "planned_steps": 700, "comparable": False}
+    assert {k: training[2][k] for k in ("steps", "planned_steps", "comparable")} == {
+        "steps": 700, "planned_steps": 700, "comparable": True}
+
+
+def test_a_model_that_learned_nothing_is_named():
+    """Issue 30: a holdout score at what whole-image masks (or empty masks) would score is named in one line
+    with the likely causes; a real score is not."""
+    import tempfile
+
+    from engine.rounds import learned_nothing, trivial_baseline
+
+    coco = {"images": [{"id": 1, "height": 10, "width": 10}, {"id": 2, "height": 20, "width": 10}],
+            "annotations": [{"image_id": 1, "area": 5}, {"image_id": 1, "area": 15}, {"image_id": 2, "area": 20}]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(coco, f)
+    baseline = trivial_baseline(f.name)
+    assert abs(baseline - (0.05 + 0.15 + 0.1) / 3) < 1e-9
+    note = learned_nothing({"miou@1": baseline + 0.005}, baseline)
+    assert note and "whole-image masks" in note and "train.steps" in note
+    assert "empty masks" in learned_nothing({"miou@1": 0.004}, baseline)
+    assert learned_nothing({"miou@1": 0.42}, baseline) is None
