@@ -256,6 +256,18 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     return out
 
 
+def default_general_holdout(cfg: EngineConfig) -> dict:
+    """A general holdout carved from the starting set: `model.bootstrap_general_holdout` scenes of the bootstrap's
+    family and size with a seed of their own (disjoint from the scenes it trained on), written once under
+    <workdir>/bootstrap/general. Returns {source, ground_truth, images}."""
+    folder = Path(cfg.path("bootstrap")) / "general"
+    if not (folder / "annotations.json").exists():
+        write_synthetic_dataset(folder, n_images=cfg.model.bootstrap_general_holdout, seed=cfg.model.bootstrap_seed + 1,
+                                size=cfg.model.bootstrap_image_size, family=cfg.model.bootstrap_family)
+    return {"source": str(folder / "images"), "ground_truth": str(folder / "annotations.json"),
+            "images": cfg.model.bootstrap_general_holdout}
+
+
 def default_manual(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str]) -> dict:
     return run_manual_stage(cfg, round, checkpoint, image_ids=image_ids, simulate=cfg.stages.simulate).to_dict()
 
@@ -398,7 +410,8 @@ class Steps:
     """What the loop calls. Signatures:
     list_images(cfg) -> [image_id];  init_model(cfg, out_dir) -> {checkpoint};
     select(cfg, round, checkpoint, candidates, used, count, progress) -> {image_ids, candidates};
-    bootstrap(cfg, checkpoint, out_dir) -> {checkpoint, metrics, minutes};
+    bootstrap(cfg, checkpoint, out_dir) -> {checkpoint, metrics, steps, planned_steps, short, note?};
+    general_holdout(cfg) -> {source, ground_truth, images} (after a bootstrap, with no general holdout given);
     holdout(cfg, checkpoint, image_ids) -> {source, ground_truth, images, masks};
     manual/semi/auto(cfg, round, checkpoint, image_ids) -> stage summary;
     review(cfg, round, checkpoint) -> review summary (after a semi round, with stages.review.enabled);
@@ -410,6 +423,7 @@ class Steps:
     select: Callable[..., dict] = default_select
     init_model: Callable[[EngineConfig, str], dict] = default_init_model
     bootstrap: Callable[[EngineConfig, str | None, str], dict] = default_bootstrap
+    general_holdout: Callable[[EngineConfig], dict] = default_general_holdout
     holdout: Callable[[EngineConfig, str | None, list[str]], dict] = default_holdout
     manual: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_manual
     semi: Callable[[EngineConfig, int, str | None, list[str]], dict] = default_semi
@@ -471,22 +485,33 @@ def metric_scores(evaluation: dict, metric: str | dict[str, float]) -> tuple[flo
     return score, per_mask
 
 
+FORGETTING = ("weigh", "block", "report")
+
+
 def promotion_decision(metric: str | dict[str, float], candidate: dict, current: dict | None, min_delta: float,
-                       confidence: float = 0.95, general_max_drop: float | None = None) -> dict:
+                       confidence: float = 0.95, general_max_drop: float | None = None, start: dict | None = None,
+                       forgetting: str = "weigh", forgetting_share: float = 0.25) -> dict:
     """Promote only if the candidate is better than the current model on `metric` by more than `min_delta`,
-    and (with a general holdout) does not forget the starting domain.
+    and (with a general holdout) does not forget the starting domain beyond what the policy allows.
 
     `metric`: a holdout metric's name, or {name: weight} for a weighted mix of per-mask metrics. With both
     models' per-mask scores on the holdout (`per_mask`, the same masks in the same order) and `confidence` > 0,
     "better" is the paired test: the lower end of the bootstrap interval of the mean per-mask difference must
     exceed `min_delta`, so a difference the holdout cannot tell from noise is not promoted. Otherwise (an AP
     metric, or confidence 0) the plain difference of the means decides.
-    Forgetting: when both evaluations hold a `general` evaluation (the general holdout) and `general_max_drop`
-    is set, a candidate whose score there is lower than the current model's by more than `general_max_drop`
-    is refused, however much better it is on the holdout.
+
+    Forgetting is measured whenever the evaluations hold a `general` evaluation (a general holdout of the
+    starting domain): against the model in use, and cumulatively against the starting model (`start`, the
+    round-0 evaluation), so drops within the allowance cannot add up round after round. `forgetting` says what
+    a fall does: "weigh" refuses a fall larger than max(`general_max_drop`, `forgetting_share` x the
+    candidate's gain on the holdout) — a large gain on the user's own images is not thrown away for a small
+    loss on the starting domain; "block" refuses any fall beyond `general_max_drop`; "report" never refuses.
+    `general_max_drop` None: the old switch for no guard (as "report").
     Returns {promoted, metric, candidate, current, delta, interval, test, general, reason}; `current` None
     promotes.
     """
+    if forgetting not in FORGETTING:
+        raise ValueError(f"forgetting: {forgetting!r} is not one of {FORGETTING}")
     label = metric_label(metric)
     cand, a = metric_scores(candidate, metric)
     if cand is None:
@@ -505,27 +530,57 @@ def promotion_decision(metric: str | dict[str, float], candidate: dict, current:
         delta = cand - cur
         promoted, interval, test = delta > min_delta, None, "difference of means"
         shown = f"{delta:+.4f}"
-    general = None
-    if general_max_drop is not None and candidate.get("general") and (current or {}).get("general"):
-        g_cand, _ = metric_scores(candidate["general"], metric)
-        g_cur, _ = metric_scores(current["general"], metric)
-        if g_cand is not None and g_cur is not None:
-            general = {"candidate": g_cand, "current": g_cur, "delta": g_cand - g_cur, "max_drop": general_max_drop,
-                       "ok": g_cand - g_cur >= -general_max_drop}
+    general = _forgetting(metric, candidate, current, start, cand, cur,
+                          "report" if general_max_drop is None else forgetting, general_max_drop or 0.0,
+                          forgetting_share)
     if promoted and general is not None and not general["ok"]:
         promoted = False
         reason = (f"kept current model: candidate {label} {cand:.4f} beats current {cur:.4f} ({shown}) but forgets "
-                  f"the general holdout ({general['candidate']:.4f} vs {general['current']:.4f}, "
-                  f"{general['delta']:+.4f}, more than the {general_max_drop:g} allowed)")
+                  f"the general holdout: {general['why']}")
     elif promoted:
         reason = f"candidate {label} {cand:.4f} beats current {cur:.4f} ({shown})"
     else:
         reason = (f"kept current model: candidate {label} {cand:.4f} vs current {cur:.4f} is not better by "
                   f"more than {min_delta:g} ({shown})")
     if general is not None and promoted:
-        reason += f"; general holdout {general['delta']:+.4f} (within {general_max_drop:g})"
+        reason += (f"; general holdout {general['delta']:+.4f}"
+                   + (f" (from the start {general['cumulative_delta']:+.4f})"
+                      if general.get("cumulative_delta") is not None else "")
+                   + (f", within the {general['allowed']:.4f} allowed" if general["policy"] != "report" else
+                      ", reported only"))
     return {"promoted": promoted, "metric": label, "candidate": cand, "current": cur, "delta": delta,
             "interval": interval, "test": test, "general": general, "reason": reason}
+
+
+def _forgetting(metric, candidate: dict, current: dict, start: dict | None, cand: float, cur: float, policy: str,
+                max_drop: float, share: float) -> dict | None:
+    """The general holdout's verdict (see promotion_decision), or None when it was not evaluated."""
+    if not candidate.get("general") or not (current or {}).get("general"):
+        return None
+    g_cand, _ = metric_scores(candidate["general"], metric)
+    g_cur, _ = metric_scores(current["general"], metric)
+    if g_cand is None or g_cur is None:
+        return None
+
+    def allowance(gain: float) -> float:
+        return max_drop if policy == "block" else max(max_drop, share * max(gain, 0.0))
+
+    out = {"candidate": g_cand, "current": g_cur, "delta": g_cand - g_cur, "max_drop": max_drop, "policy": policy,
+           "allowed": allowance(cand - cur), "start": None, "cumulative_delta": None, "allowed_cumulative": None}
+    falls = []
+    if out["delta"] < -out["allowed"]:
+        falls.append(f"{g_cand:.4f} vs {g_cur:.4f} for the model in use ({out['delta']:+.4f}, more than the "
+                     f"{out['allowed']:.4f} allowed)")
+    g_start = metric_scores(start["general"], metric)[0] if (start or {}).get("general") else None
+    s_score = metric_scores(start, metric)[0] if start else None
+    if g_start is not None and s_score is not None:
+        out.update(start=g_start, cumulative_delta=g_cand - g_start, allowed_cumulative=allowance(cand - s_score))
+        if out["cumulative_delta"] < -out["allowed_cumulative"]:
+            falls.append(f"{g_cand:.4f} vs {g_start:.4f} for the starting model ({out['cumulative_delta']:+.4f}, "
+                         f"more than the {out['allowed_cumulative']:.4f} allowed)")
+    out["ok"] = policy == "report" or not falls
+    out["why"] = "; ".join(falls)
+    return out
 
 
 def trivial_baseline(coco_json: str | Path) -> float | None:
@@ -554,9 +609,12 @@ def learned_nothing(evaluation: dict, baseline: float | None, margin: float = 0.
     return None
 
 
-def _promote(metric: str | dict[str, float], candidate: str, candidate_eval: dict, current: str,
-             current_eval: dict | None, min_delta: float, confidence: float, general_max_drop: float | None) -> dict:
-    decision = promotion_decision(metric, candidate_eval, current_eval, min_delta, confidence, general_max_drop)
+def _promote(cfg: EngineConfig, candidate: str, candidate_eval: dict, current: str, current_eval: dict | None,
+             start_eval: dict | None) -> dict:
+    e = cfg.eval
+    decision = promotion_decision(e.promote_metric, candidate_eval, current_eval, e.promote_min_delta,
+                                  e.promote_confidence, e.general_max_drop, start_eval, e.forgetting,
+                                  e.forgetting_share)
     return {**decision, "checkpoint": candidate if decision["promoted"] else current}
 
 
@@ -670,6 +728,18 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         if boot.get("note"):
             run.progress(f"r0.bootstrap: {boot['note']}")
     runtime.record_current_model(cfg, current, 0)
+    if n_rounds > 0 and not cfg.images.general_holdout_source:
+        if cfg.model.bootstrap_steps > 0 and cfg.model.bootstrap_general_holdout > 0:
+            # forgetting is always measured: the starting set gives a general holdout of its own
+            gen = run.step("r0.general", "general", 0, {"images": cfg.model.bootstrap_general_holdout},
+                           lambda: steps.general_holdout(cfg))
+            cfg = cfg.model_copy(deep=True)
+            cfg.images.general_holdout_source = gen["source"]
+            cfg.images.general_holdout_ground_truth = gen["ground_truth"]
+        else:
+            run.progress("forgetting is not measured: no general holdout of the starting domain (a start without "
+                         "its data); give one with images.general_holdout_source / general_holdout_ground_truth "
+                         "(docs/people.md)")
     candidates: list[str] | None = None
     used: set[str] = set()
     if cfg.images.holdout_from_source > 0 and n_rounds > 0:
@@ -687,12 +757,13 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
         cfg = cfg.model_copy(deep=True)
         cfg.images.holdout_source, cfg.images.holdout_ground_truth = hold["source"], hold["ground_truth"]
         used.update(held)
-    current_eval = None
+    current_eval = start_eval = None
     baseline = None
     if n_rounds > 0:
         cur = current
         current_eval = run.step("r0.eval", "eval", 0, {"checkpoint": cur},
                                 lambda: steps.evaluate(cfg, cur))
+        start_eval = current_eval
         truth = cfg.path(cfg.images.holdout_ground_truth) if cfg.images.holdout_ground_truth else None
         baseline = trivial_baseline(truth) if truth and Path(truth).is_file() else None
         note = learned_nothing(current_eval, baseline)
@@ -738,8 +809,7 @@ def _run(cfg: EngineConfig, steps: Steps, run: _Runner, ledger: Ledger, models: 
                     "comparable": not trained.get("short", False), "learned_nothing": note}
         decision = run.step(f"r{r}.promote", "promote", r,
                             {"candidate": cand, "current": cur, "metric": metric, "min_delta": min_delta},
-                            lambda: {**_promote(metric, cand, cand_eval, cur, current_eval, min_delta,
-                                                cfg.eval.promote_confidence, cfg.eval.general_max_drop),
+                            lambda: {**_promote(cfg, cand, cand_eval, cur, current_eval, start_eval),
                                      "training": training})
         if decision["promoted"]:
             current, current_eval = cand, cand_eval

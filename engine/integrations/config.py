@@ -78,6 +78,7 @@ class ModelConfig(_Section):
     bootstrap_seed: int = 1000  # its seed (a split of its own, disjoint from the run's images and holdout)
     bootstrap_image_size: int = Field(256, ge=32)  # its image side in pixels
     bootstrap_family: Literal["shapes", "pebbles"] = "shapes"  # its synthetic scene family (engine/integrations/synth.py)
+    bootstrap_general_holdout: int = Field(16, ge=0)  # with a bootstrap and no images.general_holdout_*: a general holdout of this many images of the starting set's family (a seed of its own) measures forgetting; 0 = none
 
 
 class ManualStageConfig(_Section):
@@ -223,7 +224,9 @@ class EvalConfig(_Section):
     promote_metric: str | dict[str, float] = "miou@1"  # holdout metric a retrained model must beat, or {metric: weight} for a weighted mix of per-mask metrics (miou@k, oracle@1, box_miou)
     promote_min_delta: float = Field(0.0, ge=0)  # by more than this
     promote_confidence: float = Field(0.95, ge=0.0, lt=1.0)  # paired bootstrap over holdout masks: the interval's low end must pass the delta (0: compare means)
-    general_max_drop: float = Field(0.02, ge=0.0)  # with images.general_holdout_*: refuse a candidate whose promote metric there falls by more than this
+    general_max_drop: float = Field(0.02, ge=0.0)  # a fall on the general holdout (the starting domain) always allowed; see forgetting
+    forgetting: Literal["weigh", "block", "report"] = "weigh"  # what a fall on the general holdout does, judged against the model in use and (cumulatively) the starting model: weigh: refuse a fall larger than max(general_max_drop, forgetting_share x the candidate's gain on the holdout); block: refuse any fall beyond general_max_drop; report: measure and report only
+    forgetting_share: float = Field(0.25, ge=0.0)  # with forgetting weigh: the share of the holdout gain a fall on the general holdout may take
 
 
 class EngineConfig(_Section):
