@@ -12,8 +12,8 @@ general_drop (largest fall on the general holdout of a promoted model), select, 
     .venv/bin/python benchmarks/flywheel.py --select uncertain --port 8189
     .venv/bin/python benchmarks/flywheel.py --set train.include_bootstrap=false --workdir /tmp/fw-noreplay
 
-Training budgets are wall-clock, so figures move with the machine's load (printed); compare variants side by
-side on one machine.
+Training budgets are optimiser steps, so the models do not depend on the machine's load (printed beside the
+figures; benchmarks/reproducible.py checks it); the minutes do.
 """
 from __future__ import annotations
 

@@ -166,6 +166,27 @@ def flywheel_rows(ledger: Ledger, rows: list[dict], metric: str | dict[str, floa
     return out
 
 
+def evaluation_figures(ledger: Ledger) -> dict:
+    """What two runs of one config must agree on (tests/test_reproducible.py, benchmarks/reproducible.py):
+    {values: every holdout figure of every evaluation in ledger order — metrics and per-mask IoUs, the general
+    holdout's too —, promotions: [(step, promoted)], steps: optimiser steps of each training, in order}."""
+    values, promotions, steps = [], [], []
+    for e in ledger.entries():
+        out = e.get("outputs") or {}
+        if e["kind"] == "eval":
+            for part in (out, out.get("general") or {}):
+                for key in sorted(part):
+                    if key.startswith(("miou@", "box_miou", "oracle@", "AP", "AR")) and part[key] is not None:
+                        values.append(float(part[key]))
+                for key in sorted(part.get("per_mask") or {}):
+                    values += [float(v) for v in part["per_mask"][key]]
+        elif e["kind"] == "promote":
+            promotions.append((e["step"], out.get("promoted")))
+        elif e["kind"] in ("train", "bootstrap"):
+            steps.append(out.get("steps"))
+    return {"values": values, "promotions": promotions, "steps": steps}
+
+
 def format_rounds_table(rows: list[dict]) -> str:
     """flywheel_rows as two plain-text tables, each under 80 columns (the demo and benchmarks/flywheel.py print
     them): the models (steps trained, holdout, interval, general holdout, promotion), then the annotation (cost

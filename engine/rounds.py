@@ -37,6 +37,7 @@ from engine.integrations import runtime
 from engine.integrations.config import EngineConfig
 from engine.integrations.synth import write_synthetic_dataset
 from engine.retrain import train_round
+from model.amg import generate_masks
 from model.evaluate import evaluate_checkpoint
 from model.segmenter import Segmenter
 from stages.auto import run_auto_stage
@@ -313,8 +314,6 @@ def holdout_completeness(cfg: EngineConfig, checkpoint: str | None, folder: Path
             if drawn[i] < len(truth.get(i, [])):
                 warnings.append(f"holdout image {i}: {drawn[i]} of its {len(truth.get(i, []))} objects drawn")
     else:
-        from model.amg import generate_masks
-
         seg, source = runtime.segmenter(cfg, checkpoint), runtime.image_source(cfg)
         params = runtime.amg_params(cfg.stages.auto, points_per_side=min(16, cfg.stages.auto.points_per_side))
         for i in image_ids:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from storage import DETERMINISTIC_THREADS
 
 # Quiet, reproducible defaults for every Ray process we start (set before `import ray`).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -39,8 +40,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
                  log_to_driver=False, configure_logging=False)
     elif address in (None, "", "local"):
         ray.init(log_to_driver=False)  # a job on an existing cluster: RAY_ADDRESS says where
-    else:
-        ray.init(address=address, log_to_driver=False)
+    else:  # workers elsewhere get the thread runtimes' settings too (a local cluster inherits this process's)
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": dict(DETERMINISTIC_THREADS)})
 
 
 def shutdown_ray() -> None:
