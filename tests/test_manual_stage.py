@@ -18,17 +18,23 @@ pytestmark = pytest.mark.labelstudio
 torch.set_num_threads(1)
 
 
-@pytest.fixture
-def config_file(labelstudio_server, tmp_path):
-    write_synthetic_dataset(tmp_path / "synth", n_images=3, seed=0, size=96)
+def write_config(tmp_path, server, n_images: int, seed: int, manual: dict, **images):
+    """A synthetic data set of `n_images` 96 px scenes and a config using the shared Label Studio server."""
+    write_synthetic_dataset(tmp_path / "synth", n_images=n_images, seed=seed, size=96)
     cfg = {"workdir": str(tmp_path), "images": {"source": "synth/images", "ground_truth": "synth/annotations.json",
-                                                "holdout_source": None, "holdout_ground_truth": None},
-           "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
+                                                "holdout_source": None, "holdout_ground_truth": None, **images},
+           "labelstudio": {"managed": False, "url": server.url, "token": server.token,
                            "ml_backend_port": free_port()},
-           "stages": {"manual": {"images_per_round": 2, "max_clicks": 3, "image_time_limit_s": 60.0}}}
+           "stages": {"manual": manual}}
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture
+def config_file(labelstudio_server, tmp_path):
+    return write_config(tmp_path, labelstudio_server, 3, 0,
+                        {"images_per_round": 2, "max_clicks": 3, "image_time_limit_s": 60.0})
 
 
 def test_simulated_manual_round_writes_verified_masks_once(config_file, tmp_path, labelstudio_server):
@@ -90,15 +96,8 @@ def test_masks_drawn_on_a_downscaled_task_are_stored_at_the_file_size(labelstudi
 
     from engine.integrations.annotator import load_ground_truth
 
-    write_synthetic_dataset(tmp_path / "synth", n_images=1, seed=3, size=96)
-    cfg = {"workdir": str(tmp_path), "images": {"source": "synth/images", "ground_truth": "synth/annotations.json",
-                                                "holdout_source": None, "holdout_ground_truth": None,
-                                                "max_side": 64},
-           "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
-                           "ml_backend_port": free_port()},
-           "stages": {"manual": {"images_per_round": 1, "max_clicks": 3, "image_time_limit_s": 60.0}}}
-    path = tmp_path / "engine.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_config(tmp_path, labelstudio_server, 1, 3,
+                        {"images_per_round": 1, "max_clicks": 3, "image_time_limit_s": 60.0}, max_side=64)
     res = CliRunner().invoke(app, ["stage", "manual", "--config", str(path), "--round", "1"])
     assert res.exit_code == 0, res.output
     rows = MaskStore(str(tmp_path / "store")).read_table(stage="manual").to_pylist()
@@ -119,15 +118,9 @@ def test_a_holdout_is_drawn_whole_where_a_round_leaves_objects_for_lack_of_time(
     from engine.integrations.config import load_config
     from engine.rounds import default_holdout
 
-    write_synthetic_dataset(tmp_path / "synth", n_images=1, seed=5, size=96)
-    cfg = {"workdir": str(tmp_path), "images": {"source": "synth/images", "ground_truth": "synth/annotations.json",
-                                                "holdout_source": None, "holdout_ground_truth": None},
-           "labelstudio": {"managed": False, "url": labelstudio_server.url, "token": labelstudio_server.token,
-                           "ml_backend_port": free_port()},
-           # time for about one object per image: a round leaves the rest, as SA-1B's annotators did
-           "stages": {"manual": {"images_per_round": 1, "max_clicks": 2, "image_time_limit_s": 8.0}}}
-    path = tmp_path / "engine.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    # time for about one object per image: a round leaves the rest, as SA-1B's annotators did
+    path = write_config(tmp_path, labelstudio_server, 1, 5,
+                        {"images_per_round": 1, "max_clicks": 2, "image_time_limit_s": 8.0})
     config = load_config(path)
     (image_id,) = [p.name for p in (tmp_path / "synth" / "images").iterdir()]
     objects = len(json.loads((tmp_path / "synth" / "annotations.json").read_text())["annotations"])
