@@ -79,5 +79,5 @@ def test_the_same_loop_gives_the_same_figures_alone_and_beside_a_busy_process(tm
     diff = np.abs(np.array(values_a) - np.array(values_b))
     print(f"{len(values_a)} holdout figures: max |difference| {diff.max():.2e}, {int((diff > 0).sum())} differ")
     # the same steps on the same data: equal but for float noise (measured: 1 of 813 figures off by 9e-8). With the
-    # thread runtimes' dynamic modes on (storage/__init__.py) 294 of them were off by up to 1.1e-3
+    # thread runtimes' defaults (storage/__init__.py) 294 of them were off by up to 1.1e-3
     assert float(diff.max()) <= 1e-4
