@@ -177,7 +177,8 @@ class _People:
         cfg = self.cfg
         ledger = Ledger(Path(cfg.workdir) / LEDGER_FILE)
         assert [e["step"] for e in ledger.entries()] == [
-            "r0.init", "r0.bootstrap", "r0.holdout", "r0.eval", "r1.select", "r1.manual", "r1.train", "r1.eval", "r1.promote",
+            "r0.init", "r0.bootstrap", "r0.general", "r0.holdout", "r0.eval", "r1.select", "r1.manual", "r1.train",
+            "r1.eval", "r1.promote",
             "r2.select", "r2.auto"]
         held = set(ledger.get("r0.holdout")["inputs"]["image_ids"])
         assert ledger.get("r0.holdout")["outputs"]["masks"] > 0
