@@ -15,9 +15,7 @@ below `verifier_drop` it is dropped, below `verifier_keep` it is kept and marked
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -25,21 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.integrations import runtime
-from engine.integrations.cluster import init_ray, map_with_actor_pool
 from engine.integrations.config import EngineConfig
+from engine.integrations.runtime import ModelSpec, Resources
+from engine.integrations.stage_kit import (OK, PoolPlan, images_to_do, outcome_of, part_row, round_, run_on_pool,
+                                           steady_rates)
 from model.amg import device_points_per_batch, generate_with_fallback, to_records
 from model.amg_params import AmgParams
-from model.segmenter import failure_kind
-from model.calibration import calibrate, generator_params
+from model.calibration import CalibrationSettings, calibrate, generator_params
 from model.evaluate import match_rates
 from model.verifier import MaskVerifier, mask_features, uncovered_objectness
 from storage.images import BadImage
 from storage.rle import decode_rles
-from storage.shards import ShardInfo
 
 log = logging.getLogger("sa_engine.auto")
 LIKELY_INCOMPLETE = 0.2  # share of the survivors' area the verifier left uncovered that flags an image
@@ -103,17 +99,15 @@ class AutoMaskActor:
     process's CPU time on the image)}}.
     """
 
-    def __init__(self, cfg: EngineConfig, checkpoint: str | None, params: AmgParams, round: int, threads: int = 1):
-        torch.set_num_threads(max(1, threads))
-        self.segmenter = runtime.segmenter(cfg, checkpoint)
+    def __init__(self, plan: "AutoPlan", params: AmgParams, index_key: str):
+        torch.set_num_threads(plan.pool.threads)
+        self.segmenter = plan.model.build()
         # On a GPU, decoder batches as large as its memory allows
         self.params = replace(params, points_per_batch=device_points_per_batch(self.segmenter, params.points_per_batch))
-        self.source = runtime.image_source(cfg)
-        self.store = runtime.mask_store(cfg)
-        a = cfg.stages.auto
-        self.verifier = MaskVerifier.load(cfg.path(a.verifier)) if a.verifier else None
-        self.keep, self.drop = a.verifier_keep, a.verifier_drop
-        self.round = round
+        self.source = plan.resources.image_source()
+        self.store = plan.resources.mask_store()
+        self.verifier, self.keep, self.drop = plan.verifier, plan.verifier_keep, plan.verifier_drop
+        self.round, self.index_key = plan.round, index_key
         self.loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
 
     def _load(self, image_id: str):
@@ -161,7 +155,7 @@ class AutoMaskActor:
         lines, records_all = [], []
         for image_id, image in zip(ids, loaded):
             start, cpu_start = time.perf_counter(), time.process_time()
-            status, reason, kind, records, scale, dropped, review, uncovered = "ok", "", "", [], 1.0, 0, 0, None
+            status, reason, kind, records, scale, dropped, review, uncovered = OK, "", "", [], 1.0, 0, 0, None
             try:
                 if isinstance(image, BadImage):
                     raise image
@@ -170,13 +164,9 @@ class AutoMaskActor:
                                                       output_size=image.original_size)
                 records = to_records(masks, image_id, self.round, self.segmenter.model_version)
                 records, dropped, review, uncovered = self._triage(image.pixels, records)
-            except BadImage as e:
-                status, reason, kind = "bad", str(e), e.kind
-            except (RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                status, reason, kind = ("failed", f"model failed at every scale: {type(e).__name__}: {first}",
-                                        failure_kind(e))
-            if status != "ok":  # an image set aside leaves no mask in the part (it is not marked done)
+            except (BadImage, RuntimeError, MemoryError, ValueError) as e:  # the model failed even at a smaller scale
+                status, reason, kind = outcome_of(e)
+            if status != OK:  # an image set aside leaves no mask in the part (it is not marked done)
                 records, dropped, review, uncovered = [], 0, 0, None
             records_all += records
             # the batch's shared work (decoding files, the encoder call) is shared evenly
@@ -185,29 +175,55 @@ class AutoMaskActor:
                           "uncovered": uncovered,
                           "seconds": round(time.perf_counter() - start + shared / len(ids), 4),
                           "cpu_seconds": round(time.process_time() - cpu_start + cpu_shared / len(ids), 4)})
-        part = ""
-        if records_all:  # written here, by this worker; the driver commits it (or gc removes it)
-            info = self.store.write_part(records_all, STAGE, self.round, self.segmenter.model_version)
-            part = json.dumps(asdict(info), separators=(",", ":"))
-        return {"part": np.array([part], dtype=object),
-                "images": np.array([json.dumps(lines, separators=(",", ":"))], dtype=object)}
+        return part_row(self.store, records_all, STAGE, self.round, self.index_key, lines)
 
 
-def filter_params(cfg: EngineConfig, segmenter, store, source, quarantine, round: int) -> tuple[AmgParams, dict]:
-    """The generator's parameters and the thresholds used. With `stages.auto.calibrate`, the thresholds are
+@dataclass(frozen=True)
+class AutoPlan:
+    """Everything an automatic-stage run does, read from the config once (`plan_auto_stage`); nothing below it
+    sees the config. calibration: with `stages.auto.calibrate`, the loose generator history is re-run with and
+    the precision aimed for (else None: the config's thresholds in `params`)."""
+
+    round: int
+    resources: Resources
+    model: ModelSpec
+    params: AmgParams
+    pool: PoolPlan
+    image_ids: list[str] | None = None
+    calibration: tuple[AmgParams, CalibrationSettings] | None = None
+    verifier: MaskVerifier | None = None
+    verifier_keep: float = 0.5
+    verifier_drop: float = 0.1
+
+
+def plan_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None,
+                    image_ids: list[str] | None = None) -> AutoPlan:
+    """The config, read once. The pool's index key (the model version) is filled in when the model is built."""
+    a = cfg.stages.auto
+    return AutoPlan(
+        round=round, resources=runtime.resources(cfg), model=runtime.model_spec(cfg, checkpoint),
+        params=runtime.amg_params(a),
+        pool=runtime.pool_plan(cfg, STAGE, round, "", a.num_actors, a.images_per_commit, a.images_per_batch),
+        image_ids=image_ids,
+        calibration=(runtime.calibration_params(cfg), runtime.calibration_settings(cfg, "auto")) if a.calibrate
+        else None,
+        verifier=MaskVerifier.load(cfg.path(a.verifier)) if a.verifier else None,
+        verifier_keep=a.verifier_keep, verifier_drop=a.verifier_drop)
+
+
+def filter_params(plan: AutoPlan, segmenter, store, source, quarantine) -> tuple[AmgParams, dict]:
+    """The generator's parameters and the thresholds used. With a calibration plan, the thresholds are
     chosen from the verified masks of earlier rounds as the semi-automatic stage chooses its prefill
     thresholds (model/calibration.py: the loosest pair whose precision lower bound reaches
-    `stages.auto.target_precision`, default `stages.semi.target_precision`): a young model's IoU head is far from SAM's calibration, so SAM's fixed
-    0.88 / 0.95 would keep nothing or keep noise. Else the config's thresholds."""
-    a = cfg.stages.auto
-    params = runtime.amg_params(a)
-    if not a.calibrate:
-        return params, {"pred_iou_thresh": a.pred_iou_thresh, "stability_score_thresh": a.stability_score_thresh,
-                        "source": "config"}
-    thresholds = calibrate(segmenter, store, source, round, runtime.calibration_params(cfg),
-                           runtime.calibration_settings(cfg, "auto"),
+    `stages.auto.target_precision`, default `stages.semi.target_precision`): a young model's IoU head is far from
+    SAM's calibration, so SAM's fixed 0.88 / 0.95 would keep nothing or keep noise. Else the config's thresholds."""
+    if plan.calibration is None:
+        return plan.params, {"pred_iou_thresh": plan.params.pred_iou_thresh,
+                             "stability_score_thresh": plan.params.stability_score_thresh, "source": "config"}
+    loose, settings = plan.calibration
+    thresholds = calibrate(segmenter, store, source, plan.round, loose, settings,
                            on_problem=lambda thing, reason: quarantine.add(thing, reason, STAGE))
-    return generator_params(params, thresholds), thresholds.to_dict()
+    return generator_params(plan.params, thresholds), thresholds.to_dict()
 
 
 def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
@@ -215,114 +231,63 @@ def run_auto_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     """Generate masks for every image not yet done for this model version; resumable, idempotent.
 
     image_ids: restrict to these (default: every image of the source)."""
-    a = cfg.stages.auto
-    store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
+    return run_auto_plan(plan_auto_stage(cfg, round, checkpoint, image_ids), show_progress)
 
-    # Plan: the model (loaded once here for its version and calibration; actors build their own), the
-    # filters, and the images not yet done for this model version.
-    driver_model = runtime.segmenter(cfg, checkpoint, on_device="cpu")
-    params, thresholds = filter_params(cfg, driver_model, store, source, quarantine, round)
-    wanted = [r.image_id for r in source.list()] if image_ids is None else list(dict.fromkeys(image_ids))
-    done = store.images_done(STAGE, driver_model.model_version)
-    held, retrying = quarantine.things(STAGE), quarantine.retrying(STAGE)
-    todo = [i for i in wanted if i not in done and source.ref(i).uri not in held]
-    summary = AutoSummary(round=round, already_done=sum(i in done for i in wanted),
-                          set_aside=sum(i not in done and source.ref(i).uri in held for i in wanted),
-                          retried=sum(source.ref(i).uri in retrying for i in todo),
-                          model_version=driver_model.model_version, thresholds=thresholds,
-                          verifier_version=MaskVerifier.load(cfg.path(a.verifier)).version if a.verifier else None)
-    if summary.set_aside:
-        log.warning("%d image(s) held in the quarantine are skipped (`sa-engine quarantine list`, then "
-                    "`release` to try them again)", summary.set_aside)
-    if not todo:
+
+def run_auto_plan(plan: AutoPlan, show_progress: bool = True) -> AutoSummary:
+    """Plan -> generate on the actor pool -> commit (stage_kit.run_on_pool) -> summarise."""
+    res = plan.resources
+    store, quarantine, source = res.mask_store(), res.quarantine(), res.image_source()
+    # The model once here, for its version and calibration (actors build their own); the filters; the images
+    driver_model = plan.model.build(on_device="cpu")
+    version = driver_model.model_version
+    pool = replace(plan.pool, index_key=version)
+    params, thresholds = filter_params(plan, driver_model, store, source, quarantine)
+    images = images_to_do(store, quarantine, source, STAGE, version, plan.image_ids)
+    summary = AutoSummary(round=plan.round, already_done=images.already_done, set_aside=images.set_aside,
+                          retried=len(images.retrying), model_version=version, thresholds=thresholds,
+                          verifier_version=plan.verifier.version if plan.verifier else None)
+    if not images.todo:
         return summary
-
-    # Generate on the actor pool
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-    threads = max(1, int(cfg.ray.cpus_per_actor)) if cfg.ray.gpus_per_actor == 0 else 1
-    num_actors = max(1, min(a.num_actors, len(todo)))
-    rows = map_with_actor_pool(
-        [{"image_id": i} for i in todo], AutoMaskActor,
-        # paths resolved here, where the work dir is known: an actor may run elsewhere, in another folder
-        actor_args=(cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())}),
-                    runtime.checkpoint_path(cfg, checkpoint), params, round, threads),
-        num_actors=num_actors, cpus_per_actor=cfg.ray.cpus_per_actor,
-        gpus_per_actor=cfg.ray.gpus_per_actor, batch_size=a.images_per_batch)
-
-    # Commit: a part (its masks) and its images' "done" rows land in the same commit, every `images_per_commit`
-    # images; the masks themselves never come here
-    start = time.perf_counter()
-    arrivals: list[tuple[float, int]] = []  # (seconds since start, masks) per result
-    actor_s = actor_cpu_s = 0.0
-    since_commit = 0
-    taken: set[str] = set()  # images whose part this run adopted
-    with _Progress(len(todo), show_progress) as progress, store.writer(STAGE, round, summary.model_version) as writer:
-        for row in rows:
-            summary.driver_bytes += len(row["part"]) + len(row["images"])
-            lines = json.loads(row["images"])
-            ok = [ln for ln in lines if ln["status"] == "ok"]
-            if any(ln["image_id"] in taken for ln in ok):  # delivered twice: the first copy counts
-                log.warning("a part for %d image(s) done already in this run was left out (gc removes it)", len(ok))
-                continue
-            if row["part"]:
-                writer.adopt(ShardInfo.from_json(json.loads(row["part"])))
-                summary.parts += 1
-            for line in lines:
-                image_id, n = line["image_id"], 0
-                if line["status"] == "ok":
-                    n = int(line["masks"])
-                    writer.image_done(image_id, n)
-                    summary.verifier_dropped += int(line.get("dropped", 0))
-                    summary.verifier_review += int(line.get("review", 0))
-                    if (line.get("uncovered") or 0.0) >= LIKELY_INCOMPLETE:
-                        summary.likely_incomplete.append(image_id)
-                    taken.add(image_id)
-                    summary.images += 1
-                    summary.masks += n
-                    if float(line["scale"]) != 1.0:
-                        log.warning("%s: model failed at full scale; masks made at scale %.2f", image_id, line["scale"])
-                else:
-                    quarantine.add(source.ref(image_id).uri, line["reason"], STAGE, line["kind"] or "permanent")
-                    summary.quarantined += 1
-                arrivals.append((time.perf_counter() - start, n))
-                actor_s, actor_cpu_s = actor_s + float(line["seconds"]), actor_cpu_s + float(line["cpu_seconds"])
-                since_commit += 1
-                progress.advance(summary.images, summary.masks, time.perf_counter() - start)
-            if since_commit >= a.images_per_commit:
-                writer.commit()
-                summary.commits += 1
-                since_commit = 0
-        if since_commit:
-            writer.commit()
-            summary.commits += 1
-    # Images set aside as transient that are done now leave the quarantine
-    if summary.retried:
-        done_now = store.images_done(STAGE, summary.model_version)
-        quarantine.release([source.ref(i).uri for i in todo if i in done_now and source.ref(i).uri in retrying],
-                           stage=STAGE)
-
-    # Summarise
-    seconds = time.perf_counter() - start
-    summary.seconds = round_(seconds)
-    summary.images_per_s = round_(summary.images / max(seconds, 1e-9))
-    summary.masks_per_image = round_(summary.masks / max(summary.images, 1))
-    summary.driver_bytes_per_mask = round_(summary.driver_bytes / max(summary.masks, 1))
-    summary.actor_s_per_image = round_(actor_s / max(len(arrivals), 1))
-    summary.actor_cpu_s_per_image = round_(actor_cpu_s / max(len(arrivals), 1))
-    for key, value in steady_rates(arrivals, num_actors).items():
-        setattr(summary, key, value)
-    summary.truth = against_truth(cfg, store, summary.model_version, wanted)
+    # Generate and commit: a part (its masks) and its images' "done" rows in one commit every
+    # `images_per_commit` images; the masks themselves never come to the driver
+    done = run_on_pool(pool, images, [{"image_id": i} for i in images.todo], AutoMaskActor,
+                       (plan, params, version), store, quarantine, source, show_progress)
+    summarise(summary, done, pool)
+    summary.truth = against_truth(res, store, version, images.wanted)
     return summary
 
 
-def against_truth(cfg: EngineConfig, store, model_version: str, image_ids: list[str]) -> dict | None:
+def summarise(summary: AutoSummary, done, pool: PoolPlan) -> None:
+    """The pool's figures into the summary, per image and per second."""
+    for line in done.ok_lines:
+        summary.verifier_dropped += int(line.get("dropped", 0))
+        summary.verifier_review += int(line.get("review", 0))
+        if (line.get("uncovered") or 0.0) >= LIKELY_INCOMPLETE:
+            summary.likely_incomplete.append(line["image_id"])
+        if float(line["scale"]) != 1.0:
+            log.warning("%s: model failed at full scale; masks made at scale %.2f", line["image_id"], line["scale"])
+    summary.images, summary.masks, summary.parts = done.images, done.masks, done.parts
+    summary.commits, summary.quarantined, summary.driver_bytes = done.commits, done.quarantined, done.driver_bytes
+    summary.seconds = round_(done.seconds)
+    summary.images_per_s = round_(done.images / max(done.seconds, 1e-9))
+    summary.masks_per_image = round_(done.masks / max(done.images, 1))
+    summary.driver_bytes_per_mask = round_(done.driver_bytes / max(done.masks, 1))
+    summary.actor_s_per_image = round_(done.actor_s / max(len(done.arrivals), 1))
+    summary.actor_cpu_s_per_image = round_(done.actor_cpu_s / max(len(done.arrivals), 1))
+    num_actors = max(1, min(pool.num_actors, len(done.arrivals) or 1))
+    for key, value in steady_rates(done.arrivals, num_actors).items():
+        setattr(summary, key, value)
+
+
+def against_truth(res: Resources, store, model_version: str, image_ids: list[str]) -> dict | None:
     """Recall and precision (IoU 0.5 / 0.75) of the stage's masks for `model_version` on the images of
     `image_ids` that are done and have ground truth; None without a readable `images.ground_truth`."""
-    path = cfg.path(cfg.images.ground_truth) if cfg.images.ground_truth else None
+    path = res.ground_truth_file
     if path is None or ("://" not in path and not Path(path).is_file()):
         return None  # no ground truth here (the key's default names the demo's file)
     try:
-        truth = runtime.ground_truth(cfg, "recall against ground truth")
+        truth = res.ground_truth("recall against ground truth")
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # scoring must not undo a stage that has written its masks
         log.warning("automatic stage not scored against %s: %s", path, str(e).splitlines()[0][:200])
         return None
@@ -334,49 +299,3 @@ def against_truth(cfg: EngineConfig, store, model_version: str, image_ids: list[
     pred_masks = {i: decode_rles(r) if r else np.zeros((0, *(sized[i] or (1, 1))), bool) for i, r in pred.items()}
     truth_masks = {i: np.stack([o.mask for o in truth[i]]) for i in ids if truth[i]}
     return {"images": len(ids), **match_rates(pred_masks, truth_masks)}
-
-
-def steady_rates(arrivals: list[tuple[float, int]], num_actors: int) -> dict:
-    """Throughput with actor start-up left out.
-
-    arrivals: (seconds since the pool was asked for results, masks) per result, in arrival order.
-    Each actor's first result pays its start-up; after the `num_actors`-th result every actor is
-    warm, so the rate is taken from there to the last result: (n - k) results in (t_n - t_k).
-    """
-    out = dict(first_result_s=round_(arrivals[0][0]) if arrivals else 0.0,
-               steady_images_per_s=0.0, steady_masks_per_s=0.0)
-    k = num_actors
-    if len(arrivals) > k and arrivals[-1][0] > arrivals[k - 1][0]:
-        window = arrivals[-1][0] - arrivals[k - 1][0]
-        out["steady_images_per_s"] = round_((len(arrivals) - k) / window)
-        out["steady_masks_per_s"] = round_(sum(m for _, m in arrivals[k:]) / window)
-    return out
-
-
-def round_(x: float) -> float:
-    return float(f"{x:.4g}")
-
-
-class _Progress:
-    """A rich progress line: images done / total, images/s, masks/image (stderr; silent if disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled and os.environ.get("SA_ENGINE_NO_PROGRESS") != "1"
-        self.bar = None
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            self.bar = Progress(TextColumn("auto"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[rate]}"), console=Console(stderr=True))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("auto", total=self.total, rate="")
-        return self
-
-    def advance(self, images: int, masks: int, seconds: float) -> None:
-        if self.bar is not None:
-            rate = f"{images / max(seconds, 1e-9):.2f} images/s, {masks / max(images, 1):.1f} masks/image"
-            self.bar.update(self.task, advance=1, rate=rate)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

@@ -11,28 +11,28 @@ category per phrase.
 Resuming: a run is keyed by the model and the phrase list (the image index's model_version is
 `<model_version>#phrases-<digest>`, the masks' own model_version is the model's). A rerun of the same list skips
 finished images; a longer list runs, per image, only the phrases that image has no masks for yet, so no mask is
-written twice. Bad images go to the quarantine, as in the automatic stage.
+written twice. Bad images and images the model fails on go to the quarantine through the stage kit
+(engine/integrations/stage_kit.py), as in the automatic stage.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.integrations import runtime
-from engine.integrations.cluster import init_ray, map_with_actor_pool
 from engine.integrations.config import EngineConfig
-from model.segmenter import failure_kind
+from engine.integrations.runtime import Resources
+from engine.integrations.stage_kit import OK, PoolPlan, images_to_do, outcome_of, part_row, round_, run_on_pool
+from model.concept import ConceptSegmenter
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks, rle_area, rle_bbox
-from storage.shards import ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -73,49 +73,77 @@ def concept_records(image_id: str, phrase: str, masks, round: int, model_version
             for i, (m, rle, a, b) in enumerate(zip(masks, rles, areas, boxes))]
 
 
+@dataclass(frozen=True)
+class ConceptPlan:
+    """A concept-stage run, read from the config once (`plan_concept_stage`): the SAM 3 directory (resolved) and
+    its device, the thresholds, the phrases and the pool. Nothing below it sees the config."""
+
+    round: int
+    resources: Resources
+    checkpoint: str
+    device: str
+    phrases: list[str]
+    score_thresh: float
+    mask_thresh: float
+    max_instances: int
+    pool: PoolPlan
+    image_ids: list[str] | None = None
+
+    def segmenter(self, on_device: str | None = None) -> ConceptSegmenter:
+        return ConceptSegmenter.load(self.checkpoint, device=on_device or self.device)
+
+
+def plan_concept_stage(cfg: EngineConfig, phrases: list[str], round: int = 0,
+                       image_ids: list[str] | None = None) -> ConceptPlan:
+    """The config, read once (the pool's index key, the model and phrase list, is filled in at the run)."""
+    c = cfg.stages.concept
+    if not c.checkpoint:
+        raise ValueError("stages.concept.checkpoint: not set (a transformers SAM 3 directory; docs/models.md)")
+    return ConceptPlan(round=round, resources=runtime.resources(cfg), checkpoint=cfg.path(c.checkpoint),
+                       device=runtime.device(cfg), phrases=list(phrases), score_thresh=c.score_thresh,
+                       mask_thresh=c.mask_thresh, max_instances=c.max_instances,
+                       pool=runtime.pool_plan(cfg, STAGE, round, "", c.num_actors, c.images_per_commit),
+                       image_ids=image_ids)
+
+
 class ConceptActor:
     """Ray Data actor: the SAM 3 model once; per image, its embedding once and every phrase asked for. The batch's
-    masks go to the store as one part (`MaskStore.write_part`, tagged with the run's key). Returns one row:
+    masks go to the store as one part (stage_kit.part_row, tagged with the run's key). Returns one row:
     {"part": the part's ShardInfo as JSON or "", "images": JSON list of {"image_id", "status", "reason", "kind",
-    "masks", "per_phrase", "seconds"}}."""
+    "masks", "per_phrase", "seconds"}} (stage_kit's vocabulary)."""
 
-    def __init__(self, cfg: EngineConfig, round: int, key: str, threads: int = 1):
-        torch.set_num_threads(max(1, threads))
-        self.model = runtime.concept_segmenter(cfg)
-        self.source = runtime.image_source(cfg)
-        self.store = runtime.mask_store(cfg)
-        self.settings = cfg.stages.concept
-        self.round, self.key = round, key
+    def __init__(self, plan: ConceptPlan, key: str):
+        torch.set_num_threads(plan.pool.threads)
+        self.plan, self.key = plan, key
+        self.model = plan.segmenter()
+        self.source = plan.resources.image_source()
+        self.store = plan.resources.mask_store()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        p = self.plan
         lines, records_all = [], []
         for image_id, phrases in zip(batch["image_id"], batch["phrases"]):
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             image_id, phrases = str(image_id), [str(p) for p in phrases.split("\n")] if phrases else []
-            status, reason, kind, records = "ok", "", "", []
+            status, reason, kind, records = OK, "", "", []
             try:
                 image = self.source.load(self.source.ref(image_id))
                 emb = self.model.embed(image.pixels)
                 for phrase in phrases:
-                    found = self.model.segment(emb, phrase, self.settings.score_thresh, self.settings.mask_thresh,
-                                               self.settings.max_instances)
-                    records += concept_records(image_id, phrase, found, self.round, self.model.model_version)
-            except BadImage as e:
-                status, reason, kind = "bad", str(e), "transient" if e.transient else "permanent"
-            except (RuntimeError, MemoryError) as e:  # the model failed on this image: set it aside, go on
-                status, reason, kind = "bad", f"{image_id}: the model failed ({type(e).__name__}: {e})"[:300], failure_kind(e)
+                    found = self.model.segment(emb, phrase, p.score_thresh, p.mask_thresh, p.max_instances)
+                    records += concept_records(image_id, phrase, found, p.round, self.model.model_version)
+            except (BadImage, RuntimeError, MemoryError, ValueError) as e:  # set it aside, go on
+                status, reason, kind = outcome_of(e)
+                records = []
             per_phrase: dict[str, int] = {}
             for r in records:
                 per_phrase[r.prompt_text] = per_phrase.get(r.prompt_text, 0) + 1
             records_all += records
             lines.append({"image_id": image_id, "status": status, "reason": reason, "kind": kind,
                           "masks": len(records), "per_phrase": per_phrase,
-                          "seconds": round(time.perf_counter() - t0, 4)})
-        part = ""
-        if records_all:
-            part = json.dumps(asdict(self.store.write_part(records_all, STAGE, self.round, self.key)),
-                              separators=(",", ":"))
-        return {"part": np.array([part], dtype=object), "images": np.array([json.dumps(lines)], dtype=object)}
+                          "seconds": round(time.perf_counter() - t0, 4),
+                          "cpu_seconds": round(time.process_time() - cpu0, 4)})
+        return part_row(self.store, records_all, STAGE, p.round, self.key, lines)
 
 
 @dataclass
@@ -127,6 +155,7 @@ class ConceptSummary:
     masks: int = 0
     already_done: int = 0
     set_aside: int = 0
+    retried: int = 0
     quarantined: int = 0
     commits: int = 0
     seconds: float = 0.0
@@ -139,68 +168,33 @@ class ConceptSummary:
 def run_concept_stage(cfg: EngineConfig, phrases: list[str], round: int = 0,
                       image_ids: list[str] | None = None) -> ConceptSummary:
     """Every image (or `image_ids`) × every phrase not done yet for this model; resumable, idempotent."""
-    c = cfg.stages.concept
-    store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
-    model = runtime.concept_segmenter(cfg, on_device="cpu")  # for its version (actors build their own)
-    version = model.model_version
-    key = run_key(version, phrases)
-    wanted = [r.image_id for r in source.list()] if image_ids is None else list(dict.fromkeys(image_ids))
-    done = store.images_done(STAGE, key)
-    held = quarantine.things(STAGE)
-    todo = [i for i in wanted if i not in done and source.ref(i).uri not in held]
-    summary = ConceptSummary(round=round, model_version=version, phrases=len(phrases),
-                             already_done=sum(i in done for i in wanted),
-                             set_aside=sum(i not in done and source.ref(i).uri in held for i in wanted))
-    if summary.set_aside:
-        log.warning("%d image(s) held in the quarantine are skipped (`sa-engine quarantine list`)", summary.set_aside)
-    if not todo:
+    return run_concept_plan(plan_concept_stage(cfg, phrases, round, image_ids))
+
+
+def run_concept_plan(plan: ConceptPlan) -> ConceptSummary:
+    """Plan -> the phrases each image still needs -> the actor pool and commits (stage_kit.run_on_pool)."""
+    res = plan.resources
+    store, quarantine, source = res.mask_store(), res.quarantine(), res.image_source()
+    version = plan.segmenter(on_device="cpu").model_version  # for its version (actors build their own)
+    key = run_key(version, plan.phrases)
+    images = images_to_do(store, quarantine, source, STAGE, key, plan.image_ids)
+    summary = ConceptSummary(round=plan.round, model_version=version, phrases=len(plan.phrases),
+                             already_done=images.already_done, set_aside=images.set_aside,
+                             retried=len(images.retrying))
+    if not images.todo:
         return summary
     # Per image, the phrases it has no masks for yet under this model (a longer list adds only the new ones)
     have = store.read_table(columns=["image_id", "prompt_text"], stage=STAGE, model_version=version,
-                            image_ids=todo).to_pylist()
+                            image_ids=images.todo).to_pylist()
     seen = {(r["image_id"], r["prompt_text"]) for r in have}
-    rows = [{"image_id": i, "phrases": "\n".join(p for p in phrases if (i, p) not in seen)} for i in todo]
-
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus)
-    threads = max(1, int(cfg.ray.cpus_per_actor)) if cfg.ray.gpus_per_actor == 0 else 1
-    results = map_with_actor_pool(
-        rows, ConceptActor, actor_args=(cfg.model_copy(update={"workdir": str(Path(cfg.workdir).resolve())}), round,
-                                        key, threads),
-        num_actors=max(1, min(c.num_actors, len(todo))), cpus_per_actor=cfg.ray.cpus_per_actor,
-        gpus_per_actor=cfg.ray.gpus_per_actor)
-    start, since_commit, per_phrase = time.perf_counter(), 0, {p: 0 for p in phrases}
-    taken: set[str] = set()
-    with store.writer(STAGE, round, key) as writer:
-        for row in results:
-            lines = json.loads(row["images"])
-            if any(ln["image_id"] in taken for ln in lines if ln["status"] == "ok"):  # delivered twice
-                continue
-            if row["part"]:
-                writer.adopt(ShardInfo.from_json(json.loads(row["part"])))
-            for line in lines:
-                image_id = line["image_id"]
-                if line["status"] == "ok":
-                    writer.image_done(image_id, int(line["masks"]))
-                    taken.add(image_id)
-                    summary.images += 1
-                    summary.masks += int(line["masks"])
-                    for phrase, n in line["per_phrase"].items():
-                        per_phrase[phrase] = per_phrase.get(phrase, 0) + n
-                else:
-                    quarantine.add(source.ref(image_id).uri, line["reason"], STAGE, line["kind"] or "permanent")
-                    summary.quarantined += 1
-                since_commit += 1
-            if since_commit >= c.images_per_commit:
-                writer.commit()
-                summary.commits += 1
-                since_commit = 0
-        if since_commit:
-            writer.commit()
-            summary.commits += 1
-    summary.seconds = round_(time.perf_counter() - start)
-    summary.masks_per_phrase = per_phrase
+    rows = [{"image_id": i, "phrases": "\n".join(p for p in plan.phrases if (i, p) not in seen)}
+            for i in images.todo]
+    done = run_on_pool(replace(plan.pool, index_key=key), images, rows, ConceptActor, (plan, key), store,
+                       quarantine, source)
+    per_phrase = {p: 0 for p in plan.phrases}
+    for line in done.ok_lines:
+        for phrase, n in line["per_phrase"].items():
+            per_phrase[phrase] = per_phrase.get(phrase, 0) + n
+    summary.images, summary.masks, summary.quarantined = done.images, done.masks, done.quarantined
+    summary.commits, summary.seconds, summary.masks_per_phrase = done.commits, round_(done.seconds), per_phrase
     return summary
-
-
-def round_(x: float) -> float:
-    return float(f"{x:.4g}")

@@ -142,7 +142,7 @@ def test_an_image_missing_at_load_time_is_retried_when_it_is_back(ray_cluster, t
 
 
 def test_steady_rates_leave_each_actors_first_result_out():
-    from stages.auto import steady_rates
+    from engine.integrations.stage_kit import steady_rates
 
     # 2 actors, 6 s start-up, 2 s per image each: pairs of results every 2 s after t = 8
     arrivals = [(8.0, 3), (8.1, 5), (10.0, 4), (10.1, 4), (12.0, 2), (12.1, 6)]
@@ -196,7 +196,7 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     earlier round, thresholds are chosen from the generator's masks matched to them."""
     from engine.integrations.config import load_config
     from model.segmenter import Segmenter
-    from stages.auto import filter_params
+    from stages.auto import filter_params, plan_auto_stage
     from storage.images import ImageSource
     from storage.quarantine import Quarantine
     from storage.records import MaskRecord, make_mask_id
@@ -211,7 +211,8 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     quarantine = Quarantine(cfg.path(cfg.storage.root))
     model = Segmenter.new("compact", seed=0)
 
-    _, none = filter_params(cfg, model, store, source, quarantine, round=2)
+    plan = plan_auto_stage(cfg, round=2, checkpoint=None)
+    _, none = filter_params(plan, model, store, source, quarantine)
     assert none["source"] == "default" and none["n_history"] == 0
     assert none["pred_iou_thresh"] == cfg.stages.semi.default_pred_iou_thresh
 
@@ -224,7 +225,7 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
                           area=int(a), bbox=list(b), stage="manual", round=1, verified=True)
                for i, (r, a, b) in enumerate(zip(rles, rle_area(rles), rle_bbox(rles)))])
         w.image_done(image_id, len(rles))
-    params, got = filter_params(cfg, model, store, source, quarantine, round=2)
+    params, got = filter_params(plan, model, store, source, quarantine)
     assert got["n_history"] > 0 and got["source"] in ("calibrated", "unreachable")
 
 

@@ -254,3 +254,39 @@ def test_label_studio_text_prompt_gets_every_instance_as_brush_regions(sam3_dir,
                 assert np.array_equal(decode_mask(region["value"]["rle"], 60, 80), m.mask)
         finally:
             ls.delete_project(pid)
+
+
+@pytest.mark.ray
+def test_the_concept_stage_sets_aside_and_releases_as_the_automatic_stage_does(ray_cluster, sam3_dir, tmp_path):
+    """One driver for every Ray stage (engine/integrations/stage_kit.py): a half-copied file is set aside as "bad"
+    and transient, and the rerun after the copy finished does it and releases it from the quarantine (the concept
+    stage's own loop never released it and called every failure "bad")."""
+    from engine.integrations.config import load_config
+    from stages.concept import run_concept_stage
+    from storage.quarantine import Quarantine
+
+    cfg = load_config(_config(tmp_path, sam3_dir))
+    late = sorted((tmp_path / "data" / "images").glob("*.png"))[1]
+    content = late.read_bytes()
+    late.write_bytes(b"")  # the copy has only just begun
+    first = run_concept_stage(cfg, ["red disc"])
+    assert first.images == 2 and first.quarantined == 1
+    [entry] = Quarantine(cfg.path(cfg.storage.root)).entries()
+    assert entry["kind"] == "transient" and not entry["held"]
+    late.write_bytes(content)
+    second = run_concept_stage(cfg, ["red disc"])
+    assert second.images == 1 and second.retried == 1 and second.already_done == 2
+    assert Quarantine(cfg.path(cfg.storage.root)).entries() == []  # done now: it left the quarantine
+
+
+def test_one_vocabulary_for_images_set_aside():
+    """stage_kit.outcome_of: an unusable image is "bad" with its own kind, a model failure "failed" (transient only
+    when memory ran out)."""
+    from engine.integrations.stage_kit import outcome_of
+    from storage.images import BadImage
+
+    assert outcome_of(BadImage("a.png: empty file", transient=True))[::2] == ("bad", "transient")
+    assert outcome_of(BadImage("b.png: not an image"))[::2] == ("bad", "permanent")
+    status, reason, kind = outcome_of(RuntimeError("shape mismatch\nmore"))
+    assert (status, kind) == ("failed", "permanent") and reason.endswith("RuntimeError: shape mismatch")
+    assert outcome_of(MemoryError())[::2] == ("failed", "transient")

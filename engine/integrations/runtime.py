@@ -6,20 +6,23 @@ backend's secret, so a storage, region, endpoint or image-size setting reaches e
 tests/test_runtime.py). The Label Studio connection is built in `engine/integrations/labelling.py` from the
 server settings made here.
 
-Functions, not an object: a Ray actor or a Ray Train worker gets the (picklable) `EngineConfig` and builds
-what it needs where it runs.
+A stage reads the config once, at its start, into a plan made of the small picklable values built here
+(`Resources`: stores, image sources, ground truth; `ModelSpec`: the segmenter; `PoolPlan`: the Ray pool); its
+actors get the plan, not the config, and build what they need where they run.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.integrations.annotator import AnnotatorSettings, GTObject, load_ground_truth
 from engine.integrations.config import AutoStageConfig, EngineConfig
+from engine.integrations.stage_kit import PoolPlan
 from engine.integrations.labelstudio import LabelStudioError, ServerSettings, write_private_file
 from model.amg_params import AmgParams
 from model.calibration import CalibrationSettings
@@ -30,44 +33,132 @@ from storage.images import ImageSource
 from storage.quarantine import Quarantine
 from storage.shards import MaskStore
 
+# --------------------------------------------------------------------------- what stages build from
+
+@dataclass(frozen=True)
+class Resources:
+    """The storage and image settings of a run, read from the config once (paths resolved against the work dir):
+    a stage's plan carries this, and the stage and its actors build their stores and image sources from it
+    wherever they run. Picklable; knows no config."""
+
+    workdir: str
+    store_root: str
+    shard_target_mb: float = 64.0
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    image_source_uri: str = ""
+    max_side: int = 1500
+    large_images: str = "downscale"
+    max_pixels: int = 120_000_000
+    high_bit_depth: str = "percentile"
+    load_timeout_s: float = 120.0
+    transient_retries: int = 3
+    ground_truth_file: str | None = None  # images.ground_truth, resolved; None when unset
+
+    def object_store(self, uri: str) -> Store:
+        """A Store (local folder or s3://) for `uri` with the configured endpoint and region."""
+        return open_store(uri, s3_endpoint_url=self.s3_endpoint_url, s3_region=self.s3_region)
+
+    def mask_store(self, root: str | None = None) -> MaskStore:
+        """The run's shard store, or another store root (resolved) with the same settings."""
+        uri = root or self.store_root
+        return MaskStore(uri, shard_target_mb=self.shard_target_mb, store=self.object_store(uri))
+
+    def quarantine(self) -> Quarantine:
+        """The run's quarantine (under the store root), retrying transient entries `transient_retries` times."""
+        return Quarantine(self.store_root, store=self.object_store(self.store_root), retries=self.transient_retries)
+
+    def image_source(self, uri: str | None = None) -> ImageSource:
+        """The run's images, or another folder/prefix (resolved) read with the same rules."""
+        uri = uri or self.image_source_uri
+        return ImageSource(uri, max_side=self.max_side, large_images=self.large_images,
+                           store=self.object_store(uri), max_pixels=self.max_pixels,
+                           high_bit_depth=self.high_bit_depth, load_timeout_s=self.load_timeout_s)
+
+    def ground_truth(self, what: str = "simulated annotators") -> dict[str, list[GTObject]]:
+        """`images.ground_truth` per image id of the source; a clear error when `what` needs it and it is unset
+        or matches no image."""
+        if not self.ground_truth_file:
+            raise LabelStudioError(f"{what} need images.ground_truth (COCO JSON)")
+        ids = [r.image_id for r in self.image_source().list()]
+        try:
+            return load_ground_truth(self.ground_truth_file, image_ids=ids)
+        except ValueError as e:  # matches no image: a run would make 0 masks and call it success
+            raise LabelStudioError(f"images.ground_truth: {e} (images.source {self.image_source_uri})") from None
+
+
+def resources(cfg: EngineConfig) -> Resources:
+    """The config's storage and image settings, once."""
+    return Resources(workdir=str(Path(cfg.workdir).resolve()), store_root=cfg.path(cfg.storage.root),
+                     shard_target_mb=cfg.storage.shard_target_mb, s3_endpoint_url=cfg.storage.s3_endpoint_url,
+                     s3_region=cfg.storage.s3_region, image_source_uri=cfg.path(cfg.images.source),
+                     max_side=cfg.images.max_side, large_images=cfg.images.large_images,
+                     max_pixels=cfg.images.max_pixels, high_bit_depth=cfg.images.high_bit_depth,
+                     load_timeout_s=cfg.images.load_timeout_s, transient_retries=cfg.images.transient_retries,
+                     ground_truth_file=cfg.path(cfg.images.ground_truth) if cfg.images.ground_truth else None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which segmenter to build and how: a checkpoint (resolved) or a fresh `preset` seeded with `seed`, on
+    `device`, at `precision`, compiled when `compile`. Picklable: an actor builds its own copy."""
+
+    checkpoint: str | None
+    preset: str = "compact"
+    device: str = "cpu"
+    seed: int = 0
+    precision: str = "fp32"
+    compile: bool = False
+
+    def build(self, on_device: str | None = None) -> Segmenter:
+        dev = on_device or self.device
+        seg = (Segmenter.load(self.checkpoint, device=dev) if self.checkpoint
+               else Segmenter.new(self.preset, device=dev, seed=self.seed))
+        return seg.run_as(self.precision, self.compile)
+
+
+def model_spec(cfg: EngineConfig, checkpoint: str | None) -> ModelSpec:
+    """The segmenter for `checkpoint` (see checkpoint_path) as the config sets it up."""
+    return ModelSpec(checkpoint=checkpoint_path(cfg, checkpoint), preset=cfg.model.preset, device=device(cfg),
+                     seed=cfg.seed, precision=cfg.model.precision, compile=cfg.model.compile)
+
+
+def pool_plan(cfg: EngineConfig, stage: str, round: int, index_key: str, num_actors: int, images_per_commit: int,
+              images_per_batch: int = 1) -> PoolPlan:
+    """A Ray stage's pool from the `ray` section and the stage's own sizes."""
+    return PoolPlan(stage=stage, round=round, index_key=index_key, num_actors=num_actors,
+                    cpus_per_actor=cfg.ray.cpus_per_actor, gpus_per_actor=cfg.ray.gpus_per_actor,
+                    images_per_batch=images_per_batch, images_per_commit=images_per_commit,
+                    ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus)
+
+
 # --------------------------------------------------------------------------- storage
 
 def object_store(cfg: EngineConfig, uri: str) -> Store:
     """A Store (local folder or s3://) for `uri` with the configured endpoint and region."""
-    return open_store(uri, s3_endpoint_url=cfg.storage.s3_endpoint_url, s3_region=cfg.storage.s3_region)
+    return resources(cfg).object_store(uri)
 
 
 def mask_store(cfg: EngineConfig, root: str | None = None) -> MaskStore:
     """The run's shard store (`storage.root`), or another store root with the same settings."""
-    uri = cfg.path(root or cfg.storage.root)
-    return MaskStore(uri, shard_target_mb=cfg.storage.shard_target_mb, store=object_store(cfg, uri))
+    return resources(cfg).mask_store(cfg.path(root) if root else None)
 
 
 def quarantine(cfg: EngineConfig) -> Quarantine:
     """The run's quarantine (under `storage.root`), retrying transient entries `images.transient_retries` times."""
-    uri = cfg.path(cfg.storage.root)
-    return Quarantine(uri, store=object_store(cfg, uri), retries=cfg.images.transient_retries)
+    return resources(cfg).quarantine()
 
 
 def image_source(cfg: EngineConfig, uri: str | None = None) -> ImageSource:
     """The run's images (`images.source`), or another folder/prefix read with the same rules (the holdout,
     the bootstrap set): `images.max_side`, `images.large_images`, `images.max_pixels`, `images.high_bit_depth`,
     `images.load_timeout_s`, the S3 endpoint and region."""
-    uri = cfg.path(uri or cfg.images.source)
-    return ImageSource(uri, max_side=cfg.images.max_side, large_images=cfg.images.large_images,
-                       store=object_store(cfg, uri), max_pixels=cfg.images.max_pixels,
-                       high_bit_depth=cfg.images.high_bit_depth, load_timeout_s=cfg.images.load_timeout_s)
+    return resources(cfg).image_source(cfg.path(uri) if uri else None)
 
 
 def ground_truth(cfg: EngineConfig, what: str = "simulated annotators") -> dict[str, list[GTObject]]:
     """`images.ground_truth` per image id; a clear error when `what` needs it and it is not set."""
-    if not cfg.images.ground_truth:
-        raise LabelStudioError(f"{what} need images.ground_truth (COCO JSON)")
-    ids = [r.image_id for r in image_source(cfg).list()]
-    try:
-        return load_ground_truth(cfg.path(cfg.images.ground_truth), image_ids=ids)
-    except ValueError as e:  # matches no image: a run would make 0 masks and call it success
-        raise LabelStudioError(f"images.ground_truth: {e} (images.source {cfg.path(cfg.images.source)})") from None
+    return resources(cfg).ground_truth(what)
 
 
 # --------------------------------------------------------------------------- model
@@ -122,10 +213,7 @@ def concept_segmenter(cfg: EngineConfig, on_device: str | None = None) -> Concep
 def segmenter(cfg: EngineConfig, checkpoint: str | None, on_device: str | None = None) -> Segmenter:
     """The segmenter for `checkpoint` (see checkpoint_path); a fresh model is seeded with `seed`; it runs at
     `model.precision`, compiled when `model.compile`."""
-    path = checkpoint_path(cfg, checkpoint)
-    dev = on_device or device(cfg)
-    seg = Segmenter.load(path, device=dev) if path else Segmenter.new(cfg.model.preset, device=dev, seed=cfg.seed)
-    return seg.run_as(cfg.model.precision, cfg.model.compile)
+    return model_spec(cfg, checkpoint).build(on_device)
 
 
 def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
