@@ -269,7 +269,7 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
         source = runtime.image_source(cfg, images_uri) if fmt == "sa1b" else None
         summary = export(fmt, runtime.mask_store(cfg, store_uri), out, source, filters=filters,
                          splits=parse_splits(split), images_per_tar=images_per_tar, overwrite=overwrite,
-                         s3_endpoint_url=cfg.storage.s3_endpoint_url)
+                         **runtime.export_options(cfg))
     except (ConfigError, ExportError, StoreError) as e:
         fail(str(e), code=1)
     for skipped in summary.get("skipped", []):
@@ -581,7 +581,7 @@ def eval_cmd(checkpoint: str = typer.Option(..., help="Model: our checkpoint dir
 
 @app.command("train")
 def train_cmd(out: Path = typer.Option(..., help="Checkpoint directory to write (safetensors + sa_engine.json)."),
-              init: str = typer.Option("compact", "--init", help="'compact' (from scratch) or a checkpoint to fine-tune."),
+              init: str = typer.Option("compact", "--init", help="A preset (compact, sam-vit-b, sam2.1-hiera-tiny, …: from scratch) or a checkpoint to fine-tune."),
               data: Optional[Path] = typer.Option(None, help="A synth-style folder (images/ + annotations.json); "
                                                            "default: fresh synthetic scenes."),
               steps: int = typer.Option(400, min=1, help="Training budget: optimiser steps (the same model on any "

@@ -27,7 +27,7 @@ from engine.integrations import runtime
 from engine.integrations.cluster import cpus_per_train_worker, fit_torch_trainer
 from engine.integrations.config import EngineConfig
 from engine.integrations.synth import synthetic_sampler
-from model.checkpoints import trained_steps
+from model.checkpoints import PRESETS, trained_steps
 from model.evaluate import load_coco_folder
 from model.segmenter import Segmenter
 from storage.datasets import MaskShardDataset
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # demo's bootstrapped model (holdout mIoU@1 0.533) for 200 steps on its rounds' masks: Muon at 1e-3 /
 # 2e-3 / 4e-3 / 8e-3 -> 0.554 / 0.565 / 0.560 / 0.531 (AdamW at 1e-3 / 4e-3: 0.568 / 0.541).
 FINE_TUNE_LR = 2e-3
-PRESETS = ("compact", "sam-vit-b", "sam-vit-l", "sam-vit-h")
 
 
 # ---- what a round trains on ---------------------------------------------------------------------

@@ -369,11 +369,13 @@ def default_evaluate(cfg: EngineConfig, checkpoint: str | None) -> dict:
     """The holdout evaluation; with a general holdout (images.general_holdout_*), its evaluation under "general"
     (click and box metrics only: it guards against forgetting, the automatic AP is not needed there)."""
     out = evaluate_checkpoint(checkpoint, cfg.path(cfg.images.holdout_source),
-                              cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks))
+                              cfg.path(cfg.images.holdout_ground_truth), clicks=tuple(cfg.eval.clicks),
+                              max_objects=cfg.eval.max_objects)
     if cfg.images.general_holdout_source:
         out["general"] = evaluate_checkpoint(checkpoint, cfg.path(cfg.images.general_holdout_source),
                                              cfg.path(cfg.images.general_holdout_ground_truth),
-                                             clicks=tuple(cfg.eval.clicks), amg_points_per_side=None)
+                                             clicks=tuple(cfg.eval.clicks), amg_points_per_side=None,
+                                             max_objects=cfg.eval.max_objects)
     return out
 
 

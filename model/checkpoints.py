@@ -44,9 +44,13 @@ SAM2_PRESETS = tuple(SAM2_TRUNKS)
 HQ_PRESETS = tuple(f"sam-hq-vit-{s}" for s in "blh")
 
 
+# The one preset registry: the config check (model.preset), `sa-engine train --init` and retraining read it.
+PRESETS: tuple[str, ...] = ("compact", *sorted(VIT_PRESETS), *HQ_PRESETS, *SAM2_PRESETS)
+
+
 def family_presets() -> list[str]:
     """Every preset name `Segmenter.new` takes."""
-    return ["compact", *sorted(VIT_PRESETS), *HQ_PRESETS, *SAM2_PRESETS]
+    return list(PRESETS)
 
 
 def build_net(arch: dict):

@@ -100,3 +100,15 @@ def test_click_scores_are_pycocotools_ious_of_the_models_own_answers(fitted_comp
     fresh = click_eval(Segmenter.new("compact", seed=0), images, gts, clicks=1)["pred@1"]
     print(f"pred@1 trained {res['pred@1']:.3f}, untrained {fresh:.3f}")
     assert res["pred@1"] > fresh + 0.1
+
+
+def test_eval_max_objects_caps_the_round_loops_holdout_evaluation(tmp_path):
+    """`eval.max_objects` is read by the round loop's holdout evaluation (it was documented and did nothing)."""
+    from engine.integrations.config import load_config
+    from engine.rounds import default_evaluate
+
+    write_synthetic_dataset(tmp_path / "h", n_images=2, seed=7, size=64)
+    cfg = load_config(None, {"workdir": str(tmp_path), "images.holdout_source": str(tmp_path / "h" / "images"),
+                             "images.holdout_ground_truth": str(tmp_path / "h" / "annotations.json"),
+                             "eval.max_objects": 3, "eval.clicks": [1]})
+    assert default_evaluate(cfg, None)["n_masks"] == 3

@@ -535,6 +535,15 @@ def test_every_preset_the_config_names_builds():
         assert preset_arch(name)["preset"] == name
 
 
+def test_retraining_starts_any_preset_fresh_not_as_a_path():
+    """One preset registry behind the config, the CLI and retraining: `sa-engine train --init sam2.1-hiera-tiny`
+    builds that preset (a stale list of four names took it for a checkpoint path)."""
+    from engine.retrain import _start_model
+
+    seg = _start_model("sam2.1-hiera-tiny", seed=0)
+    assert seg.model_version.startswith("sam2.1-hiera-tiny-init")
+
+
 def test_an_edgetam_directory_without_timm_is_one_line(tmp_path):
     """EdgeTAM's image encoder comes from timm, whose wheels need torchvision (no CPU build here): loading its
     transformers directory says so in one line instead of failing inside transformers."""

@@ -32,12 +32,28 @@ def test_every_store_and_image_source_gets_every_setting(tmp_path):
     assert runtime.image_source(cfg, "relative/images").uri == str(tmp_path / "relative" / "images")
 
 
+def test_an_s3_export_target_gets_the_endpoint_and_the_region(tmp_path):
+    """The export's target and its readers open S3 as the run's stores do (the region never reached an export)."""
+    import inspect
+
+    from storage import exports
+    from storage.exports.read import _export_store
+
+    cfg = load_config(None, {"workdir": str(tmp_path), **S3})
+    options = runtime.export_options(cfg)
+    for opened in (exports._S3Target("s3://bucket/export", **options).store,
+                   _export_store("s3://bucket/export", **options)):
+        assert (opened.endpoint_url, opened.region) == ("http://127.0.0.1:9", "eu-north-1")
+    for entry in (exports.export_sa1b, exports.export_coco, exports.read_index, exports.open_export_file):
+        assert set(options) <= set(inspect.signature(entry).parameters), entry.__name__
+
+
 def test_nothing_outside_the_runtime_builds_stores_or_image_sources():
     """Stages, the retraining step, the CLI and the report ask the runtime; storage/ itself and the runtime
     are the only places these constructors are called."""
     pattern = re.compile(r"\b(MaskStore|ImageSource|Quarantine|open_store)\(")
     found = []
-    for pkg in ("engine", "stages", "model"):
+    for pkg in ("engine", "stages", "model", "docker"):
         for path in (ROOT / pkg).rglob("*.py"):
             if path.name == "runtime.py":
                 continue

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.amg_params import AmgParams
+from model.checkpoints import PRESETS
 
 _AMG = AmgParams()
 
@@ -65,9 +66,7 @@ class StorageConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: Literal["compact", "sam-vit-b", "sam-vit-l", "sam-vit-h", "sam-hq-vit-b", "sam-hq-vit-l", "sam-hq-vit-h",
-                    "sam2.1-hiera-tiny", "sam2.1-hiera-small", "sam2.1-hiera-base-plus",
-                    "sam2.1-hiera-large"] = "compact"  # a fresh model when no checkpoint (families: docs/models.md)
+    preset: Literal[PRESETS] = "compact"  # a fresh model when no checkpoint (families: docs/models.md)
     checkpoint: str | None = None  # a local directory (HF format) or a Meta .pth file
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # network arithmetic: fp32, or autocast to bf16/fp16 (embedding, decoding; training: fp32/bf16)

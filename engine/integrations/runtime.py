@@ -144,6 +144,12 @@ def mask_store(cfg: EngineConfig, root: str | None = None) -> MaskStore:
     return resources(cfg).mask_store(cfg.path(root) if root else None)
 
 
+def export_options(cfg: EngineConfig) -> dict:
+    """What an export needs to open its target (a folder or s3:// prefix) as the run's stores are opened: the
+    S3 endpoint and region (storage/exports: every export and reader takes these keywords)."""
+    return {"s3_endpoint_url": cfg.storage.s3_endpoint_url, "s3_region": cfg.storage.s3_region}
+
+
 def quarantine(cfg: EngineConfig) -> Quarantine:
     """The run's quarantine (under `storage.root`), retrying transient entries `images.transient_retries` times."""
     return resources(cfg).quarantine()
