@@ -23,8 +23,6 @@ held for the whole run is one small row per image (id, size, mask count).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from storage.exports.coco import export_coco
 from storage.exports.common import (COCO_CATEGORY, DEFAULT_SPLITS, FORMATS, INDEX_NAME, LINEAGE_KEY, MARKER_NAME,
                                     CorruptExportError, EmptySelectionError, ExportError, OutputExistsError)
@@ -34,10 +32,8 @@ from storage.exports.read import iter_sa1b_tar, open_export_file, read_index
 from storage.exports.rows import coco_annotation, coco_categories, sa1b_annotation, sa1b_to_records
 from storage.exports.sa1b import export_sa1b
 from storage.exports.targets import _S3Target, collect_export_garbage  # noqa: F401 (tests crash its writes)
-
-if TYPE_CHECKING:
-    from storage.images import ImageSource
-    from storage.shards import MaskStore
+from storage.images import ImageSource
+from storage.shards import MaskStore
 
 __all__ = ["COCO_CATEGORY", "DEFAULT_SPLITS", "FORMATS", "INDEX_NAME", "LINEAGE_KEY", "MARKER_NAME",
            "CorruptExportError", "EmptySelectionError", "ExportError", "ExportFilters", "OutputExistsError",
