@@ -55,11 +55,11 @@ def demo_config(workdir: Path) -> dict:
         "stages": {"manual": {"rounds": 2, "images_per_round": 6},
                    # a prefill counts as right at IoU >= 0.75 (as the automatic stage's below): the CPU model's
                    # masks rarely reach SAM's 0.9, and at 0.9 the triages have next to nothing to tell apart
-                   "semi": {"rounds": 1, "images_per_round": 6, "calibration_pred_iou_floor": 0.0,
-                            "calibration_stability_floor": 0.0, "precision_iou": 0.75},
+                   "semi": {"rounds": 1, "images_per_round": 6, "precision_iou": 0.75},
                    # the automatic stage keeps masks 80 % of which match a verified mask at IoU >= 0.75
                    "auto": {"points_per_side": 16, "num_actors": 2, "images_per_commit": 4, "calibrate": True,
                             "target_precision": 0.8, "precision_iou": 0.75}},
+        "calibration": {"pred_iou_floor": 0.0, "stability_floor": 0.0},  # the loose floors history is re-run with
         "labelstudio": {"managed": True},
         "ray": {"address": "local"},
         "train": {"steps": 350},

@@ -24,6 +24,7 @@ from engine.integrations import runtime
 from engine.integrations.config import EngineConfig
 from engine.rounds import LEDGER_FILE, Ledger, metric_label, metric_scores
 from model.evaluate import EVAL_PRED_IOU_THRESH, EVAL_STABILITY_SCORE_THRESH
+from storage.coco import read_coco
 from storage.images import BadImage
 from storage.rle import decode_rles
 
@@ -452,8 +453,8 @@ def holdout_size(cfg: EngineConfig) -> dict:
         path = cfg.path(cfg.images.holdout_ground_truth) if cfg.images.holdout_ground_truth else None
     if not path or not Path(path).is_file():
         return {"images": None, "masks": None}
-    coco = json.loads(Path(path).read_text())
-    return {"images": len(coco.get("images", [])), "masks": len(coco.get("annotations", []))}
+    images = read_coco(path)
+    return {"images": len(images), "masks": sum(len(im.annotations) for im in images)}
 
 
 def _holdout_size(cfg: EngineConfig) -> str:

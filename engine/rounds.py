@@ -45,9 +45,9 @@ from stages.manual import run_manual_stage
 from stages.review import run_review_stage
 from stages.semi import run_semi_stage
 from model.uncertainty import image_uncertainty
+from storage.coco import CocoImage, read_coco, rle_annotation, segmentation_rle, write_coco
 from storage.images import BadImage, image_id_from_key
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import rle_to_str
 
 LEDGER_FILE = "ledger.jsonl"
 LEDGER_VERSION = 1
@@ -227,22 +227,14 @@ def default_bootstrap(cfg: EngineConfig, checkpoint: str | None, out_dir: str) -
     store_uri = str(root / "store")
     store = runtime.mask_store(cfg, store_uri)
     if not store.images_done("manual", round=0):
-        coco = json.loads((data / "annotations.json").read_text())
-        files = {im["id"]: im for im in coco["images"]}
-        by_image: dict[int, list[dict]] = {}
-        for ann in coco["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append(ann)
         with store.writer(stage="manual", round=0, model_version=None) as w:
-            for coco_id, im in files.items():
-                image_id = image_id_from_key(im["file_name"])
-                anns = by_image.get(coco_id, [])
-                w.add([MaskRecord(
-                    image_id=image_id, mask_id=make_mask_id(image_id, "bootstrap", a["id"]),
-                    height=im["height"], width=im["width"],
-                    rle={"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()},
-                    area=int(a["area"]), bbox=[float(v) for v in a["bbox"]], stage="manual", round=0,
-                    origin="manual", annotator="bootstrap-ground-truth", verified=True) for a in anns])
-                w.image_done(image_id, len(anns))
+            for im in read_coco(data / "annotations.json"):
+                image_id = image_id_from_key(im.file_name)
+                rles = [segmentation_rle(a["segmentation"], im.height, im.width) for a in im.annotations]
+                w.add([MaskRecord.from_rle(image_id, make_mask_id(image_id, "bootstrap", a["id"]), rle, "manual", 0,
+                                           origin="manual", annotator="bootstrap-ground-truth", verified=True)
+                       for a, rle in zip(im.annotations, rles)])
+                w.image_done(image_id, len(rles))
             w.commit()
     boot_cfg = cfg.model_copy(deep=True)
     boot_cfg.images.source = str(data / "images")
@@ -300,11 +292,9 @@ def holdout_completeness(cfg: EngineConfig, checkpoint: str | None, folder: Path
     (simulation), the objects it holds against the masks drawn; else the automatic generator's count of objects
     on each image (the model in use) against the masks drawn. Returns {per_image: {image_id: drawn},
     truth_masks (or None), warnings: [one line each]} (warnings only: people may have reasons)."""
-    coco = json.loads((folder / "annotations.json").read_text())
-    names = {im["id"]: im["file_name"] for im in coco["images"]}
     drawn = {i: 0 for i in image_ids}
-    for ann in coco["annotations"]:
-        drawn[names[ann["image_id"]]] = drawn.get(names[ann["image_id"]], 0) + 1
+    for im in read_coco(folder / "annotations.json"):
+        drawn[im.file_name] = drawn.get(im.file_name, 0) + len(im.annotations)
     warnings = [f"holdout image {i}: no mask drawn (it is left out of the holdout)" for i, n in drawn.items() if n == 0]
     truth_masks = None
     if cfg.stages.simulate and cfg.images.ground_truth:
@@ -335,22 +325,17 @@ def write_holdout_folder(store, source, image_ids: list[str], folder: Path) -> d
     records: dict[str, list[MaskRecord]] = {}
     for rec in store.iter_records(image_ids=image_ids, verified=True):
         records.setdefault(rec.image_id, []).append(rec)
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    images, ann_id = [], 0
     for number, image_id in enumerate(sorted(records), 1):
         target = folder / "images" / image_id
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(source.read(source.ref(image_id)))
         h, w = records[image_id][0].height, records[image_id][0].width
-        coco["images"].append({"id": number, "file_name": image_id, "height": h, "width": w})
-        for rec in records[image_id]:
-            coco["annotations"].append({
-                "id": len(coco["annotations"]) + 1, "image_id": number, "category_id": 1, "iscrowd": 0,
-                "segmentation": rle_to_str(rec.rle), "area": int(rec.area), "bbox": [float(v) for v in rec.bbox]})
-    tmp = folder / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, folder / "annotations.json")
-    return {"source": str(folder / "images"), "ground_truth": str(folder / "annotations.json"),
-            "images": len(coco["images"]), "masks": len(coco["annotations"])}
+        anns = [rle_annotation(ann_id + k + 1, number, rec.rle) for k, rec in enumerate(records[image_id])]
+        ann_id += len(anns)
+        images.append(CocoImage(number, image_id, h, w, anns))
+    counts = write_coco(folder / "annotations.json", images)
+    return {"source": str(folder / "images"), "ground_truth": str(folder / "annotations.json"), **counts}
 
 
 def default_review(cfg: EngineConfig, round: int, checkpoint: str | None) -> dict:
@@ -587,9 +572,8 @@ def _forgetting(metric, candidate: dict, current: dict, start: dict | None, cand
 def trivial_baseline(coco_json: str | Path) -> float | None:
     """The holdout mIoU of a model that answers every click with the whole image: the mean over the holdout's
     masks of (mask area / image area). (An empty answer scores 0.) None without masks."""
-    coco = json.loads(Path(coco_json).read_text())
-    sizes = {im["id"]: im["height"] * im["width"] for im in coco.get("images", [])}
-    shares = [a["area"] / sizes[a["image_id"]] for a in coco.get("annotations", []) if sizes.get(a["image_id"])]
+    shares = [a["area"] / (im.height * im.width) for im in read_coco(coco_json) if im.height * im.width
+              for a in im.annotations]
     return float(np.mean(shares)) if shares else None
 
 

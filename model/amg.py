@@ -472,10 +472,8 @@ def to_records(masks: list[AutoMask], image_id: str, round: int,
     (image, round, model version, index), so a rerun writes the same ids."""
     records = []
     for i, m in enumerate(masks):
-        h, w = m.rle["size"]
-        records.append(MaskRecord(
-            image_id=image_id, mask_id=make_mask_id(image_id, "auto", round, model_version, i),
-            height=h, width=w, rle=m.rle, area=m.area, bbox=m.bbox, stage="auto", origin="auto",
-            round=round, model_version=model_version, predicted_iou=m.predicted_iou,
+        records.append(MaskRecord.from_rle(
+            image_id, make_mask_id(image_id, "auto", round, model_version, i), m.rle, "auto", round, origin="auto",
+            model_version=model_version, predicted_iou=m.predicted_iou,
             stability_score=m.stability_score, point_coords=m.point_coords, crop_box=m.crop_box))
     return records

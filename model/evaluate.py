@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from model.amg import AmgParams, generate_masks
 from model.clicks import first_click, next_click
 from model.iou import mask_iou, pairwise_mask_iou
 from model.segmenter import Segmenter
+from storage.coco import read_coco, segmentation_rle
 from storage.images import decode_image
 
 
@@ -180,27 +180,16 @@ def load_coco_folder(folder: str) -> tuple[list[str], list[np.ndarray], list[np.
     ann_file = root / "annotations.json"
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: not found (expected a folder with images/ and annotations.json)")
-    coco = json.loads(ann_file.read_text())
-    by_image: dict[int, list[dict]] = {}
-    for a in coco.get("annotations", []):
-        by_image.setdefault(a["image_id"], []).append(a)
     names, images, masks, rles = [], [], [], []
-    for info in coco["images"]:
-        path = root / "images" / info["file_name"]
+    for info in read_coco(ann_file):
+        path = root / "images" / info.file_name
         if not path.is_file():
-            path = root / info["file_name"]
+            path = root / info.file_name
         img = decode_image(path.read_bytes(), str(path))  # the stages' decoder: the same pixels everywhere
         h, w = img.shape[:2]
-        rl = []
-        for a in by_image.get(info["id"], []):
-            seg = a["segmentation"]
-            if isinstance(seg, list):  # polygons
-                seg = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                seg = mask_utils.frPyObjects(seg, h, w)
-            rl.append(seg)
+        rl = [segmentation_rle(a["segmentation"], h, w) for a in info.annotations]
         m = np.stack([mask_utils.decode(r).astype(bool) for r in rl]) if rl else np.zeros((0, h, w), bool)
-        names.append(info["file_name"])
+        names.append(info.file_name)
         images.append(img)
         masks.append(m)
         rles.append(rl)

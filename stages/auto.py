@@ -215,7 +215,7 @@ def filter_params(plan: AutoPlan, segmenter, store, source, quarantine) -> tuple
     """The generator's parameters and the thresholds used. With a calibration plan, the thresholds are
     chosen from the verified masks of earlier rounds as the semi-automatic stage chooses its prefill
     thresholds (model/calibration.py: the loosest pair whose precision lower bound reaches
-    `stages.auto.target_precision`, default `stages.semi.target_precision`): a young model's IoU head is far from
+    `stages.auto.target_precision`, on the `calibration` section's history): a young model's IoU head is far from
     SAM's calibration, so SAM's fixed 0.88 / 0.95 would keep nothing or keep noise. Else the config's thresholds."""
     if plan.calibration is None:
         return plan.params, {"pred_iou_thresh": plan.params.pred_iou_thresh,

@@ -32,7 +32,7 @@ from engine.integrations.stage_kit import OK, PoolPlan, images_to_do, outcome_of
 from model.concept import ConceptSegmenter
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import encode_masks, rle_area, rle_bbox
+from storage.rle import encode_masks
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,9 @@ def concept_records(image_id: str, phrase: str, masks, round: int, model_version
     if not masks:
         return []
     rles = encode_masks(np.stack([m.mask for m in masks]))
-    areas, boxes = rle_area(rles), rle_bbox(rles)
-    h, w = masks[0].mask.shape
-    return [MaskRecord(image_id=image_id, mask_id=make_mask_id(image_id, STAGE, model_version, phrase, i),
-                       height=h, width=w, rle=rle, area=int(a), bbox=[float(v) for v in b], stage=STAGE,
-                       origin=STAGE, round=round, model_version=model_version, predicted_iou=m.score,
-                       prompt_text=phrase)
-            for i, (m, rle, a, b) in enumerate(zip(masks, rles, areas, boxes))]
+    return [MaskRecord.from_rle(image_id, make_mask_id(image_id, STAGE, model_version, phrase, i), rle, STAGE, round,
+                                origin=STAGE, model_version=model_version, predicted_iou=m.score, prompt_text=phrase)
+            for i, (m, rle) in enumerate(zip(masks, rles))]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PullResult
 from engine.integrations.ml_backend import precompute_embeddings
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import encode_masks, rle_area, rle_bbox
+from storage.rle import encode_masks
 
 STAGE = "manual"
 
@@ -71,15 +71,11 @@ def records_from_pull(pull: PullResult, project_id: int, round: int, model_versi
             continue
         size = (full_sizes or {}).get(ann.image_id, (ann.height, ann.width))
         masks = np.stack([at_full_size(r.mask, size) for r in ann.regions])
-        rles = encode_masks(masks)
-        areas, boxes = rle_area(rles), rle_bbox(rles)
-        for r, rle, area, box in zip(ann.regions, rles, areas, boxes):
+        for r, rle in zip(ann.regions, encode_masks(masks)):
             clicks, seconds = region_effort(ann, r)
-            out.append(MaskRecord(
-                image_id=ann.image_id,
-                mask_id=make_mask_id(ann.image_id, "ls", project_id, ann.task_id, ann.annotation_id, r.region_id),
-                height=size[0], width=size[1], rle=rle, area=int(area), bbox=[float(v) for v in box],
-                stage=STAGE, round=round, model_version=model_version, origin="manual",
+            out.append(MaskRecord.from_rle(
+                ann.image_id, make_mask_id(ann.image_id, "ls", project_id, ann.task_id, ann.annotation_id, r.region_id),
+                rle, STAGE, round, model_version=model_version, origin="manual",
                 annotator=ann.annotator, verified=True,
                 source={"ls_project": project_id, "ls_task": ann.task_id, "ls_annotation": ann.annotation_id,
                         "ls_region": r.region_id, "ls_updated_at": ann.updated_at,

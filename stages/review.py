@@ -150,7 +150,7 @@ def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simu
                                     checkpoint=checkpoint) as backend:
         backend_id = labelling.connect_backend(ls, project_id, backend)
         if simulate:
-            s = cfg.stages.semi
+            s = cfg.simulate
             reviewer = PrefillReviewer(SimulatedAnnotator(ls, backend_id, name="sim-reviewer-1",
                                                           settings=runtime.annotator_settings(cfg)),
                                        ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou),

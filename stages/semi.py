@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.integrations import labelling, runtime
-from engine.integrations.annotator import GTObject, SimulatedAnnotator, objects_in_frame
+from engine.integrations.annotator import SimulatedAnnotator, objects_in_frame
+from storage.coco import GTObject
 from engine.integrations.config import EngineConfig
 from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PrefillMask, PullResult, TaskImage
@@ -65,7 +66,7 @@ from model.iou import mask_iou
 from model.segmenter import failure_kind
 from storage.images import BadImage
 from storage.records import MaskRecord, make_mask_id
-from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
+from storage.rle import decode_rles, encode_masks
 
 STAGE = "semi"
 PLAN_FILE = "plan.json"
@@ -180,12 +181,9 @@ def final_record(image_id: str, round: int, model_version: str | None, region_id
                  clicks: int | None, lead_time_s: float | None, verified: bool = True) -> MaskRecord:
     """One final mask of a semi-automatic task. mask: (H, W) bool in pixels of the stored image. The id is
     stable in (image, round, region), so a re-pull replaces the mask instead of adding another."""
-    rle = encode_masks(mask[None])[0]
-    h, w = mask.shape
-    return MaskRecord(
-        image_id=image_id, mask_id=make_mask_id(image_id, STAGE, round, region_id), height=h, width=w,
-        rle=rle, area=int(rle_area([rle])[0]), bbox=[float(v) for v in rle_bbox([rle])[0]], stage=STAGE,
-        round=round, model_version=model_version, origin=lineage.origin,
+    return MaskRecord.from_rle(
+        image_id, make_mask_id(image_id, STAGE, round, region_id), encode_masks(mask[None])[0], STAGE, round,
+        model_version=model_version, origin=lineage.origin,
         predicted_iou=prefill.predicted_iou if prefill else None,
         stability_score=prefill.stability_score if prefill else None,
         point_coords=prefill.point_coords if prefill else [],
@@ -382,7 +380,8 @@ def make_plan(cfg: EngineConfig, round: int, segmenter, store, source, image_ids
         comparison = compare_triage(*(np.concatenate([c[k] for c in compared]) for k in (0, 1)),
                                     None if fitted is None else np.concatenate([c[2] for c in compared]),
                                     np.concatenate([c[3] for c in compared]) >= s.precision_iou, thresholds,
-                                    None if fitted is None else fitted_info["threshold"], s.triage_review_share)
+                                    None if fitted is None else fitted_info["threshold"],
+                                    cfg.simulate.triage_review_share)
         comparison["verifier_fitted"] = fitted_info.get("reason") if fitted is None else fitted.version
     return {"round": round, "model_version": segmenter.model_version, "thresholds": thresholds.to_dict(),
             "triage_asked": s.triage, "triage": s.triage if verifier is not None else "thresholds",
@@ -485,7 +484,7 @@ def publish_pages(ls: LabelStudio, cfg: EngineConfig, round: int, pages: Pages, 
 def review_pages(ls: LabelStudio, cfg: EngineConfig, pages: Pages, backend_ids: dict[int, int],
                  truth: dict[str, list[GTObject]]) -> None:
     """Simulated annotators review every page in order; an image's last page adds what is missing."""
-    s = cfg.stages.semi
+    s = cfg.simulate
     policy = ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou)
     states = {i: ImageReview() for i in pages.images}
     for page, pid in pages.projects.items():

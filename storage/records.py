@@ -13,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from storage.rle import rle_area, rle_bbox
+
 # Bump when a column is added or changes meaning; readers refuse shards from a newer version.
 # 2: `prompt_text` (the concept stage's noun phrase); shards of version 1 read with it null.
 # 3: `verifier_version`, `verifier_score` (the learned mask verifier's judgement); older shards read them null.
@@ -97,6 +99,15 @@ class MaskRecord:
     verifier_score: float | None = None
     history: list | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @classmethod
+    def from_rle(cls, image_id: str, mask_id: str, rle: dict, stage: str, round: int, **fields) -> "MaskRecord":
+        """The one way from a mask to a record: size, area and bbox (XYWH pixels) read from its compressed RLE
+        ({"size": [h, w], "counts": bytes}); every other field as given."""
+        h, w = rle["size"]
+        return cls(image_id=image_id, mask_id=mask_id, height=int(h), width=int(w), rle=rle,
+                   area=int(rle_area([rle])[0]), bbox=[float(v) for v in rle_bbox([rle])[0]], stage=stage,
+                   round=round, **fields)
 
     def to_row(self) -> dict:
         """The Parquet row (column name -> value) for `MASK_SCHEMA`."""

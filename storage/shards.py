@@ -31,7 +31,7 @@ import os
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
@@ -39,136 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from storage.backend import ConflictError, LocalStore, ObjectNotFound, Store, StoreError, open_store
 from storage.records import MASK_SCHEMA, SCHEMA_VERSION, STAGES, MaskRecord, records_to_table
-from storage.rle import compressed_counts, rle_problem
-
-MANIFEST_KEY = "manifest.json"
-MANIFEST_FORMAT = "sa-engine-mask-store"
-MANIFEST_VERSION = 1  # the layout of manifest.json itself
-SHARDS_DIR, IMAGES_DIR, STAGING_DIR = "shards", "images", "staging"
-ROW_GROUP_ROWS = 8192  # the unit predicate pushdown can skip
-COMMIT_RETRIES = 50
-
-IMAGES_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("stage", pa.string()),
-        ("round", pa.int32()),
-        ("model_version", pa.string()),
-        ("n_masks", pa.int32()),
-        ("commit", pa.string()),
-        ("done_at", pa.timestamp("us", tz="UTC")),
-    ],
-    metadata={b"sa_engine_schema_version": str(SCHEMA_VERSION).encode()},
-)
-
-
-class CorruptShardError(StoreError):
-    """A shard (or the manifest) disagrees with what the manifest promises; the message names it."""
-
-class SchemaVersionError(StoreError):
-    """A shard or manifest written by a newer sa-engine than this one."""
-
-@dataclass
-class ShardInfo:
-    """One committed file. `path` is the key under the store's root (see `MaskStore.url`)."""
-
-    path: str
-    rows: int
-    sha256: str
-    bytes: int
-    stage: str
-    round: int
-    model_version: str | None
-    schema_version: int = SCHEMA_VERSION
-    min_image_id: str | None = None
-    max_image_id: str | None = None
-    commit: str | None = None
-    created_at: str | None = None
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ShardInfo":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class Manifest:
-    shards: list[ShardInfo] = field(default_factory=list)
-    image_indexes: list[ShardInfo] = field(default_factory=list)
-    generation: int = 0
-    last_commit: dict | None = None
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({
-            "format": MANIFEST_FORMAT,
-            "manifest_version": MANIFEST_VERSION,
-            "schema_version": SCHEMA_VERSION,
-            "generation": self.generation,
-            "updated_at": datetime.now(timezone.utc).isoformat(),
-            "last_commit": self.last_commit,
-            "shards": [asdict(s) for s in self.shards],
-            "image_indexes": [asdict(s) for s in self.image_indexes],
-        }, indent=1).encode()
-
-    @classmethod
-    def parse(cls, data: bytes, where: str) -> "Manifest":
-        try:
-            d = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptShardError(f"{where}: manifest is not valid JSON ({e}); recover it with "
-                                    f"`sa-engine store rebuild-manifest`") from None
-        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
-            raise CorruptShardError(f"{where}: not an sa-engine mask store manifest")
-        if int(d.get("manifest_version", 0)) > MANIFEST_VERSION:
-            raise SchemaVersionError(f"{where}: manifest version {d['manifest_version']} is newer than this "
-                                     f"sa-engine reads ({MANIFEST_VERSION}); upgrade sa-engine")
-        try:
-            return cls(shards=[ShardInfo.from_json(s) for s in d.get("shards", [])],
-                       image_indexes=[ShardInfo.from_json(s) for s in d.get("image_indexes", [])],
-                       generation=int(d.get("generation", 0)), last_commit=d.get("last_commit"))
-        except (TypeError, ValueError) as e:
-            raise CorruptShardError(f"{where}: malformed shard entry in manifest ({e}); recover it with "
-                                    f"`sa-engine store rebuild-manifest`") from None
-
-
-def staged_key(info: ShardInfo) -> str:
-    """Where a shard file waits before (and just after) its commit: staging/<its commit>/<its name>."""
-    return f"{STAGING_DIR}/{info.commit}/{info.path.rsplit('/', 1)[-1]}"
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_digest(url: str, digest: str, info: "ShardInfo") -> None:
-    if digest != info.sha256:
-        raise CorruptShardError(f"{url}: sha256 {digest[:12]}… does not match the manifest's {info.sha256[:12]}… "
-                                f"(corrupted or replaced)")
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True,
-                   use_dictionary=["image_id", "stage", "origin", "model_version", "annotator"]
-                   if "origin" in table.column_names else ["image_id", "stage", "model_version"])
-    return sink.getvalue().to_pybytes()
-
-
-def _as_list(v) -> list:
-    return [v] if isinstance(v, str) else list(v)
-
+from storage import maintenance
+from storage.manifest import (MANIFEST_KEY, SHARDS_DIR, IMAGES_DIR, COMMIT_RETRIES, IMAGES_SCHEMA, CorruptShardError, SchemaVersionError, ShardInfo, Manifest, staged_key, _file_sha256, _check_digest, _now_iso, _parquet_bytes, _as_list)
 
 class MaskStore:
     """Parquet mask shards + manifest at `uri` (local folder or s3://bucket/prefix)."""
@@ -385,118 +260,9 @@ class MaskStore:
                 out[c] = out.get(c, 0) + int(n)
         return out
 
-    def compact(self, small_fraction: float = 0.25, dry_run: bool = False) -> dict:
-        """Rewrite many small shards as few large ones: per (stage, round, model_version), the shards under
-        `small_fraction` of the target size are merged (in order) into files of about the target size, each
-        merge one commit that replaces them (as an upsert does: the rows, their ids and lineage unchanged; the
-        image indexes untouched). Returns {groups, shards_before, shards_after, rows, written}. A writer
-        committing meanwhile is not disturbed: a merge that loses the manifest race is redone."""
-        limit = self.shard_target_bytes * small_fraction
-        groups: dict[tuple, list[ShardInfo]] = {}
-        for info in self.shards():
-            if info.bytes < limit and info.path.startswith(SHARDS_DIR + "/"):
-                groups.setdefault((info.stage, info.round, info.model_version), []).append(info)
-        plans = []  # runs of small shards, each about one target size
-        for key, infos in groups.items():
-            run: list[ShardInfo] = []
-            for info in infos:
-                run.append(info)
-                if sum(x.bytes for x in run) >= self.shard_target_bytes:
-                    plans.append((key, run))
-                    run = []
-            plans.append((key, run))
-        plans = [(key, run) for key, run in plans if len(run) > 1]
-        before = len(self.shards())
-        if dry_run:
-            return {"groups": len(plans), "shards_before": before,
-                    "shards_after": before - sum(len(r) - 1 for _, r in plans),
-                    "rows": sum(x.rows for _, r in plans for x in r), "written": False}
-        rows = 0
-        for (stage, rnd, model_version), run in plans:
-            for _ in range(COMMIT_RETRIES):
-                manifest = self.manifest()
-                live = {x.path for x in manifest.shards}
-                run = [x for x in run if x.path in live]
-                if len(run) < 2:
-                    break
-                commit = uuid.uuid4().hex
-                table = pa.concat_tables([self._read_shard(x, None, None) for x in run])
-                info = self._write_table(table, SHARDS_DIR, stage, rnd, model_version, commit, kind="compact",
-                                         closing={"files": 1, "replaces": [x.path for x in run],
-                                                  "absorbs": self._absorbs(run)})
-                try:
-                    self._swap_manifest([info], [], {"id": commit, "kind": "compact", "time": _now_iso(),
-                                                     "stage": stage, "round": int(rnd), "rows": table.num_rows,
-                                                     "replaced_shards": [x.path for x in run]},
-                                        remove=[x.path for x in run], expect=manifest.generation)
-                except ConflictError:
-                    self._drop_staged([info])
-                    continue
-                self._publish([info])
-                for x in run:
-                    self.store.delete(x.path)
-                rows += table.num_rows
-                break
-        return {"groups": len(plans), "shards_before": before, "shards_after": len(self.shards()), "rows": rows,
-                "written": True}
 
-    def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
-        """Delete shard/index files no manifest lists (left by crashed writers) older than `min_age_s`.
-        Younger ones may belong to a writer that is about to commit. Returns the deleted keys.
 
-        A file that a finished commit wrote is never deleted, listed or not (the rule `rebuild_manifest` uses):
-        when the manifest misses such files it is damaged, and this raises CorruptShardError, deleting
-        nothing, so that `rebuild-manifest` can still bring those masks back."""
-        manifest = self.manifest()
-        live = {s.path for s in manifest.shards} | {s.path for s in manifest.image_indexes}
-        unmoved = {staged_key(s): s for s in manifest.shards}  # committed, cut off before the move
-        now = time.time()
-        candidates = []
-        for key in self.store.list(SHARDS_DIR) + self.store.list(IMAGES_DIR) + self.store.list(STAGING_DIR):
-            if key in live:
-                continue
-            if key in unmoved:
-                self._publish([unmoved[key]])
-                continue
-            if self._age(key, now) >= min_age_s:
-                candidates.append(key)
-        if candidates:
-            unlisted = self._unlisted_committed(manifest, candidates)
-            if unlisted:
-                raise CorruptShardError(
-                    f"{self.store.url(MANIFEST_KEY)}: {len(unlisted)} file(s) of finished commits are not in the "
-                    f"manifest (first: {self.store.url(unlisted[0])}); gc deleted nothing. Recover them with "
-                    f"`sa-engine store rebuild-manifest`, then run gc again")
-        deleted = []
-        for key in candidates:
-            self.store.delete(key)
-            deleted.append(key)
-        if isinstance(self.store, LocalStore):  # half-written files of killed atomic writes (".name.<id>.tmp")
-            for path in self.store.root.rglob(".*.tmp"):
-                if path.is_file() and now - path.stat().st_mtime >= min_age_s:
-                    path.unlink(missing_ok=True)
-                    deleted.append(path.relative_to(self.store.root).as_posix())
-        self._remove_empty_staging(min_age_s)
-        return deleted
 
-    def _remove_empty_staging(self, min_age_s: float = 0.0) -> None:
-        """Remove staging/<commit>/ folders left empty (their files committed and moved, or collected)."""
-        if isinstance(self.store, LocalStore):
-            staging = self.store.root / STAGING_DIR
-            for folder in (staging.iterdir() if staging.is_dir() else ()):
-                if folder.is_dir():
-                    self.store.remove_empty_folder(f"{STAGING_DIR}/{folder.name}", min_age_s)
-
-    def _unlisted_committed(self, manifest: Manifest, keys: Sequence[str] | None = None) -> list[str]:
-        """Keys (of `keys`, or of all files) that a finished, unreplaced commit wrote but `manifest` does not
-        list: by the `rebuild_manifest` rule, from the files' own metadata (footers only)."""
-        files, _ = self._scan_files(with_digest=False)
-        kept, _ = _finished_files(files)
-        listed = {s.path for s in manifest.shards + manifest.image_indexes} | {staged_key(s) for s in manifest.shards}
-        wanted = None if keys is None else set(keys)
-        return sorted(f["key"] for f in kept
-                      if f["key"] not in listed and f["info"].path not in listed
-                      and (wanted is None or f["key"] in wanted))
 
     def _age(self, key: str, now: float | None = None) -> float:
         """Seconds since `key` was last written."""
@@ -629,198 +395,22 @@ class MaskStore:
                 return self.url(info)
         return None
 
+    # ---- maintenance (storage/maintenance.py), offered here so a caller holds one object
+
+    def compact(self, small_fraction: float = 0.25, dry_run: bool = False) -> dict:
+        return maintenance.compact(self, small_fraction, dry_run)
+
+    def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
+        return maintenance.collect_garbage(self, min_age_s)
+
     def verify(self, unlisted_grace_s: float = 60.0) -> None:
-        """Re-hash every committed file and compare its row count with the manifest's; then look for files of
-        finished commits that the manifest does not list (a manifest that lost an entry, still valid JSON).
-        Raises CorruptShardError naming the first problem. Files younger than `unlisted_grace_s` may belong to
-        a commit in flight and are not counted as unlisted."""
-        manifest = self.manifest()
-        for info in manifest.shards + manifest.image_indexes:
-            url = self.store.url(info.path)
-            try:
-                data = self.store.read_bytes(info.path)
-            except ObjectNotFound:
-                data = self.store.read_bytes(self._key_of(info))
-            _check_digest(url, hashlib.sha256(data).hexdigest(), info)
-            rows = self._fragment(info).count_rows()  # also the schema version of the file itself
-            if rows != info.rows:
-                raise CorruptShardError(f"{url}: {rows} rows, the manifest says {info.rows}; recover it with "
-                                        f"`sa-engine store rebuild-manifest`")
-        now = time.time()
-        unlisted = [k for k in self._unlisted_committed(manifest) if self._age(k, now) >= unlisted_grace_s]
-        if unlisted:
-            raise CorruptShardError(
-                f"{self.store.url(unlisted[0])}: written by a finished commit but not in the manifest "
-                f"({len(unlisted)} such file(s)): the manifest is damaged; recover it with "
-                f"`sa-engine store rebuild-manifest`")
+        maintenance.verify(self, unlisted_grace_s)
 
     def verify_deep(self, image_sizes=None, limit: int = 100) -> list[str]:
-        """`verify`, then every row: its RLE decodes to exactly (height, width) pixels, its area matches, and
-        (with `image_sizes`, a function image_id -> (H, W) or None) its size is the image's. Returns one line
-        per problem ('<shard> mask <id>: <reason>'), at most `limit`; raises CorruptShardError when a file
-        itself is damaged (as `verify`)."""
-        self.verify()
-        problems: list[str] = []
-        sizes: dict[str, tuple | None] = {}
-        for info in self.shards():
-            table = self._read_shard(info, ["image_id", "mask_id", "height", "width", "rle", "area"], None)
-            for row in table.to_pylist():
-                where = f"{self.url(info)} mask {row['mask_id']}"
-                problem = rle_problem(row["rle"], row["height"], row["width"])
-                if problem is None:
-                    runs = compressed_counts(row["rle"])
-                    if int(runs[1::2].sum()) != row["area"]:
-                        problem = f"area {row['area']} but the RLE holds {int(runs[1::2].sum())} pixels"
-                if problem is None and image_sizes is not None:
-                    if row["image_id"] not in sizes:
-                        sizes[row["image_id"]] = image_sizes(row["image_id"])
-                    size = sizes[row["image_id"]]
-                    if size is not None and tuple(size) != (row["height"], row["width"]):
-                        problem = (f"mask is {row['height']}x{row['width']} but image {row['image_id']} is "
-                                   f"{size[0]}x{size[1]}")
-                if problem:
-                    problems.append(f"{where}: {problem}")
-                    if len(problems) >= limit:
-                        return problems
-        return problems
+        return maintenance.verify_deep(self, image_sizes, limit)
 
     def rebuild_manifest(self, dry_run: bool = False) -> dict:
-        """Recover a lost or damaged manifest from the files on disk.
-
-        The rule (`_finished_files`): a file names its commit in its metadata, and a commit's last file says how
-        many files the commit has and which shards it replaced. A commit whose files are all there is kept (its
-        shards, minus those a kept commit replaced); a commit with files missing (a writer that died before its
-        commit) and unreadable files are left out and listed. Files written before commits were recorded (no
-        metadata) are kept as they are. The old manifest, if any, is kept beside as manifest.json.damaged-*.
-        Workers' parts (`write_part`) count when a finished commit's last file adopts them. Committed files
-        still in staging/ are moved to shards/ (unless dry_run).
-        Returns {shards, image_indexes, rows, left_out: [{path, reason}], written}."""
-        files, left_out = self._scan_files(with_digest=True)
-        kept, unfinished = _finished_files(files)
-        left_out += unfinished
-        old, version = self.store.read_versioned(MANIFEST_KEY)
-        try:
-            generation = Manifest.parse(old, "").generation + 1 if old is not None else 1
-        except StoreError:
-            generation = 1
-        manifest = Manifest(shards=[f["info"] for f in kept if f["folder"] == SHARDS_DIR],
-                            image_indexes=[f["info"] for f in kept if f["folder"] == IMAGES_DIR],
-                            generation=generation,
-                            last_commit={"id": uuid.uuid4().hex, "kind": "rebuild", "time": _now_iso(),
-                                         "left_out": len(left_out)})
-        if not dry_run:
-            self._publish([f["info"] for f in kept if f.get("staged")])
-            if old is not None:
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-                self.store.write_bytes(f"{MANIFEST_KEY}.damaged-{stamp}", old)
-            self.store.write_if_version(MANIFEST_KEY, manifest.to_bytes(), version)
-        return {"shards": len(manifest.shards), "image_indexes": len(manifest.image_indexes),
-                "rows": sum(s.rows for s in manifest.shards), "left_out": left_out, "written": not dry_run}
-
-    def _scan_files(self, with_digest: bool) -> tuple[list[dict], list[dict]]:
-        """Every Parquet file under shards/, images/ and staging/ with what its own metadata says (commit,
-        stage, round, closing facts): ([{key, folder, staged, meta, info}], unreadable [{path, reason}]).
-        `with_digest`: read each file whole for its sha256 and image-id range (what a manifest entry needs);
-        else only its footer."""
-        files, left_out = [], []
-        for folder in (SHARDS_DIR, IMAGES_DIR, STAGING_DIR):
-            for key in self.store.list(folder):
-                if not key.endswith(".parquet"):
-                    continue
-                digest, first, size = "", [], 0
-                try:
-                    if with_digest:
-                        data = self.store.read_bytes(key)
-                        pf = pq.ParquetFile(pa.BufferReader(data))
-                        first = pf.read(columns=["image_id"]).column("image_id").to_pylist()
-                        digest, size = hashlib.sha256(data).hexdigest(), len(data)
-                    else:
-                        with self.store.open_read(key) as fh:
-                            pf = pq.ParquetFile(fh)
-                    meta = pf.schema_arrow.metadata or {}
-                    rows = pf.metadata.num_rows
-                except (pa.ArrowInvalid, OSError) as e:
-                    left_out.append({"path": key, "reason": f"not a readable Parquet file ({str(e).splitlines()[0]})"})
-                    continue
-                staged = folder == STAGING_DIR
-                f = {"key": key, "folder": SHARDS_DIR if staged else folder, "staged": staged,
-                     "meta": {k.decode(): v.decode() for k, v in meta.items()},
-                     "info": ShardInfo(
-                         path=f"{SHARDS_DIR}/{key.rsplit('/', 1)[-1]}" if staged else key, rows=rows,
-                         sha256=digest, bytes=size, stage="", round=0, model_version=None,
-                         schema_version=int(meta.get(b"sa_engine_schema_version", b"0")),
-                         min_image_id=min(first) if first else None, max_image_id=max(first) if first else None)}
-                m = f["meta"]
-                f["info"].commit, f["info"].created_at = m.get("sa_engine_commit"), m.get("sa_engine_created_at")
-                if "sa_engine_commit" not in m:  # written before commits were recorded: keep it as it is
-                    f["info"].stage, f["info"].round, f["info"].model_version = self._legacy_identity(key)
-                else:
-                    f["info"].stage, f["info"].round = m["sa_engine_stage"], int(m["sa_engine_round"])
-                    f["info"].model_version = json.loads(m["sa_engine_model_version"])
-                files.append(f)
-        return files, left_out
-
-    def _legacy_identity(self, key: str) -> tuple[str, int, str | None]:
-        """(stage, round, model_version) of a file without commit metadata, from its first row."""
-        t = pq.read_table(pa.BufferReader(self.store.read_bytes(key)), columns=["stage", "round", "model_version"])
-        if t.num_rows == 0:
-            return "manual", 0, None
-        row = t.slice(0, 1).to_pylist()[0]
-        return row["stage"], int(row["round"]), row["model_version"]
-
-
-def _finished_files(files: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Of `MaskStore._scan_files`' files, (those the finished commits keep, [{path, reason}] of the rest).
-
-    A commit is finished when all its files are there, or when a finished later commit adopted its part or
-    replaced some of its files (an upsert or a compaction says whose files it absorbed): a file can only be
-    replaced once the manifest listed it. Later commits vouch for earlier ones: a fixed point. Files written
-    before commits were recorded (no metadata) are each a finished commit of their own."""
-    commits: dict[str, list[dict]] = {}
-    for f in files:
-        m = f["meta"]
-        if "sa_engine_commit" not in m:
-            commits[f"legacy:{f['key']}"] = [dict(f, closing=1)]
-            continue
-        if "sa_engine_commit_files" in m:
-            f = dict(f, closing=int(m["sa_engine_commit_files"]),
-                     replaces=json.loads(m.get("sa_engine_replaces", "[]")),
-                     adopts=json.loads(m.get("sa_engine_adopts", "[]")),
-                     absorbs=json.loads(m.get("sa_engine_absorbs", "{}")))
-        commits.setdefault(m["sa_engine_commit"], []).append(f)
-    done: set[str] = set()
-    adopted: set[str] = set()
-    absorbed: dict[str, int] = {}
-    changed = True
-    while changed:
-        changed = False
-        for commit, group in commits.items():
-            if commit in done:
-                continue
-            closing = next((f for f in group if f.get("closing")), None)
-            if commit in adopted or commit in absorbed or (closing is not None
-                                                           and closing["closing"] == len(group)):
-                done.add(commit)
-                changed = True
-                if closing is not None:
-                    adopted |= set(closing.get("adopts", []))
-                    for c, n in closing.get("absorbs", {}).items():
-                        absorbed[c] = absorbed.get(c, 0) + int(n)
-    complete, replaced, left_out = [], set(), []
-    for commit, group in commits.items():
-        if commit not in done:
-            why = "its commit never finished (a writer stopped before its commit)"
-            left_out += [{"path": f["key"], "reason": why} for f in group]
-            continue
-        complete.append(group)
-        closing = next((f for f in group if f.get("closing")), None)
-        if closing is not None:
-            replaced |= set(closing.get("replaces", []))
-    kept = sorted((f for group in complete for f in group if f["info"].path not in replaced),
-                  key=lambda f: (f["info"].created_at or "", f["info"].path))
-    left_out += [{"path": k, "reason": "replaced by a later commit"} for k in sorted(replaced)
-                 if any(f["key"] == k for f in files)]
-    return kept, left_out
+        return maintenance.rebuild_manifest(self, dry_run)
 
 
 class MaskShardWriter:

@@ -203,10 +203,9 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     from storage.rle import encode_masks, rle_area, rle_bbox
 
     path = write_config(tmp_path, 3, 1, calibrate=True)
-    cfg = load_config(path, {"stages.semi.calibration_pred_iou_floor": 0.0,
-                             "stages.semi.calibration_stability_floor": 0.0,
-                             "stages.semi.calibration_min_samples": 1, "stages.semi.calibration_min_kept": 1,
-                             "stages.semi.calibration_min_coverage": 0.0})  # an untrained model: judge all
+    cfg = load_config(path, {"calibration.pred_iou_floor": 0.0, "calibration.stability_floor": 0.0,
+                             "calibration.min_samples": 1, "calibration.min_kept": 1,
+                             "calibration.min_coverage": 0.0})  # an untrained model: judge all
     store, source = MaskStore(cfg.path(cfg.storage.root)), ImageSource(cfg.path(cfg.images.source))
     quarantine = Quarantine(cfg.path(cfg.storage.root))
     model = Segmenter.new("compact", seed=0)
@@ -214,7 +213,7 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
     plan = plan_auto_stage(cfg, round=2, checkpoint=None)
     _, none = filter_params(plan, model, store, source, quarantine)
     assert none["source"] == "default" and none["n_history"] == 0
-    assert none["pred_iou_thresh"] == cfg.stages.semi.default_pred_iou_thresh
+    assert none["pred_iou_thresh"] == cfg.calibration.default_pred_iou_thresh
 
     from engine.integrations.synth import make_scene, scene_rng
     _, masks, _ = make_scene(scene_rng(0, 0), 96)  # the ground truth of the first image, as human masks
@@ -233,7 +232,7 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
 def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp_path, fitted_compact):
     """stages.auto.verifier: every kept mask carries the verifier's version and score; below verifier_drop a mask
     is dropped, below verifier_keep it is marked for the review queue (stages/review.py doubts it)."""
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from model.calibration import best_match_iou
     from model.verifier import MaskVerifier, mask_features, uncovered_objectness
     from stages.auto import run_auto_stage

@@ -40,7 +40,7 @@ def test_a_person_clicks_an_object_in_the_browser_and_the_pull_finds_it(tmp_path
 
 def _person_clicks(cfg, executable: str, shots: Path) -> None:
     from engine.integrations import labelling, runtime
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from model.clicks import first_click
     from model.iou import mask_iou
 

@@ -96,6 +96,29 @@ def test_unknown_key_names_the_key_and_suggests_the_spelling(tmp_path):
     assert f"{p}: trian: unknown key (did you mean 'train'?)" in lines
 
 
+def test_a_key_that_moved_names_its_new_place(tmp_path):
+    """Calibration keys shared by the semi and automatic stages live in `calibration`, the simulated annotators'
+    keys in `simulate`: an old config is told where each went, one line per key, and nothing runs."""
+    from engine.integrations.config import RENAMED
+
+    p = _write(tmp_path, {"stages": {"semi": {"calibration_min_kept": 3, "review_accept_iou": 0.8},
+                                     "manual": {"max_clicks": 4}}, "train": {"max_steps": 10}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    lines = str(e.value).splitlines()
+    assert f"{p}: stages.semi.calibration_min_kept: renamed: use calibration.min_kept" in lines
+    assert f"{p}: stages.semi.review_accept_iou: renamed: use simulate.review_accept_iou" in lines
+    assert f"{p}: stages.manual.max_clicks: renamed: use simulate.max_clicks" in lines and len(lines) == 4
+    for new in RENAMED.values():  # every hint names a key that exists (a KeyError otherwise)
+        _default(new.split(" ")[0])
+
+def _default(key: str):
+    value = load_config(None).model_dump()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def test_wrong_type_names_the_key_and_the_value(tmp_path):
     p = _write(tmp_path, {"train": {"minutes": "ten"}, "stages": {"final_auto": "some"}})
     with pytest.raises(ConfigError) as e:

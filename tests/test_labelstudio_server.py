@@ -96,7 +96,7 @@ def test_a_port_taken_during_start_is_noticed_and_our_token_goes_nowhere_else(tm
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    import engine.integrations.labelstudio as lsmod
+    import engine.integrations.labelstudio.server as lsmod
 
     seen = []
 

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.labelstudio
 torch.set_num_threads(1)
 
 
+SIMULATE = ("max_clicks", "image_time_limit_s")  # the simulated annotators' keys (the simulate section)
+
+
 def write_config(tmp_path, server, n_images: int, seed: int, manual: dict, **images):
     """A synthetic data set of `n_images` 96 px scenes and a config using the shared Label Studio server."""
     write_synthetic_dataset(tmp_path / "synth", n_images=n_images, seed=seed, size=96)
@@ -25,7 +28,8 @@ def write_config(tmp_path, server, n_images: int, seed: int, manual: dict, **ima
                                                 "holdout_source": None, "holdout_ground_truth": None, **images},
            "labelstudio": {"managed": False, "url": server.url, "token": server.token,
                            "ml_backend_port": free_port()},
-           "stages": {"manual": manual}}
+           "stages": {"manual": {k: v for k, v in manual.items() if k not in SIMULATE}},
+           "simulate": {k: v for k, v in manual.items() if k in SIMULATE}}
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -94,7 +98,7 @@ def test_masks_drawn_on_a_downscaled_task_are_stored_at_the_file_size(labelstudi
     the objects are."""
     from pycocotools import mask as mask_utils
 
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
 
     path = write_config(tmp_path, labelstudio_server, 1, 3,
                         {"images_per_round": 1, "max_clicks": 3, "image_time_limit_s": 60.0}, max_side=64)

@@ -41,8 +41,9 @@ def test_the_people_path_from_holdout_to_automatic_stage_with_a_person_in_the_br
                    "ground_truth": str(tmp_path / "data" / "annotations.json"),
                    "holdout_from_source": 2, "holdout_source": None, "holdout_ground_truth": None},
         "storage": {"root": str(tmp_path / "store")},
+        "simulate": {"max_clicks": 3},
         "stages": {"simulate": False,
-                   "manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 3},
+                   "manual": {"rounds": 1, "images_per_round": 2},
                    "semi": {"rounds": 0},
                    "auto": {"points_per_side": 8, "num_actors": 1, "pred_iou_thresh": 0.0,
                             "stability_score_thresh": 0.0, "min_mask_region_area": 0, "max_mask_fraction": 1.0}},
@@ -133,7 +134,7 @@ class _People:
         """Round 1: one task by a person in the browser (one click on the largest object, submit), the other
         through the API. Returns what the person did."""
         from engine.integrations import labelling, runtime
-        from engine.integrations.annotator import load_ground_truth
+        from storage.coco import load_ground_truth
         from engine.integrations.ml_backend import MaskPredictor, Prompt
         from model.clicks import first_click
         from model.segmenter import Segmenter

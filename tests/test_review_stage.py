@@ -49,8 +49,8 @@ def _cfg(tmp_path: Path, server) -> EngineConfig:
         "workdir": str(tmp_path / "run"), "images.source": str(data / "images"),
         "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
         "labelstudio.managed": False, "labelstudio.url": server.url, "labelstudio.token": server.token,
-        "labelstudio.ml_backend_port": free_port(), "stages.manual.max_clicks": 2,
-        "stages.manual.image_time_limit_s": 600.0, "stages.review.max_predicted_iou": 0.8})
+        "labelstudio.ml_backend_port": free_port(), "simulate.max_clicks": 2,
+        "simulate.image_time_limit_s": 600.0, "stages.review.max_predicted_iou": 0.8})
 
 
 @pytest.mark.labelstudio
@@ -58,7 +58,7 @@ def _cfg(tmp_path: Path, server) -> EngineConfig:
 def test_review_decisions_go_into_the_lineage(labelstudio_server, tmp_path):
     """Three doubted masks on one image — right (kept), off (fixed), wrong (deleted) — and a trusted one that is
     not sent; the decisions land in the store as upserts with their history; a rerun sends nothing again."""
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from stages.review import run_review_stage
     from storage.images import ImageSource
     from storage.shards import MaskStore

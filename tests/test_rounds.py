@@ -531,7 +531,8 @@ def test_sa_engine_run_end_to_end(tmp_path, labelstudio_server, ray_cluster):
                    "ground_truth": str(tmp_path / "data" / "annotations.json"),
                    "holdout_from_source": 2, "holdout_source": None, "holdout_ground_truth": None},
         "storage": {"root": str(tmp_path / "store")},
-        "stages": {"manual": {"rounds": 1, "images_per_round": 2, "max_clicks": 3},
+        "simulate": {"max_clicks": 3},
+        "stages": {"manual": {"rounds": 1, "images_per_round": 2},
                    "semi": {"rounds": 1, "images_per_round": 2},
                    # An all-but-untrained model is rarely confident and its masks are large: loose filters (a
                    # mask is dropped only when it covers the whole image), so the stage usually writes some.
@@ -623,7 +624,8 @@ def test_a_model_that_learned_nothing_is_named():
 
     from engine.rounds import learned_nothing, trivial_baseline
 
-    coco = {"images": [{"id": 1, "height": 10, "width": 10}, {"id": 2, "height": 20, "width": 10}],
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10},
+                       {"id": 2, "file_name": "b.png", "height": 20, "width": 10}],
             "annotations": [{"image_id": 1, "area": 5}, {"image_id": 1, "area": 15}, {"image_id": 2, "area": 20}]}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(coco, f)

@@ -181,6 +181,18 @@ def test_history_images_newest_round_first(tmp_path):
 
 # --------------------------------------------------------------------------- against the real server
 
+CALIBRATION_KEYS = {"calibration_images": "history_images", "calibration_pred_iou_floor": "pred_iou_floor",
+                    "calibration_stability_floor": "stability_floor", "calibration_min_coverage": "min_coverage",
+                    "calibration_min_samples": "min_samples", "calibration_min_kept": "min_kept",
+                    "calibration_confidence": "confidence", "default_pred_iou_thresh": "default_pred_iou_thresh",
+                    "default_stability_score_thresh": "default_stability_score_thresh"}
+
+
+def _key(name: str) -> str:
+    """The config key of a helper's keyword: the calibration section's, or stages.semi's."""
+    return f"calibration.{CALIBRATION_KEYS[name]}" if name in CALIBRATION_KEYS else f"stages.semi.{name}"
+
+
 def _semi_cfg(tmp_path: Path, server, **semi) -> EngineConfig:
     from engine.integrations.config import load_config
     from engine.integrations.labelstudio import free_port
@@ -193,14 +205,14 @@ def _semi_cfg(tmp_path: Path, server, **semi) -> EngineConfig:
         "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
         "labelstudio.managed": False, "labelstudio.url": server.url, "labelstudio.token": server.token,
         "labelstudio.ml_backend_port": free_port(),
-        "stages.manual.max_clicks": 2, "stages.manual.image_time_limit_s": 600.0,
-        **{f"stages.semi.{k}": v for k, v in semi.items()}})
+        "simulate.max_clicks": 2, "simulate.image_time_limit_s": 600.0,
+        **{_key(k): v for k, v in semi.items()}})
 
 
 def _crafted_plan(cfg, image_ids: list[str]) -> tuple[dict, dict]:
     """A plan whose prefills are made from the truth: one exact (accept), one shifted (edit), one off
     target (delete), one duplicate (delete) on the first image; nothing on the second (a plain task)."""
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from model.segmenter import Segmenter
     from stages.semi import Prefill
 
@@ -300,13 +312,13 @@ def _plan_setup(tmp_path: Path, size: int = 64, n_images: int = 3, **semi):
         "workdir": str(tmp_path / "run"), "images.source": str(data / "images"),
         "images.ground_truth": str(data / "annotations.json"), "storage.root": str(tmp_path / "store"),
         "stages.semi.points_per_side": 4, "stages.auto.min_mask_region_area": 0,
-        **{f"stages.semi.{k}": v for k, v in semi.items()}})
+        **{_key(k): v for k, v in semi.items()}})
     store = MaskStore(cfg.storage.root)
     return cfg, store, image_source(cfg), Quarantine(cfg.storage.root), Segmenter.new("compact")
 
 
 def test_plan_calibrates_on_verified_history_with_the_real_generator(tmp_path):
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from stages.semi import make_plan
 
     cfg, store, source, quarantine, seg = _plan_setup(
@@ -344,7 +356,7 @@ def test_plan_caps_pages_and_plain_tasks(tmp_path):
     assert any(im["dropped_by_cap"] > 0 for im in plan["images"].values())  # the cap did bite
     # Thresholds above any score: nothing is confident, every image becomes a plain task.
     cfg2, store2, source2, q2, _ = _plan_setup(tmp_path / "strict")
-    cfg2.stages.semi.default_pred_iou_thresh = 1.5  # set past the config's range check (which refuses it)
+    cfg2.calibration.default_pred_iou_thresh = 1.5  # set past the config's range check (which refuses it)
     plan2 = make_plan(cfg2, 1, seg, store2, source2, [r.image_id for r in source2.list()], q2)
     assert all(im["prefills"] == [] for im in plan2["images"].values())
 
@@ -408,7 +420,7 @@ def test_plan_with_the_learned_verifier_prefills_what_it_accepts(tmp_path, fitte
                        Lineage("prefill_accepted", prefills[0].region_id), prefills[0], "ann", {}, None, None)
     assert (rec.verifier_version, rec.verifier_score) == (info["version"], prefills[0].verifier_score)
     # Too little history for a verifier: the thresholds choose, and the plan says why
-    cfg.stages.semi.calibration_min_samples = 10_000
+    cfg.calibration.min_samples = 10_000
     fallback = make_plan(cfg, 2, seg, store, source, ids[2:], quarantine)
     assert fallback["triage"] == "thresholds" and "too little history" in fallback["verifier"]["reason"]
     assert all(p["verifier_version"] is None for im in fallback["images"].values() for p in im["prefills"])
@@ -442,7 +454,7 @@ def test_plan_in_simulation_compares_the_triages_on_the_rounds_candidates(tmp_pa
     """With the truth, the plan scores thresholds / verifier / both on the same candidates; its verifier column
     is what the stage did (the prefills), judged against the truth. The truth follows the people's rule of
     round 1 (the larger masks), which the verifier learns and the predicted IoU does not know."""
-    from engine.integrations.annotator import GTObject
+    from storage.coco import GTObject
     from model.iou import mask_iou
     from storage.rle import decode_rles
     from stages.semi import Prefill, make_plan
@@ -484,7 +496,7 @@ def test_images_the_verifier_judges_complete_skip_people(tmp_path, fitted_compac
     """stages.semi.complete_below: an image whose verifier-accepted prefills leave at most that share of its
     object-like area uncovered is finished without people — its prefills written as verifier_accepted,
     unverified unless their audit passes, each with its exhaustivity estimate; the rest go to people."""
-    from engine.integrations.annotator import load_ground_truth
+    from storage.coco import load_ground_truth
     from model.iou import mask_iou
     from storage.rle import decode_rles
     from stages.review import doubt

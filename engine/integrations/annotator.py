@@ -21,25 +21,16 @@ from __future__ import annotations
 import json
 from base64 import b64encode
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from engine.integrations.labelstudio import LabelStudio, LabelStudioError, TaskImage, brush_result, keypoint_context
 from engine.integrations.origin_http import open_on_origin
 from model.clicks import first_click, next_click
 from model.iou import mask_iou
 from storage.brush_rle import decode_mask
-from storage.images import image_id_from_key, match_file_names
-
-
-@dataclass
-class GTObject:
-    ann_id: int
-    mask: np.ndarray  # (H, W) bool
-    parent_id: int | None = None
+from storage.coco import GTObject
 
 
 @dataclass
@@ -76,40 +67,6 @@ class ImageEffort:
     skipped_parts: int = 0
     left_unannotated: int = 0  # objects not reached before the time limit
     seconds: float = 0.0
-
-
-def load_ground_truth(coco_json: str | Path, image_ids: list[str] | None = None) -> dict[str, list[GTObject]]:
-    """COCO instances (RLE segmentations, optional `parent_id`) -> image_id -> objects.
-
-    image_id = the file name's id as storage/images.py derives it; with `image_ids` (the source's), file
-    names are matched to them by `storage.images.match_file_names` (folders in `file_name` allowed), and a
-    file none of whose names matches any image raises ValueError naming both sides."""
-
-    coco = json.loads(Path(coco_json).read_text())
-    names = {im["id"]: image_id_from_key(im["file_name"]) for im in coco["images"]}
-    if image_ids is not None:
-        matched = match_file_names([im["file_name"] for im in coco["images"]], image_ids)
-        if coco["images"] and not matched:
-            raise ValueError(f"ground truth {coco_json} matches no image of the source: its file names look like "
-                             f"{coco['images'][0]['file_name']!r}, the source's image ids like "
-                             f"{(list(image_ids) or ['(no images)'])[0]!r}")
-        names = {im["id"]: matched[im["file_name"]] for im in coco["images"] if im["file_name"] in matched}
-    out: dict[str, list[GTObject]] = {n: [] for n in names.values()}
-    for a in coco["annotations"]:
-        if a["image_id"] not in names:
-            continue  # an image the source does not hold
-        seg = a["segmentation"]
-        if isinstance(seg, dict) and isinstance(seg.get("counts"), list):
-            seg = mask_utils.frPyObjects(seg, *seg["size"])
-        elif isinstance(seg, dict):
-            seg = {"size": seg["size"], "counts": seg["counts"].encode() if isinstance(seg["counts"], str)
-                   else seg["counts"]}
-        else:
-            im = next(i for i in coco["images"] if i["id"] == a["image_id"])
-            seg = mask_utils.merge(mask_utils.frPyObjects(seg, im["height"], im["width"]))
-        out[names[a["image_id"]]].append(GTObject(int(a["id"]), mask_utils.decode(seg).astype(bool),
-                                                  a.get("parent_id")))
-    return out
 
 
 def objects_in_frame(objects: list[GTObject], height: int, width: int) -> list[GTObject]:

@@ -29,11 +29,30 @@ _AMG = AmgParams()
 PER_MASK_METRICS = ("oracle@1", "box_miou")  # besides miou@k: the holdout metrics scored per mask
 SET_METRICS = ("AP", "AP50", "AP75", "AR@1", "AR@10", "AR@100")  # the automatic masks' COCOeval figures
 SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")  # never a place for a run's data
-# Keys that were renamed: a config still using the old name is told the new one. Budgets are optimiser steps
+# Keys that were renamed or moved: a config still using the old name is told the new one. Budgets are optimiser steps
 # now; the minutes keys remain as optional wall-clock guards.
 RENAMED = {"train.max_steps": "train.steps (the budget, optimiser steps; train.minutes is now only a guard)",
            "model.bootstrap_max_steps": "model.bootstrap_steps (the budget, optimiser steps; "
-                                        "model.bootstrap_minutes is now only a guard)"}
+                                        "model.bootstrap_minutes is now only a guard)",
+           "stages.semi.calibration_images": "calibration.history_images",
+           "stages.semi.calibration_pred_iou_floor": "calibration.pred_iou_floor",
+           "stages.semi.calibration_stability_floor": "calibration.stability_floor",
+           "stages.semi.calibration_min_coverage": "calibration.min_coverage",
+           "stages.semi.calibration_min_samples": "calibration.min_samples",
+           "stages.semi.calibration_min_kept": "calibration.min_kept",
+           "stages.semi.calibration_confidence": "calibration.confidence",
+           "stages.semi.default_pred_iou_thresh": "calibration.default_pred_iou_thresh",
+           "stages.semi.default_stability_score_thresh": "calibration.default_stability_score_thresh",
+           "stages.manual.max_clicks": "simulate.max_clicks",
+           "stages.manual.iou_target": "simulate.iou_target",
+           "stages.manual.seconds_per_click": "simulate.seconds_per_click",
+           "stages.manual.seconds_per_mask": "simulate.seconds_per_mask",
+           "stages.manual.image_time_limit_s": "simulate.image_time_limit_s",
+           "stages.semi.triage_review_share": "simulate.triage_review_share",
+           "stages.semi.review_accept_iou": "simulate.review_accept_iou",
+           "stages.semi.review_edit_iou": "simulate.review_edit_iou",
+           "stages.semi.cover_iou": "simulate.cover_iou",
+           "stages.semi.seconds_per_review": "simulate.seconds_per_review"}
 
 
 class _Section(BaseModel):
@@ -83,11 +102,6 @@ class ModelConfig(_Section):
 class ManualStageConfig(_Section):
     rounds: int = Field(2, ge=0)  # N1: assisted-manual rounds
     images_per_round: int = Field(8, ge=1)  # images annotated per manual round
-    max_clicks: int = Field(10, ge=1)  # per object
-    iou_target: float = Field(0.9, gt=0, le=1)  # the simulated annotator stops clicking at this IoU
-    seconds_per_click: float = Field(1.5, ge=0)  # lead time charged per simulated click
-    seconds_per_mask: float = Field(3.0, ge=0)  # fixed overhead per mask (choosing the object, submitting)
-    image_time_limit_s: float = Field(120.0, gt=0)  # like SA-1B's annotators, leave an image after this long
 
 
 class SemiStageConfig(_Section):
@@ -97,26 +111,10 @@ class SemiStageConfig(_Section):
     precision_iou: float = Field(0.9, gt=0, le=1)  # IoU to a human mask at which a prefill counts as correct
     triage: Literal["thresholds", "verifier", "both"] = "verifier"  # what chooses the prefills: the calibrated (predicted IoU, stability) thresholds; the learned mask verifier (model/verifier.py) fitted on the same history, at the same target, used only when it ranks a held-out share of the history's decisions better than the predicted IoU (else the thresholds); or both must accept
     complete_below: float | None = Field(None, ge=0, le=1)  # with triage verifier | both: an image whose accepted prefills leave at most this share of its object-like area uncovered (model/verifier.py uncovered_objectness) is complete: its prefills are written as verifier_accepted without a person (unverified until audited or reviewed) and only the other images go to people; None: every image goes to people
-    triage_review_share: float = Field(0.1, ge=0, le=1)  # simulation only: the per-round triage comparison (thresholds / verifier / both) lets people review this share of the candidates beyond what each accepts
-    default_pred_iou_thresh: float = Field(0.92, ge=0, le=1)  # used when there is no verified history to calibrate on
-    default_stability_score_thresh: float = Field(0.95, ge=0, le=1)  # used when there is no verified history to calibrate on
-    audit_fraction: float = Field(0.2, ge=0, le=1)  # share of accepted prefills checked against the truth
+    audit_fraction: float = Field(0.2, ge=0, le=1)  # share of accepted prefills checked against the truth (simulation) or queued for a reviewer (people)
     max_prefill_per_task: int = Field(40, ge=1)  # Label Studio slows down with many brush regions
     max_pages_per_image: int = Field(3, ge=1)  # more confident masks than cap x pages: the lowest-ranked are dropped
     points_per_side: int | None = Field(None, ge=1, le=256)  # generator grid; None = stages.auto.points_per_side
-    # Calibration history (model/calibration.py): verified images of earlier rounds, newest first.
-    calibration_images: int = Field(16, ge=1)  # at most this many history images are re-run through the generator
-    calibration_pred_iou_floor: float = Field(0.5, ge=0, le=1)  # loose generator filters for history, below any threshold chosen
-    calibration_stability_floor: float = Field(0.5, ge=0, le=1)  # the same for the stability score
-    calibration_min_coverage: float = Field(0.5, ge=0.0, le=1.0)  # a generated history mask with less of its area on verified masks is not judged (nobody drew that object); 0 = judge all
-    calibration_min_samples: int = Field(50, ge=1)  # fewer history masks: the defaults above
-    calibration_min_kept: int = Field(20, ge=1)  # thresholds must keep at least this many history masks
-    calibration_confidence: float = Field(0.9, gt=0, lt=1)  # one-sided confidence of the precision lower bound
-    # Simulated review (engine/integrations/prefill_review.py): what a glance accepts, fixes or deletes.
-    review_accept_iou: float = Field(0.85, ge=0, le=1)  # coarser than precision_iou on purpose: the audit measures the difference
-    review_edit_iou: float = Field(0.5, ge=0, le=1)  # below: the prefill is deleted, not fixed
-    cover_iou: float = Field(0.5, ge=0, le=1)  # a truth object matched by a kept mask at this IoU is not clicked again
-    seconds_per_review: float = Field(1.0, ge=0)  # lead time charged per prefill looked at (accept or delete)
 
 
 class AutoStageConfig(_Section):
@@ -136,8 +134,8 @@ class AutoStageConfig(_Section):
     multimask_output: bool = _AMG.multimask_output  # 3 masks per grid point (False: 1, as SAM 2's generator allows)
     use_m2m: bool = _AMG.use_m2m  # SAM 2's mask-to-mask refinement: each candidate decoded again with its own logits as the mask prompt
     calibrate: bool = False  # choose pred_iou_thresh / stability_score_thresh from verified history, as stages.semi does
-    target_precision: float | None = Field(None, gt=0, le=1)  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask (None: stages.semi's)
-    precision_iou: float | None = Field(None, gt=0, le=1)  # with calibrate: IoU at which a kept mask counts as correct (None: stages.semi's)
+    target_precision: float = Field(0.9, gt=0, le=1)  # with calibrate: share of kept masks with IoU >= precision_iou to a verified mask
+    precision_iou: float = Field(0.9, gt=0, le=1)  # with calibrate: IoU at which a kept mask counts as correct
     verifier: str | None = None  # a mask verifier (model/verifier.py JSON, e.g. <workdir>/semi/round-N/verifier.json): every mask gets its score; below verifier_drop it is dropped, below verifier_keep it is kept and marked for the review queue
     verifier_keep: float = Field(0.5, ge=0, le=1)  # verifier score from which a mask is kept without review
     verifier_drop: float = Field(0.1, ge=0, le=1)  # verifier score below which a mask is dropped
@@ -159,6 +157,35 @@ class ConceptStageConfig(_Section):
     max_instances: int = Field(100, ge=1)  # per image and phrase, best first
     num_actors: int = Field(1, ge=1)  # Ray Data actors (model copies)
     images_per_commit: int = Field(16, ge=1)  # images per shard commit (the unit of resume)
+
+
+class CalibrationConfig(_Section):
+    # The verified history of earlier rounds (model/calibration.py), newest first, from which the semi-automatic
+    # prefill and a calibrating automatic stage (stages.auto.calibrate) choose their thresholds, each at its own
+    # stages.<stage>.target_precision / precision_iou.
+    history_images: int = Field(16, ge=1)  # at most this many history images are re-run through the generator
+    pred_iou_floor: float = Field(0.5, ge=0, le=1)  # loose generator filters for history, below any threshold chosen
+    stability_floor: float = Field(0.5, ge=0, le=1)  # the same for the stability score
+    min_coverage: float = Field(0.5, ge=0.0, le=1.0)  # a generated history mask with less of its area on verified masks is not judged (nobody drew that object); 0 = judge all
+    min_samples: int = Field(50, ge=1)  # fewer history masks: the defaults above
+    min_kept: int = Field(20, ge=1)  # thresholds must keep at least this many history masks
+    confidence: float = Field(0.9, gt=0, lt=1)  # one-sided confidence of the precision lower bound
+    default_pred_iou_thresh: float = Field(0.92, ge=0, le=1)  # used when there is no verified history to calibrate on
+    default_stability_score_thresh: float = Field(0.95, ge=0, le=1)  # used when there is no verified history to calibrate on
+
+
+class SimulateConfig(_Section):
+    # What only the simulated annotators (stages.simulate: true) read; people in Label Studio are not told any of it.
+    max_clicks: int = Field(10, ge=1)  # per object
+    iou_target: float = Field(0.9, gt=0, le=1)  # the simulated annotator stops clicking at this IoU
+    seconds_per_click: float = Field(1.5, ge=0)  # lead time charged per simulated click
+    seconds_per_mask: float = Field(3.0, ge=0)  # fixed overhead per mask (choosing the object, submitting)
+    image_time_limit_s: float = Field(120.0, gt=0)  # like SA-1B's annotators, leave an image after this long
+    triage_review_share: float = Field(0.1, ge=0, le=1)  # the per-round triage comparison (thresholds / verifier / both) lets people review this share of the candidates beyond what each accepts
+    review_accept_iou: float = Field(0.85, ge=0, le=1)  # coarser than precision_iou on purpose: the audit measures the difference
+    review_edit_iou: float = Field(0.5, ge=0, le=1)  # below: the prefill is deleted, not fixed
+    cover_iou: float = Field(0.5, ge=0, le=1)  # a truth object matched by a kept mask at this IoU is not clicked again
+    seconds_per_review: float = Field(1.0, ge=0)  # lead time charged per prefill looked at (accept or delete)
 
 
 class StagesConfig(_Section):
@@ -209,7 +236,7 @@ class TrainConfig(_Section):
     crop_share: float | None = Field(None, ge=0, le=1)  # share of the budget on windows of half the input side (None: the recipe's 0.75; 0: whole images only; conv encoders)
     parts: Literal["auto", "all", "prompt_decoder", "decoder"] = "auto"  # what learns: auto = all for the compact model and SAM 1, the mask decoder alone for SAM 2 / SAM-HQ / SAM 3 tracker (docs/models.md)
     buffer_images: int = Field(512, ge=1)  # scenes (an image and its masks) each training worker holds in memory; the rest streams from the store (a data set that fits is held whole)
-    prompts_per_mask: int | None = Field(None, ge=1, le=16)  # the first prompt + corrective clicks each training mask gets, fed its previous mask (None: the recipe's 2; the simulated annotators use up to stages.manual.max_clicks)
+    prompts_per_mask: int | None = Field(None, ge=1, le=16)  # the first prompt + corrective clicks each training mask gets, fed its previous mask (None: the recipe's 2; the simulated annotators use up to simulate.max_clicks)
     manual_weight: float = Field(2.0, ge=0)  # manual masks count this much more than automatic ones
     include_bootstrap: bool = True  # also retrain on the bootstrap set (weight 1), as SAM retrained on all data so far
     num_workers: int = Field(1, ge=1)  # Ray Train workers
@@ -235,6 +262,8 @@ class EngineConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    simulate: SimulateConfig = Field(default_factory=SimulateConfig)
     labelstudio: LabelStudioConfig = Field(default_factory=LabelStudioConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from engine.integrations.annotator import AnnotatorSettings, GTObject, load_ground_truth
+from engine.integrations.annotator import AnnotatorSettings
+from storage.coco import GTObject, load_ground_truth
 from engine.integrations.config import AutoStageConfig, EngineConfig
 from engine.integrations.stage_kit import PoolPlan
 from engine.integrations.labelstudio import LabelStudioError, ServerSettings, write_private_file
@@ -246,26 +247,21 @@ def amg_params(section: AutoStageConfig, **overrides) -> AmgParams:
 
 
 def calibration_settings(cfg: EngineConfig, stage: str = "semi") -> CalibrationSettings:
-    """What the semi-automatic prefill (and a calibrating automatic stage) aims for: `stages.semi`; for
-    stage "auto", `stages.auto.target_precision` / `precision_iou` where set."""
-    s, a = cfg.stages.semi, cfg.stages.auto
-    target, iou = s.target_precision, s.precision_iou
-    if stage == "auto":
-        target = a.target_precision if a.target_precision is not None else target
-        iou = a.precision_iou if a.precision_iou is not None else iou
-    return CalibrationSettings(target_precision=target, precision_iou=iou,
-                               default_pred_iou_thresh=s.default_pred_iou_thresh,
-                               default_stability_score_thresh=s.default_stability_score_thresh,
-                               history_images=s.calibration_images, min_coverage=s.calibration_min_coverage,
-                               min_samples=s.calibration_min_samples,
-                               min_kept=s.calibration_min_kept, confidence=s.calibration_confidence)
+    """What a stage's calibration aims for: its own `stages.<stage>.target_precision` / `precision_iou`, on the
+    verified history the `calibration` section describes (shared by the semi-automatic and automatic stages)."""
+    c, aim = cfg.calibration, cfg.stages.auto if stage == "auto" else cfg.stages.semi
+    return CalibrationSettings(target_precision=aim.target_precision, precision_iou=aim.precision_iou,
+                               default_pred_iou_thresh=c.default_pred_iou_thresh,
+                               default_stability_score_thresh=c.default_stability_score_thresh,
+                               history_images=c.history_images, min_coverage=c.min_coverage,
+                               min_samples=c.min_samples, min_kept=c.min_kept, confidence=c.confidence)
 
 
 def calibration_params(cfg: EngineConfig, **overrides) -> AmgParams:
     """The generator with the loose filters calibration re-runs history with (below any threshold chosen)."""
-    s = cfg.stages.semi
-    return amg_params(cfg.stages.auto, pred_iou_thresh=s.calibration_pred_iou_floor,
-                      stability_score_thresh=s.calibration_stability_floor, **overrides)
+    c = cfg.calibration
+    return amg_params(cfg.stages.auto, pred_iou_thresh=c.pred_iou_floor, stability_score_thresh=c.stability_floor,
+                      **overrides)
 
 
 # --------------------------------------------------------------------------- people and their tools
@@ -273,7 +269,7 @@ def calibration_params(cfg: EngineConfig, **overrides) -> AmgParams:
 def annotator_settings(cfg: EngineConfig, every_object: bool = False) -> AnnotatorSettings:
     """The simulated annotators' settings. every_object: a holdout's annotators, who draw every object (parts
     too) with no per-image time limit, so that promotion is judged on all of them."""
-    m = cfg.stages.manual
+    m = cfg.simulate
     return AnnotatorSettings(max_clicks=m.max_clicks, iou_target=m.iou_target,
                              seconds_per_click=m.seconds_per_click, seconds_per_mask=m.seconds_per_mask,
                              image_time_limit_s=m.image_time_limit_s, every_object=every_object)

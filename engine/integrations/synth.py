@@ -21,7 +21,6 @@ model trained on shapes alone scores far lower on pebbles than on shapes (docs/e
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from storage.coco import CocoImage, rle_annotation, write_coco
 
 SHAPES = ("ellipse", "rectangle", "polygon", "ring", "blob")
 TEXTURES = ("flat", "stripes", "checker", "noise", "gradient")
@@ -309,46 +310,27 @@ def write_synthetic_dataset(out: str | os.PathLike, n_images: int, seed: int, si
     except OSError as e:
         raise OSError(f"{image_dir}: cannot create output folder ({e.strerror})") from None
 
-    coco_images, coco_annotations = [], []
-    n_objects = n_parts = 0
+    coco_images: list[CocoImage] = []
+    n_objects = n_parts = n_annotations = 0
     for i in range(n_images):
         image, masks, parents = make_scene(scene_rng(seed, i), size, family)
         name = image_file_name(seed, i, family)
         tmp = image_dir / f".{name}.tmp"
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, image_dir / name)
-        image_id = i + 1
-        coco_images.append({"id": image_id, "file_name": name, "height": size, "width": size})
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-        areas = mask_utils.area(rles)
-        boxes = mask_utils.toBbox(rles)
-        first_ann_id = len(coco_annotations) + 1
-        for k, (rle, parent) in enumerate(zip(rles, parents)):
-            coco_annotations.append({
-                "id": first_ann_id + k,
-                "image_id": image_id,
-                "category_id": 1,
-                "segmentation": {"size": [size, size], "counts": rle["counts"].decode("ascii")},
-                "area": int(areas[k]),
-                "bbox": [float(v) for v in boxes[k]],
-                "iscrowd": 0,
-                "parent_id": None if parent is None else first_ann_id + parent,
-            })
-            n_objects += parent is None
-            n_parts += parent is not None
-
-    coco = {
-        "info": {"description": "sa-engine synthetic scenes", "seed": seed, "size": size, "family": family,
-                 "generator": "engine.integrations.synth.make_scene"},
-        "images": coco_images,
-        "annotations": coco_annotations,
-        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
-    }
-    tmp = out / ".annotations.json.tmp"
-    tmp.write_text(json.dumps(coco))
-    os.replace(tmp, out / "annotations.json")
+        first = n_annotations + 1
+        anns = [rle_annotation(first + k, i + 1, rle, parent_id=None if parent is None else first + parent)
+                for k, (rle, parent) in enumerate(zip(rles, parents))]
+        coco_images.append(CocoImage(i + 1, name, size, size, anns))
+        n_annotations += len(anns)
+        n_objects += sum(p is None for p in parents)
+        n_parts += sum(p is not None for p in parents)
+    write_coco(out / "annotations.json", coco_images,
+               info={"description": "sa-engine synthetic scenes", "seed": seed, "size": size, "family": family,
+                     "generator": "engine.integrations.synth.make_scene"})
     return {"out": str(out), "images": n_images, "objects": n_objects, "parts": n_parts,
-            "annotations": len(coco_annotations), "seed": seed, "size": size, "family": family}
+            "annotations": n_annotations, "seed": seed, "size": size, "family": family}
 
 
 def synthetic_sampler(size: int = 256, pool: int = 512, fresh_prob: float = 0.25, family: str = "shapes"):
