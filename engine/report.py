@@ -13,6 +13,7 @@ Built from the round ledger (decisions, evaluations, stage summaries, timings) a
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import math
 from pathlib import Path
 
@@ -477,6 +478,25 @@ def metric_keys(ledger: Ledger, clicks: list[int]) -> list[str]:
     return keys
 
 
+@dataclass
+class ReportInputs:
+    """What the report's sections read: the config, the ledger, the store and its masks, the per-round rows, the
+    per-stage table, the model curve, the metric keys and which figures were drawn."""
+
+    cfg: EngineConfig
+    workdir: Path
+    ledger_path: Path
+    ledger: Ledger
+    store: object
+    masks: object
+    keys: list
+    rows: list
+    points: list
+    stages: list
+    figures: dict
+    shown: object
+
+
 def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: int = 8) -> str:
     """Write report.md and its PNGs into `out_dir` (default <workdir>/report); returns the report's path."""
     workdir = Path(cfg.workdir).resolve()
@@ -492,7 +512,6 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
     keys = metric_keys(ledger, cfg.eval.clicks)
     rows = round_rows(ledger, masks, keys)
     points = model_curve(ledger, keys)
-    stages = stage_table(rows, masks)
     figures = {
         "miou_by_round.png": plot_miou(points, cfg.eval.clicks, out / "miou_by_round.png"),
         "annotation_cost.png": plot_cost(rows, out / "annotation_cost.png"),
@@ -501,14 +520,35 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
     }
     shown = plot_gallery(cfg, store, masks, out / "gallery.png", gallery_images)
     figures["gallery.png"] = bool(shown)
+    inputs = ReportInputs(cfg, workdir, ledger_path, ledger, store, masks, keys, rows, points,
+                          stage_table(rows, masks), figures, shown)
+    md = [line for section in SECTIONS for line in section(inputs)]
+    report = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(md))
+    tmp.replace(report)
+    _write_json(out / "report.json", {"rounds": rows, "stages": inputs.stages, "model_curve": points})
+    _write_json(out / "rounds.json", flywheel_rows(ledger, rows, cfg.eval.promote_metric))
+    return str(report)
 
-    md = ["# sa-engine report", "",
-          f"Work dir `{workdir}`; mask store `{cfg.path(cfg.storage.root)}`; " +
-          (f"ledger `{ledger_path.name}` ({len(ledger.entries())} steps, "
-           f"{sum(e['status'] == 'done' for e in ledger.entries())} done)." if ledger_path.exists() else
+
+def intro_section(inp: "ReportInputs") -> list[str]:
+    """The title and where the figures come from (the ledger, or the store alone)."""
+    cfg, ledger = inp.cfg, inp.ledger
+    md: list[str] = []
+    md += ["# sa-engine report", "",
+          f"Work dir `{inp.workdir}`; mask store `{cfg.path(cfg.storage.root)}`; " +
+          (f"ledger `{inp.ledger_path.name}` ({len(ledger.entries())} steps, "
+           f"{sum(e['status'] == 'done' for e in ledger.entries())} done)." if inp.ledger_path.exists() else
            "no ledger (stages run one by one with `sa-engine stage …`): the figures below come from the mask "
            "store alone; round-loop figures (holdout, promotions) need `sa-engine run`."), ""]
 
+    return md
+
+
+def stage_section(inp: "ReportInputs") -> list[str]:
+    """Per stage, shaped like the SAM paper's account of its data engine."""
+    md: list[str] = []
     md += ["## Per stage", "",
            "Shaped like the SAM paper's account of its data engine (SA-1B: assisted-manual 4.3 M masks on "
            "120 k images, 34 → 14 s a mask, 20 → 44 masks/image; semi-automatic 5.9 M more masks on 180 k "
@@ -519,9 +559,16 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                   "machine time (s)"],
                  [[STAGE_TITLES[s["stage"]], s["rounds"], _fmt(s["images"]), _fmt(s["masks"]),
                    _fmt(s["masks_per_image"], 1), _fmt(s["clicks_per_mask"], 1), _fmt(s["seconds_per_mask"], 1),
-                   _fmt(s["machine_seconds"], 0)] for s in stages])
+                   _fmt(s["machine_seconds"], 0)] for s in inp.stages])
     md += [""]
 
+    return md
+
+
+def round_section(inp: "ReportInputs") -> list[str]:
+    """Per round: the holdout columns, the promotion decisions and their figures."""
+    cfg, ledger, rows = inp.cfg, inp.ledger, inp.rows
+    md: list[str] = []
     md += ["## Per round", "",
            f"Promotion is gated on the frozen holdout: a retrained model replaces the current one only if its "
            f"`{metric_label(cfg.eval.promote_metric)}` beats the current model's by more than "
@@ -532,13 +579,13 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
            f"kept at predicted IoU ≥ {EVAL_PRED_IOU_THRESH:g} and stability ≥ {EVAL_STABILITY_SCORE_THRESH:g}, as "
            "`sa-engine eval` does by default.", ""]
     header = ["round", "stage", "images", "masks", "masks / image", "clicks / mask", "s / mask", "steps"] + \
-             [f"holdout {k}" for k in keys] + ["promoted"]
+             [f"holdout {k}" for k in inp.keys] + ["promoted"]
     md += _table(header, [[r["round"], r["stage"], _fmt(r["images"]), _fmt(r["masks"]),
                            _fmt(r["masks_per_image"], 1), _fmt(r["clicks_per_mask"], 1),
-                           _fmt(r["seconds_per_mask"], 1), _steps_cell(r)] + [_fmt(r["eval"][k], 3) for k in keys] +
+                           _fmt(r["seconds_per_mask"], 1), _steps_cell(r)] + [_fmt(r["eval"][k], 3) for k in inp.keys] +
                           [_fmt(r["promoted"]) if r["promoted"] is not None else "–"] for r in rows])
     md += ["", "### Promotion decisions", ""]
-    if points:
+    if inp.points:
         start = ((ledger.get("r0.eval") or {}).get("outputs") or {})
         md.append(f"- round 0: starting model, holdout {metric_label(cfg.eval.promote_metric)} "
                   f"{_fmt(metric_scores(start, cfg.eval.promote_metric)[0], 3)}")
@@ -546,13 +593,20 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
            + (f" — **{r['train_note']}**" if r.get("train_note") else "")
            for r in rows if r["reason"]]
     md += [""]
-    if figures["miou_by_round.png"]:
+    if inp.figures["miou_by_round.png"]:
         md += ["![holdout mIoU by round](miou_by_round.png)", ""]
-    if figures["annotation_cost.png"]:
+    if inp.figures["annotation_cost.png"]:
         md += ["![clicks and seconds per mask](annotation_cost.png)", ""]
-    if figures["masks_per_image.png"]:
+    if inp.figures["masks_per_image.png"]:
         md += ["![masks per image](masks_per_image.png)", ""]
 
+    return md
+
+
+def semi_section(inp: "ReportInputs") -> list[str]:
+    """The semi-automatic prefills and, in simulation, the triages side by side."""
+    ledger, rows = inp.ledger, inp.rows
+    md: list[str] = []
     semi = [(r, (ledger.get(f"r{r['round']}.semi") or {}).get("outputs") or {}) for r in rows if r["stage"] == "semi"]
     semi_keys = ["masks_per_image_before", "masks_per_image_after", "prefill_accepted", "prefill_edited",
                  "prefill_rejected", "clicks_per_added_mask", "prefill_precision", "target_precision"]
@@ -579,6 +633,13 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                       + [c.get("verifier_fitted") or "—"] for r, c in compared])
         md += [""]
 
+    return md
+
+
+def auto_truth_section(inp: "ReportInputs") -> list[str]:
+    """The automatic stage against ground truth, where there is some."""
+    ledger = inp.ledger
+    md: list[str] = []
     auto = [(e["round"], (e.get("outputs") or {}).get("truth")) for e in ledger.entries()
             if e.get("kind") == "auto" and e.get("status") == "done"]
     auto = [(r, t) for r, t in auto if t]
@@ -594,8 +655,15 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
                       for r, t in auto])
         md += [""]
 
+    return md
+
+
+def scores_section(inp: "ReportInputs") -> list[str]:
+    """The score distributions of model-made masks."""
+    masks = inp.masks
+    md: list[str] = []
     md += ["## Scores", ""]
-    if figures["scores.png"]:
+    if inp.figures["scores.png"]:
         scored = masks[masks["predicted_iou"].notna()]
         md += _table(["stage", "masks", "predicted IoU (median)", "stability (median)"],
                      [[s, _fmt(len(g)), _fmt(g["predicted_iou"].median(), 3), _fmt(g["stability_score"].median(), 3)]
@@ -604,12 +672,24 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
     else:
         md += ["No model-made masks yet.", ""]
 
-    md += ["## Gallery", ""]
-    md += ["![masks overlaid](gallery.png)", ""] if shown else ["No masks to show yet.", ""]
+    return md
 
+
+def gallery_section(inp: "ReportInputs") -> list[str]:
+    """Masks overlaid on a few images."""
+    md: list[str] = []
+    md += ["## Gallery", ""]
+    md += ["![masks overlaid](gallery.png)", ""] if inp.shown else ["No masks to show yet.", ""]
+
+    return md
+
+
+def storage_section(inp: "ReportInputs") -> list[str]:
+    """Shards, masks and bytes per stage."""
+    md: list[str] = []
     md += ["## Storage", ""]
     shard_rows = []
-    for s in store.shards():
+    for s in inp.store.shards():
         shard_rows.append((s.stage, s.rows, s.bytes))
     if shard_rows:
         by_stage: dict[str, list[int]] = {}
@@ -625,18 +705,24 @@ def write_report(cfg: EngineConfig, out_dir: str | None = None, gallery_images: 
         md += ["No shards committed yet."]
     md += [""]
 
+    return md
+
+
+def ledger_section(inp: "ReportInputs") -> list[str]:
+    """Every step of the round loop."""
+    ledger = inp.ledger
+    md: list[str] = []
     md += ["## Ledger", ""]
     md += _table(["step", "status", "attempts", "seconds", "note"],
                  [[e["step"], e["status"], e.get("attempts", 1), _fmt(e.get("seconds"), 1),
                    (e.get("error") or "").replace("|", "/")[:120]] for e in ledger.entries()])
     md += [""]
-    report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md))
-    tmp.replace(report)
-    _write_json(out / "report.json", {"rounds": rows, "stages": stages, "model_curve": points})
-    _write_json(out / "rounds.json", flywheel_rows(ledger, rows, cfg.eval.promote_metric))
-    return str(report)
+    return md
+
+
+# The report, section by section, in order
+SECTIONS = (intro_section, stage_section, round_section, semi_section, auto_truth_section, scores_section,
+            gallery_section, storage_section, ledger_section)
 
 
 def _write_json(path: Path, data) -> None:
