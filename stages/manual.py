@@ -123,15 +123,53 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
 # --------------------------------------------------------------------------- the stage
 
 
+class PeopleAnnotate:
+    """People annotate in Label Studio: the stage waits until every task has an annotation (Ctrl-C pulls what is
+    there)."""
+
+    simulated = False
+
+    def __init__(self, poll_s: float = 30.0):
+        self.poll_s = poll_s
+
+    def annotate(self, ls: LabelStudio, cfg: EngineConfig, project_id: int, tasks: dict, images: list,
+                 backend_id: int | None, server) -> list:
+        labelling.wait_for_people(ls, {project_id: len(tasks)}, self.poll_s,
+                                  f"Label Studio project {project_id} at {ls.url}/projects/{project_id}: "
+                                  "waiting for annotations (Ctrl-C to pull now)", labelling.login_line(cfg, server))
+        return []
+
+
+class SimulatedAnnotate:
+    """A simulated annotator clicks every task through the real Label Studio API and the ML backend, knowing the
+    truth. every_object: a holdout's annotator, who draws every object with no per-image time limit."""
+
+    simulated = True
+
+    def __init__(self, truth: dict, every_object: bool = False):
+        self.truth, self.every_object = truth, every_object
+
+    def annotate(self, ls: LabelStudio, cfg: EngineConfig, project_id: int, tasks: dict, images: list,
+                 backend_id: int | None, server) -> list:
+        annotator = SimulatedAnnotator(ls, backend_id,
+                                       settings=runtime.annotator_settings(cfg, every_object=self.every_object))
+        annotated = ls.annotated_task_ids(project_id)
+        return [annotator.annotate_image(tasks[im.image_id], im, self.truth.get(im.image_id, []))
+                for im in images if tasks[im.image_id] not in annotated]  # else a resumed round: submitted before
+
+
 def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
-                     simulate: bool = True, poll_s: float = 30.0, purpose: str = STAGE) -> ManualSummary:
+                     simulate: bool = True, poll_s: float = 30.0, purpose: str = STAGE,
+                     annotators: "PeopleAnnotate | SimulatedAnnotate | None" = None) -> ManualSummary:
     """One assisted-manual round (steps: module doc). image_ids None: the first `images_per_round` images of
-    the source that no manual round has done yet. simulate=False: set up and serve, wait until every task has
-    an annotation (Ctrl-C pulls what is there), then pull. purpose: names the Label Studio project ("manual",
-    or "holdout" when the round loop has people draw its holdout)."""
+    the source that no manual round has done yet. annotators: who does step 3 (default: a simulated annotator
+    with `images.ground_truth` when `simulate`, else people in Label Studio, polled every poll_s). purpose: names
+    the Label Studio project ("manual", or "holdout" when the round loop has people draw its holdout: a
+    simulated one then draws every object, with no time limit)."""
     t0 = time.monotonic()
     store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
-    truth = runtime.ground_truth(cfg) if simulate else None
+    annotators = annotators or (SimulatedAnnotate(runtime.ground_truth(cfg), every_object=purpose == "holdout")
+                                if simulate else PeopleAnnotate(poll_s))
 
     # 1. Plan
     if image_ids is None:
@@ -143,50 +181,55 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     ls, server = labelling.connect(cfg)
     images, pixels, full_sizes = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
-    description = f"round {round}, model {segmenter.model_version}"
-    if purpose == "holdout":  # promotion is judged on these masks: an object left out is a figure gone wrong
-        description = (f"HOLDOUT: draw EVERY object on each image (every model is judged on these masks; "
-                       f"an object left out skews every figure). {description}")
-    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round), description,
-                                          images)
+    project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round),
+                                          project_description(purpose, round, segmenter.model_version), images)
 
     # 3. Annotate or wait
-    efforts = []
-    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate, checkpoint=checkpoint) as backend:
-        backend_id = labelling.connect_backend(ls, project_id, backend)
-        if simulate:
-            # a holdout is drawn whole: no per-image time limit (promotion is judged on every object)
-            annotator = SimulatedAnnotator(ls, backend_id,
-                                           settings=runtime.annotator_settings(cfg, every_object=purpose == "holdout"))
-            annotated = ls.annotated_task_ids(project_id)
-            for im in images:
-                if tasks[im.image_id] not in annotated:  # else a resumed round: submitted before
-                    efforts.append(annotator.annotate_image(tasks[im.image_id], im, truth.get(im.image_id, [])))
-        else:
-            labelling.wait_for_people(ls, {project_id: len(tasks)}, poll_s,
-                                      f"Label Studio project {project_id} at {ls.url}/projects/{project_id}: "
-                                      "waiting for annotations (Ctrl-C to pull now)",
-                                      labelling.login_line(cfg, server))
-        cache = getattr(backend.state.predictor, "cache", None)  # None: the service (another process) served
-        embeddings = {"hits": cache.hits, "misses": cache.misses, "precomputed": cache.precomputed,
-                      "precomputed_now": precomputed} if cache is not None else {"service": backend.url,
-                                                                                  "precomputed_now": precomputed}
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not annotators.simulated,
+                                    checkpoint=checkpoint) as backend:
+        efforts = annotators.annotate(ls, cfg, project_id, tasks, images,
+                                      labelling.connect_backend(ls, project_id, backend), server)
+        embeddings = embedding_figures(backend, precomputed)
 
     # 4. Pull with lineage
     pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks, full_sizes)
 
     # 5. Summarise
+    return ManualSummary(
+        round=round, images=len(tasks), ls_project_id=project_id, ls_url=ls.url,
+        model_version=segmenter.model_version, pull=pulled, embeddings=embeddings,
+        simulated=effort_summary(efforts) if annotators.simulated else None, wall_s=round_(time.monotonic() - t0, 1),
+        **effort_figures(store, round, sorted(tasks)))
+
+
+def project_description(purpose: str, round: int, model_version: str) -> str:
+    """The Label Studio project's description; a holdout's tells people to draw every object."""
+    description = f"round {round}, model {model_version}"
+    if purpose == "holdout":  # promotion is judged on these masks: an object left out is a figure gone wrong
+        description = (f"HOLDOUT: draw EVERY object on each image (every model is judged on these masks; "
+                       f"an object left out skews every figure). {description}")
+    return description
+
+
+def embedding_figures(backend, precomputed: int) -> dict:
+    """The backend's embedding cache figures (hits, misses, precomputed), or the service's URL when another
+    process served the round."""
+    cache = getattr(backend.state.predictor, "cache", None)  # None: the service (another process) served
+    if cache is None:
+        return {"service": backend.url, "precomputed_now": precomputed}
+    return {"hits": cache.hits, "misses": cache.misses, "precomputed": cache.precomputed,
+            "precomputed_now": precomputed}
+
+
+def effort_figures(store, round: int, image_ids: list[str]) -> dict:
+    """masks, masks_per_image, clicks_per_mask, seconds_per_mask of the round's stored masks on `image_ids`."""
     masks = store.read_table(columns=["image_id", "clicks", "lead_time_s"], stage=STAGE, round=round,
-                             image_ids=sorted(tasks))
+                             image_ids=image_ids)
     n = masks.num_rows
     clicks = [c for c in masks.column("clicks").to_pylist() if c is not None]
     secs = [s for s in masks.column("lead_time_s").to_pylist() if s is not None]
-    return ManualSummary(
-        round=round, images=len(tasks), masks=n, masks_per_image=_mean([n], len(tasks)),
-        clicks_per_mask=_mean(clicks, len(clicks)), seconds_per_mask=_mean(secs, len(secs)),
-        ls_project_id=project_id, ls_url=ls.url, model_version=segmenter.model_version, pull=pulled,
-        embeddings=embeddings, simulated=effort_summary(efforts) if simulate else None,
-        wall_s=round_(time.monotonic() - t0, 1))
+    return {"masks": n, "masks_per_image": _mean([n], len(image_ids)), "clicks_per_mask": _mean(clicks, len(clicks)),
+            "seconds_per_mask": _mean(secs, len(secs))}
 
 
 def _mean(values: list[float], n: int) -> float | None:

@@ -29,7 +29,7 @@ from engine.integrations import labelling, runtime
 from engine.integrations.annotator import SimulatedAnnotator
 from engine.integrations.config import EngineConfig
 from engine.integrations.labelling import at_full_size
-from engine.integrations.labelstudio import PrefillMask
+from engine.integrations.labelstudio import LabelStudio, PrefillMask
 from engine.integrations.prefill_review import ImageReview, PrefillReviewer, ReviewPolicy
 from model.iou import mask_iou
 from storage.records import MaskRecord
@@ -112,9 +112,50 @@ def decided(rec: MaskRecord, kept: np.ndarray | None, reviewer: str, round: int)
     return replace(new, source=source), decision, iou
 
 
+class PeopleReviewQueue:
+    """People review the doubted masks in Label Studio: the stage waits until every task has an annotation."""
+
+    simulated = False
+
+    def __init__(self, poll_s: float = 30.0):
+        self.poll_s = poll_s
+
+    def review(self, ls: LabelStudio, cfg: EngineConfig, project_id: int, tasks: dict, images: list, masks: dict,
+               backend_id: int | None, server) -> None:
+        labelling.wait_for_people(ls, {project_id: len(tasks)}, self.poll_s,
+                                  f"Label Studio project {project_id} at {ls.url}/projects/{project_id}: "
+                                  f"{sum(len(m) for m in masks.values())} doubted masks to review (Ctrl-C to pull "
+                                  "now)", labelling.login_line(cfg, server))
+
+
+class SimulatedReviewQueue:
+    """A simulated reviewer (engine/integrations/prefill_review.py) accepts, fixes or deletes each doubted mask
+    through the real Label Studio API, knowing the truth."""
+
+    simulated = True
+
+    def __init__(self, truth: dict):
+        self.truth = truth
+
+    def review(self, ls: LabelStudio, cfg: EngineConfig, project_id: int, tasks: dict, images: list, masks: dict,
+               backend_id: int | None, server) -> None:
+        s = cfg.simulate
+        reviewer = PrefillReviewer(SimulatedAnnotator(ls, backend_id, name="sim-reviewer-1",
+                                                      settings=runtime.annotator_settings(cfg)),
+                                   ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou),
+                                   s.seconds_per_review)
+        done = ls.annotated_task_ids(project_id)
+        for im in images:
+            if tasks[im.image_id] not in done:
+                reviewer.review_task(tasks[im.image_id], im, list(masks[im.image_id].items()),
+                                     self.truth.get(im.image_id, []), ImageReview(), add_missing=False)
+
+
 def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simulate: bool = True,
-                     poll_s: float = 30.0) -> ReviewSummary:
-    """Send the round's doubted masks to people and record their decisions (steps: module doc)."""
+                     poll_s: float = 30.0, reviewer: "PeopleReviewQueue | SimulatedReviewQueue | None" = None
+                     ) -> ReviewSummary:
+    """Send the round's doubted masks to people and record their decisions (steps: module doc). reviewer: who
+    does step 3 (default: a simulated reviewer with `images.ground_truth` when `simulate`, else people)."""
     t0 = time.monotonic()
     r = cfg.stages.review
     store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
@@ -122,17 +163,30 @@ def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simu
 
     # 1. Plan
     queue = doubted(store, round, r.max_predicted_iou, r.max_masks)
-    if not queue:
-        summary.wall_s = round_(time.monotonic() - t0, 1)
-        return summary
-    for _, why in queue:
-        summary.reasons[why] = summary.reasons.get(why, 0) + 1
     by_image: dict[str, list[MaskRecord]] = {}
-    for rec, _ in queue:
+    for rec, why in queue:
+        summary.reasons[why] = summary.reasons.get(why, 0) + 1
         by_image.setdefault(rec.image_id, []).append(rec)
+    if queue:
+        reviewer = reviewer or (SimulatedReviewQueue(runtime.ground_truth(cfg)) if simulate
+                                else PeopleReviewQueue(poll_s))
+        # 2-4. Publish, review or wait, pull: the latest annotation of each task decides its masks
+        out = publish_review_pull(cfg, round, checkpoint, source, quarantine, by_image, reviewer, summary)
+        summary.queued, summary.undecided = len(queue), len(queue) - len(out)
 
-    # 2. Publish
-    truth = runtime.ground_truth(cfg) if simulate else None
+        # 5. Write (each mask keeps its stage and round: upserts go per (stage, round))
+        for (stage, rnd), group in _groups(out).items():
+            store.upsert(group, stage=stage, round=rnd, model_version=group[0].model_version)
+
+    # 6. Summarise
+    summary.wall_s = round_(time.monotonic() - t0, 1)
+    return summary
+
+
+def publish_review_pull(cfg: EngineConfig, round: int, checkpoint: str | None, source, quarantine,
+                        by_image: dict[str, list[MaskRecord]], reviewer, summary: ReviewSummary) -> list[MaskRecord]:
+    """Steps 2-4: the doubted masks as prefills of one task per image, the ML backend served while `reviewer`
+    works, then the pull; returns the decided records (counting each decision in `summary`)."""
     segmenter = runtime.segmenter(cfg, checkpoint)
     ls, server = labelling.connect(cfg)
     images, _, full_sizes = labelling.task_images(cfg, source, sorted(by_image), quarantine, STAGE)
@@ -144,29 +198,10 @@ def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simu
                                           f"review of round {round}: masks the engine doubts", images, prefills,
                                           model_version=segmenter.model_version)
     summary.ls_project_id, summary.ls_url, summary.images = project_id, ls.url, len(tasks)
-
-    # 3. Review or wait
-    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not simulate,
+    with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not reviewer.simulated,
                                     checkpoint=checkpoint) as backend:
-        backend_id = labelling.connect_backend(ls, project_id, backend)
-        if simulate:
-            s = cfg.simulate
-            reviewer = PrefillReviewer(SimulatedAnnotator(ls, backend_id, name="sim-reviewer-1",
-                                                          settings=runtime.annotator_settings(cfg)),
-                                       ReviewPolicy(s.review_accept_iou, s.review_edit_iou, s.cover_iou),
-                                       s.seconds_per_review)
-            done = ls.annotated_task_ids(project_id)
-            for im in images:
-                if tasks[im.image_id] not in done:
-                    reviewer.review_task(tasks[im.image_id], im, list(masks[im.image_id].items()),
-                                         truth.get(im.image_id, []), ImageReview(), add_missing=False)
-        else:
-            labelling.wait_for_people(ls, {project_id: len(tasks)}, poll_s,
-                                      f"Label Studio project {project_id} at {ls.url}/projects/{project_id}: "
-                                      f"{len(queue)} doubted masks to review (Ctrl-C to pull now)",
-                                      labelling.login_line(cfg, server))
-
-    # 4. Pull: the latest annotation of each task decides its masks
+        reviewer.review(ls, cfg, project_id, tasks, images, masks, labelling.connect_backend(ls, project_id, backend),
+                        server)
     pull = ls.pull(project_id)
     for thing, reason in pull.problems:
         quarantine.add(f"labelstudio project {project_id} {thing}", reason, STAGE)
@@ -183,16 +218,7 @@ def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simu
             new, decision, _ = decided(rec, kept, ann.annotator, round)
             setattr(summary, decision, getattr(summary, decision) + 1)
             out.append(new)
-    summary.queued = len(queue)
-    summary.undecided = len(queue) - len(out)
-
-    # 5. Write (each mask keeps its stage and round: upserts go per (stage, round))
-    for (stage, rnd), group in _groups(out).items():
-        store.upsert(group, stage=stage, round=rnd, model_version=group[0].model_version)
-
-    # 6. Summarise
-    summary.wall_s = round_(time.monotonic() - t0, 1)
-    return summary
+    return out
 
 
 def _groups(records: list[MaskRecord]) -> dict[tuple[str, int], list[MaskRecord]]:
