@@ -224,14 +224,15 @@ def report(config: Path = typer.Option(..., "--config", help="The engine's YAML 
 
 
 @app.command("export")
-def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JSON per image beside the image) "
-                                                            "or coco (one instances JSON per split)."),
+def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JSON per image beside the image), "
+                                                            "coco (RLE), coco-polygons, yolo-seg, hf (Hugging Face "
+                                                            "datasets) or webdataset (docs/exports.md)."),
                out: str = typer.Option(..., "--out", help="Output folder or s3://bucket/prefix."),
                config: Optional[Path] = typer.Option(None, "--config", help="Engine config: storage.root, "
                                                      "images.source, storage.s3_endpoint_url."),
                store: Optional[str] = typer.Option(None, "--store", help="The mask store (instead of storage.root)."),
                images: Optional[str] = typer.Option(None, "--images", help="The image source (instead of "
-                                                    "images.source); sa1b only."),
+                                                    "images.source); every format but coco."),
                stage: Optional[list[str]] = typer.Option(None, "--stage", help="Only this stage (repeatable)."),
                rounds: Optional[str] = typer.Option(None, "--rounds", help="One round (2) or a range (1:3)."),
                verified_only: bool = typer.Option(False, "--verified-only", help="Only human-verified masks."),
@@ -240,10 +241,14 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
                image_ids: Optional[Path] = typer.Option(None, "--image-ids", help="File: one image id a line."),
                split: Optional[str] = typer.Option(None, "--split", help="e.g. train=0.9,val=0.1 (stable hash "
                                                    "of the image id); default one split 'all'."),
-               images_per_tar: int = typer.Option(1000, "--images-per-tar", help="sa1b: images per tar."),
+               images_per_tar: Optional[int] = typer.Option(None, "--images-per-tar", help="sa1b / webdataset: "
+                                                            "images per tar (1000); hf: images per file (500)."),
+               tolerance_px: Optional[float] = typer.Option(None, "--tolerance-px", help="coco-polygons / yolo-seg: "
+                                                            "polygon simplification in pixels (0.25)."),
                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
                s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url")) -> None:
-    """Export the masks as SA-1B tars or COCO JSON, filtered and split; prints a JSON summary."""
+    """Export the masks in a trainer's format (SA-1B, COCO, YOLO, Hugging Face, WebDataset), filtered and split;
+    prints a JSON summary."""
     from engine.integrations import runtime
     from engine.integrations.config import ConfigError, EngineConfig, load_config
     from storage.backend import StoreError
@@ -260,16 +265,16 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
         images_uri = given(images) or (cfg.path(cfg.images.source) if config else None)
         if store_uri is None:
             fail("export: no mask store: pass --store URI or --config FILE")
-        if fmt == "sa1b" and images_uri is None:
-            fail("export --format sa1b: no image source: pass --images URI or --config FILE")
+        if fmt != "coco" and not fmt.startswith("coco-") and images_uri is None:
+            fail(f"export --format {fmt}: no image source: pass --images URI or --config FILE")
         filters = ExportFilters(stage=tuple(stage) if stage else None, rounds=parse_rounds(rounds),
                                 verified_only=verified_only, min_predicted_iou=min_predicted_iou,
                                 min_stability_score=min_stability_score,
                                 image_ids=read_image_ids(image_ids) if image_ids else None)
-        source = runtime.image_source(cfg, images_uri) if fmt == "sa1b" else None
+        source = runtime.image_source(cfg, images_uri) if images_uri else None
         summary = export(fmt, runtime.mask_store(cfg, store_uri), out, source, filters=filters,
-                         splits=parse_splits(split), images_per_tar=images_per_tar, overwrite=overwrite,
-                         **runtime.export_options(cfg))
+                         splits=parse_splits(split), images_per_tar=images_per_tar, tolerance_px=tolerance_px,
+                         overwrite=overwrite, **runtime.export_options(cfg))
     except (ConfigError, ExportError, StoreError) as e:
         fail(str(e), code=1)
     for skipped in summary.get("skipped", []):

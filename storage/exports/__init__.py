@@ -31,6 +31,9 @@ from storage.exports.plan import (ExportFilters, assign_splits, build_plan, imag
 from storage.exports.read import iter_sa1b_tar, open_export_file, read_index
 from storage.exports.rows import coco_annotation, coco_categories, sa1b_annotation, sa1b_to_records
 from storage.exports.sa1b import export_sa1b
+from storage.exports.hf import export_hf
+from storage.exports.webdataset import export_webdataset
+from storage.exports.yolo import export_yolo
 from storage.exports.targets import _S3Target, collect_export_garbage  # noqa: F401 (tests crash its writes)
 from storage.images import ImageSource
 from storage.shards import MaskStore
@@ -38,18 +41,27 @@ from storage.shards import MaskStore
 __all__ = ["COCO_CATEGORY", "DEFAULT_SPLITS", "FORMATS", "INDEX_NAME", "LINEAGE_KEY", "MARKER_NAME",
            "CorruptExportError", "EmptySelectionError", "ExportError", "ExportFilters", "OutputExistsError",
            "assign_splits", "build_plan", "coco_annotation", "coco_categories", "collect_export_garbage", "export",
-           "export_coco", "export_sa1b", "image_hash_unit", "iter_sa1b_tar", "open_export_file", "parse_rounds",
+           "export_coco", "export_hf", "export_sa1b", "export_webdataset", "export_yolo", "image_hash_unit", "iter_sa1b_tar", "open_export_file", "parse_rounds",
            "parse_splits", "read_image_ids", "read_index", "sa1b_annotation", "sa1b_to_records"]
 
 
 def export(fmt: str, store: "MaskStore", out: str, images: "ImageSource | None" = None, **kw) -> dict:
-    """Dispatch on the format name ("sa1b" or "coco")."""
+    """Dispatch on the format name (FORMATS). Every format takes the same filters, splits, overwrite and S3
+    options; `images_per_tar` sizes the tar-like formats (sa1b, webdataset) and the hf files, `tolerance_px` the
+    polygon formats."""
+    tar_size = kw.pop("images_per_tar", None)
+    tolerance = kw.pop("tolerance_px", None)
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt in ("sa1b", "yolo-seg", "hf", "webdataset") and images is None:
+        raise ExportError(f"{fmt} export: needs the image source (the images go into it)")
+    poly = {} if tolerance is None else {"tolerance_px": tolerance}
     if fmt == "sa1b":
-        if images is None:
-            raise ExportError("sa1b export: needs the image source (the images go into the tars)")
-        return export_sa1b(store, out, images, **kw)
-    if fmt == "coco":
-        kw.pop("images_per_tar", None)
-        return export_coco(store, out, **kw)
-    raise ExportError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
-
+        return export_sa1b(store, out, images, **kw, **({} if tar_size is None else {"images_per_tar": tar_size}))
+    if fmt in ("coco", "coco-polygons"):
+        return export_coco(store, out, polygons=fmt == "coco-polygons", **kw, **poly)
+    if fmt == "yolo-seg":
+        return export_yolo(store, out, images, **kw, **poly)
+    if fmt == "hf":
+        return export_hf(store, out, images, **kw, **({} if tar_size is None else {"images_per_file": tar_size}))
+    return export_webdataset(store, out, images, **kw, **({} if tar_size is None else {"images_per_shard": tar_size}))

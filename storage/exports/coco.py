@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.exports.common import (
+    ExportError,
     _COCO_COLUMNS,
     COCO_CATEGORY,
     DEFAULT_SPLITS,
@@ -30,21 +31,32 @@ from storage.exports.targets import (
     _run_export,
     _Target,
 )
+from storage.polygons import mask_to_polygons, polygons_to_mask
 from storage.records import SCHEMA_VERSION
+from storage.rle import decode_rles
 from storage.shards import MaskStore
 
 log = logging.getLogger("storage.exports")
+DEFAULT_TOLERANCE_PX = 0.25  # polygon simplification: lossless on the demo's and synthetic masks (docs/exports.md)
 
 def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFilters(),
                 splits: dict[str, float] | None = None, overwrite: bool = False,
-                s3_endpoint_url: str | None = None, s3_region: str | None = None) -> dict:
+                s3_endpoint_url: str | None = None, s3_region: str | None = None, polygons: bool = False,
+                tolerance_px: float = DEFAULT_TOLERANCE_PX) -> dict:
     """Export the selected masks as one COCO instances JSON per split: `instances_<split>.json` under `out`.
 
     Image ids are the images' numeric ids in this export (1-based rank of the image id); each image
     and annotation carries our ids under "sa_engine". `file_name` is our image id, which is the
     image's key relative to the image source (images.source). Annotations stream to a local file;
     the JSON is then assembled by copying.
+
+    polygons (format "coco-polygons"): segmentations as polygons in pixel corners (storage/polygons.py: one per
+    part, holes joined by a zero-width cut), simplified to `tolerance_px`; each polygon set is rasterised back
+    as pycocotools does and its IoU to the stored mask goes into the summary's `polygon_iou` (mean, min, how many
+    below 0.9). area and bbox stay the mask's.
     """
+    if tolerance_px < 0:
+        raise ExportError(f"tolerance_px={tolerance_px}: must be >= 0")
     splits = dict(splits or DEFAULT_SPLITS)
     split_names = list(splits)
 
@@ -54,6 +66,7 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
         ann_id = 0
         phrases: dict[str, int] = {}  # concept phrase -> category id (2, 3, … in order of first appearance)
         damaged = np.zeros(len(plan.ids), np.int64)
+        ious: list[float] = []
         for batch in store.iter_batches(columns=_COCO_COLUMNS, **filters.store_kwargs()):
             pos = plan.lookup(batch.column("image_id"))
             for row, p in zip(_to_rows(batch), pos.tolist()):
@@ -66,7 +79,10 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
                 name = split_names[plan.split[p]]
                 phrase = row.get("prompt_text")
                 category = COCO_CATEGORY["id"] if phrase is None else phrases.setdefault(phrase, len(phrases) + 2)
-                parts[plan.split[p]].write(coco_annotation(row, ann_id, int(plan.number[p]), category))
+                ann = coco_annotation(row, ann_id, int(plan.number[p]), category)
+                if polygons:
+                    ann["segmentation"] = _polygons(row, tolerance_px, ious)
+                parts[plan.split[p]].write(ann)
                 counts[name]["masks"] += 1
         for part in parts:
             part.close()
@@ -102,10 +118,33 @@ def export_coco(store: "MaskStore", out: str, filters: ExportFilters = ExportFil
             raise EmptySelectionError(f"no image of the selection could be exported ({len(plan.skipped)} skipped, "
                                       f"first: {plan.skipped[0]['image_id']}: {plan.skipped[0]['reason']}): "
                                       f"nothing written")
-        return {"files": files, "images": n_images, "masks": ann_id, "per_split": counts, "skipped": plan.skipped,
-                "skipped_masks": plan.skipped_masks}
+        result = {"files": files, "images": n_images, "masks": ann_id, "per_split": counts,
+                  "skipped": plan.skipped, "skipped_masks": plan.skipped_masks}
+        if polygons:
+            result["polygon_iou"] = polygon_iou_summary(ious)
+            result["tolerance_px"] = tolerance_px
+        return result
 
-    return _run_export("coco", out, overwrite, s3_endpoint_url, body, filters, splits, store, s3_region)
+    return _run_export("coco-polygons" if polygons else "coco", out, overwrite, s3_endpoint_url, body, filters,
+                       splits, store, s3_region)
+
+
+def _polygons(row: dict, tolerance_px: float, ious: list[float]) -> list[list[float]]:
+    """The row's mask as COCO polygons; its round-trip IoU appended to `ious`."""
+    mask = decode_rles([{"size": [row["height"], row["width"]], "counts": row["rle"]}])[0]
+    polys = mask_to_polygons(mask, tolerance_px)
+    back = polygons_to_mask(polys, row["height"], row["width"])
+    union = int((back | mask).sum())
+    ious.append(float((back & mask).sum() / union) if union else 1.0)
+    return polys
+
+
+def polygon_iou_summary(ious: list[float]) -> dict:
+    """{mean, min, below_0_9, masks} of per-mask polygon-vs-mask IoUs."""
+    if not ious:
+        return {"mean": None, "min": None, "below_0_9": 0, "masks": 0}
+    return {"mean": round(float(np.mean(ious)), 5), "min": round(float(np.min(ious)), 5),
+            "below_0_9": int(sum(i < 0.9 for i in ious)), "masks": len(ious)}
 
 
 

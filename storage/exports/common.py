@@ -8,7 +8,7 @@ from storage.backend import sha256_file
 
 log = logging.getLogger("storage.exports")
 
-FORMATS = ("sa1b", "coco")
+FORMATS = ("sa1b", "coco", "coco-polygons", "yolo-seg", "hf", "webdataset")
 INDEX_NAME = "index.json"
 MARKER_NAME = ".sa-engine-export"  # written first: marks a folder/prefix as ours, so --overwrite may replace it
 LINEAGE_KEY = "sa_engine"

@@ -104,36 +104,15 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
 
     def body(target: _Target, plan: _Plan) -> dict:
         source = _Images(images)
-        # Tar number of each image: images of one split in id order, N per tar; tars numbered per split.
-        tar_of = np.full(len(plan.ids), -1, np.int64)
-        tars: list[tuple[int, int]] = []  # global tar index -> (split index, tar number within split)
-        for s in range(len(split_names)):
-            members = np.flatnonzero(plan.split == s)
-            for k in range(0, len(members), images_per_tar):
-                tar_of[members[k:k + images_per_tar]] = len(tars)
-                tars.append((s, k // images_per_tar))
-        spool = _Spool(target.scratch / "spool", int(spool_buffer_mb * 2 ** 20))
-        for batch in store.iter_batches(columns=_SA1B_COLUMNS, **filters.store_kwargs()):
-            pos = plan.lookup(batch.column("image_id"))
-            ok = pos >= 0
-            if not ok.all():
-                batch, pos = batch.filter(pa.array(ok)), pos[ok]
-            spool.add(batch, tar_of[pos])
-        spool.flush()
-
+        _, groups = image_buckets(store, plan, filters, target, len(split_names), images_per_tar, spool_buffer_mb)
         files, ann_id, n_images, n_masks = [], 0, 0, 0
         mtime = time.time()
         per_split = {name: {"images": 0, "masks": 0, "tars": 0} for name in split_names}
-        for t, (s, k) in enumerate(tars):
-            table = spool.read(t)
-            if table is None:
-                continue
+        for t, (s, k), image_groups in groups:
             tar_path = target.scratch / f"tar-{t}.tar"
             images_in_tar = masks_in_tar = 0
             with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-                for p, group in _image_groups(table, plan):
-                    if not plan.keep[p]:
-                        continue
+                for p, group in image_groups:
                     number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
                     try:
                         data, ext = source.file(plan.ids[p], h, w)
@@ -156,7 +135,6 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
                     _tar_add(tar, f"sa_{number}.json", json.dumps(doc).encode(), mtime)
                     images_in_tar += 1
                     masks_in_tar += len(anns)
-            spool.drop(t)
             if images_in_tar == 0:
                 tar_path.unlink()
                 continue
@@ -180,8 +158,41 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
 
 
 
+def image_buckets(store: "MaskStore", plan: _Plan, filters: ExportFilters, target: _Target, n_splits: int,
+                  images_per_bucket: int, spool_buffer_mb: float, columns: list[str] = _SA1B_COLUMNS):
+    """Every kept image with all its rows, bucket by bucket, in bounded memory: bucket k of a split holds its
+    images k*N .. (k+1)*N-1 in image-id order (N = images_per_bucket). Rows are spooled to local Arrow files, one
+    folder per bucket, so each bucket is then read alone. Returns (buckets: [(split index, bucket number in
+    split)], an iterator of (bucket index, (split, number), iterator of (plan position, rows of the image)))."""
+    bucket_of = np.full(len(plan.ids), -1, np.int64)
+    buckets: list[tuple[int, int]] = []
+    for s in range(n_splits):
+        members = np.flatnonzero(plan.split == s)
+        for k in range(0, len(members), images_per_bucket):
+            bucket_of[members[k:k + images_per_bucket]] = len(buckets)
+            buckets.append((s, k // images_per_bucket))
+    spool = _Spool(target.scratch / "spool", int(spool_buffer_mb * 2 ** 20))
+    for batch in store.iter_batches(columns=columns, **filters.store_kwargs()):
+        pos = plan.lookup(batch.column("image_id"))
+        ok = pos >= 0
+        if not ok.all():
+            batch, pos = batch.filter(pa.array(ok)), pos[ok]
+        spool.add(batch, bucket_of[pos])
+    spool.flush()
+
+    def groups():
+        for t, where in enumerate(buckets):
+            table = spool.read(t)
+            if table is None:
+                continue
+            yield t, where, ((p, rows) for p, rows in _image_groups(table, plan) if plan.keep[p])
+            spool.drop(t)
+
+    return buckets, groups()
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Spooling (SA-1B) and streamed JSON arrays (COCO)
+# Spooling
 
 
 class _Spool:
