@@ -283,6 +283,35 @@ def export_cmd(fmt: str = typer.Option(..., "--format", help="sa1b (tars: one JS
     sys.stdout.write(json.dumps(summary) + "\n")
 
 
+@app.command("import")
+def import_cmd(fmt: str = typer.Option(..., "--format", help="coco (RLE or polygons) or yolo-seg."),
+               path: Path = typer.Argument(..., help="coco: the instances JSON; yolo-seg: the folder (data.yaml, "
+                                                     "labels/)."),
+               config: Path = typer.Option(..., "--config", help="The engine's YAML config: its store and images."),
+               round_no: int = typer.Option(0, "--round", help="The round the imported masks belong to.")) -> None:
+    """Bring earlier labels in as verified masks (origin "imported"): the labels' images must be in
+    images.source; prints a JSON summary (a label whose image is not there is skipped with one line)."""
+    from engine.integrations import runtime
+    from engine.integrations.config import ConfigError, load_config
+    from storage.backend import StoreError
+    from storage.imports import import_coco, import_yolo
+
+    if fmt not in ("coco", "yolo-seg"):
+        fail(f"import --format {fmt}: expected coco or yolo-seg")
+    try:
+        cfg = load_config(config)
+        store, source = runtime.mask_store(cfg), runtime.image_source(cfg)
+        summary = (import_coco(store, source, path, round_no) if fmt == "coco"
+                   else import_yolo(store, source, path, round_no))
+    except (ConfigError, StoreError, ValueError, OSError) as e:
+        fail(str(e).splitlines()[0], code=1)
+    for skipped in summary["skipped"]:
+        console.print(tagged("skipped", "yellow", f"{skipped['thing']}: {skipped['reason']}"))
+    console.print(f"{fmt} import: {summary['masks']} masks on {summary['images']} images -> "
+                  f"{cfg.path(cfg.storage.root)}", highlight=False)
+    sys.stdout.write(json.dumps(summary) + "\n")
+
+
 @stage_app.command("auto")
 def stage_auto(config: Path = typer.Option(..., "--config", help="The engine's YAML config."),
                round_no: int = typer.Option(1, "--round", help="The round these masks belong to."),

@@ -54,6 +54,15 @@ def read_coco(path: str | Path) -> list[CocoImage]:
     return list(images.values())
 
 
+def read_categories(path: str | Path) -> dict[int, str]:
+    """A COCO file's category id -> name ({} when it has none or they are malformed)."""
+    try:
+        return {int(c["id"]): str(c["name"]) for c in json.loads(Path(path).read_text(encoding="utf-8"))
+                .get("categories", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def segmentation_rle(segmentation, height: int, width: int) -> dict:
     """A COCO segmentation (polygons, uncompressed RLE or compressed RLE with counts as str or bytes) -> compressed
     RLE {"size": [h, w], "counts": bytes}."""

@@ -175,3 +175,43 @@ def test_every_format_writes_to_s3_and_refuses_an_existing_output(stores, s3_buc
         assert index["format"] == fmt and index["masks"] == summary["masks"] > 0
         with pytest.raises(OutputExistsError):
             export(fmt, store, uri, source, s3_endpoint_url=s3_bucket.endpoint_url)
+
+
+@pytest.mark.parametrize("fmt", ["coco", "coco-polygons", "yolo-seg"])
+def test_an_export_imports_back_as_verified_masks_with_their_origin(stores, tmp_path, fmt):
+    """A team's earlier labels (COCO RLE or polygons, YOLO segmentation) come in as verified masks of origin
+    "imported" with where they came from; importing twice replaces, never duplicates; the masks match."""
+    from storage.imports import import_coco, import_yolo
+
+    store, source = stores["scenes"]
+    export(fmt, store, str(tmp_path / "out"), source)
+    target = MaskStore(str(tmp_path / "imported"))
+    for _ in range(2):
+        summary = (import_yolo(target, source, tmp_path / "out") if fmt == "yolo-seg" else
+                   import_coco(target, source, tmp_path / "out" / "instances_all.json"))
+    rows = target.read_table().to_pylist()
+    assert summary["skipped"] == [] and len(rows) == summary["masks"] == store.read_table().num_rows
+    assert {(r["stage"], r["origin"], r["verified"]) for r in rows} == {("manual", "imported", True)}
+    assert all(json.loads(r["source"])["format"] == ("yolo-seg" if fmt == "yolo-seg" else "coco") for r in rows)
+    assert {r["prompt_text"] for r in rows} == {None, "ring"}  # categories and classes come back as phrases
+    assert target.images_done("manual") == {r.image_id for r in source.list()}
+    truth: dict[str, list[np.ndarray]] = {}
+    for r in store.read_table().to_pylist():
+        truth.setdefault(r["image_id"], []).append(
+            mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool))
+    ious = [max(_iou(mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool), t)
+                for t in truth[r["image_id"]]) for r in rows]
+    print(f"{fmt} import: {len(ious)} masks, IoU to the originals mean {np.mean(ious):.4f} min {min(ious):.4f}")
+    assert np.mean(ious) >= 0.97 and min(ious) >= 0.85
+
+
+def test_labels_for_images_the_source_lacks_are_skipped_in_one_line(stores, tmp_path):
+    from storage.imports import import_coco
+
+    store, source = stores["small"]
+    doc = {"images": [{"id": 1, "file_name": "elsewhere.png", "height": 4, "width": 4}],
+           "annotations": [{"id": 1, "image_id": 1, "segmentation": [[0, 0, 3, 0, 3, 3]], "category_id": 1}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    summary = import_coco(MaskStore(str(tmp_path / "s")), source, tmp_path / "c.json")
+    assert summary["masks"] == 0 and summary["skipped"] == [{"thing": "elsewhere.png",
+                                                             "reason": "not an image of the image source"}]
