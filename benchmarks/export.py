@@ -1,20 +1,26 @@
-"""Export throughput and memory: SA-1B tars and COCO JSON from a large synthetic store.
+"""Export throughput and memory: every export format from a large synthetic store.
 
 Builds a store of `--images` small synthetic PNGs x `--masks-per-image` masks, then runs, each in a
 fresh process so that peak RSS (ru_maxrss) belongs to that phase alone:
   baseline  read every column of every shard, batch by batch (what any streaming reader must pay)
   sa1b      the SA-1B export (tars of `--images-per-tar` images)
   coco      the COCO export (train/val split)
-and, to show memory stays flat as the data grows, the SA-1B export again on a quarter of the images.
+  coco-polygons, yolo-seg, hf, webdataset   the other formats (docs/exports.md), each with its round trip: the
+            polygon formats' per-mask IoU as their readers rasterise them (the export's summary), hf and
+            webdataset read back (pyarrow / tarfile) and up to 2,000 masks compared with the store
+and, to show memory stays flat as the data grows, the SA-1B, hf and webdataset exports again on a quarter of
+the images.
 
 Prints one line per phase, then (last line) one JSON object:
   sa1b_images_per_s, sa1b_masks_per_s, coco_images_per_s, coco_masks_per_s, peak_rss_mb (the larger export's),
   baseline_rss_mb, sa1b_rss_mb, coco_rss_mb, sa1b_rss_ratio / coco_rss_ratio (to the baseline),
   sa1b_quarter_rss_mb and rss_growth (full / quarter: ~1.0 means flat), *_rss_delta_mb (peak above the
   process's footprint after imports), sa1b_output_mb / coco_output_mb (what holding the output would cost),
-  store_mb, images, masks.
+  store_mb, images, masks; and per format F: F_masks_per_s, F_bytes_per_mask, F_rss_mb, F_iou_mean, F_iou_min
+  (and hf_rss_growth, webdataset_rss_growth: full / quarter).
 
-    .venv/bin/python benchmarks/export.py [--images 4000 --masks-per-image 250]   # 1M masks, ~3 min on 2 cores
+    .venv/bin/python benchmarks/export.py                      # 20,000 masks (400 images x 50), all formats
+    .venv/bin/python benchmarks/export.py --images 4000 --masks-per-image 250 --formats sa1b,coco   # 1M masks
 """
 from __future__ import annotations
 
@@ -110,11 +116,51 @@ def phase(name: str, root: Path, out: Path, images_per_tar: int, limit: int | No
         result = export_sa1b(store, str(out), source, filters=filters, images_per_tar=images_per_tar)
     elif name == "coco":
         result = export_coco(store, str(out), filters=filters, splits=parse_splits("train=0.9,val=0.1"))
+    elif name in ("coco-polygons", "yolo-seg", "hf", "webdataset"):
+        from storage.exports import export
+
+        result = export(name, store, str(out), source, filters=filters, images_per_tar=images_per_tar,
+                        **({"splits": parse_splits("train=0.9,val=0.1")} if name == "yolo-seg" else {}))
     else:
         raise SystemExit(f"unknown phase {name!r}")
     seconds = time.perf_counter() - t0
+    ious = result.get("polygon_iou") or (read_back(name, store, out) if name in ("hf", "webdataset") else None)
     return {"phase": name, "seconds": seconds, "images": result["images"], "masks": result["masks"],
-            "peak_rss_mb": _peak_rss_mb(), "rss_at_start_mb": rss_before}
+            "peak_rss_mb": _peak_rss_mb(), "rss_at_start_mb": rss_before,
+            "iou_mean": ious and ious["mean"], "iou_min": ious and ious["min"]}
+
+
+def read_back(name: str, store, out: Path, limit: int = 2000) -> dict:
+    """Up to `limit` masks of an hf or webdataset export decoded and compared with the store's (IoU)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+    from pycocotools import mask as mask_utils
+
+    truth = {r["mask_id"]: r for r in store.read_table(columns=["mask_id", "height", "width", "rle"]).to_pylist()}
+    found = []
+    if name == "hf":
+        for path in sorted((out / "data").glob("*.parquet")):
+            for row in pq.read_table(path, columns=["objects"]).to_pylist():
+                found += [(o["mask_id"], o["segmentation"]) for o in row["objects"]]
+            if len(found) >= limit:
+                break
+    else:
+        for path in sorted(out.rglob("*.tar")):
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.name.endswith(".json"):
+                        doc = json.load(tar.extractfile(m))
+                        found += [(a["sa_engine"]["mask_id"], a["segmentation"]) for a in doc["annotations"]]
+            if len(found) >= limit:
+                break
+    ious = []
+    for mask_id, seg in found[:limit]:
+        r = truth[mask_id]
+        a = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+        b = mask_utils.decode({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool)
+        ious.append(float((a & b).sum() / max((a | b).sum(), 1)))
+    return {"mean": float(np.mean(ious)), "min": float(np.min(ious))}
 
 
 def run_phase(name: str, root: Path, images_per_tar: int, limit: int | None = None) -> dict:
@@ -134,8 +180,9 @@ def run_phase(name: str, root: Path, images_per_tar: int, limit: int | None = No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=4000)
-    ap.add_argument("--masks-per-image", type=int, default=250)
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--masks-per-image", type=int, default=50)
+    ap.add_argument("--formats", default="sa1b,coco,coco-polygons,yolo-seg,hf,webdataset")
     ap.add_argument("--side", type=int, default=64, help="image side in pixels")
     ap.add_argument("--images-per-tar", type=int, default=250)
     ap.add_argument("--root", type=Path, help="(internal) data folder of a phase")
@@ -152,33 +199,34 @@ def main() -> None:
         built = build(root, args.images, args.masks_per_image, args.side)
         print(json.dumps({"built": built}), flush=True)
         base = run_phase("baseline", root, args.images_per_tar)
-        sa1b = run_phase("sa1b", root, args.images_per_tar)
-        coco = run_phase("coco", root, args.images_per_tar)
-        quarter = run_phase("sa1b", root, args.images_per_tar, limit=max(1, args.images // 4))
-        peak = max(sa1b["peak_rss_mb"], coco["peak_rss_mb"])
-        print(json.dumps({
-            "sa1b_images_per_s": round(sa1b["images"] / sa1b["seconds"], 1),
-            "sa1b_masks_per_s": round(sa1b["masks"] / sa1b["seconds"], 1),
-            "coco_images_per_s": round(coco["images"] / coco["seconds"], 1),
-            "coco_masks_per_s": round(coco["masks"] / coco["seconds"], 1),
-            "peak_rss_mb": round(peak, 1),
-            "baseline_rss_mb": round(base["peak_rss_mb"], 1),
-            "sa1b_rss_mb": round(sa1b["peak_rss_mb"], 1),
-            "coco_rss_mb": round(coco["peak_rss_mb"], 1),
-            "sa1b_rss_ratio": round(sa1b["peak_rss_mb"] / base["peak_rss_mb"], 3),
-            "coco_rss_ratio": round(coco["peak_rss_mb"] / base["peak_rss_mb"], 3),
-            "sa1b_quarter_rss_mb": round(quarter["peak_rss_mb"], 1),
-            "rss_growth": round(sa1b["peak_rss_mb"] / quarter["peak_rss_mb"], 3),
-            # above the process's footprint after imports: what the phase itself added
-            "baseline_rss_delta_mb": round(base["peak_rss_mb"] - base["rss_at_start_mb"], 1),
-            "sa1b_rss_delta_mb": round(sa1b["peak_rss_mb"] - sa1b["rss_at_start_mb"], 1),
-            "coco_rss_delta_mb": round(coco["peak_rss_mb"] - coco["rss_at_start_mb"], 1),
-            "sa1b_quarter_rss_delta_mb": round(quarter["peak_rss_mb"] - quarter["rss_at_start_mb"], 1),
-            "sa1b_output_mb": round(sa1b["output_mb"], 1), "coco_output_mb": round(coco["output_mb"], 1),
-            "store_mb": round(built["store_mb"], 1),
-            "baseline_masks_per_s": round(base["masks"] / base["seconds"], 1),
-            "images": built["images"], "masks": built["masks"],
-        }))
+        formats = args.formats.split(",")
+        runs = {f: run_phase(f, root, args.images_per_tar) for f in formats}
+        quarter = {f: run_phase(f, root, args.images_per_tar, limit=max(1, args.images // 4))
+                   for f in ("sa1b", "hf", "webdataset") if f in formats}
+        figures = {"baseline_rss_mb": round(base["peak_rss_mb"], 1),
+                   "baseline_masks_per_s": round(base["masks"] / base["seconds"], 1),
+                   "baseline_rss_delta_mb": round(base["peak_rss_mb"] - base["rss_at_start_mb"], 1)}
+        for f, r in runs.items():
+            key = f.replace("-", "_")
+            figures.update({
+                f"{key}_images_per_s": round(r["images"] / r["seconds"], 1),
+                f"{key}_masks_per_s": round(r["masks"] / r["seconds"], 1),
+                f"{key}_bytes_per_mask": round(r["output_mb"] * 2 ** 20 / max(r["masks"], 1), 1),
+                f"{key}_output_mb": round(r["output_mb"], 1),
+                f"{key}_rss_mb": round(r["peak_rss_mb"], 1),
+                f"{key}_rss_ratio": round(r["peak_rss_mb"] / base["peak_rss_mb"], 3),
+                f"{key}_rss_delta_mb": round(r["peak_rss_mb"] - r["rss_at_start_mb"], 1)})
+            if r.get("iou_mean") is not None:
+                figures.update({f"{key}_iou_mean": round(r["iou_mean"], 5), f"{key}_iou_min": round(r["iou_min"], 5)})
+        for f, q in quarter.items():
+            key = f.replace("-", "_")
+            figures[f"{key}_quarter_rss_mb"] = round(q["peak_rss_mb"], 1)
+            figures[f"{key}_rss_growth"] = round(runs[f]["peak_rss_mb"] / q["peak_rss_mb"], 3)
+        figures.update({"peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs.values()), 1),
+                        "rss_growth": figures.get("sa1b_rss_growth"),
+                        "store_mb": round(built["store_mb"], 1), "images": built["images"],
+                        "masks": built["masks"]})
+        print(json.dumps(figures))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
