@@ -49,6 +49,7 @@ shift || true
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/sa-engine" demo "$@" ;;
-  test)  setup; browser; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Two workers by default (the tests are mostly single-threaded): SA_ENGINE_TEST_WORKERS=0 runs them in one process.
+  test)  setup; browser; exec "$VENV/bin/python" -m pytest -n "${SA_ENGINE_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
   *) echo "usage: ./dev.sh demo [--workdir DIR] | ./dev.sh test [pytest args] | ./dev.sh setup"; exit 2 ;;
 esac

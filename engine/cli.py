@@ -25,7 +25,7 @@ app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(store_app, name="store")
 # No markup and no highlighting: user text (file names, config values, reasons) is printed as it is — a path
 # holding "[/red]" must not raise or restyle. Our own tags are coloured by `tagged`.
-console = Console(stderr=True, markup=False, highlight=False)
+console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)  # a one-line error stays one line
 
 
 def tagged(tag: str, style: str, text: str):
