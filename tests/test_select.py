@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from engine import rounds
+from engine import round_steps
 from engine.integrations.config import load_config
 from engine.rounds import default_list_images, default_select
 from model.segmenter import Prediction
@@ -69,7 +69,7 @@ def test_uncertain_selection_takes_the_images_the_model_is_least_sure_of(fitted_
     for level in range(6):  # image k's doubt is set to k/10 below: its brightness
         Image.fromarray(np.full((32, 32, 3), level * 10, np.uint8)).save(folder / f"img-{level}.png")
     (folder / "broken.png").write_bytes(b"not a png")
-    monkeypatch.setattr(rounds, "image_uncertainty", lambda segmenter, pixels: {"score": pixels.mean() / 100})
+    monkeypatch.setattr(round_steps, "image_uncertainty", lambda segmenter, pixels: {"score": pixels.mean() / 100})
     (tmp_path / "engine.yaml").write_text(yaml.safe_dump({
         "workdir": str(tmp_path / "run"), "images": {"source": str(folder)},
         "stages": {"select": "uncertain", "select_pool": 64}}))
