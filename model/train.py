@@ -25,13 +25,8 @@ from model.distributed import all_reduce_sum, world
 from model.muon import Muon, split_params
 from model.segmenter import Segmenter
 # The samplers are part of train's API (callers import them from here)
-from model.train_data import (_MEAN, _STD, Scene, _batch, _flip_turn, _jitter, _window, augment,  # noqa: F401
+from model.train_data import (_MEAN, _STD, Sample, Sampler, Scene, _batch, _flip_turn, _jitter, _window, augment,  # noqa: F401
                               buffered_sampler, dataset_sampler, input_frame_sampler, to_frame)
-
-# A sample: image (H, W, 3) uint8, masks (N, H, W) bool, weights (N,) float.
-Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
-Sampler = Callable[[np.random.Generator], Sample]
-
 
 @dataclass
 class TrainSettings:

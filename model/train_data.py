@@ -3,7 +3,6 @@ frame, augmentation and the batch of windows a step trains on (model/train.py)."
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -16,51 +15,6 @@ from model.segmenter import PIXEL_MEAN, PIXEL_STD, resized_shape
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
 Sampler = Callable[[np.random.Generator], Sample]
 
-
-@dataclass
-class TrainSettings:
-    # The budget: `max_steps` optimiser steps (the same model on any machine, however busy). `minutes` on
-    # `clock` (evaluation time not counted) is a guard that can stop training earlier; with no max_steps it is
-    # the budget itself (benchmarks that measure rates). One of the two must be set.
-    max_steps: int | None = None
-    minutes: float | None = None
-    clock: str = "wall"  # "wall" (perf_counter) or "cpu" (this process's CPU time: fair on a shared machine)
-    batch_images: int = 8
-    masks_per_image: int = 8
-    iterations: int = 2  # prompts per mask: first prompt + corrective clicks
-    corrective_share: float = 0.5  # share of a step's masks that get the corrective iterations
-    focal_alpha: float = 0.5  # 0.5 = no class re-weighting (0.25 drives small objects to empty masks)
-    focal_gamma: float = 2.0
-    focal_weight: float = 20.0  # SAM: focal:dice = 20:1
-    dice_weight: float = 1.0
-    # Side of the loss grid: None = the decoder's native low-res grid (gt area-averaged; 4x cheaper
-    # than SAM's upsampling to the input size for the compact preset, and it learned faster).
-    loss_size: int | None = None
-    first_point: str = "interior"  # "interior" (weighted by depth: what the evaluation clicks) or "uniform"
-    single_click_fraction: float = 0.0  # share of the budget trained with the first prompt only
-    ema_decay: float | None = 0.99  # evaluate/keep an exponential moving average of the weights (None: off)
-    box_prob: float = 0.5
-    lr: float = 8e-3  # from scratch (docs/model.md "Sixth pass"); a real SAM checkpoint wants ~1e-5
-    lr_floor: float = 1.0  # the cosine decay ends at lr * lr_floor (1.0: constant after the warm-up)
-    adam_beta2: float = 0.95  # AdamW's second-moment decay (measured: 0.95 beat 0.999 from scratch)
-    optimizer: str = "muon"  # "muon": Muon for weight matrices and conv kernels, AdamW for the rest
-    muon_lr_scale: float = 1.0  # Muon's rate = lr * this (its steps are scaled to AdamW's RMS)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 30
-    min_area: int = 16  # masks smaller than this (pixels of the encoder input) are skipped
-    seed: int = 0
-    eval_every_s: float | None = None  # call `on_eval` this often (training seconds)
-    # Crops (conv encoders only): the first `crop_share` of the budget trains on square windows of
-    # `crop_fraction` of the input side (whole embedding cells; the decoder sees only the window's
-    # cells, with their own positional encodings), `crop_batch_images` windows per step. 0: off.
-    crop_fraction: float = 0.5
-    crop_share: float = 0.75
-    crop_batch_images: int = 16
-    threads: int | None = None
-    # Which parts learn: "all", "prompt_decoder" (the image encoder frozen: it runs without gradients),
-    # "decoder" (the mask decoder only), or "auto": all for SAM-architecture models (the compact one, SAM 1), the
-
-# ---- data ------------------------------------------------------------------------------------
 
 def dataset_sampler(images: list[np.ndarray], masks: list[np.ndarray], weights: list[np.ndarray] | None = None) -> Sampler:
     """Sample uniformly from in-memory data: images (H, W, 3) uint8, masks (N, H, W) bool, weights (N,)."""
@@ -227,7 +181,7 @@ def _window(image: np.ndarray, masks: np.ndarray, ox: int, oy: int, size: int, g
     return pixels, torch.from_numpy(m)
 
 
-def _batch(samplers: Sampler, rng: np.random.Generator, s: TrainSettings, side: int, crop: int | None = None,
+def _batch(samplers: Sampler, rng: np.random.Generator, s: "TrainSettings", side: int, crop: int | None = None,
            stride: int = 8, resize: str = "pad"):
     """B images -> pixels (B, 3, F, F), gt (P, F, F) bool, weights (P,), image index (P,), window
     offsets (B, 2) XY input px. F = side, or `crop` for windows at offsets that are multiples of

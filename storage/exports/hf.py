@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from storage.exports.common import DEFAULT_SPLITS, EmptySelectionError, ExportError, _sha256_file
 from storage.exports.plan import ExportFilters, _Plan
 from storage.exports.rows import _counts_str
-from storage.exports.sa1b import _SA1B_COLUMNS, _Images, image_buckets
+from storage.exports.sa1b import _SA1B_COLUMNS, _Images, exportable, image_buckets
 from storage.exports.targets import _run_export, _Target
 from storage.images import ImageSource
 from storage.shards import MaskStore
@@ -73,20 +73,10 @@ def export_hf(store: MaskStore, out: str, images: ImageSource, filters: ExportFi
         files, per_split = [], {name: {"images": 0, "masks": 0, "files": 0} for name in split_names}
         for t, (s, k), image_groups in groups:
             split, table_rows = split_names[s], []
-            for p, rows in image_groups:
-                h, w = int(plan.height[p]), int(plan.width[p])
-                rows = [r for r in rows if not plan.damaged(store, r)]
-                try:
-                    data, ext = source.file(plan.ids[p], h, w)
-                except ExportError as e:
-                    plan.skip(int(p), str(e))
-                    continue
-                if not rows:
-                    plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
-                    continue
-                table_rows.append({"image": {"bytes": data, "path": f"{int(plan.number[p]):08d}.{ext}"},
-                                   "image_id": plan.ids[p], "width": w, "height": h,
-                                   "objects": [_object(r) for r in rows]})
+            for im in exportable(image_groups, plan, store, source):
+                table_rows.append({"image": {"bytes": im.data, "path": f"{im.number:08d}.{im.ext}"},
+                                   "image_id": plan.ids[im.p], "width": im.width, "height": im.height,
+                                   "objects": [_object(r) for r in im.rows]})
             if not table_rows:
                 continue
             rel = f"data/{split}-{k:05d}-of-{in_split[s]:05d}.parquet"

@@ -7,7 +7,9 @@ import logging
 import shutil
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -112,22 +114,10 @@ def export_sa1b(store: "MaskStore", out: str, images: "ImageSource", filters: Ex
             tar_path = target.scratch / f"tar-{t}.tar"
             images_in_tar = masks_in_tar = 0
             with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-                for p, group in image_groups:
-                    number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
-                    try:
-                        data, ext = source.file(plan.ids[p], h, w)
-                    except ExportError as e:
-                        plan.skip(int(p), str(e))
-                        continue
-                    anns = []
-                    for row in group:
-                        if plan.damaged(store, row):
-                            continue
-                        ann_id += 1
-                        anns.append(sa1b_annotation(row, ann_id))
-                    if not anns:
-                        plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
-                        continue
+                for im in exportable(image_groups, plan, store, source):
+                    p, number, h, w, data, ext = im.p, im.number, im.height, im.width, im.data, im.ext
+                    anns = [sa1b_annotation(row, ann_id + k + 1) for k, row in enumerate(im.rows)]
+                    ann_id += len(anns)
                     doc = {"image": {"image_id": number, "width": w, "height": h, "file_name": f"sa_{number}.{ext}",
                                      LINEAGE_KEY: {"image_id": plan.ids[p], "split": split_names[s]}},
                            "annotations": anns}
@@ -189,6 +179,37 @@ def image_buckets(store: "MaskStore", plan: _Plan, filters: ExportFilters, targe
             spool.drop(t)
 
     return buckets, groups()
+
+
+@dataclass
+class ExportImage:
+    """One image of a bucket, ready to write: its plan position and number, its size, its file (bytes and
+    extension, as `_Images.file` gives them) and its undamaged rows."""
+
+    p: int
+    number: int
+    height: int
+    width: int
+    data: bytes
+    ext: str
+    rows: list
+
+
+def exportable(image_groups, plan: _Plan, store: "MaskStore", source: _Images) -> Iterator[ExportImage]:
+    """The images of a bucket that can be written: an image whose file can't be had, or whose every mask is
+    damaged, is skipped with the reason (the plan's `skipped`)."""
+    for p, rows in image_groups:
+        number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
+        rows = [r for r in rows if not plan.damaged(store, r)]
+        try:
+            data, ext = source.file(plan.ids[p], h, w)
+        except ExportError as e:
+            plan.skip(int(p), str(e))
+            continue
+        if not rows:
+            plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
+            continue
+        yield ExportImage(int(p), number, h, w, data, ext, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

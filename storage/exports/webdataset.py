@@ -19,7 +19,7 @@ import time
 from storage.exports.common import DEFAULT_SPLITS, LINEAGE_KEY, EmptySelectionError, ExportError, _sha256_file
 from storage.exports.plan import ExportFilters, _Plan
 from storage.exports.rows import sa1b_annotation
-from storage.exports.sa1b import _Images, _tar_add, image_buckets
+from storage.exports.sa1b import _Images, _tar_add, exportable, image_buckets
 from storage.exports.targets import _run_export, _split_prefix, _Target
 from storage.images import ImageSource
 from storage.shards import MaskStore
@@ -44,21 +44,10 @@ def export_webdataset(store: MaskStore, out: str, images: ImageSource, filters: 
         ann_id = 0
         for _t, (s, _k), image_groups in groups:
             split = split_names[s]
-            for p, rows in image_groups:
-                number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
-                try:
-                    data, ext = source.file(plan.ids[p], h, w)
-                except ExportError as e:
-                    plan.skip(int(p), str(e))
-                    continue
-                anns = []
-                for row in rows:
-                    if not plan.damaged(store, row):
-                        ann_id += 1
-                        anns.append(sa1b_annotation(row, ann_id))
-                if not anns:
-                    plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
-                    continue
+            for im in exportable(image_groups, plan, store, source):
+                p, number, h, w, data, ext = im.p, im.number, im.height, im.width, im.data, im.ext
+                anns = [sa1b_annotation(row, ann_id + k + 1) for k, row in enumerate(im.rows)]
+                ann_id += len(anns)
                 doc = {"image": {"image_id": number, "width": w, "height": h, "file_name": f"{number:08d}.{ext}",
                                  LINEAGE_KEY: {"image_id": plan.ids[p], "split": split}}, "annotations": anns}
                 shards.add(_split_prefix(split, splits), split, f"{number:08d}", ext, data,

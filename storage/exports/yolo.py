@@ -21,7 +21,7 @@ import numpy as np
 from storage.exports.common import EmptySelectionError, ExportError, _sha256_file
 from storage.exports.coco import DEFAULT_TOLERANCE_PX, polygon_iou_summary
 from storage.exports.plan import ExportFilters, _Plan
-from storage.exports.sa1b import _Images, image_buckets
+from storage.exports.sa1b import _Images, exportable, image_buckets
 from storage.exports.targets import _run_export, _Target
 from storage.images import ImageSource
 from storage.polygons import mask_to_polygons
@@ -53,17 +53,8 @@ def export_yolo(store: MaskStore, out: str, images: ImageSource, filters: Export
         counts = {name: {"images": 0, "masks": 0} for name in split_names}
         for _t, (s, _k), image_groups in groups:
             split = split_names[s]
-            for p, rows in image_groups:
-                number, h, w = int(plan.number[p]), int(plan.height[p]), int(plan.width[p])
-                rows = [r for r in rows if not plan.damaged(store, r)]
-                try:
-                    data, ext = source.file(plan.ids[p], h, w)
-                except ExportError as e:
-                    plan.skip(int(p), str(e))
-                    continue
-                if not rows:
-                    plan.skip(int(p), "every mask of it is damaged (see skipped_masks)")
-                    continue
+            for im in exportable(image_groups, plan, store, source):
+                p, number, data, ext, rows = im.p, im.number, im.data, im.ext, im.rows
                 lines = [_label_line(r, classes, tolerance_px, ious) for r in rows]
                 stem = f"{number:08d}"
                 for rel, payload in ((f"images/{split}/{stem}.{ext}", data),
