@@ -27,6 +27,7 @@ from engine.integrations.config import EngineConfig
 from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PullResult
 from engine.integrations.ml_backend import precompute_embeddings
+from engine.integrations.stage_kit import first_not_done
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks
 
@@ -161,20 +162,18 @@ class SimulatedAnnotate:
 def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
                      simulate: bool = True, poll_s: float = 30.0, purpose: str = STAGE,
                      annotators: "PeopleAnnotate | SimulatedAnnotate | None" = None) -> ManualSummary:
-    """One assisted-manual round (steps: module doc). image_ids None: the first `images_per_round` images of
-    the source that no manual round has done yet. annotators: who does step 3 (default: a simulated annotator
-    with `images.ground_truth` when `simulate`, else people in Label Studio, polled every poll_s). purpose: names
-    the Label Studio project ("manual", or "holdout" when the round loop has people draw its holdout: a
-    simulated one then draws every object, with no time limit)."""
+    """One assisted-manual round (steps: module doc). image_ids None: the first `images_per_round` images no
+    manual round has done. annotators: who does step 3 (default: a simulated annotator when `simulate`, else
+    people, polled every poll_s). purpose: "manual", or "holdout" (people draw the round loop's holdout; a
+    simulated annotator then draws every object, with no time limit)."""
     t0 = time.monotonic()
     store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
     annotators = annotators or (SimulatedAnnotate(runtime.ground_truth(cfg), every_object=purpose == "holdout")
                                 if simulate else PeopleAnnotate(poll_s))
 
     # 1. Plan
-    if image_ids is None:
-        done = store.images_done(STAGE)
-        image_ids = [r.image_id for r in source.list() if r.image_id not in done][: cfg.stages.manual.images_per_round]
+    image_ids = image_ids if image_ids is not None else first_not_done(store, source, (STAGE,),
+                                                                       cfg.stages.manual.images_per_round)
     segmenter = runtime.segmenter(cfg, checkpoint)
 
     # 2. Publish

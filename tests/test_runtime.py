@@ -48,14 +48,21 @@ def test_an_s3_export_target_gets_the_endpoint_and_the_region(tmp_path):
         assert set(options) <= set(inspect.signature(entry).parameters), entry.__name__
 
 
+# Where a store or image source may be built from a URI: the runtime, and in storage/ the classes' own homes and
+# the user-facing readers that take a URI (datasets, export targets). Benchmarks measure storage on local scratch
+# folders they make themselves and are not the engine.
+BUILDERS = {"engine/integrations/runtime.py", "storage/backend.py", "storage/shards.py", "storage/images.py",
+            "storage/quarantine.py", "storage/datasets.py", "storage/exports/targets.py", "storage/exports/read.py"}
+
+
 def test_nothing_outside_the_runtime_builds_stores_or_image_sources():
-    """Stages, the retraining step, the CLI and the report ask the runtime; storage/ itself and the runtime
-    are the only places these constructors are called."""
+    """Stages, the retraining step, the CLI and the report ask the runtime; in every package (engine, stages,
+    model, storage, docker) only the runtime and the classes' own homes call these constructors."""
     pattern = re.compile(r"\b(MaskStore|ImageSource|Quarantine|open_store)\(")
     found = []
-    for pkg in ("engine", "stages", "model", "docker"):
+    for pkg in ("engine", "stages", "model", "storage", "docker"):
         for path in (ROOT / pkg).rglob("*.py"):
-            if path.name == "runtime.py":
+            if str(path.relative_to(ROOT)) in BUILDERS:
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if pattern.search(line) and not line.lstrip().startswith(("#", "class ")):

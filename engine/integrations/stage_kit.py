@@ -114,6 +114,13 @@ def images_to_do(store: MaskStore, quarantine: Quarantine, source: ImageSource, 
     return plan
 
 
+def first_not_done(store: MaskStore, source: ImageSource, stages: tuple[str, ...], count: int) -> list[str]:
+    """The first `count` images of the source (in id order) that none of `stages` has done: a round's default
+    images when the round loop did not choose them."""
+    done = set().union(*(store.images_done(stage) for stage in stages))
+    return [r.image_id for r in source.list() if r.image_id not in done][:count]
+
+
 @dataclass
 class PoolResult:
     """What the driver saw. arrivals: (seconds since start, masks) per image line, in arrival order; ok_lines:

@@ -43,6 +43,7 @@ from engine.integrations import labelling, runtime
 from engine.integrations.config import EngineConfig
 from engine.integrations.labelstudio import LabelStudio
 from engine.integrations.ml_backend import precompute_embeddings
+from engine.integrations.stage_kit import first_not_done
 from storage.coco import GTObject
 from storage.rle import decode_rles
 
@@ -94,19 +95,15 @@ class SimulatedReview:
 def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
                    simulate: bool = True, poll_s: float = 30.0,
                    reviewer: "PeopleReview | SimulatedReview | None" = None) -> SemiSummary:
-    """One semi-automatic round (steps: module doc). image_ids None: the first `images_per_round` images of
-    the source that no manual or semi round has done yet. reviewer: who does step 3 (default: simulated
-    annotators with `images.ground_truth` when `simulate`, else people in Label Studio, polled every poll_s)."""
-    t0 = time.monotonic()
-    s = cfg.stages.semi
+    """One semi-automatic round (steps: module doc). image_ids None: the first `images_per_round` images no manual
+    or semi round has done. reviewer: who does step 3 (default: simulated annotators when `simulate`, else people
+    in Label Studio, polled every poll_s)."""
+    t0, s = time.monotonic(), cfg.stages.semi
     reviewer = reviewer or (SimulatedReview(runtime.ground_truth(cfg)) if simulate else PeopleReview(poll_s))
     store, quarantine, source = runtime.mask_store(cfg), runtime.quarantine(cfg), runtime.image_source(cfg)
-    if image_ids is None:
-        done = store.images_done("manual") | store.images_done(STAGE)
-        image_ids = [r.image_id for r in source.list() if r.image_id not in done][: s.images_per_round]
-    segmenter = runtime.segmenter(cfg, checkpoint)
-    version = segmenter.model_version
-
+    image_ids = image_ids if image_ids is not None else first_not_done(store, source, ("manual", STAGE),
+                                                                       s.images_per_round)
+    version = (segmenter := runtime.segmenter(cfg, checkpoint)).model_version
     # 1. Plan (once per round: a rerun reuses the saved plan); images the verifier judged complete skip people
     plan = saved_or_new_plan(cfg, round, segmenter, store, source, image_ids, quarantine, reviewer.truth)
     completed = [i for i, im in plan["images"].items() if im.get("complete")]
@@ -115,18 +112,12 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
     pulls, ls_url, problems = publish_review_pull(cfg, round, checkpoint, segmenter, source, quarantine, plan,
                                                   pages, reviewer) if pages.prefills else ({}, None, 0)
     tally = RoundTally(images=len(pages.images))
-    records, accepted = records_from_pulls(pulls, pages, round, version, tally)
-    reviewed = {r.image_id for r in records} | {a.image_id for p in pulls.values() for a in p.annotations}
-    tally.prefills = sum(len(pages.prefills[i]) for i in reviewed if i in pages.prefills)
-    tally.dropped_by_cap = sum(im["dropped_by_cap"] for i, im in plan["images"].items() if i not in completed)
-    tally.final_masks = len(records)
+    records, accepted, reviewed = pulled_records(pulls, pages, plan, completed, round, version, tally)
     done_by_verifier = completed_records(plan, completed, round, version)
 
-    # 5. Audit (people's accepted prefills, and apart from them the complete images' masks)
+    # 5. Audit (people's accepted prefills, and apart from them the complete images' masks); 6. Write
     done_tally = audit_round(cfg, round, records, accepted, done_by_verifier, len(completed), pages, reviewed,
                              reviewer.truth, tally)
-
-    # 6. Write
     written = write_final(store, records + done_by_verifier, round, version)
 
     # 7. Summarise
@@ -141,6 +132,18 @@ def run_semi_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_
         wall_s=float(f"{time.monotonic() - t0:.1f}"))
     _atomic_write_json(round_dir(cfg, round) / "summary.json", summary.to_dict())
     return summary
+
+
+def pulled_records(pulls: dict, pages: Pages, plan: dict, completed: list[str], round: int, version: str,
+                   tally: RoundTally) -> tuple[list, list, set]:
+    """Step 4's records with their lineage, counted into `tally`: (records, indexes of accepted prefills, the
+    images someone reviewed)."""
+    records, accepted = records_from_pulls(pulls, pages, round, version, tally)
+    reviewed = {r.image_id for r in records} | {a.image_id for p in pulls.values() for a in p.annotations}
+    tally.prefills = sum(len(pages.prefills[i]) for i in reviewed if i in pages.prefills)
+    tally.dropped_by_cap = sum(im["dropped_by_cap"] for i, im in plan["images"].items() if i not in completed)
+    tally.final_masks = len(records)
+    return records, accepted, reviewed
 
 
 def publish_review_pull(cfg: EngineConfig, round: int, checkpoint: str | None, segmenter, source, quarantine,
