@@ -21,6 +21,7 @@ Prints one line per phase, then (last line) one JSON object:
 
     .venv/bin/python benchmarks/export.py                      # 20,000 masks (400 images x 50), all formats
     .venv/bin/python benchmarks/export.py --images 4000 --masks-per-image 250 --formats sa1b,coco   # 1M masks
+    .venv/bin/python benchmarks/export.py --store runs/demo/store --images-dir runs/demo/synth/images  # the demo's
 """
 from __future__ import annotations
 
@@ -183,6 +184,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--masks-per-image", type=int, default=50)
     ap.add_argument("--formats", default="sa1b,coco,coco-polygons,yolo-seg,hf,webdataset")
+    ap.add_argument("--store", type=Path, help="measure an existing local store (e.g. runs/demo/store) instead of "
+                                                "building a synthetic one; with --images-dir")
+    ap.add_argument("--images-dir", type=Path, help="the image folder of --store (e.g. runs/demo/synth/images)")
     ap.add_argument("--side", type=int, default=64, help="image side in pixels")
     ap.add_argument("--images-per-tar", type=int, default=250)
     ap.add_argument("--root", type=Path, help="(internal) data folder of a phase")
@@ -196,7 +200,17 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="sa-bench-export-"))
     try:
-        built = build(root, args.images, args.masks_per_image, args.side)
+        if args.store:  # an existing store: linked in, read only
+            from storage.shards import MaskStore
+
+            (root / "store").symlink_to(args.store.resolve())
+            (root / "images").symlink_to(args.images_dir.resolve())
+            table = MaskStore(str(root / "store")).read_table(columns=["image_id"])
+            built = {"images": len(set(table.column("image_id").to_pylist())), "masks": table.num_rows,
+                     "store_mb": sum(p.stat().st_size for p in args.store.rglob("*") if p.is_file()) / 2 ** 20}
+            args.images = built["images"]
+        else:
+            built = build(root, args.images, args.masks_per_image, args.side)
         print(json.dumps({"built": built}), flush=True)
         base = run_phase("baseline", root, args.images_per_tar)
         formats = args.formats.split(",")
