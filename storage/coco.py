@@ -39,9 +39,10 @@ class GTObject:
     parent_id: int | None = None
 
 
-def read_coco(path: str | Path) -> list[CocoImage]:
-    """A COCO instances JSON -> its images with their annotations, in file order. Raises ValueError (one line,
-    naming the file) for a file that is not COCO instances JSON."""
+def read_coco(path: str | Path, categories: dict[int, str] | None = None) -> list[CocoImage]:
+    """A COCO instances JSON -> its images with their annotations, in file order; with `categories`, that dict
+    is filled with the file's category id -> name (a file with malformed categories leaves it empty). Raises
+    ValueError (one line, naming the file) for a file that is not COCO instances JSON."""
     try:
         coco = json.loads(Path(path).read_text(encoding="utf-8"))
         images = {im["id"]: CocoImage(im["id"], im["file_name"], int(im["height"]), int(im["width"]))
@@ -49,18 +50,14 @@ def read_coco(path: str | Path) -> list[CocoImage]:
         for a in coco.get("annotations", []):
             if a["image_id"] in images:
                 images[a["image_id"]].annotations.append(a)
+        if categories is not None:
+            try:
+                categories.update({int(c["id"]): str(c["name"]) for c in coco.get("categories", [])})
+            except (KeyError, TypeError, ValueError):
+                pass
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not COCO instances JSON ({type(e).__name__}: {e})") from None
     return list(images.values())
-
-
-def read_categories(path: str | Path) -> dict[int, str]:
-    """A COCO file's category id -> name ({} when it has none or they are malformed)."""
-    try:
-        return {int(c["id"]): str(c["name"]) for c in json.loads(Path(path).read_text(encoding="utf-8"))
-                .get("categories", [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
 
 
 def segmentation_rle(segmentation, height: int, width: int) -> dict:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import yaml
 
-from storage.coco import read_categories, read_coco, segmentation_rle
+from storage.coco import read_coco, segmentation_rle
 from storage.images import BadImage, ImageSource, match_file_names
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks
@@ -31,10 +31,10 @@ def import_coco(store: MaskStore, source: ImageSource, coco_json: str | Path, ro
     """A COCO instances file's masks into `store`, matched to `source`'s images by file name. Returns {images,
     masks, skipped: [{thing, reason}]}."""
     path = Path(coco_json)
-    images = read_coco(path)
+    doc_categories: dict[int, str] = {}
+    images = read_coco(path, doc_categories)  # the file is parsed once
     ids = [r.image_id for r in source.list()]
     matched = match_file_names([im.file_name for im in images], ids)
-    doc_categories = read_categories(path)
     by_image: dict[str, list[MaskRecord]] = {}
     skipped = []
     for im in images:
