@@ -63,11 +63,14 @@ def main() -> None:
     staged = len(store.store.list("staging"))  # parts the dead node's actors wrote and nobody adopted
     removed = len(store.collect_garbage(min_age_s=0))
     ids = store.read_table(columns=["mask_id"]).column("mask_id").to_pylist()
-    print(json.dumps({"images": summary["images"], "masks": summary["masks"], "index_rows": len(index),
+    result = json.dumps({"images": summary["images"], "masks": summary["masks"], "index_rows": len(index),
                       "distinct_images": len(set(index)), "mask_rows": len(ids), "distinct_masks": len(set(ids)),
                       "mask_ids": sorted(ids), "killed_after_images": killed_after,
                       "staged_left": staged, "gc_removed": removed, "staged_after_gc": len(store.store.list("staging")),
-                      "nodes_alive": sum(n["Alive"] for n in ray.nodes()), "seconds": round(seconds, 1)}))
+                      "nodes_alive": sum(n["Alive"] for n in ray.nodes()), "seconds": round(seconds, 1)})
+    # A file, not stdout: Ray's raylet messages reach stdout after ours whenever they like.
+    (work / "result.json").write_text(result)
+    print(result)
     ray.shutdown()
     cluster.shutdown()
 

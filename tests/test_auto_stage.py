@@ -17,6 +17,7 @@ import yaml
 from engine.integrations.config import load_config
 from engine.integrations.synth import write_synthetic_dataset
 from storage.shards import MaskStore
+from tests.output import last_json
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO = dict(points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
@@ -185,7 +186,7 @@ def test_sigkill_part_way_then_rerun_gives_each_image_exactly_once(tmp_path):
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = last_json(rerun.stdout)
     assert summary["already_done"] == len(partial) and summary["images"] == n - len(partial)
     ids = {p.name for p in (tmp_path / "data" / "images").glob("*.png")}
     check_exactly_once(store, ids, summary["model_version"])
@@ -232,7 +233,6 @@ def test_calibrated_thresholds_come_from_verified_history(tmp_path):
 def test_the_verifier_keeps_marks_for_review_or_drops_each_mask(ray_cluster, tmp_path, fitted_compact):
     """stages.auto.verifier: every kept mask carries the verifier's version and score; below verifier_drop a mask
     is dropped, below verifier_keep it is marked for the review queue (stages/review.py doubts it)."""
-    from storage.coco import load_ground_truth
     from model.calibration import best_match_iou
     from model.verifier import MaskVerifier, mask_features, uncovered_objectness
     from stages.auto import run_auto_stage

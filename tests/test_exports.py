@@ -18,6 +18,7 @@ from storage.exports import (EmptySelectionError, ExportFilters, OutputExistsErr
                              export_sa1b, iter_sa1b_tar, parse_splits, read_index, sa1b_to_records)
 from storage.shards import CorruptShardError
 from tests.export_fixtures import build_store
+from tests.output import last_json
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,7 @@ def test_cli_export(engine_data, tmp_path):
             "--split", "train=0.5,val=0.5", "--images-per-tar", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = last_json(result.stdout)
     assert summary["masks"] == sum(1 for r in records if r.stage == "auto" and r.image_id in wanted)
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "output exists; pass --overwrite" in " ".join(again.output.split())
@@ -330,7 +331,7 @@ def test_cli_export(engine_data, tmp_path):
     by_config = CliRunner().invoke(app, ["export", "--format", "coco", "--out", str(tmp_path / "c"),
                                          "--config", str(cfg), "--verified-only"])
     assert by_config.exit_code == 0, by_config.output
-    assert json.loads(by_config.stdout.strip().splitlines()[-1])["masks"] == sum(r.verified for r in records)
+    assert last_json(by_config.stdout)["masks"] == sum(r.verified for r in records)
 
 
 def test_unicode_file_names_export_in_both_formats(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -25,9 +24,9 @@ from storage.backend import LocalStore
 from storage.exports import ExportFilters, export_coco, export_sa1b
 from storage.images import BadImage, ImageSource, decode_image, match_file_names
 from storage.quarantine import Quarantine
-from storage.records import MaskRecord
 from storage.shards import CorruptShardError, MaskStore
 from tests.export_fixtures import build_store
+from tests.output import last_json
 
 runner = CliRunner()
 
@@ -151,7 +150,7 @@ def test_quarantine_cli_lists_and_releases(tmp_path):
     q.add(str(tmp_path / "images" / "text.png"), "not an image", "auto", "permanent")
     out = runner.invoke(app, ["quarantine", "list", "--config", str(cfg)])
     assert out.exit_code == 0 and "2 set aside (1 held)" in out.output
-    rows = json.loads(out.output.strip().splitlines()[-1])
+    rows = last_json(out.output)
     assert {(Path(r["thing"]).name, r["held"]) for r in rows} == {("gone.png", False), ("text.png", True)}
     out = runner.invoke(app, ["quarantine", "release", "--config", str(cfg), str(tmp_path / "images" / "text.png")])
     assert out.exit_code == 0 and "released 1" in out.output

@@ -14,6 +14,7 @@ from engine.integrations.ml_backend import BackendState, EmbeddingCache, MaskPre
 from engine.integrations.labelstudio import keypoint_context
 from model.segmenter import Segmenter
 from tests.test_ml_backend import TOKEN, H, W, _call, _png_bytes, images  # noqa: F401  (images: a fixture)
+from tests.output import last_json
 
 
 class _V6Server(ThreadingHTTPServer):
@@ -286,7 +287,6 @@ def test_a_110_megapixel_photo_finishes_beside_the_others(ray_cluster, tmp_path,
     image finishes, the photo's masks are stored at its full size, and one image's work (decode, generate,
     records) stays within seconds and well under a GB of memory (the JPEG decoded at a reduced size; the masks
     upscaled in RLE form, never as full-resolution floats). Printed: that work's seconds and peak memory."""
-    import json
     import subprocess
     import sys
 
@@ -303,7 +303,7 @@ def test_a_110_megapixel_photo_finishes_beside_the_others(ray_cluster, tmp_path,
     out = subprocess.run([sys.executable, "-c", _BIG_IMAGE_WORK, str(tmp_path / "model"), str(images)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    work = json.loads(out.stdout.strip().splitlines()[-1])
+    work = last_json(out.stdout)
     print(f"110-megapixel photo: {work}")
     assert work["size"] == [8600, 12800] and work["masks"] > 0
     assert work["peak_rss_mb"] < 1024 and work["seconds"] < 120  # before: 5.4 GB and 370 s

@@ -16,6 +16,7 @@ from engine.integrations.labelstudio import (
     start_server,
     stop_server,
 )
+from tests.output import last_json
 
 pytestmark = pytest.mark.labelstudio
 
@@ -152,11 +153,11 @@ def test_status_shows_the_password_only_when_asked(tmp_path):
     res = CliRunner().invoke(app, status)
     assert res.exit_code == 1
     assert "pw-1" not in res.output
-    st = json.loads(res.stdout.strip().splitlines()[-1])
+    st = last_json(res.stdout)
     assert st["username"] == "admin@sa-engine.local" and "password" not in st and not st["healthy"]
     assert st["credentials_file"].endswith("credentials.json")
     res = CliRunner().invoke(app, status + ["--show-password"])
-    st = json.loads(res.stdout.strip().splitlines()[-1])
+    st = last_json(res.stdout)
     assert st["password"] == "pw-1"
 
 

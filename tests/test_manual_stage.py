@@ -13,6 +13,7 @@ from engine.cli import app
 from engine.integrations.labelstudio import LabelStudio, free_port
 from engine.integrations.synth import write_synthetic_dataset
 from storage.shards import MaskStore
+from tests.output import last_json
 
 pytestmark = pytest.mark.labelstudio
 torch.set_num_threads(1)
@@ -45,7 +46,7 @@ def test_simulated_manual_round_writes_verified_masks_once(config_file, tmp_path
     runner = CliRunner()
     res = runner.invoke(app, ["stage", "manual", "--config", str(config_file), "--round", "1"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = last_json(res.stdout)
     assert summary["images"] == 2 and summary["masks"] > 0
     sim = summary["simulated"]
     assert sim["masks"] == summary["masks"] == summary["pull"]["written"]
@@ -65,7 +66,7 @@ def test_simulated_manual_round_writes_verified_masks_once(config_file, tmp_path
 
     again = runner.invoke(app, ["stage", "manual", "--config", str(config_file), "--round", "1"])
     assert again.exit_code == 0, again.output
-    second = json.loads(again.stdout.strip().splitlines()[-1])
+    second = last_json(again.stdout)
     # The round's images are done: the next run takes the remaining image, pulls, and rewrites nothing.
     assert second["pull"]["unchanged"] == summary["masks"] and second["ls_project_id"] == summary["ls_project_id"]
 
@@ -85,7 +86,7 @@ def test_annotate_cli_directly_against_the_backend(config_file, tmp_path, labels
         res = CliRunner().invoke(app, ["annotate", "--simulate", "--project", f"annotate cli {tmp_path.name[-20:]}",
                                        "--config", str(config_file), "--via", "backend"])
         assert res.exit_code == 0, res.output
-        out = json.loads(res.stdout.strip().splitlines()[-1])
+        out = last_json(res.stdout)
         assert out["images"] == 1 and out["masks"] > 0 and out["via"] == "backend"
         assert len(ls.annotated_task_ids(pid)) == 1
     finally:
@@ -134,5 +135,5 @@ def test_a_holdout_is_drawn_whole_where_a_round_leaves_objects_for_lack_of_time(
     assert hold["warnings"] == []
     res = CliRunner().invoke(app, ["stage", "manual", "--config", str(path), "--round", "1"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    summary = last_json(res.stdout)
     assert summary["masks"] < objects and summary["simulated"]["left_by_time_limit"] > 0

@@ -20,7 +20,7 @@ def _run(work: Path, *flags: str) -> dict:
     out = subprocess.run([sys.executable, str(SCRIPT), str(work), *flags], capture_output=True, text=True,
                          timeout=600, cwd=SCRIPT.parents[1])
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads((work / "result.json").read_text())
 
 
 @pytest.mark.slow

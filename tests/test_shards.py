@@ -13,6 +13,7 @@ from storage.backend import StoreError
 from storage.records import SCHEMA_VERSION, MaskRecord, make_mask_id
 from storage.rle import decode_rles, encode_masks, rle_area, rle_bbox
 from storage.shards import CorruptShardError, MaskStore, SchemaVersionError
+from tests.output import last_json
 
 
 def scene_records(index: int, stage: str = "auto", round: int = 0, model_version: str = "m1",
@@ -443,7 +444,7 @@ def test_store_compact_command(tmp_path):
         fill(store, [i], "auto", 0, "m1")
     rows = store.read_table().num_rows
     dry = CliRunner().invoke(app, ["store", "compact", "--store", str(tmp_path), "--dry-run"])
-    assert dry.exit_code == 0 and json.loads(dry.stdout.strip().splitlines()[-1])["shards_after"] == 1
+    assert dry.exit_code == 0 and last_json(dry.stdout)["shards_after"] == 1
     assert len(store.shards()) == 3
     out = CliRunner().invoke(app, ["store", "compact", "--store", str(tmp_path)])
     assert out.exit_code == 0 and "3 shards -> 1" in out.output
