@@ -53,6 +53,81 @@ def _ready_workdir(tmp_path: Path) -> dict:
 
 # --- the reference ---------------------------------------------------------------------------
 
+def _config_reads() -> set[tuple[str, str]]:
+    """(section, field) pairs the engine reads from a config object outside the config modules: `cfg.eval.x`,
+    `auto = cfg.stages.auto; auto.x`, `section: AutoStageConfig` then `section.x`, `getattr(cfg.train, "x")` and
+    `for name in ("x", ...): getattr(cfg.train, name)`. A section is named by its last key (`auto`, `train`)."""
+    import ast
+
+    section_of_class = {cls.__name__: name for name, cls in _sections(EngineConfig)}
+
+    def section(node, alias) -> set[str]:
+        if isinstance(node, ast.Attribute):
+            return {node.attr}
+        if isinstance(node, ast.Name):
+            return alias.get(node.id, {node.id})
+        if isinstance(node, ast.IfExp):
+            return section(node.body, alias) | section(node.orelse, alias)
+        return set()
+
+    reads, skip = set(), {"config.py", "config_check.py"}
+    for folder in ("engine", "stages", "model", "storage"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.parent.name == "integrations" and path.name in skip:
+                continue
+            for scope in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(scope, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                alias: dict[str, set[str]] = {}
+                loops: dict[str, set[str]] = {}
+                for node in ast.walk(scope):
+                    if isinstance(node, ast.arg) and isinstance(node.annotation, ast.Name) \
+                            and node.annotation.id in section_of_class:
+                        alias[node.arg] = {section_of_class[node.annotation.id]}
+                    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                        target, value = node.targets[0], node.value
+                        pairs = (zip(target.elts, value.elts) if isinstance(target, ast.Tuple)
+                                 and isinstance(value, ast.Tuple) else [(target, value)])
+                        for t, v in pairs:
+                            if isinstance(t, ast.Name) and section(v, {}):
+                                alias[t.id] = section(v, {})
+                    if isinstance(node, ast.For) and isinstance(node.target, ast.Name) \
+                            and isinstance(node.iter, (ast.Tuple, ast.List)):
+                        loops[node.target.id] = {e.value for e in node.iter.elts if isinstance(e, ast.Constant)}
+                for node in ast.walk(scope):
+                    if isinstance(node, ast.Attribute):
+                        reads |= {(s, node.attr) for s in section(node.value, alias)}
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                            and len(node.args) >= 2:
+                        names = ({node.args[1].value} if isinstance(node.args[1], ast.Constant)
+                                 else loops.get(getattr(node.args[1], "id", ""), set()))
+                        reads |= {(s, n) for s in section(node.args[0], alias) for n in names}
+    return reads
+
+
+def _sections(model, name: str = "cfg"):
+    """(section name, section class) for the root and every nested section."""
+    from pydantic import BaseModel
+
+    yield name, model
+    for field, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _sections(info.annotation, field)
+
+
+def test_every_documented_key_is_read_by_the_engine():
+    """A key documented in docs/config.md that nothing reads is a promise nobody keeps (`eval.max_objects` was
+    one): every key must be read from its section somewhere outside the config and its checks."""
+    from pydantic import BaseModel
+
+    reads = _config_reads()
+    unread = [f"{'' if name == 'cfg' else name + '.'}{field}" for name, cls in _sections(EngineConfig)
+              for field, info in cls.model_fields.items()
+              if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
+              and (name, field) not in reads]
+    assert not unread, f"documented keys nothing reads (wire them or remove them): {unread}"
+
+
 def test_docs_config_md_holds_the_generated_reference():
     doc = (REPO / "docs" / "config.md").read_text()
     block = re.search(r"<!-- BEGIN GENERATED[^>]*-->\n(.*?)<!-- END GENERATED -->", doc, re.S)
