@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,42 @@ def test_up_twice_is_harmless_and_down_then_up_restarts(labelstudio_server):
     info.pid = restarted.pid
     assert health_ok(info.url) and restarted.token == info.token
     assert info.client.find_project("refused") is None
+
+
+def test_a_new_data_directory_starts_from_the_migrated_empty_database(labelstudio_server):
+    """The fixture's server started from the install's migrated empty database (no user in it: the admin and
+    its token above were made by the server's own first start)."""
+    import sqlite3
+
+    from engine.integrations.labelstudio.server import database_template
+
+    template = database_template(log=lambda m: None)
+    assert template is not None and (Path(labelstudio_server.data_dir) / template.name).is_file()
+    first_applied = "select applied from django_migrations order by id limit 1"
+    with sqlite3.connect(f"file:{template}?mode=ro", uri=True) as db:
+        assert db.execute("select count(*) from htx_user").fetchone()[0] == 0
+        assert db.execute("select count(*) from django_migrations").fetchone()[0] > 100
+        made = db.execute(first_applied).fetchone()[0]
+    with sqlite3.connect(f"file:{Path(labelstudio_server.data_dir) / template.name}?mode=ro", uri=True) as db:
+        assert db.execute(first_applied).fetchone()[0] == made  # copied, not migrated again
+
+
+def test_an_install_that_cannot_migrate_leaves_each_start_to_migrate_itself(tmp_path):
+    from engine.integrations.labelstudio.server import _MARKER, _seed_database, database_template
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "label-studio").write_text("#!/bin/sh\nexit 3\n")
+    (venv / "bin" / "label-studio").chmod(0o755)
+    (venv / _MARKER).write_text("x")
+    said: list[str] = []
+    assert database_template(venv, log=said.append) is None
+    assert "could not prepare an empty database (exit 3" in said[-1]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "label_studio.sqlite3").write_text("kept")
+    _seed_database(data_dir, log=said.append)  # an existing database is never replaced
+    assert (data_dir / "label_studio.sqlite3").read_text() == "kept"
 
 
 def test_port_taken_by_someone_else_is_a_clear_error(tmp_path):
