@@ -106,3 +106,18 @@ def fitted_compact():
     train(seg, dataset_sampler([s[0] for s in scenes], [s[1] for s in scenes]),
           TrainSettings(max_steps=120, minutes=10, batch_images=4, masks_per_image=4, crop_share=0.0, threads=1))
     return seg, scenes
+
+
+# ---------------------------------------------------------------- order: the longest tests start first
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow run first, the people path (the longest, minutes) first of all: with two
+    pytest-xdist workers the short tests then fill in beside them instead of leaving one long test running alone
+    at the end. The order of everything else is kept."""
+    def rank(item) -> int:
+        if "test_people_path" in item.nodeid:
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)

@@ -51,9 +51,9 @@ def test_the_people_path_from_holdout_to_automatic_stage_with_a_person_in_the_br
         "ray": {"num_cpus": 2},
         # A briefly bootstrapped model (60 steps on other synthetic shapes), retrained on the round's masks: the
         # holdout's 1-click mIoU says whether it is better (promoted or kept, both are checked below). Steps, not
-        # seconds, bound both; 150 retraining steps keep this test, the suite's longest, near 4 minutes idle.
+        # seconds, bound both; 60 retraining steps keep this test, the suite's longest, near 3 minutes idle.
         "model": {"bootstrap_steps": 60, "bootstrap_images": 8},
-        "train": {"steps": 150},
+        "train": {"steps": 60},
         "eval": {"promote_confidence": 0.0},
     }
     path = tmp_path / "engine.yaml"
