@@ -186,6 +186,7 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     # 3. Annotate or wait
     with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not annotators.simulated,
                                     checkpoint=checkpoint) as backend:
+        labelling.prefetch_embeddings(backend, images)
         efforts = annotators.annotate(ls, cfg, project_id, tasks, images,
                                       labelling.connect_backend(ls, project_id, backend), server)
         embeddings = embedding_figures(backend, precomputed)

@@ -47,6 +47,7 @@ from engine.integrations.ml_backend import (
     EmbeddingCache,
     MaskPredictor,
     MLBackend,
+    prefetch_payload,
     source_image_loader,
 )
 from engine.integrations.origin_http import open_on_origin
@@ -214,9 +215,26 @@ def start_ml_backend(cfg: EngineConfig, segmenter, source: ImageSource, ls_url: 
     port = cfg.labelstudio.ml_backend_port if port is None else port
     try:
         return MLBackend(state, "127.0.0.1", port).start()
-    except OSError as e:
-        raise LabelStudioError(f"ML backend: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
-                               "set labelstudio.ml_backend_port to a free port") from None
+    except ValueError as e:
+        raise LabelStudioError(f"{e}; set labelstudio.ml_backend_port to a free port") from None
+
+
+def prefetch_embeddings(backend: "MLBackend | RunningBackend", images: list[TaskImage]) -> int:
+    """Ask the stage's backend to embed these tasks' images ahead, in task order (the order annotators open
+    them), so that the first click on each costs a decoder pass. Returns how many it queued (0 if a service
+    could not be asked: the clicks still work, the first one on an image pays its embedding)."""
+    tasks = [{"id": i, "data": {"image_id": im.image_id, "height": im.height, "width": im.width}}
+             for i, im in enumerate(images)]
+    if isinstance(backend, MLBackend):
+        return prefetch_payload(backend.state, {"tasks": tasks})["queued"]
+    try:
+        with open_on_origin(f"{backend.url}/prefetch", backend.url,
+                            {"Content-Type": "application/json", "Authorization": f"Token {backend.state.token}"},
+                            data=json.dumps({"tasks": tasks}).encode(), method="POST", timeout=10) as r:
+            return int(json.loads(r.read()).get("queued", 0))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        log.warning("ML backend %s: prefetch not accepted (%s)", backend.url, e)
+        return 0
 
 
 def concept_predictor(cfg: EngineConfig) -> ConceptPredictor | None:

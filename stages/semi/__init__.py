@@ -157,6 +157,7 @@ def publish_review_pull(cfg: EngineConfig, round: int, checkpoint: str | None, s
     publish_pages(ls, cfg, round, pages, plan, segmenter.model_version)
     with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not reviewer.simulated,
                                     checkpoint=checkpoint) as backend:
+        labelling.prefetch_embeddings(backend, images)
         backend_ids = {page: labelling.connect_backend(ls, pid, backend) for page, pid in pages.projects.items()}
         reviewer.review(ls, cfg, pages, backend_ids, round, server)
     pulls, problems = {page: ls.pull(pid) for page, pid in pages.projects.items()}, 0

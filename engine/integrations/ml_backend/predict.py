@@ -1,12 +1,13 @@
 """Our Label Studio ML backend: clicks and boxes in, a mask from the current model out.
 
-Label Studio's ML backend protocol over HTTP (stdlib server, threads):
+Label Studio's ML backend protocol over HTTP (served by ml_backend/server.py):
     GET  /health   -> {"status": "UP", "model_version", "predictions"} (Label Studio waits 1 s)
     POST /setup    -> {"model_version"}                              (remembers hostname + access token)
     POST /predict  {tasks, project, label_config, params: {context}} -> {"results": [{result, score,
                    model_version}]}; interactive: `context.result` holds keypointlabels (x/y in percent,
                    is_positive) and/or rectanglelabels (x/y/width/height in percent); the answer is one
                    brush region. Without a context (batch predictions) the answer is empty.
+    POST /prefetch {tasks} -> {"queued"}: embed these tasks' images ahead, in this order
     POST /webhook  -> {"status": "ok"} (events are counted, nothing else)
 Every call needs credentials: HTTP basic auth (what Label Studio sends; user `sa-engine`, password =
 the backend token) or `Authorization: Token <token>` / `Bearer <token>`. Anything else gets 401.
@@ -21,14 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ import torch
 from engine.integrations.labelstudio import brush_result
 from engine.integrations.origin_http import open_on_origin, same_origin
 from model.segmenter import ImageEmbedding
-from storage.images import decode_image
+from storage.images import BadImage, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -104,32 +103,113 @@ def precompute_embeddings(segmenter, images: list[tuple[str, np.ndarray]], direc
 
 
 class EmbeddingCache:
-    """LRU of ImageEmbeddings by (model_version, image_id); reads precomputed ones first."""
+    """LRU of ImageEmbeddings by (model_version, image_id); reads precomputed ones first. Thread-safe: requests
+    for different images embed at the same time, two requests for the same image embed it once (the second
+    waits for the first). `prefetch` embeds images ahead in a background thread, in the order given (the most
+    likely next first), up to the cache's size: the first click on those images then costs a decoder pass."""
 
     def __init__(self, segmenter, max_items: int = 64, precomputed_dir: Path | str | None = None):
         self.segmenter = segmenter
         self.max_items = max_items
         self.precomputed_dir = precomputed_dir
         self._items: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self.hits = self.misses = self.precomputed = 0
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], threading.Event] = {}
+        self._loaders: OrderedDict[str, Callable[[], np.ndarray]] = OrderedDict()  # by image id, last used last
+        self._queue: list[tuple[str, Callable[[], np.ndarray]]] = []
+        self._wake = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._working = False
+        self.hits = self.misses = self.precomputed = self.prefetched = 0
 
-    def get(self, image_id: str, load_pixels: Callable[[], np.ndarray]):
+    def __contains__(self, image_id: str) -> bool:
+        with self._lock:
+            return (self.segmenter.model_version, image_id) in self._items
+
+    def loaders(self) -> list[tuple[str, Callable[[], np.ndarray]]]:
+        """(image_id, pixel loader) of the images asked for lately, most recent first (what a new model's cache
+        should embed ahead)."""
+        with self._lock:
+            return list(reversed(self._loaders.items()))
+
+    def get(self, image_id: str, load_pixels: Callable[[], np.ndarray], count: bool = True):
         key = (self.segmenter.model_version, image_id)
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        emb = None
-        if self.precomputed_dir is not None:
-            emb = load_embedding(self.precomputed_dir, *key)
-            self.precomputed += emb is not None
-        if emb is None:
-            emb = self.segmenter.embed([load_pixels()])[0]
-        self._items[key] = emb
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-        return emb
+        while True:
+            with self._lock:
+                self._loaders[image_id] = load_pixels
+                self._loaders.move_to_end(image_id)
+                while len(self._loaders) > self.max_items:
+                    self._loaders.popitem(last=False)
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    self.hits += count
+                    return self._items[key]
+                waiting = self._pending.get(key)
+                if waiting is None:
+                    self._pending[key] = threading.Event()
+                    self.misses += count
+                    break
+            waiting.wait()  # another thread embeds this image; then it is cached (or failed: try ourselves)
+        try:
+            emb = None
+            if self.precomputed_dir is not None:
+                emb = load_embedding(self.precomputed_dir, *key)
+            if emb is None:
+                emb = self.segmenter.embed([load_pixels()])[0]
+            else:
+                self.precomputed += 1  # read from disk, for a click or ahead of one
+            with self._lock:
+                self._items[key] = emb
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return emb
+        finally:
+            with self._lock:
+                self._pending.pop(key).set()
+
+    def prefetch(self, images: list[tuple[str, Callable[[], np.ndarray]]]) -> int:
+        """Embed these (image_id, pixel loader) pairs ahead, in this order, replacing any earlier wish list;
+        at most `max_items` of them (the cache's budget: what is embedded ahead is not evicted by what is
+        embedded after it). Returns how many are queued (the ones not cached yet)."""
+        with self._lock:
+            version = self.segmenter.model_version
+            todo = [(i, load) for i, load in images[: self.max_items] if (version, i) not in self._items]
+            self._queue = todo
+            if self._worker is None and todo:
+                self._worker = threading.Thread(target=self._prefetch_loop, name="ml-backend-prefetch", daemon=True)
+                self._worker.start()
+            self._wake.notify()
+            return len(todo)
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                image_id, load = self._queue.pop(0)
+                self._working = True
+            try:
+                self.get(image_id, load, count=False)
+                self.prefetched += 1
+            except Exception as e:  # an image that can't be read is the click's problem, reported there
+                log.warning("prefetch %s: %s", image_id, " ".join(str(e).split())[:200])
+            finally:
+                with self._lock:
+                    self._working = False
+
+    def pending_prefetch(self) -> int:
+        """Images still to embed ahead (the one being embedded now included)."""
+        with self._lock:
+            return len(self._queue) + self._working
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the cache itself stays usable)."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
 
 
 # --------------------------------------------------------------------------- prompts -> mask
@@ -144,28 +224,46 @@ class Prompt:
     box: np.ndarray | None
 
 
+def _number(v: dict, key: str) -> float:
+    try:
+        x = float(v[key])
+    except (KeyError, TypeError, ValueError):
+        raise RequestError(400, f"interactive context: value.{key} must be a number") from None
+    if not np.isfinite(x):
+        raise RequestError(400, f"interactive context: value.{key} must be finite")
+    return x
+
+
 def prompt_from_context(context: dict, height: int, width: int) -> Prompt:
-    """Label Studio's interactive context -> pixel prompts. Raises ValueError if there is none."""
+    """Label Studio's interactive context -> pixel prompts. Raises RequestError (400) if there is none or a
+    region is malformed."""
     pts, labs, box = [], [], None
     for r in (context or {}).get("result") or []:
+        if not isinstance(r, dict):
+            raise RequestError(400, "interactive context: each result must be an object")
         kind = str(r.get("type", "")).lower()
         v = r.get("value") or {}
-        W = float(r.get("original_width") or width)
-        H = float(r.get("original_height") or height)
+        if not isinstance(v, dict):
+            raise RequestError(400, "interactive context: a result's value must be an object")
+        W = _number(r, "original_width") if r.get("original_width") else float(width)
+        H = _number(r, "original_height") if r.get("original_height") else float(height)
+        if W <= 0 or H <= 0:
+            raise RequestError(400, "interactive context: original_width/original_height must be positive")
         sx, sy = width / W, height / H  # the editor may report another size for the same image
         if kind == "keypointlabels":
-            x = float(v["x"]) / 100.0 * W * sx - 0.5
-            y = float(v["y"]) / 100.0 * H * sy - 0.5
-            names = [str(n).lower() for n in v.get("keypointlabels") or []]
+            x = _number(v, "x") / 100.0 * W * sx - 0.5
+            y = _number(v, "y") / 100.0 * H * sy - 0.5
+            names = v.get("keypointlabels") or []
+            names = [str(n).lower() for n in (names if isinstance(names, list) else [names])]
             positive = r.get("is_positive", True) and "negative" not in names
             pts.append((min(max(x, 0.0), width - 1.0), min(max(y, 0.0), height - 1.0)))
             labs.append(1 if positive else 0)
         elif kind == "rectanglelabels":
-            x0, y0 = float(v["x"]) / 100.0 * W * sx, float(v["y"]) / 100.0 * H * sy
-            x1, y1 = x0 + float(v["width"]) / 100.0 * W * sx, y0 + float(v["height"]) / 100.0 * H * sy
+            x0, y0 = _number(v, "x") / 100.0 * W * sx, _number(v, "y") / 100.0 * H * sy
+            x1, y1 = x0 + _number(v, "width") / 100.0 * W * sx, y0 + _number(v, "height") / 100.0 * H * sy
             box = np.clip(np.array([x0, y0, x1, y1], np.float64), 0, [width, height, width, height])
     if not pts and box is None:
-        raise ValueError("interactive context holds no keypoints or rectangles")
+        raise RequestError(400, "interactive context holds no keypoints or rectangles")
     return Prompt(np.asarray(pts, np.float64).reshape(-1, 2), np.asarray(labs, np.int64), box)
 
 
@@ -225,8 +323,8 @@ class MaskPredictor:
     def predict(self, image_id: str, load_pixels: Callable[[], np.ndarray], prompt: Prompt) -> tuple[np.ndarray, float]:
         """-> (mask (H, W) bool, predicted IoU). One click: best of SAM's 3 masks; more clicks: a single
         mask, refined from the logits of the same click sequence minus its last click."""
+        emb = self.cache.get(image_id, load_pixels)  # outside the lock: other images' clicks go on meanwhile
         with self._lock:
-            emb = self.cache.get(image_id, load_pixels)
             k = len(prompt.labels)
             box_key = None if prompt.box is None else tuple(np.round(prompt.box, 1))
             seq = tuple((round(float(x), 1), round(float(y), 1), int(lab))
@@ -269,215 +367,139 @@ class BackendState:
 
 
 def authorized(header: str | None, token: str) -> bool:
-    """Basic (user sa-engine, password = token) or `Token`/`Bearer` with the token."""
+    """Basic (user sa-engine, password = token) or `Token`/`Bearer` with the token. Compared as bytes: a header
+    with characters outside ASCII is simply not the token (401), never an error."""
     if not header or not token:
         return False
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
+    want = token.encode()
     if scheme in ("token", "bearer"):
-        return hmac.compare_digest(value.strip(), token)
+        return hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), want)
     if scheme == "basic":
         try:
-            user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+            user, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+        except ValueError:
             return False
-        return hmac.compare_digest(user, BASIC_USER) & hmac.compare_digest(password, token)
+        return hmac.compare_digest(user, BASIC_USER.encode()) & hmac.compare_digest(password, want)
     return False
 
 
+class RequestError(ValueError):
+    """A request the backend can't answer, with the HTTP status that says why (400: malformed, 404: no such
+    image, 413: too large, 422: an image that can't be used)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _task_size(task: dict) -> tuple[int, int]:
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise RequestError(400, f"task {task.get('id')}: 'data' must be an object")
+    try:
+        height, width = int(data["height"]), int(data["width"])
+    except (KeyError, TypeError, ValueError):
+        raise RequestError(400, f"task {task.get('id')}: data.height and data.width must be numbers") from None
+    if not (0 < height <= 1 << 20 and 0 < width <= 1 << 20):
+        raise RequestError(400, f"task {task.get('id')}: image size {width}x{height} is out of range")
+    return height, width
+
+
+def _load(state: "BackendState", task: dict):
+    """(image_id, pixel loader) for a task; the loader's failures become RequestErrors."""
+    try:
+        image_id, load = state.image_loader(task)
+    except RequestError:
+        raise
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+
+    def load_pixels() -> np.ndarray:
+        try:
+            return load()
+        except BadImage as e:
+            raise RequestError(404 if _missing(e) else 422, str(e)) from None
+        except (TimeoutError, OSError) as e:
+            raise RequestError(422, f"task {task.get('id')}: image could not be fetched ({e})") from None
+        except RequestError:
+            raise
+        except ValueError as e:  # an image id the store refuses as a key (`..`, absolute paths)
+            raise RequestError(400, f"task {task.get('id')}: {e}") from None
+    return image_id, load_pixels
+
+
+def _missing(e: BadImage) -> bool:
+    return e.transient and "not found" in str(e)
+
+
 def predict_payload(state: BackendState, payload: dict) -> dict:
-    """The body of a /predict answer."""
+    """The body of a /predict answer. Raises RequestError for a request it can't answer."""
     params = payload.get("params") or {}
     tasks = payload.get("tasks") or []
     if not isinstance(params, dict) or not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        raise ValueError("predict: 'params' must be an object and 'tasks' a list of objects")
+        raise RequestError(400, "predict: 'params' must be an object and 'tasks' a list of objects")
     context = params.get("context")
-    if not context or not (context.get("result") if isinstance(context, dict) else None):
+    if context is not None and not isinstance(context, dict):
+        raise RequestError(400, "predict: params.context must be an object")
+    result = (context or {}).get("result")
+    if not result:
         return {"results": []}  # batch predictions are imported by the stages, not made here
+    if not isinstance(result, list) or not all(isinstance(r, dict) for r in result):
+        raise RequestError(400, "predict: params.context.result must be a list of objects")
 
     results = []
     predictor = state.predictor  # once: a model switch during this request must not mix two models' answers
     phrase = text_from_context(context)
     if phrase is not None and not any(str(r.get("type", "")).lower() in ("keypointlabels", "rectanglelabels")
-                                      for r in context.get("result") or []):
+                                      for r in result):
         return concept_payload(state, tasks, phrase)
     for task in tasks[:1]:  # interactive calls carry exactly one task
-        data = task.get("data") or {}
-        height, width = int(data["height"]), int(data["width"])
+        height, width = _task_size(task)
         prompt = prompt_from_context(context, height, width)
-        image_id, load_pixels = state.image_loader(task)
+        image_id, load_pixels = _load(state, task)
         mask, score = predictor.predict(image_id, load_pixels, prompt)
         if mask.shape != (height, width):
-            raise ValueError(f"task {task.get('id')}: image is {mask.shape[1]}x{mask.shape[0]}, "
-                             f"task says {width}x{height}")
+            raise RequestError(422, f"task {task.get('id')}: image is {mask.shape[1]}x{mask.shape[0]}, "
+                                    f"task says {width}x{height}")
         results.append({"result": [brush_result(mask, height, width)], "score": score,
                         "model_version": predictor.model_version})
     state.predictions += len(results)
     return {"results": results}
 
 
+def prefetch_payload(state: BackendState, payload: dict) -> dict:
+    """POST /prefetch {"tasks": [...]}: embed these tasks' images ahead, in this order (the next task an
+    annotator is likely to open first). Label Studio task objects, as /predict gets them."""
+    tasks = payload.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise RequestError(400, "prefetch: 'tasks' must be a list of objects")
+    images = []
+    for task in tasks:
+        image_id, load_pixels = _load(state, task)
+        images.append((image_id, load_pixels))
+    return {"queued": state.predictor.cache.prefetch(images), "model_version": state.predictor.model_version}
+
+
 def concept_payload(state: BackendState, tasks: list[dict], phrase: str) -> dict:
     """A text prompt: every instance of `phrase` as one brush region each, in one answer (best first)."""
     if state.concept is None:
-        raise ValueError(f"text prompt {phrase!r}: this backend has no SAM 3 model (stages.concept.checkpoint)")
+        raise RequestError(422, f"text prompt {phrase!r}: this backend has no SAM 3 model "
+                                "(stages.concept.checkpoint)")
     results = []
     for task in tasks[:1]:
-        data = task.get("data") or {}
-        height, width = int(data["height"]), int(data["width"])
-        image_id, load_pixels = state.image_loader(task)
+        height, width = _task_size(task)
+        image_id, load_pixels = _load(state, task)
         found = state.concept.predict(image_id, load_pixels, phrase)
         if found and found[0].mask.shape != (height, width):
-            raise ValueError(f"task {task.get('id')}: image is {found[0].mask.shape[1]}x{found[0].mask.shape[0]}, "
+            raise RequestError(422, f"task {task.get('id')}: image is {found[0].mask.shape[1]}x{found[0].mask.shape[0]}, "
                              f"task says {width}x{height}")
         regions = [brush_result(m.mask, height, width, meta={"text": [f"{phrase} {m.score:.2f}"]}) for m in found]
         results.append({"result": regions, "score": max((m.score for m in found), default=0.0),
                         "model_version": state.concept.model_version})
     state.predictions += len(results)
     return {"results": results}
-
-
-def make_handler(state: BackendState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; with Nagle on, the client's delayed ACK adds ~40 ms.
-        disable_nagle_algorithm = True
-
-        def log_message(self, fmt, *args):  # quiet: one line per error only
-            pass
-
-        def _send(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _auth(self) -> bool:
-            if authorized(self.headers.get("Authorization"), state.token):
-                return True
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="sa-engine ml backend"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return False
-
-        def _body(self) -> dict:
-            """The request's JSON object; ValueError (a 400) for a missing, negative or oversized length, a
-            body that is not JSON or not an object."""
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise ValueError("Content-Length is not a number") from None
-            if n < 0 or n > MAX_BODY_BYTES:
-                self.close_connection = True  # the body is not read: the connection can't be reused
-                raise ValueError(f"Content-Length {n}: must be 0..{MAX_BODY_BYTES}")
-            body = json.loads(self.rfile.read(n) if n else b"{}")
-            if not isinstance(body, dict):
-                raise ValueError(f"body must be a JSON object, got {type(body).__name__}")
-            return body
-
-        def do_GET(self):
-            if not self._auth():
-                return
-            path = self.path.split("?")[0].rstrip("/")
-            if path in ("/health", ""):
-                self._send(200, {"status": "UP", "model_class": "sa-engine", "model_version":
-                                 state.predictor.model_version, "predictions": state.predictions})
-            else:
-                self._send(404, {"error": f"no such endpoint {path}"})
-
-        def do_POST(self):
-            if not self._auth():
-                return
-            path = self.path.split("?")[0].rstrip("/")
-            try:
-                body = self._body()
-            except ValueError as e:
-                self._send(400, {"error": f"bad request: {e}"})
-                return
-            try:
-                if path == "/setup":
-                    state.ls_hostname = body.get("hostname") or state.ls_hostname
-                    state.ls_access_token = body.get("access_token") or state.ls_access_token
-                    self._send(200, {"model_version": state.predictor.model_version})
-                elif path == "/predict":
-                    t = time.perf_counter()
-                    out = predict_payload(state, body)
-                    state.timings_ms.append((time.perf_counter() - t) * 1e3)
-                    del state.timings_ms[:-1000]
-                    self._send(200, out)
-                elif path == "/webhook":
-                    state.webhooks += 1
-                    self._send(200, {"status": "ok"})
-                elif path == "/health":
-                    self._send(200, {"status": "UP"})
-                else:
-                    self._send(404, {"error": f"no such endpoint {path}"})
-            except (ValueError, KeyError, TypeError) as e:
-                state.last_error = f"{path}: {type(e).__name__}: {e}"
-                log.warning("ML backend %s", state.last_error)
-                self._send(400, {"error": state.last_error})
-            except Exception as e:  # a failed prediction must not take the server down
-                state.last_error = f"{path}: {type(e).__name__}: {e}"
-                log.exception("ML backend %s", path)
-                self._send(500, {"error": state.last_error})
-
-    return Handler
-
-
-MAX_BODY_BYTES = 64 * 2**20  # Label Studio inlines a task's annotations and predictions: generous, bounded
-
-
-def is_loopback(host: str) -> bool:
-    """A literal loopback address or `localhost` ("" and 0.0.0.0 mean every interface)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class MLBackend:
-    """The HTTP server on 127.0.0.1 (by default), in a background thread or in the foreground."""
-
-    def __init__(self, state: BackendState, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False):
-        if not allow_remote and not is_loopback(host):
-            raise ValueError(f"ml backend: refusing to listen on {host!r} (not a loopback address); "
-                             "--allow-remote serves other machines (the token still guards every request)")
-        self.state = state
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(state))
-        self.httpd.daemon_threads = True
-        self.host, self.port = self.httpd.server_address[:2]
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> "MLBackend":
-        if self._thread is not None:  # already serving (start() then `with`): a second loop would outlive stop()
-            return self
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="sa-engine-ml-backend",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "MLBackend":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class ModelFollower:
@@ -510,7 +532,13 @@ class ModelFollower:
             self.log(f"ML backend: cannot switch to {wanted} ({' '.join(str(e).split())[:200]}); still serving "
                      f"{self.state.predictor.model_version}")
             return False
-        self.state.predictor = MaskPredictor(segmenter, EmbeddingCache(segmenter, precomputed_dir=self.precomputed_dir))
+        old = self.state.predictor.cache
+        cache = EmbeddingCache(segmenter, max_items=old.max_items, precomputed_dir=self.precomputed_dir)
+        # The images annotators were working on, most recent first, embedded by the new model ahead of their
+        # next click (the loaders are the ones the old cache was given).
+        cache.prefetch(old.loaders())
+        self.state.predictor = MaskPredictor(segmenter, cache)
+        old.close()
         self.following, self.switches = wanted, self.switches + 1
         self.log(f"ML backend: now serving {segmenter.model_version} ({wanted})")
         return True
@@ -528,6 +556,7 @@ class ModelFollower:
 
 
 MAX_IMAGE_BYTES = 256 * 2**20  # an image fetched from Label Studio larger than this is refused
+FETCH_DEADLINE_S = 60.0  # a fetch from Label Studio that takes longer than this in all is given up
 
 
 def source_image_loader(image_source, trusted_ls_url: str | None = None, state: BackendState | None = None):
@@ -554,13 +583,23 @@ def source_image_loader(image_source, trusted_ls_url: str | None = None, state: 
         token = state.ls_access_token if state else None
 
         def fetch() -> np.ndarray:
-            # redirects followed only on the configured Label Studio: the token never reaches another hop
+            # redirects followed only on the configured Label Studio: the token never reaches another hop.
+            # The socket timeout bounds each read; the deadline bounds the whole fetch (a server sending a
+            # byte every few seconds never trips the former).
+            deadline = time.monotonic() + FETCH_DEADLINE_S
+            chunks, size = [], 0
             with open_on_origin(full, trusted_ls_url, {"Authorization": f"Token {token}"} if token else {},
-                                timeout=30) as r:
-                raw = r.read(MAX_IMAGE_BYTES + 1)
-            if len(raw) > MAX_IMAGE_BYTES:
-                raise ValueError(f"task {task.get('id')}: image at {full} is over {MAX_IMAGE_BYTES >> 20} MiB")
-            return decode_image(raw, full)  # the stages' decoder: the same pixels as the store's copy
+                                timeout=min(30.0, FETCH_DEADLINE_S)) as r:
+                while chunk := r.read1(1 << 16) if hasattr(r, "read1") else r.read(1 << 16):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_IMAGE_BYTES:
+                        raise RequestError(413, f"task {task.get('id')}: image at {full} is over "
+                                                f"{MAX_IMAGE_BYTES >> 20} MiB")
+                    if time.monotonic() > deadline:
+                        raise RequestError(422, f"task {task.get('id')}: image at {full} took over "
+                                                f"{FETCH_DEADLINE_S:.0f} s to fetch")
+            return decode_image(b"".join(chunks), full)  # the stages' decoder: the same pixels as the store's
 
         return image_id or url, fetch
 
