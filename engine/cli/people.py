@@ -82,7 +82,11 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
                                                        "more threads mostly add contention)."),
                    follow: bool = typer.Option(True, "--follow/--no-follow", help="Switch to each newly promoted "
                                                "model without a restart (<workdir>/models/current.json)."),
-                   poll_s: float = typer.Option(5.0, "--poll-s", help="How often to look for a newly promoted model.")) -> None:
+                   poll_s: float = typer.Option(5.0, "--poll-s", help="How often to look for a newly promoted model."),
+                   workers: int = typer.Option(8, min=1, help="Requests answered at once (worker threads)."),
+                   max_connections: int = typer.Option(512, min=1, help="Open connections held at most; beyond it "
+                                                       "new ones wait in the listen backlog."),
+                   idle_timeout_s: int = typer.Option(30, min=1, help="Close a connection idle this long.")) -> None:
     """Serve our Label Studio ML backend in the foreground, as long as Label Studio runs: the model in use (the
     round loop's promoted one; --checkpoint to start from another), switched without a restart when a round
     promotes a new one. Stages use it when it runs. Credentials: user sa-engine + the backend token."""
@@ -96,6 +100,7 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
         MaskPredictor,
         MLBackend,
         ModelFollower,
+        ServerLimits,
         source_image_loader,
     )
     from model.checkpoints import CheckpointError
@@ -108,7 +113,9 @@ def ml_backend_cmd(config: Optional[Path] = typer.Option(None, "--config", help=
         state = BackendState(MaskPredictor(seg, EmbeddingCache(seg, precomputed_dir=embeddings)),
                              token=runtime.ml_backend_token(cfg), image_loader=None, concept=concept_predictor(cfg))
         state.image_loader = source_image_loader(runtime.image_source(cfg), runtime.labelstudio_url(cfg), state)
-        server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port, allow_remote)
+        server = MLBackend(state, host, cfg.labelstudio.ml_backend_port if port is None else port, allow_remote,
+                           ServerLimits(threads=workers, connection_limit=max_connections,
+                                        channel_timeout_s=idle_timeout_s))
     except (ValueError, OSError, CheckpointError) as e:
         fail(f"ml-backend: {e}")
     say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
