@@ -44,12 +44,25 @@ browser() {
   fi
 }
 
+# Label Studio on PostgreSQL (labelstudio.database: postgresql, for teams) uses Debian's PostgreSQL server
+# programs: installed here when this script may (root with apt-get); without them that test skips and says why.
+postgres() {
+  if command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 \
+     || [ "${SA_ENGINE_NO_POSTGRES:-0}" = 1 ]; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing Debian's postgresql (Label Studio's database for teams)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1; } \
+      || echo "   (could not install postgresql: the PostgreSQL test will skip)"
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup) setup ;;
   demo)  setup; exec "$VENV/bin/sa-engine" demo "$@" ;;
   # Two workers by default (the tests are mostly single-threaded): SA_ENGINE_TEST_WORKERS=0 runs them in one process.
-  test)  setup; browser; exec "$VENV/bin/python" -m pytest -n "${SA_ENGINE_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
+  test)  setup; browser; postgres; exec "$VENV/bin/python" -m pytest -n "${SA_ENGINE_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
   *) echo "usage: ./dev.sh demo [--workdir DIR] | ./dev.sh test [pytest args] | ./dev.sh setup"; exit 2 ;;
 esac

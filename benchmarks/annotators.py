@@ -167,6 +167,10 @@ def main() -> None:
         errors: list[str] = []
         sizes = {i: (args.size, args.size) for i in scenes}
         sizes["_tasks"] = main_tasks
+        # Warm-up, not counted: Label Studio's and the backend's first requests pay their lazy set-up
+        think, args.think_s = args.think_s, 0.0
+        annotator(99, 0, [], [], scenes, main_backend, sizes)
+        args.think_s = think
         for c in levels:
             lat: list[float] = []
             per = [scenes[(k * 7) % len(scenes):] + scenes[:(k * 7) % len(scenes)] for k in range(c)]

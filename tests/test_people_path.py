@@ -47,7 +47,9 @@ def test_the_people_path_from_holdout_to_automatic_stage_with_a_person_in_the_br
                    "semi": {"rounds": 0},
                    "auto": {"points_per_side": 8, "num_actors": 1, "pred_iou_thresh": 0.0,
                             "stability_score_thresh": 0.0, "min_mask_region_area": 0, "max_mask_fraction": 1.0}},
-        "labelstudio": {"managed": True, "port": free_port(), "ml_backend_port": free_port()},
+        # SA_ENGINE_TEST_LS_DATABASE=postgresql runs the whole path on Label Studio with PostgreSQL
+        "labelstudio": {"managed": True, "port": free_port(), "ml_backend_port": free_port(),
+                        "database": os.environ.get("SA_ENGINE_TEST_LS_DATABASE", "sqlite")},
         "ray": {"num_cpus": 2},
         # A briefly bootstrapped model (60 steps on other synthetic shapes), retrained on the round's masks: the
         # holdout's 1-click mIoU says whether it is better (promoted or kept, both are checked below). Steps, not

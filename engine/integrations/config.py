@@ -206,6 +206,8 @@ class LabelStudioConfig(_Section):
     ml_backend_port: int = Field(9099, ge=1, le=65535)  # port of our ML backend
     ml_backend_url: str | None = None  # the ML backend service where it runs elsewhere (docker-compose: http://ml-backend:9099): stages use it and register it with Label Studio; None: 127.0.0.1:ml_backend_port
     ml_backend_token: str | None = None  # generated if unset
+    database: Literal["sqlite", "postgresql"] = "sqlite"  # the managed server's database: sqlite (one person; in its data dir) or postgresql (a team annotating at once: a local cluster the engine starts, or database_url)
+    database_url: str | None = None  # with database postgresql: an existing database, postgresql://user:password@host:port/name (the password may come from SA_ENGINE_LS_DB_PASSWORD); None: a local cluster of Debian's PostgreSQL under the data dir
 
 
     @model_validator(mode="after")
@@ -213,6 +215,8 @@ class LabelStudioConfig(_Section):
         if self.managed and self.port == self.ml_backend_port:
             raise ValueError(f"port and ml_backend_port are both {self.port}: the managed Label Studio and the "
                              f"ML backend each need a port of their own")
+        if self.database_url and self.database != "postgresql":
+            raise ValueError("database_url is set but database is sqlite: set database: postgresql to use it")
         return self
 
 

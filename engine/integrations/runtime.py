@@ -279,7 +279,8 @@ def server_settings(cfg: EngineConfig) -> ServerSettings:
     """The managed Label Studio of this work dir: data under <workdir>/labelstudio, files served from <workdir>."""
     ls = cfg.labelstudio
     return ServerSettings(data_dir=Path(cfg.path("labelstudio")), port=ls.port, username=ls.username,
-                          password=ls.password, token=ls.token, document_root=Path(cfg.workdir).resolve())
+                          password=ls.password, token=ls.token, document_root=Path(cfg.workdir).resolve(),
+                          database=ls.database, database_url=ls.database_url)
 
 
 def labelstudio_url(cfg: EngineConfig) -> str | None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from engine.integrations.labelstudio import postgres
 from engine.integrations.labelstudio.errors import LabelStudioError
 
 
@@ -157,6 +158,8 @@ class ServerSettings:
     token: str | None = None  # 40 hex chars; generated likewise if None
     document_root: Path | None = None  # local-file serving root (default: data_dir, i.e. nothing else)
     ml_backend_local: bool = True  # allow an ML backend on loopback (turns SSRF protection off)
+    database: str = "sqlite"  # "sqlite" (one person) or "postgresql" (a team: postgres.py)
+    database_url: str | None = None  # postgresql://…: an existing database; None: a managed local cluster
 
 
 @dataclass
@@ -322,7 +325,8 @@ def server_status(data_dir: Path) -> dict:
 
 
 
-def server_env(settings: ServerSettings, password: str, token: str) -> dict[str, str]:
+def server_env(settings: ServerSettings, password: str, token: str,
+               database: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the server runs with (see FIELD-NOTES: each one is needed)."""
     data_dir = Path(settings.data_dir).resolve()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "LABEL_STUDIO_"))}
@@ -345,6 +349,7 @@ def server_env(settings: ServerSettings, password: str, token: str) -> dict[str,
         "LATEST_VERSION_CHECK": "false",
         "PYTHONUNBUFFERED": "1",
     })
+    env.update(database or {})  # PostgreSQL: DJANGO_DB=default and the POSTGRE_* settings
     if settings.ml_backend_local:
         # Label Studio refuses ML backends on loopback otherwise; the second also guards the
         # webhook it creates towards the backend.
@@ -379,12 +384,14 @@ def start_server(settings: ServerSettings, wait_s: float = 240.0,
             raise LabelStudioError(f"port {settings.port} on 127.0.0.1 is in use by another program (another "
                                    "sa-engine run?); set labelstudio.port to a free one (`sa-engine demo --port P`)")
         exe = ensure_installed(log=log)
-        _seed_database(data_dir, log)
+        database = _database_env(settings, data_dir)
+        if database is None:
+            _seed_database(data_dir, log)
         logfile = data_dir / "server.log"
         cmd = [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1",
                "--port", str(settings.port), "--data-dir", str(data_dir)]
         with open(logfile, "ab") as out:
-            proc = subprocess.Popen(cmd, env=server_env(settings, password, token), stdout=out,
+            proc = subprocess.Popen(cmd, env=server_env(settings, password, token, database), stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(data_dir), start_new_session=True)
         tmp = _pid_file(data_dir).with_suffix(".tmp")
@@ -485,11 +492,22 @@ def _wait_healthy(url: str, pid: int, stall_s: float, log: Callable[[str], None]
         time.sleep(0.5)
 
 
+def _database_env(settings: ServerSettings, data_dir: Path) -> dict[str, str] | None:
+    """Label Studio's database settings: None for SQLite (its default, in data_dir)."""
+    if settings.database == "sqlite":
+        return None
+    if settings.database != "postgresql":
+        raise LabelStudioError(f"labelstudio.database: {settings.database!r} is not sqlite or postgresql")
+    db = postgres.from_url(settings.database_url) if settings.database_url else postgres.start_local(data_dir)
+    return db.env()
+
+
 def stop_server(data_dir: Path, timeout_s: float = 20.0) -> bool:
     """Stop the managed server by its recorded PID (its process group: it was started in a session
     of its own). Returns True if one was running."""
     pf = _pid_file(Path(data_dir))
     if not pf.is_file():
+        postgres.stop_local(Path(data_dir))
         return False
     pid = json.loads(pf.read_text())["pid"]
     was_running = _pid_alive(pid)
@@ -507,4 +525,5 @@ def stop_server(data_dir: Path, timeout_s: float = 20.0) -> bool:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (else it lingers as a zombie)
     pf.unlink(missing_ok=True)
+    postgres.stop_local(Path(data_dir))  # the managed cluster goes down with its server
     return was_running
