@@ -25,6 +25,7 @@ from engine.integrations.config import EngineConfig
 from engine.rounds import LEDGER_FILE, Ledger, metric_label, metric_scores
 from model.evaluate import EVAL_PRED_IOU_THRESH, EVAL_STABILITY_SCORE_THRESH
 from storage.coco import read_coco
+from engine.report_annotators import annotator_section
 from engine.report_plots import (_overlay, plot_cost, plot_gallery, plot_masks_per_image, plot_miou,  # noqa: F401
                                  plot_scores)
 
@@ -548,8 +549,8 @@ def ledger_section(inp: "ReportInputs") -> list[str]:
 
 
 # The report, section by section, in order
-SECTIONS = (intro_section, stage_section, round_section, semi_section, auto_truth_section, scores_section,
-            gallery_section, storage_section, ledger_section)
+SECTIONS = (intro_section, stage_section, round_section, semi_section, annotator_section, auto_truth_section,
+            scores_section, gallery_section, storage_section, ledger_section)
 
 
 def _write_json(path: Path, data) -> None:

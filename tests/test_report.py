@@ -179,3 +179,43 @@ def test_overlay_tints_masks_and_keeps_the_rest():
     assert out.shape == pixels.shape and out.dtype == np.uint8
     assert (out[0, 0] == 100).all()  # outside every mask: untouched
     assert not (out[10, 11] == out[4, 20]).all()  # the small mask painted over the large one
+
+
+def test_the_annotators_section_scores_each_person_against_the_ground_truth(engine_run):
+    """Per annotator: masks, clicks and seconds per mask from the shards, and the mean IoU of their masks to the
+    true object each overlaps most. sim-0 drew the ground truth itself (IoU 1); a shaky annotator's masks, the
+    same objects moved 2 px, score what numpy says a 2 px shift costs."""
+    from pycocotools import mask as mask_utils
+
+    cfg = engine_run
+    store = MaskStore(cfg.path(cfg.storage.root))
+    gt = _ground_truth(cfg)
+    image_id = sorted(store.images_done("manual"))[0]
+    shaky, expected = [], []
+    for k, ann in enumerate(gt[image_id]):
+        seg = ann["segmentation"]
+        truth = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
+        moved = np.roll(truth, 2, axis=1)
+        rle = mask_utils.encode(np.asfortranarray(moved.astype(np.uint8)))
+        shaky.append(MaskRecord.from_rle(image_id, make_mask_id(image_id, "manual", 9, k), rle, "manual", 9,
+                                         annotator="shaky", verified=True, clicks=3, lead_time_s=12.0))
+        others = [mask_utils.decode({"size": a["segmentation"]["size"],
+                                     "counts": a["segmentation"]["counts"].encode()}).astype(bool)
+                  for a in gt[image_id]]
+        expected.append(max((moved & o).sum() / max((moved | o).sum(), 1) for o in others))
+    with store.writer(stage="manual", round=9, model_version="m") as w:
+        w.add(shaky)
+        w.image_done(image_id, len(shaky))
+        w.commit()
+
+    md = Path(write_report(cfg, gallery_images=0)).read_text()
+    section = md.split("## Annotators")[1].split("\n## ")[0]
+    human = MaskStore(cfg.path(cfg.storage.root)).read_table(columns=["annotator", "stage", "clicks"]).to_pandas()
+    sim0 = human[(human["annotator"] == "sim-0") & human["stage"].isin(["manual", "semi"])]
+    row = _row(section, "sim-0")
+    assert row[1] == f"{len(sim0):,}" and float(row[3]) == pytest.approx(sim0["clicks"].dropna().mean(), abs=0.05)
+    assert row[5] == "1.000" and row[6] == "1.000"
+    row = _row(section, "shaky")
+    assert row[1:5] == [str(len(shaky)), "1", "3.0", "12.0"]
+    assert float(row[5]) == pytest.approx(np.mean(expected), abs=5e-4) and float(row[5]) < 0.99
+    assert float(row[6]) == pytest.approx(np.mean(np.asarray(expected) >= 0.75), abs=5e-4)
