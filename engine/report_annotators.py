@@ -1,8 +1,9 @@
 """The report's per-annotator section: what each person (or simulated annotator) drew, at what cost, and how well.
 
-Quality is measured against known masks where the run has them (`images.ground_truth`: every annotated image is
-then a gold image): each of an annotator's masks is matched to the ground-truth object it overlaps most, and its
-IoU to it is averaged. Runs without ground truth show the counts and costs only.
+Quality is measured against known masks two ways: where the run has ground truth for its images
+(`images.ground_truth`, simulations), each of an annotator's masks is matched to the true object it overlaps most
+and its IoU averaged; and on gold tasks (`stages.manual.gold_share`: holdout images mixed into the manual rounds,
+what works for people), from the manual stage's scores in the ledger.
 """
 from __future__ import annotations
 
@@ -18,7 +19,23 @@ log = logging.getLogger(__name__)
 HUMAN_STAGES = ("manual", "semi")  # a review edits these stages' records in place
 
 
-def annotator_rows(cfg, store) -> list[dict]:
+def gold_by_annotator(ledger) -> dict[str, dict]:
+    """The manual rounds' gold scores per annotator, pooled: masks, mean IoU (weighted by masks), recall."""
+    pooled: dict[str, dict] = {}
+    for e in ledger.entries() if ledger is not None else []:
+        gold = ((e.get("outputs") or {}).get("gold") or {}) if e.get("status") == "done" else {}
+        for who, g in (gold.get("by_annotator") or {}).items():
+            p = pooled.setdefault(who, {"masks": 0, "iou_sum": 0.0, "recalls": []})
+            p["masks"] += g["masks"]
+            p["iou_sum"] += (g["iou"] or 0.0) * g["masks"]
+            if g.get("recall_50") is not None:
+                p["recalls"].append(g["recall_50"])
+    return {who: {"gold_masks": p["masks"], "gold_iou": p["iou_sum"] / p["masks"] if p["masks"] else None,
+                  "gold_recall_50": float(np.mean(p["recalls"])) if p["recalls"] else None}
+            for who, p in pooled.items()}
+
+
+def annotator_rows(cfg, store, ledger=None) -> list[dict]:
     """One row per annotator: masks, images, clicks / mask, s / mask, and where ground truth exists the mean IoU
     of their masks to the best-matching true object (`truth_iou`) and the share of masks at IoU ≥ 0.75."""
     columns = ["image_id", "annotator", "stage", "clicks", "lead_time_s", "rle", "height", "width"]
@@ -26,12 +43,13 @@ def annotator_rows(cfg, store) -> list[dict]:
         return []
     table = store.read_table(columns=columns).to_pylist()
     rows = [r for r in table if r["annotator"] and r["stage"] in HUMAN_STAGES]
-    if not rows:
+    gold = gold_by_annotator(ledger)
+    if not rows and not gold:
         return []
     truth = _truth(cfg, {r["image_id"] for r in rows})
     ious = _best_ious(rows, truth) if truth else {}
     out = []
-    for who in sorted({r["annotator"] for r in rows}):
+    for who in sorted({r["annotator"] for r in rows} | set(gold)):
         mine = [(k, r) for k, r in enumerate(rows) if r["annotator"] == who]
         clicks = [r["clicks"] for _, r in mine if r["clicks"] is not None]
         seconds = [r["lead_time_s"] for _, r in mine if r["lead_time_s"] is not None]
@@ -41,7 +59,8 @@ def annotator_rows(cfg, store) -> list[dict]:
                     "seconds_per_mask": float(np.mean(seconds)) if seconds else None,
                     "scored_masks": len(scored),
                     "truth_iou": float(np.mean(scored)) if scored else None,
-                    "share_iou_75": float(np.mean(np.asarray(scored) >= 0.75)) if scored else None})
+                    "share_iou_75": float(np.mean(np.asarray(scored) >= 0.75)) if scored else None,
+                    **gold.get(who, {"gold_masks": 0, "gold_iou": None, "gold_recall_50": None})})
     return out
 
 
@@ -77,7 +96,7 @@ def annotator_section(inp) -> list[str]:
     """## Annotators: a row per person; quality against ground truth where the run has it."""
     from engine.report import _fmt, _table
 
-    rows = annotator_rows(inp.cfg, inp.store)
+    rows = annotator_rows(inp.cfg, inp.store, inp.ledger)
     if not rows:
         return []
     md = ["## Annotators", "",
@@ -86,9 +105,13 @@ def annotator_section(inp) -> list[str]:
                                                   "each overlaps most (every annotated image has known masks "
                                                   "here: `images.ground_truth`)" if inp.cfg.images.ground_truth
                                                   else "; no ground truth in this run, so no quality column") + ".",
-          ""]
-    md += _table(["annotator", "masks", "images", "clicks / mask", "s / mask", "IoU to truth", "share IoU ≥ 0.75"],
+          "Gold columns: masks drawn on gold tasks (holdout images mixed into the manual rounds, "
+          "`stages.manual.gold_share`; never stored), their mean IoU to the known masks and the share of known "
+          "objects drawn at IoU ≥ 0.5.", ""]
+    md += _table(["annotator", "masks", "images", "clicks / mask", "s / mask", "IoU to truth", "share IoU ≥ 0.75",
+                  "gold masks", "IoU on gold", "gold recall@0.5"],
                  [[r["annotator"], _fmt(r["masks"]), _fmt(r["images"]), _fmt(r["clicks_per_mask"], 1),
-                   _fmt(r["seconds_per_mask"], 1), _fmt(r["truth_iou"], 3), _fmt(r["share_iou_75"], 3)]
+                   _fmt(r["seconds_per_mask"], 1), _fmt(r["truth_iou"], 3), _fmt(r["share_iou_75"], 3),
+                   _fmt(r["gold_masks"]), _fmt(r["gold_iou"], 3), _fmt(r["gold_recall_50"], 3)]
                   for r in rows])
     return md + [""]

@@ -7,7 +7,11 @@
      real API, or people do (the stage waits; Ctrl-C pulls what is there).
   4. Pull with lineage: every submitted region becomes a verified mask (stage=manual, round, annotator, lead
      time, clicks, Label Studio ids) in the shard store.
-  5. Summarise: images, masks, clicks and seconds per mask.
+  5. Summarise: images, masks, clicks and seconds per mask; with gold tasks, each annotator's IoU on them.
+
+Gold tasks (`stages.manual.gold_share`): that share of a round's tasks are holdout images with known masks, mixed
+in among the others (annotators can't tell them apart). What is drawn on them is scored against the known masks,
+per annotator, and never stored (the holdout is never trained on).
 
 Pulling is idempotent: a mask's id is derived from (project, task, annotation, region), a mask whose RLE is
 already stored is not written again, an edited annotation replaces the older version (the store's upsert keeps
@@ -17,7 +21,7 @@ Studio before anything is written, so an unreachable server leaves nothing half-
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -28,10 +32,15 @@ from engine.integrations.labelling import at_full_size, region_effort
 from engine.integrations.labelstudio import LabelStudio, PullResult
 from engine.integrations.ml_backend import precompute_embeddings
 from engine.integrations.stage_kit import first_not_done
+from model.iou import pairwise_mask_iou
+from storage.coco import GTObject, load_ground_truth
+from storage.images import ImageSource
+from storage.rle import decode_rles
 from storage.records import MaskRecord, make_mask_id
 from storage.rle import encode_masks
 
 STAGE = "manual"
+GOLD_PREFIX = "gold:"  # a gold task's image id: the holdout image's id behind it
 
 
 @dataclass
@@ -53,6 +62,7 @@ class ManualSummary:
     embeddings: dict
     simulated: dict | None
     wall_s: float
+    gold: dict | None = None  # {"images", "by_annotator": {annotator: {masks, iou, recall_50}}}; None: no gold
     stage: str = STAGE
 
     def to_dict(self) -> dict:
@@ -92,6 +102,8 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
     Returns counts: pulled, written (new + updated), unchanged, problems, missing_tasks, images."""
     pull = ls.pull(project_id)  # everything is read before anything is written
     records = records_from_pull(pull, project_id, round, model_version, full_sizes)
+    gold = [r for r in records if r.image_id.startswith(GOLD_PREFIX)]  # scored by the stage, never stored
+    records = [r for r in records if not r.image_id.startswith(GOLD_PREFIX)]
     problems = list(pull.problems)
     present = set(pull.task_ids)
     missing = sorted(tid for tid in (expected_tasks or {}).values() if tid not in present)
@@ -118,7 +130,64 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
             quarantine.add(f"labelstudio project {project_id} {thing}", reason, STAGE)
     return {"pulled": len(records), "written": len(todo), "updated": sum(r.mask_id in existing for r in todo),
             "unchanged": len(records) - len(todo), "problems": len(problems), "missing_tasks": len(missing),
-            "images": len(done_images)}
+            "images": len(done_images), "gold_records": gold}
+
+
+# --------------------------------------------------------------------------- gold tasks
+
+
+@dataclass
+class GoldPlan:
+    """The round's gold tasks: holdout image ids, where they are read from, and their known masks."""
+
+    image_ids: list[str]
+    source: ImageSource
+    truth: dict[str, list[GTObject]]
+
+
+def plan_gold(cfg: EngineConfig, round: int) -> GoldPlan | None:
+    """`gold_share` of the round's images, drawn (seeded by the round) from the holdout's images that have known
+    masks; None without a share or a holdout."""
+    share, holdout = cfg.stages.manual.gold_share, cfg.images
+    if share <= 0 or not holdout.holdout_source or not holdout.holdout_ground_truth:
+        return None
+    source = runtime.image_source(cfg, cfg.path(holdout.holdout_source))
+    ids = [r.image_id for r in source.list()]
+    truth = load_ground_truth(cfg.path(holdout.holdout_ground_truth), image_ids=ids)
+    ids = [i for i in ids if any(o.parent_id is None for o in truth.get(i, []))]
+    if not ids:
+        return None
+    n = min(len(ids), max(1, int(np.ceil(cfg.stages.manual.images_per_round * share))))
+    chosen = sorted(np.random.default_rng(cfg.seed * 7919 + round).choice(ids, size=n, replace=False).tolist())
+    return GoldPlan(chosen, source, {i: [o for o in truth[i] if o.parent_id is None] for i in chosen})
+
+
+def mixed_in(images: list, gold: list) -> list:
+    """The gold tasks spread evenly among the others (not all at the end, where they would stand out)."""
+    out, step = list(images), (len(images) + len(gold)) / max(len(gold), 1)
+    for k, g in enumerate(gold):
+        out.insert(min(len(out), int(k * step + step / 2)), g)
+    return out
+
+
+def score_gold(records: list[MaskRecord], gold: GoldPlan) -> dict:
+    """Per annotator: masks drawn on gold tasks, their mean IoU to the known object each overlaps most, and the
+    share of known objects on the gold images they drew at IoU >= 0.5 (recall)."""
+    by_annotator: dict[str, dict] = {}
+    for who in sorted({r.annotator or "?" for r in records}):
+        mine = [r for r in records if (r.annotator or "?") == who]
+        ious, found, objects = [], 0, 0
+        for image_id in sorted({r.image_id for r in mine}):
+            truth = np.stack([o.mask for o in gold.truth[image_id.removeprefix(GOLD_PREFIX)]])
+            drawn = decode_rles([r.rle for r in mine if r.image_id == image_id]).astype(bool)
+            if drawn.shape[1:] != truth.shape[1:]:
+                continue  # drawn on another size than the known masks: not comparable
+            iou = pairwise_mask_iou(drawn, truth)
+            ious += iou.max(axis=1).tolist()
+            found, objects = found + int((iou.max(axis=0) >= 0.5).sum()), objects + len(truth)
+        by_annotator[who] = {"masks": len(mine), "iou": round_(np.mean(ious)) if ious else None,
+                             "recall_50": round_(found / objects) if objects else None}
+    return {"images": len(gold.image_ids), "by_annotator": by_annotator}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -176,9 +245,18 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
                                                                        cfg.stages.manual.images_per_round)
     segmenter = runtime.segmenter(cfg, checkpoint)
 
+    gold = plan_gold(cfg, round) if purpose == STAGE else None
+
     # 2. Publish
     ls, server = labelling.connect(cfg)
     images, pixels, full_sizes = labelling.task_images(cfg, source, image_ids, quarantine, STAGE)
+    if gold is not None:  # gold tasks: their embeddings are precomputed below, so clicks never read the source
+        g_images, g_pixels, g_sizes = labelling.task_images(cfg, gold.source, gold.image_ids, None, STAGE)
+        images = mixed_in(images, [replace(im, image_id=GOLD_PREFIX + im.image_id) for im in g_images])
+        pixels.update({GOLD_PREFIX + i: px for i, px in g_pixels.items()})
+        full_sizes.update({GOLD_PREFIX + i: size for i, size in g_sizes.items()})
+        if hasattr(annotators, "truth"):  # simulated annotators know the gold masks as they know the rest
+            annotators = replace_truth(annotators, {GOLD_PREFIX + i: objs for i, objs in gold.truth.items()})
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round),
                                           project_description(purpose, round, segmenter.model_version), images)
@@ -195,11 +273,18 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks, full_sizes)
 
     # 5. Summarise
+    gold_records = pulled.pop("gold_records")
+    real = sorted(i for i in tasks if not i.startswith(GOLD_PREFIX))
     return ManualSummary(
-        round=round, images=len(tasks), ls_project_id=project_id, ls_url=ls.url,
+        round=round, images=len(real), ls_project_id=project_id, ls_url=ls.url,
         model_version=segmenter.model_version, pull=pulled, embeddings=embeddings,
         simulated=effort_summary(efforts) if annotators.simulated else None, wall_s=round_(time.monotonic() - t0, 1),
-        **effort_figures(store, round, sorted(tasks)))
+        gold=score_gold(gold_records, gold) if gold is not None else None, **effort_figures(store, round, real))
+
+
+def replace_truth(annotators: "SimulatedAnnotate", extra: dict) -> "SimulatedAnnotate":
+    """The same simulated annotators, knowing `extra` masks too."""
+    return SimulatedAnnotate({**annotators.truth, **extra}, annotators.every_object)
 
 
 def project_description(purpose: str, round: int, model_version: str) -> str:

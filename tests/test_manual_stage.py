@@ -137,3 +137,54 @@ def test_a_holdout_is_drawn_whole_where_a_round_leaves_objects_for_lack_of_time(
     assert res.exit_code == 0, res.output
     summary = last_json(res.stdout)
     assert summary["masks"] < objects and summary["simulated"]["left_by_time_limit"] > 0
+
+
+def test_gold_tasks_are_mixed_in_scored_per_annotator_and_never_stored(labelstudio_server, tmp_path):
+    """gold_share 0.5 of 2 images: one holdout image joins the round's project; the simulated annotator draws it
+    like the others; its masks are scored against the holdout's known masks (a simulated annotator drawing the
+    truth scores high) and are not in the store, nor is any holdout image."""
+    from engine.integrations.config import load_config
+    from stages.manual import GOLD_PREFIX, run_manual_stage
+
+    write_synthetic_dataset(tmp_path / "holdout", n_images=3, seed=11, size=96)
+    path = write_config(tmp_path, labelstudio_server, 3, 0, {"images_per_round": 2, "max_clicks": 3,
+                                                             "image_time_limit_s": 60.0, "gold_share": 0.5},
+                        holdout_source="holdout/images", holdout_ground_truth="holdout/annotations.json")
+    cfg = load_config(path)
+    summary = run_manual_stage(cfg, 1, None).to_dict()
+    assert summary["images"] == 2 and summary["masks"] > 0
+    gold = summary["gold"]
+    assert gold["images"] == 1 and list(gold["by_annotator"]) == ["sim-annotator-1@sa-engine.local"]
+    scored = gold["by_annotator"]["sim-annotator-1@sa-engine.local"]
+    assert scored["masks"] > 0 and scored["iou"] > 0.3 and 0 < scored["recall_50"] <= 1
+    tasks = LabelStudio(labelstudio_server.url, labelstudio_server.token).task_ids(summary["ls_project_id"])
+    assert len(tasks) == 3 and sum(i.startswith(GOLD_PREFIX) for i in tasks) == 1
+    stored = set(MaskStore(str(tmp_path / "store")).read_table(columns=["image_id"]).column("image_id").to_pylist())
+    holdout_ids = {p.name for p in (tmp_path / "holdout" / "images").iterdir()}
+    assert stored and not stored & holdout_ids and not any(i.startswith(GOLD_PREFIX) for i in stored)
+
+
+def test_gold_scores_are_the_iou_to_the_known_masks():
+    """score_gold against numpy: the truth itself scores 1 and finds every object; the truth moved 3 px scores
+    the IoU numpy computes for that move."""
+    import numpy as np
+
+    from stages.manual import GOLD_PREFIX, GoldPlan, score_gold
+    from storage.coco import GTObject
+    from storage.records import MaskRecord
+    from storage.rle import encode_masks
+
+    truth = np.zeros((2, 40, 40), bool)
+    truth[0, 5:20, 5:20] = True
+    truth[1, 25:38, 22:36] = True
+    plan = GoldPlan(["h.png"], None, {"h.png": [GTObject(k, truth[k]) for k in range(2)]})
+
+    def records(masks, who):
+        return [MaskRecord.from_rle(GOLD_PREFIX + "h.png", f"{who}{k}", rle, "manual", 1, annotator=who)
+                for k, rle in enumerate(encode_masks(masks))]
+
+    moved = np.roll(truth[:1], 3, axis=2)
+    out = score_gold(records(truth, "exact") + records(moved, "shaky"), plan)["by_annotator"]
+    assert out["exact"] == {"masks": 2, "iou": 1.0, "recall_50": 1.0}
+    want = (moved[0] & truth[0]).sum() / (moved[0] | truth[0]).sum()
+    assert out["shaky"]["iou"] == pytest.approx(want, abs=1e-3) and out["shaky"]["recall_50"] == 0.5

@@ -98,6 +98,7 @@ class ModelConfig(_Section):
 class ManualStageConfig(_Section):
     rounds: int = Field(2, ge=0)  # N1: assisted-manual rounds
     images_per_round: int = Field(8, ge=1)  # images annotated per manual round
+    gold_share: float = Field(0.0, ge=0, le=1)  # gold tasks: this share of a round's images (rounded up) is added from the holdout, mixed in among the others; what annotators draw on them is scored against the holdout's masks per annotator (the report's Annotators section) and never stored
 
 
 class SemiStageConfig(_Section):
