@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from engine.integrations import runtime
@@ -26,6 +25,7 @@ from engine.rounds import LEDGER_FILE, Ledger, metric_label, metric_scores
 from model.evaluate import EVAL_PRED_IOU_THRESH, EVAL_STABILITY_SCORE_THRESH
 from storage.coco import read_coco
 from engine.report_annotators import annotator_section
+from engine.report_format import _fmt, _table  # noqa: F401  (the report's cells; tests import them from here)
 from engine.report_plots import (_overlay, plot_cost, plot_gallery, plot_masks_per_image, plot_miou,  # noqa: F401
                                  plot_scores)
 
@@ -246,16 +246,6 @@ def stage_table(rows: list[dict], masks) -> list[dict]:
 
 # --- the Markdown ----------------------------------------------------------------------------------
 
-def _fmt(v, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    return f"{float(v):,.{digits}f}"
-
-
 def _triage(out: dict) -> str:
     """What chose a semi round's prefills: the thresholds, or the verifier (its version and score threshold)."""
     v = out.get("verifier") or {}
@@ -289,12 +279,6 @@ def holdout_size(cfg: EngineConfig) -> dict:
 def _holdout_size(cfg: EngineConfig) -> str:
     size = holdout_size(cfg)
     return "size unknown" if size["images"] is None else f"{size['images']} images, {size['masks']} masks"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
 
 
 def metric_keys(ledger: Ledger, clicks: list[int]) -> list[str]:

@@ -12,7 +12,8 @@ import logging
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from engine.integrations import runtime
+from engine.integrations import agreement, runtime
+from engine.report_format import _fmt, _table
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ def annotator_rows(cfg, store, ledger=None) -> list[dict]:
     table = store.read_table(columns=columns).to_pylist()
     rows = [r for r in table if r["annotator"] and r["stage"] in HUMAN_STAGES]
     gold = gold_by_annotator(ledger)
-    if not rows and not gold:
+    agreed = agreement.by_annotator(cfg.workdir)
+    if not rows and not gold and not agreed:
         return []
     truth = _truth(cfg, {r["image_id"] for r in rows})
     ious = _best_ious(rows, truth) if truth else {}
     out = []
-    for who in sorted({r["annotator"] for r in rows} | set(gold)):
+    for who in sorted({r["annotator"] for r in rows} | set(gold) | set(agreed)):
         mine = [(k, r) for k, r in enumerate(rows) if r["annotator"] == who]
         clicks = [r["clicks"] for _, r in mine if r["clicks"] is not None]
         seconds = [r["lead_time_s"] for _, r in mine if r["lead_time_s"] is not None]
@@ -60,7 +62,8 @@ def annotator_rows(cfg, store, ledger=None) -> list[dict]:
                     "scored_masks": len(scored),
                     "truth_iou": float(np.mean(scored)) if scored else None,
                     "share_iou_75": float(np.mean(np.asarray(scored) >= 0.75)) if scored else None,
-                    **gold.get(who, {"gold_masks": 0, "gold_iou": None, "gold_recall_50": None})})
+                    **gold.get(who, {"gold_masks": 0, "gold_iou": None, "gold_recall_50": None}),
+                    **agreed.get(who, {"double_tasks": 0, "agreement": None})})
     return out
 
 
@@ -94,8 +97,6 @@ def _best_ious(rows: list[dict], truth: dict[str, list]) -> dict[int, float]:
 
 def annotator_section(inp) -> list[str]:
     """## Annotators: a row per person; quality against ground truth where the run has it."""
-    from engine.report import _fmt, _table
-
     rows = annotator_rows(inp.cfg, inp.store, inp.ledger)
     if not rows:
         return []
@@ -107,11 +108,13 @@ def annotator_section(inp) -> list[str]:
                                                   else "; no ground truth in this run, so no quality column") + ".",
           "Gold columns: masks drawn on gold tasks (holdout images mixed into the manual rounds, "
           "`stages.manual.gold_share`; never stored), their mean IoU to the known masks and the share of known "
-          "objects drawn at IoU ≥ 0.5.", ""]
+          "objects drawn at IoU ≥ 0.5. Agreement: on tasks two people drew (`stages.manual.double_share`), each "
+          "mask's IoU to the other person's mask it overlaps most, averaged (1: they drew the same masks).", ""]
     md += _table(["annotator", "masks", "images", "clicks / mask", "s / mask", "IoU to truth", "share IoU ≥ 0.75",
-                  "gold masks", "IoU on gold", "gold recall@0.5"],
+                  "gold masks", "IoU on gold", "gold recall@0.5", "double tasks", "agreement"],
                  [[r["annotator"], _fmt(r["masks"]), _fmt(r["images"]), _fmt(r["clicks_per_mask"], 1),
                    _fmt(r["seconds_per_mask"], 1), _fmt(r["truth_iou"], 3), _fmt(r["share_iou_75"], 3),
-                   _fmt(r["gold_masks"]), _fmt(r["gold_iou"], 3), _fmt(r["gold_recall_50"], 3)]
+                   _fmt(r["gold_masks"]), _fmt(r["gold_iou"], 3), _fmt(r["gold_recall_50"], 3),
+                   _fmt(r["double_tasks"]), _fmt(r["agreement"], 3)]
                   for r in rows])
     return md + [""]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from engine.integrations import labelling, runtime
+from engine.integrations import agreement, labelling, runtime
 from engine.integrations.annotator import SimulatedAnnotator, effort_summary
 from engine.integrations.config import EngineConfig
 from engine.integrations.labelling import at_full_size, region_effort
@@ -63,6 +63,7 @@ class ManualSummary:
     simulated: dict | None
     wall_s: float
     gold: dict | None = None  # {"images", "by_annotator": {annotator: {masks, iou, recall_50}}}; None: no gold
+    agreement: dict | None = None  # {"tasks", "pairs": [(annotator, annotator, agreement)]}; None: no double task
     stage: str = STAGE
 
     def to_dict(self) -> dict:
@@ -104,6 +105,13 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
     records = records_from_pull(pull, project_id, round, model_version, full_sizes)
     gold = [r for r in records if r.image_id.startswith(GOLD_PREFIX)]  # scored by the stage, never stored
     records = [r for r in records if not r.image_id.startswith(GOLD_PREFIX)]
+    # A task two people drew: the first annotation is stored, the later ones measure agreement
+    first = {}
+    for r in records:
+        task, ann = r.source["ls_task"], r.source["ls_annotation"]
+        first[task] = min(first.get(task, ann), ann)
+    second = [r for r in records if r.source["ls_annotation"] != first[r.source["ls_task"]]]
+    records = [r for r in records if r.source["ls_annotation"] == first[r.source["ls_task"]]]
     problems = list(pull.problems)
     present = set(pull.task_ids)
     missing = sorted(tid for tid in (expected_tasks or {}).values() if tid not in present)
@@ -130,7 +138,22 @@ def pull_to_store(ls: LabelStudio, project_id: int, store, round: int, model_ver
             quarantine.add(f"labelstudio project {project_id} {thing}", reason, STAGE)
     return {"pulled": len(records), "written": len(todo), "updated": sum(r.mask_id in existing for r in todo),
             "unchanged": len(records) - len(todo), "problems": len(problems), "missing_tasks": len(missing),
-            "images": len(done_images), "gold_records": gold}
+            "images": len(done_images), "gold_records": gold, "agreement_pairs": agreement_pairs(records, second)}
+
+
+def agreement_pairs(first: list[MaskRecord], second: list[MaskRecord]) -> list[tuple[str, str, float]]:
+    """(first annotator, other annotator, agreement) for each task with a later annotation by someone else."""
+    out = []
+    for task in sorted({r.source["ls_task"] for r in second}):
+        mine = [r for r in first if r.source["ls_task"] == task]
+        for ann in sorted({r.source["ls_annotation"] for r in second if r.source["ls_task"] == task}):
+            theirs = [r for r in second if r.source["ls_annotation"] == ann]
+            a, b = (mine[0].annotator if mine else None), theirs[0].annotator
+            if not mine or a == b:
+                continue  # the same person twice is not agreement
+            out.append((a or "?", b or "?", round_(agreement.pair_agreement(
+                decode_rles([r.rle for r in mine]).astype(bool), decode_rles([r.rle for r in theirs]).astype(bool)))))
+    return out
 
 
 # --------------------------------------------------------------------------- gold tasks
@@ -221,11 +244,18 @@ class SimulatedAnnotate:
 
     def annotate(self, ls: LabelStudio, cfg: EngineConfig, project_id: int, tasks: dict, images: list,
                  backend_id: int | None, server) -> list:
-        annotator = SimulatedAnnotator(ls, backend_id,
-                                       settings=runtime.annotator_settings(cfg, every_object=self.every_object))
+        settings = runtime.annotator_settings(cfg, every_object=self.every_object)
+        annotator = SimulatedAnnotator(ls, backend_id, settings=settings)
         annotated = ls.annotated_task_ids(project_id)
-        return [annotator.annotate_image(tasks[im.image_id], im, self.truth.get(im.image_id, []))
-                for im in images if tasks[im.image_id] not in annotated]  # else a resumed round: submitted before
+        efforts = [annotator.annotate_image(tasks[im.image_id], im, self.truth.get(im.image_id, []))
+                   for im in images if tasks[im.image_id] not in annotated]  # else a resumed round: submitted before
+        double = ls.double_task_ids(project_id) - annotated
+        if double:  # a second, hastier person draws the tasks Label Studio wants two annotations on
+            second = SimulatedAnnotator(ls, backend_id, name="sim-annotator-2",
+                                        settings=replace(settings, iou_target=max(0.5, settings.iou_target - 0.15)))
+            efforts += [second.annotate_image(tasks[im.image_id], im, self.truth.get(im.image_id, []))
+                        for im in images if tasks[im.image_id] in double]
+        return efforts
 
 
 def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, image_ids: list[str] | None = None,
@@ -260,6 +290,8 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     precomputed = precompute_embeddings(segmenter, list(pixels.items()), cfg.path("embeddings"))
     project_id, tasks = labelling.publish(ls, cfg, labelling.project_title(cfg, purpose, round),
                                           project_description(purpose, round, segmenter.model_version), images)
+    if purpose == STAGE and cfg.stages.manual.double_share > 0:
+        ls.set_double_share(project_id, cfg.stages.manual.double_share)
 
     # 3. Annotate or wait
     with labelling.start_ml_backend(cfg, segmenter, source, ls.url, people=not annotators.simulated,
@@ -273,13 +305,15 @@ def run_manual_stage(cfg: EngineConfig, round: int, checkpoint: str | None, imag
     pulled = pull_to_store(ls, project_id, store, round, segmenter.model_version, quarantine, tasks, full_sizes)
 
     # 5. Summarise
-    gold_records = pulled.pop("gold_records")
+    gold_records, pairs = pulled.pop("gold_records"), pulled.pop("agreement_pairs")
+    agreement.record(cfg.workdir, round, pairs)
     real = sorted(i for i in tasks if not i.startswith(GOLD_PREFIX))
     return ManualSummary(
         round=round, images=len(real), ls_project_id=project_id, ls_url=ls.url,
         model_version=segmenter.model_version, pull=pulled, embeddings=embeddings,
         simulated=effort_summary(efforts) if annotators.simulated else None, wall_s=round_(time.monotonic() - t0, 1),
-        gold=score_gold(gold_records, gold) if gold is not None else None, **effort_figures(store, round, real))
+        gold=score_gold(gold_records, gold) if gold is not None else None,
+        agreement={"tasks": len(pairs), "pairs": pairs} if pairs else None, **effort_figures(store, round, real))
 
 
 def replace_truth(annotators: "SimulatedAnnotate", extra: dict) -> "SimulatedAnnotate":

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from engine.integrations import labelling, runtime
+from engine.integrations import agreement
 from engine.integrations.annotator import SimulatedAnnotator
 from engine.integrations.config import EngineConfig
 from engine.integrations.labelling import at_full_size
@@ -83,12 +84,22 @@ def doubt(rec: MaskRecord, max_predicted_iou: float) -> str | None:
     return None
 
 
-def doubted(store, round: int, max_predicted_iou: float, max_masks: int) -> list[tuple[MaskRecord, str]]:
-    """(record, reason) of the round's doubted masks, least trusted first (failed audits, pending audits, then
-    by predicted IoU), at most `max_masks`."""
-    order = {"annotator unsure": 0, "audit failed": 1, "audit pending": 2, "verifier unsure": 3, "low predicted IoU": 4}
-    found = [(r, why) for r in store.iter_records(round=round)
-             if (why := doubt(r, max_predicted_iou)) is not None]
+def doubted(store, round: int, max_predicted_iou: float, max_masks: int,
+            low_agreement: set[str] = frozenset()) -> list[tuple[MaskRecord, str]]:
+    """(record, reason) of the round's doubted masks, least trusted first (masks of annotators whose agreement
+    with others is below the set minimum, then failed audits, pending audits, then by predicted IoU), at most
+    `max_masks`."""
+    order = {"annotator below agreement": 0, "annotator unsure": 1, "audit failed": 2, "audit pending": 3,
+             "verifier unsure": 4, "low predicted IoU": 5}
+
+    def why(r: MaskRecord) -> str | None:
+        reason = doubt(r, max_predicted_iou)
+        reviewed = isinstance(r.source, dict) and "review" in r.source
+        if r.annotator in low_agreement and r.verified and not reviewed:
+            return "annotator below agreement"
+        return reason
+
+    found = [(r, reason) for r in store.iter_records(round=round) if (reason := why(r)) is not None]
     found.sort(key=lambda x: (order[x[1]], x[0].predicted_iou if x[0].predicted_iou is not None else 0.0,
                               x[0].image_id, x[0].mask_id))
     return found[:max_masks]
@@ -162,7 +173,7 @@ def run_review_stage(cfg: EngineConfig, round: int, checkpoint: str | None, simu
     summary = ReviewSummary(round=round)
 
     # 1. Plan
-    queue = doubted(store, round, r.max_predicted_iou, r.max_masks)
+    queue = doubted(store, round, r.max_predicted_iou, r.max_masks, agreement.below(cfg.workdir, r.min_agreement))
     by_image: dict[str, list[MaskRecord]] = {}
     for rec, why in queue:
         summary.reasons[why] = summary.reasons.get(why, 0) + 1

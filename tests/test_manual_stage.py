@@ -188,3 +188,43 @@ def test_gold_scores_are_the_iou_to_the_known_masks():
     assert out["exact"] == {"masks": 2, "iou": 1.0, "recall_50": 1.0}
     want = (moved[0] & truth[0]).sum() / (moved[0] | truth[0]).sum()
     assert out["shaky"]["iou"] == pytest.approx(want, abs=1e-3) and out["shaky"]["recall_50"] == 0.5
+
+
+def test_double_tasks_store_one_annotation_and_measure_agreement(labelstudio_server, tmp_path):
+    """double_share 0.5: Label Studio wants two annotations on half the tasks; a second (hastier) simulated person
+    draws them; the store keeps only the first person's masks, the pair's agreement is recorded per annotator
+    and shown in the report."""
+    from engine.integrations import agreement
+    from engine.integrations.config import load_config
+    from stages.manual import run_manual_stage
+
+    path = write_config(tmp_path, labelstudio_server, 4, 3, {"images_per_round": 4, "max_clicks": 3,
+                                                             "image_time_limit_s": 60.0, "double_share": 0.5})
+    cfg = load_config(path)
+    summary = run_manual_stage(cfg, 1, None).to_dict()
+    pairs = summary["agreement"]["pairs"]
+    assert len(pairs) == 2 and all(tuple(p[:2]) == ("sim-annotator-1@sa-engine.local",
+                                                    "sim-annotator-2@sa-engine.local") for p in pairs)
+    assert all(0.0 < p[2] <= 1.0 for p in pairs)
+    rows = MaskStore(str(tmp_path / "store")).read_table(columns=["annotator"]).column("annotator").to_pylist()
+    assert set(rows) == {"sim-annotator-1@sa-engine.local"} and len(rows) == summary["masks"]
+    scores = agreement.by_annotator(cfg.workdir)
+    assert scores["sim-annotator-2@sa-engine.local"]["double_tasks"] == 2
+    assert scores["sim-annotator-1@sa-engine.local"]["agreement"] == pytest.approx(sum(p[2] for p in pairs) / 2)
+    agreement.record(cfg.workdir, 1, [("x", "y", 0.1)])  # a rerun of round 1 counts once
+    assert "x" not in agreement.by_annotator(cfg.workdir)
+
+
+def test_pair_agreement_is_the_mean_best_iou_both_ways():
+    import numpy as np
+
+    from engine.integrations.agreement import pair_agreement
+
+    a = np.zeros((2, 30, 30), bool)
+    a[0, 2:12, 2:12] = True
+    a[1, 15:28, 15:28] = True
+    b = np.roll(a[:1], 2, axis=1)  # the other person drew the first object 2 px lower and missed the second
+    shifted = (a[0] & b[0]).sum() / (a[0] | b[0]).sum()
+    assert pair_agreement(a, a) == 1.0
+    assert pair_agreement(a, b) == pytest.approx((shifted + 0.0 + shifted) / 3)
+    assert pair_agreement(a[:0], b[:0]) == 1.0 and pair_agreement(a, b[:0]) == 0.0

@@ -101,3 +101,31 @@ def test_review_decisions_go_into_the_lineage(labelstudio_server, tmp_path):
 
     again = run_review_stage(cfg, 3, None, simulate=True)
     assert again.queued == 0  # decided masks are a person's word now
+
+
+def test_masks_of_annotators_below_agreement_are_reviewed_first(tmp_path):
+    """A verified mask by an annotator whose agreement is below the minimum is doubted, ahead of a failed audit."""
+    import numpy as np
+
+    from stages.review import doubted
+    from storage.records import MaskRecord
+    from storage.rle import encode_masks
+    from storage.shards import MaskStore
+
+    m = np.zeros((3, 20, 20), bool)
+    for k in range(3):
+        m[k, 2 + 5 * k:6 + 5 * k, 2:10] = True
+    rles = encode_masks(m)
+    recs = [MaskRecord.from_rle("a.png", "m0", rles[0], "manual", 1, annotator="careful", verified=True),
+            MaskRecord.from_rle("a.png", "m1", rles[1], "manual", 1, annotator="hasty", verified=True),
+            MaskRecord.from_rle("a.png", "m2", rles[2], "manual", 1, annotator="careful", verified=True,
+                                origin="prefill_accepted", predicted_iou=0.95,
+                                source={"audit": {"passed": False}})]
+    store = MaskStore(str(tmp_path / "store"))
+    with store.writer(stage="manual", round=1, model_version="m") as w:
+        w.add(recs)
+        w.image_done("a.png", 3)
+        w.commit()
+    assert [(r.mask_id, why) for r, why in doubted(store, 1, 0.8, 10)] == [("m2", "audit failed")]
+    assert [(r.mask_id, why) for r, why in doubted(store, 1, 0.8, 10, {"hasty"})] == [
+        ("m1", "annotator below agreement"), ("m2", "audit failed")]

@@ -98,6 +98,7 @@ class ModelConfig(_Section):
 class ManualStageConfig(_Section):
     rounds: int = Field(2, ge=0)  # N1: assisted-manual rounds
     images_per_round: int = Field(8, ge=1)  # images annotated per manual round
+    double_share: float = Field(0.0, ge=0, le=1)  # this share of a round's tasks is drawn by two annotators (Label Studio picks which); only the first annotation of a task is stored, the second measures agreement per annotator (the report's Annotators section; the review queue takes the masks of annotators below stages.review.min_agreement first)
     gold_share: float = Field(0.0, ge=0, le=1)  # gold tasks: this share of a round's images (rounded up) is added from the holdout, mixed in among the others; what annotators draw on them is scored against the holdout's masks per annotator (the report's Annotators section) and never stored
 
 
@@ -145,6 +146,7 @@ class ReviewStageConfig(_Section):
     enabled: bool = False  # after each semi round, send the masks the engine doubts back to people (stages/review.py)
     max_predicted_iou: float = Field(0.8, ge=0, le=1)  # an accepted prefill under this predicted IoU is doubted
     max_masks: int = Field(200, ge=1)  # at most this many masks per review, least trusted first
+    min_agreement: float = Field(0.7, ge=0, le=1)  # masks of annotators whose agreement on double tasks (stages.manual.double_share) is below this are reviewed first
 
 
 class ConceptStageConfig(_Section):

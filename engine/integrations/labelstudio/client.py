@@ -342,6 +342,17 @@ class LabelStudio:
             kwargs["lead_time"] = float(lead_time_s)
         self._call("update annotation", lambda: self.sdk.annotations.update(**kwargs))
 
+    def set_double_share(self, project_id: int, share: float) -> None:
+        """Have `share` of the project's tasks drawn by two annotators (Label Studio picks which and serves them
+        to a second person in its labelling stream); 0: one annotation per task."""
+        pct = int(round(100 * share))
+        self._call("set overlap", lambda: self.sdk.projects.update(
+            id=project_id, maximum_annotations=2 if pct else 1, overlap_cohort_percentage=pct or 100))
+
+    def double_task_ids(self, project_id: int) -> set[int]:
+        """The tasks Label Studio wants two annotations on."""
+        return {int(t.id) for t in self.tasks(project_id) if (getattr(t, "overlap", 1) or 1) > 1}
+
     def delete_task(self, task_id: int) -> None:
         self._call("delete task", lambda: self.sdk.tasks.delete(id=task_id))
 
