@@ -71,6 +71,8 @@ def main() -> None:
                     help="an annotator's mean pause between clicks (exponential; SA-1B's assisted-manual stage took "
                          "~14 s a mask with a few clicks each). 0: every annotator clicks back to back (saturation)")
     ap.add_argument("--checkpoint", default=None, help="a model for the backend (default: a fresh compact one)")
+    ap.add_argument("--database", default="sqlite", choices=("sqlite", "postgresql"),
+                    help="Label Studio's database (postgresql: a managed local cluster)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -94,7 +96,8 @@ def main() -> None:
     # Label Studio, and the backend as its own process (its memory measured alone)
     ls_dir = work / "labelstudio"
     info = start_server(ServerSettings(data_dir=ls_dir, port=free_port(), document_root=work,
-                                       ml_backend_local=True), log=lambda m: None)
+                                       ml_backend_local=True, database=args.database), wait_s=300,
+                        log=lambda m: None)
     port = free_port()
     token = "bench-backend-token"
     cfg = {"workdir": str(work / "run"), "images": {"source": str(images), "ground_truth": None},
@@ -193,6 +196,37 @@ def main() -> None:
             print(f"concurrency {c:2d}: {len(lat)} clicks, p50 {figures[f'p50_ms_{c}']} ms, "
                   f"p99 {figures[f'p99_ms_{c}']} ms, errors so far {len(errors)}", flush=True)
 
+        # The same load on the backend alone (no Label Studio in between): whose tail is the tail at 20
+        direct: list[float] = []
+
+        def direct_annotator(k: int) -> None:
+            rng = np.random.default_rng(500 + k)
+            for j in range(args.clicks):
+                image_id = scenes[(k * 7 + j) % len(scenes)]
+                target = truth[image_id][rng.integers(len(truth[image_id]))]
+                body = {"tasks": [{"id": main_tasks[image_id], "data": {"image_id": image_id, "height": args.size,
+                                                                         "width": args.size}}],
+                        "params": {"context": keypoint_context([first_click(target)], [1], args.size, args.size)}}
+                if args.think_s > 0:
+                    time.sleep(rng.exponential(args.think_s))
+                t = time.perf_counter()
+                try:
+                    _post(url, token, "/predict", body)
+                    direct.append((time.perf_counter() - t) * 1e3)
+                except Exception as e:
+                    errors.append(f"direct: {type(e).__name__}: {str(e)[:200]}")
+
+        top = max(levels)
+        threads = [threading.Thread(target=direct_annotator, args=(k,)) for k in range(top)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        figures[f"backend_only_p50_ms_{top}"] = _pct(direct, 50)
+        figures[f"backend_only_p99_ms_{top}"] = _pct(direct, 99)
+        print(f"backend alone, {top} annotators: p50 {figures[f'backend_only_p50_ms_{top}']} ms, "
+              f"p99 {figures[f'backend_only_p99_ms_{top}']} ms", flush=True)
+
         # Photos: first click with the image embedded ahead, a warm click, and one nobody prefetched
         if photos:
             ph_pid, ph_tasks, ph_backend = project("annotators photos", photos)
@@ -241,7 +275,7 @@ def main() -> None:
         figures["backend_peak_rss_mb"] = round(peak[0], 1)
         if errors:
             print("errors (first 5):", *errors[:5], sep="\n  ")
-        figures["think_s"] = args.think_s
+        figures["think_s"], figures["database"] = args.think_s, args.database
         print(json.dumps(figures))
     finally:
         stop.set()

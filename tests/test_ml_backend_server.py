@@ -289,3 +289,20 @@ def test_a_promoted_model_embeds_the_images_in_use_before_their_next_click(image
         code, answer = _request(b, "POST", "/predict", _predict_body("im1.png"))
         assert code == 200 and answer["results"][0]["model_version"] == promoted.model_version
         assert (cache.hits, cache.misses) == (1, 0)
+
+
+def test_earlier_regions_sent_with_a_click_do_not_change_the_answer(server):
+    """Label Studio sends the task's earlier annotations, predictions and drafts with each click; the server
+    leaves them unparsed and answers exactly as for the bare task."""
+    from engine.integrations.labelstudio import brush_result
+
+    region = brush_result(np.ones((H, W), bool), H, W)
+    bare = _predict_body()
+    heavy = _predict_body()
+    heavy["tasks"][0].update(annotations=[{"id": 1, "result": [region] * 300}], predictions=[{"result": [region]}],
+                             drafts=[{"result": [region]}])
+    (code_a, a), (code_b, b) = _request(server, "POST", "/predict", bare), _request(server, "POST", "/predict", heavy)
+    assert code_a == code_b == 200
+    for answer in (a, b):  # region ids are random per answer
+        answer["results"][0]["result"][0].pop("id")
+    assert a == b

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import orjson
+import simdjson
 from waitress import wasyncore
 from waitress.server import create_server
 
@@ -97,19 +97,53 @@ def make_app(state: BackendState) -> Callable:
     return app
 
 
+# What a request's tasks carry that the backend never reads: Label Studio sends every earlier region of the task
+# (annotations, predictions, drafts) with each click; left unparsed, a click costs the same with 300 regions.
+_UNREAD_TASK_KEYS = ("annotations", "predictions", "drafts")
+
+
 def _body(environ) -> dict:
-    """The request's JSON object (waitress has read it whole, de-chunked, within the size limit)."""
-    stream = environ["wsgi.input"]
-    raw = stream.read()
+    """The request's JSON object (waitress has read it whole, de-chunked, within the size limit). Parsed lazily
+    with simdjson: only `params` and each task's other keys are turned into Python objects."""
+    raw = environ["wsgi.input"].read()
     if not raw:
         return {}
     try:
-        body = orjson.loads(raw)  # 3x faster than json on the ~0.5 MB a task with 300 regions is
-    except orjson.JSONDecodeError as e:
+        doc = _PARSER.get().parse(raw)
+    except ValueError as e:  # simdjson's errors for malformed JSON and bad UTF-8
         raise RequestError(400, f"body is not JSON ({e})") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, f"body must be a JSON object, got {type(body).__name__}")
+    if not isinstance(doc, simdjson.Object):
+        raise RequestError(400, f"body must be a JSON object, got {_kind(doc)}")
+    # keys() and [] only: items() would turn every value, the unread ones too, into Python objects
+    body = {k: _plain(doc[k]) for k in doc.keys() if k != "tasks"}
+    if "tasks" in doc:
+        tasks = doc["tasks"]
+        if not isinstance(tasks, simdjson.Array):
+            body["tasks"] = _plain(tasks)  # not a list: predict_payload names the problem
+        else:
+            body["tasks"] = [{k: _plain(t[k]) for k in t.keys() if k not in _UNREAD_TASK_KEYS}
+                             if isinstance(t, simdjson.Object) else _plain(t) for t in tasks]
     return body
+
+
+def _plain(v):
+    return v.as_dict() if isinstance(v, simdjson.Object) else v.as_list() if isinstance(v, simdjson.Array) else v
+
+
+def _kind(v) -> str:
+    return "list" if isinstance(v, simdjson.Array) else type(v).__name__
+
+
+class _Parsers(threading.local):
+    """One simdjson parser per worker thread (a parser is reused across documents, not shared)."""
+
+    def get(self) -> "simdjson.Parser":
+        if not hasattr(self, "parser"):
+            self.parser = simdjson.Parser()
+        return self.parser
+
+
+_PARSER = _Parsers()
 
 
 def is_loopback(host: str) -> bool:
