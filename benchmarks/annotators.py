@@ -183,13 +183,8 @@ def main() -> None:
         for c in levels:
             lat: list[float] = []
             per = [scenes[(k * 7) % len(scenes):] + scenes[:(k * 7) % len(scenes)] for k in range(c)]
-            threads = [threading.Thread(target=annotator, args=(k, c, lat, errors, per[k], main_backend, sizes))
-                       for k in range(c)]
             t0 = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
+            _together([lambda k=k: annotator(k, c, lat, errors, per[k], main_backend, sizes) for k in range(c)])
             figures[f"p50_ms_{c}"] = _pct(lat, 50)
             figures[f"p99_ms_{c}"] = _pct(lat, 99)
             figures[f"clicks_per_s_{c}"] = round(len(lat) / (time.perf_counter() - t0), 1)
@@ -217,11 +212,7 @@ def main() -> None:
                     errors.append(f"direct: {type(e).__name__}: {str(e)[:200]}")
 
         top = max(levels)
-        threads = [threading.Thread(target=direct_annotator, args=(k,)) for k in range(top)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        _together([lambda k=k: direct_annotator(k) for k in range(top)])
         figures[f"backend_only_p50_ms_{top}"] = _pct(direct, 50)
         figures[f"backend_only_p99_ms_{top}"] = _pct(direct, 99)
         print(f"backend alone, {top} annotators: p50 {figures[f'backend_only_p50_ms_{top}']} ms, "
@@ -302,6 +293,15 @@ def sign_up(url: str, admin_token: str, email: str, password: str) -> str:
         token = s.get(f"{url}/api/current-user/token", timeout=30)
         token.raise_for_status()
         return token.json()["token"]
+
+
+def _together(work: list) -> None:
+    """Run these callables at once, one thread each, and wait for all."""
+    threads = [threading.Thread(target=fn) for fn in work]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
 
 
 def _mask(answer: dict, h: int, w: int) -> np.ndarray:
