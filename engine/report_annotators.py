@@ -42,8 +42,9 @@ def annotator_rows(cfg, store, ledger=None) -> list[dict]:
     columns = ["image_id", "annotator", "stage", "clicks", "lead_time_s", "rle", "height", "width"]
     if not store.shards():
         return []
-    table = store.read_table(columns=columns).to_pylist()
-    rows = [r for r in table if r["annotator"] and r["stage"] in HUMAN_STAGES]
+    # The human stages' rows only: the automatic stage's masks, most of the store, are never read here
+    table = store.read_table(columns=columns, stage=list(HUMAN_STAGES)).to_pylist()
+    rows = [r for r in table if r["annotator"]]
     gold = gold_by_annotator(ledger)
     agreed = agreement.by_annotator(cfg.workdir)
     if not rows and not gold and not agreed:
